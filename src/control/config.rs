@@ -1,0 +1,596 @@
+//! Configuration: the raw TOML shape (serde, unknown keys rejected), validation that reports
+//! every problem with its key path, and the build of a data-plane snapshot from it.
+//! `harbormaster check`, `route` and `run` all go through [`load`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::proxy::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use crate::proxy::proxy_header::Tlv;
+use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
+
+/// One thing wrong with a config, at a key path such as `pool.brokers.backends[2]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a config; loading fails when this is non-empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    #[serde(default)]
+    pub pool: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub bind: String,
+    pub pool: String,
+    #[serde(default)]
+    pub accept_proxy: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certs: Vec<RawCert>,
+    pub client_ca: Option<String>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCert {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawBackend {
+    Address(String),
+    Named { name: String, address: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub backends: Vec<RawBackend>,
+    #[serde(default = "default_hash_key")]
+    pub hash_key: RawHashKey,
+    #[serde(default = "default_empty")]
+    pub empty_client_id: RawEmpty,
+    #[serde(default = "default_proxy_protocol")]
+    pub proxy_protocol: RawProxyProtocol,
+    #[serde(default = "default_tlvs")]
+    pub tlvs: Vec<RawTlv>,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_backend_connect_timeout", deserialize_with = "duration")]
+    pub backend_connect_timeout: Duration,
+    #[serde(default = "default_backend_attempts")]
+    pub backend_attempts: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawHashKey {
+    ClientId,
+    Username,
+    CertCn,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEmpty {
+    LeastConnections,
+    SourceAddress,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawTlv {
+    Alpn,
+    Authority,
+    UniqueId,
+    Ssl,
+    Crc32c,
+    CertSha256,
+    ClientId,
+}
+
+fn default_hash_key() -> RawHashKey {
+    RawHashKey::ClientId
+}
+fn default_empty() -> RawEmpty {
+    RawEmpty::LeastConnections
+}
+fn default_proxy_protocol() -> RawProxyProtocol {
+    RawProxyProtocol::None
+}
+fn default_tlvs() -> Vec<RawTlv> {
+    use RawTlv::*;
+    vec![Alpn, Authority, UniqueId, Ssl, Crc32c, CertSha256, ClientId]
+}
+fn default_max_header_bytes() -> usize {
+    500
+}
+fn default_backend_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_backend_attempts() -> usize {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    pub max_connect_packet: usize,
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            connect_timeout: Duration::from_secs(10),
+            max_connect_packet: 262_144,
+            drain_timeout: Duration::from_secs(30),
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { format: LogFormat::Text, level: default_level() }
+    }
+}
+
+/// A loaded config: the snapshot for the data plane and the settings the process itself uses.
+#[derive(Debug)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    pub log: RawLog,
+}
+
+/// Read, parse, validate and build. Relative file paths are relative to the config's folder.
+pub fn load(path: &Path) -> Result<Loaded, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem { path: path.display().to_string(), message: format!("cannot read: {e}") }])
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    load_str(&text, &base)
+}
+
+/// [`load`] on text already read; `base` resolves relative paths.
+pub fn load_str(text: &str, base: &Path) -> Result<Loaded, Problems> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let message = e.message().to_string();
+        let path = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}")
+            }
+            None => "config".into(),
+        };
+        Problems(vec![Problem { path, message }])
+    })?;
+    build(raw, base)
+}
+
+struct Check {
+    problems: Vec<Problem>,
+}
+
+impl Check {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { path: path.into(), message: message.into() });
+    }
+}
+
+fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
+    let mut c = Check { problems: Vec::new() };
+
+    let pools: Vec<Arc<Pool>> =
+        raw.pool.iter().filter_map(|(name, p)| build_pool(&mut c, name, p).map(Arc::new)).collect();
+    if raw.pool.is_empty() {
+        c.add("pool", "at least one [pool.NAME] is required");
+    }
+
+    if raw.listener.is_empty() {
+        c.add("listener", "at least one [[listener]] is required");
+    }
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    let mut listeners = Vec::new();
+    for (i, l) in raw.listener.iter().enumerate() {
+        let at = format!("listener[{i}]");
+        if l.name.is_empty() {
+            c.add(format!("{at}.name"), "must not be empty");
+        } else if !names.insert(l.name.as_str()) {
+            c.add(format!("{at}.name"), format!("duplicate listener name {:?}", l.name));
+        }
+        let bind = match l.bind.parse::<SocketAddr>() {
+            Ok(a) => {
+                if a.port() != 0 && !binds.insert(a) {
+                    c.add(format!("{at}.bind"), format!("{a} is bound by another listener"));
+                }
+                Some(a)
+            }
+            Err(_) => {
+                c.add(format!("{at}.bind"), format!("{:?} is not an IP:port address", l.bind));
+                None
+            }
+        };
+        if !raw.pool.contains_key(&l.pool) {
+            c.add(format!("{at}.pool"), format!("no pool named {:?}", l.pool));
+        }
+        let mut trusted = Vec::new();
+        for (j, t) in l.trusted_proxies.iter().enumerate() {
+            match t.parse::<IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from)) {
+                Ok(n) => trusted.push(n),
+                Err(_) => c.add(format!("{at}.trusted_proxies[{j}]"), format!("{t:?} is not a CIDR or IP address")),
+            }
+        }
+        if l.accept_proxy && l.trusted_proxies.is_empty() {
+            c.add(
+                format!("{at}.trusted_proxies"),
+                "accept_proxy = true needs the CIDRs of the load balancers allowed to send PROXY headers",
+            );
+        }
+        if !l.accept_proxy && !l.trusted_proxies.is_empty() {
+            c.add(format!("{at}.trusted_proxies"), "set but accept_proxy is false");
+        }
+        let tls = l.tls.as_ref().and_then(|t| match super::tls::server_config(t, base) {
+            Ok(cfg) => Some(Arc::new(cfg)),
+            Err(errs) => {
+                for (k, m) in errs {
+                    c.add(format!("{at}.tls{}{k}", if k.is_empty() { "" } else { "." }), m);
+                }
+                None
+            }
+        });
+        if let Some(bind) = bind {
+            listeners.push(Arc::new(ListenerSpec {
+                name: l.name.clone(),
+                bind,
+                pool: l.pool.clone(),
+                accept_proxy: l.accept_proxy,
+                trusted_proxies: trusted,
+                tls,
+            }));
+        }
+    }
+
+    let lim = &raw.limits;
+    if lim.connect_timeout.is_zero() {
+        c.add("limits.connect_timeout", "must be greater than 0");
+    }
+    if lim.drain_timeout.is_zero() {
+        c.add("limits.drain_timeout", "must be greater than 0");
+    }
+    // 268,435,455 is the largest remaining length MQTT can express.
+    if !(16..=268_435_460).contains(&lim.max_connect_packet) {
+        c.add("limits.max_connect_packet", "must be between 16 and 268435460 bytes");
+    }
+    if lim.max_connections == 0 {
+        c.add("limits.max_connections", "must be greater than 0");
+    }
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
+    }
+
+    if !c.problems.is_empty() {
+        return Err(Problems(c.problems));
+    }
+    Ok(Loaded {
+        snapshot: Snapshot {
+            listeners,
+            pools,
+            limits: Limits {
+                connect_timeout: lim.connect_timeout,
+                max_connect_packet: lim.max_connect_packet,
+                drain_timeout: lim.drain_timeout,
+                max_connections: lim.max_connections,
+            },
+        },
+        log: raw.log,
+    })
+}
+
+/// Smallest PROXY v2 header with IPv6 addresses (16 + 36) and no TLVs: nothing fits below it.
+const MIN_HEADER_BYTES: usize = 52;
+
+fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
+    let at = format!("pool.{name}");
+    let before = c.problems.len();
+    if p.backends.is_empty() {
+        c.add(format!("{at}.backends"), "at least one broker is required");
+    }
+    let mut ids = HashSet::new();
+    let mut backends = Vec::new();
+    for (i, b) in p.backends.iter().enumerate() {
+        let (id, address) = match b {
+            RawBackend::Address(a) => (a.as_str(), a.as_str()),
+            RawBackend::Named { name, address } => (name.as_str(), address.as_str()),
+        };
+        let path = format!("{at}.backends[{i}]");
+        if id.is_empty() {
+            c.add(&path, "broker name must not be empty");
+        } else if !ids.insert(id) {
+            c.add(&path, format!("duplicate broker {id:?}: its identity must be unique in the pool"));
+        }
+        match resolve(address) {
+            Ok(addr) => backends.push(Arc::new(Backend::new(id, addr))),
+            Err(m) => c.add(&path, m),
+        }
+    }
+    if p.max_header_bytes < MIN_HEADER_BYTES {
+        c.add(format!("{at}.max_header_bytes"), format!("must be at least {MIN_HEADER_BYTES}"));
+    }
+    if p.backend_attempts == 0 {
+        c.add(format!("{at}.backend_attempts"), "must be at least 1");
+    }
+    if p.backend_connect_timeout.is_zero() {
+        c.add(format!("{at}.backend_connect_timeout"), "must be greater than 0");
+    }
+    let mut seen = HashSet::new();
+    for (i, t) in p.tlvs.iter().enumerate() {
+        if !seen.insert(format!("{t:?}")) {
+            c.add(format!("{at}.tlvs[{i}]"), "listed twice");
+        }
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(Pool {
+        name: name.to_string(),
+        backends,
+        hash_key: match p.hash_key {
+            RawHashKey::ClientId => HashKey::ClientId,
+            RawHashKey::Username => HashKey::Username,
+            RawHashKey::CertCn => HashKey::CertCn,
+        },
+        empty_key: match p.empty_client_id {
+            RawEmpty::LeastConnections => EmptyKey::LeastConnections,
+            RawEmpty::SourceAddress => EmptyKey::SourceAddress,
+            RawEmpty::Reject => EmptyKey::Reject,
+        },
+        proxy_protocol: match p.proxy_protocol {
+            RawProxyProtocol::None => ProxyProtocol::None,
+            RawProxyProtocol::V1 => ProxyProtocol::V1,
+            RawProxyProtocol::V2 => ProxyProtocol::V2,
+        },
+        tlvs: p
+            .tlvs
+            .iter()
+            .map(|t| match t {
+                RawTlv::Alpn => Tlv::Alpn,
+                RawTlv::Authority => Tlv::Authority,
+                RawTlv::UniqueId => Tlv::UniqueId,
+                RawTlv::Ssl => Tlv::Ssl,
+                RawTlv::Crc32c => Tlv::Crc32c,
+                RawTlv::CertSha256 => Tlv::CertSha256,
+                RawTlv::ClientId => Tlv::ClientId,
+            })
+            .collect(),
+        max_header_bytes: p.max_header_bytes,
+        backend_connect_timeout: p.backend_connect_timeout,
+        backend_attempts: p.backend_attempts,
+    })
+}
+
+/// A broker address: `IP:port` as is, `host:port` resolved once here (the data plane never
+/// resolves names).
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !address.contains(':') {
+        return Err(format!("{address:?} needs a port (HOST:PORT)"));
+    }
+    match address.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| format!("{address:?} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {address:?}: {e}")),
+    }
+}
+
+/// Resolve a config-relative path.
+pub fn relative(base: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match load_str(text, Path::new(".")) {
+            Ok(_) => vec![],
+            Err(p) => p.0.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:1883"
+pool = "brokers"
+
+[pool.brokers]
+backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let loaded = load_str(MINIMAL, Path::new(".")).unwrap();
+        let s = &loaded.snapshot;
+        let p = s.pool("brokers").unwrap();
+        assert_eq!(p.backends[0].name, "127.0.0.1:1884");
+        assert_eq!(p.backends[1].name, "b2");
+        assert_eq!(p.hash_key, HashKey::ClientId);
+        assert_eq!(p.empty_key, EmptyKey::LeastConnections);
+        assert_eq!(p.proxy_protocol, ProxyProtocol::None);
+        assert_eq!(p.tlvs.len(), 7);
+        assert_eq!(p.max_header_bytes, 500);
+        assert_eq!(p.backend_attempts, 3);
+        assert_eq!(p.backend_connect_timeout, Duration::from_secs(2));
+        assert_eq!(s.limits.connect_timeout, Duration::from_secs(10));
+        assert_eq!(s.limits.max_connect_packet, 262_144);
+        assert_eq!(s.limits.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+[[listener]]
+name = "a"
+bind = "nope"
+pool = "missing"
+accept_proxy = true
+
+[[listener]]
+name = "a"
+bind = "127.0.0.1:1"
+pool = "p"
+trusted_proxies = ["10.0.0.0/33"]
+
+[pool.p]
+backends = ["127.0.0.1:1", "127.0.0.1:1", "no-port"]
+backend_attempts = 0
+max_header_bytes = 10
+
+[limits]
+connect_timeout = "0s"
+"#;
+        let got = problems(text);
+        for want in [
+            "listener[0].bind:",
+            "listener[0].pool:",
+            "listener[0].trusted_proxies:",
+            "listener[1].name:",
+            "listener[1].trusted_proxies[0]:",
+            "pool.p.backends[1]:",
+            "pool.p.backends[2]:",
+            "pool.p.backend_attempts:",
+            "pool.p.max_header_bytes:",
+            "limits.connect_timeout:",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let got = problems(&format!("{MINIMAL}\n[limits]\nconect_timeout = \"1s\"\n"));
+        assert!(got.iter().any(|g| g.contains("conect_timeout")), "{got:?}");
+        let got = problems(&MINIMAL.replace("pool = \"brokers\"", "pool = \"brokers\"\nacept_proxy = true"));
+        assert!(got.iter().any(|g| g.contains("acept_proxy")), "{got:?}");
+    }
+
+    #[test]
+    fn bad_durations_and_enums_are_rejected() {
+        assert!(!problems(&format!("{MINIMAL}backend_connect_timeout = \"soon\"\n")).is_empty());
+        assert!(!problems(&format!("{MINIMAL}hash_key = \"ip\"\n")).is_empty());
+    }
+}

@@ -1,0 +1,22 @@
+//! Harbormaster: an MQTT-aware, TLS-terminating load balancer.
+//!
+//! Per connection it accepts TCP (optionally behind a PROXY v1/v2 sending load balancer),
+//! terminates TLS with rustls, peeks the MQTT CONNECT, picks a broker by consistent
+//! (rendezvous) hashing of the client-id, sends the broker a PROXY v2 header with the client's
+//! address and TLS identity, forwards the CONNECT and relays bytes both ways.
+//!
+//! # Layout
+//! - [`proxy`]: the data plane. Listeners, the per-connection pipeline
+//!   (TLS → CONNECT peek → broker choice → dial → PROXY header → relay) and the pure pieces it
+//!   is built from. Reads only an immutable [`proxy::snapshot::Snapshot`]; never files, DNS or
+//!   Kubernetes.
+//! - [`control`]: the control plane. Config parsing and validation, building snapshots
+//!   (certificates, resolved broker addresses). Never touches a client socket.
+//! - [`admin`]: metrics handles (Prometheus).
+//! - [`app`]: wiring: config → snapshot → listeners → signals → drain.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod control;
+pub mod proxy;

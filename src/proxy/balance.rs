@@ -1,0 +1,266 @@
+//! Broker choice: rendezvous (highest-random-weight) hashing of a routing key over a pool's
+//! brokers, keyed by each broker's stable identity, plus the least-connections fallback for
+//! clients without a key. Pure apart from the per-broker connection counters it reads.
+//!
+//! The score of broker `b` for key `k` is `xxh3(le64(xxh3(k, SEED)), seed = xxh3(id(b), SEED))`.
+//! xxh3's output is specified and fixed, and SEED never changes, so every replica and every
+//! release ranks brokers identically for a key; `tests::golden_routes` pins this.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::proxy_header::Tlv;
+
+/// Fixed forever: changing it re-routes every client of every fleet.
+const SEED: u64 = 0x6861_7262_6f72_6d73; // "harborms"
+
+/// Which part of a connection picks its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    ClientId,
+    Username,
+    CertCn,
+}
+
+/// What to do with a client that has no routing key (empty client-id, no username, no CN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmptyKey {
+    LeastConnections,
+    SourceAddress,
+    Reject,
+}
+
+/// Which PROXY header a pool's brokers expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+/// One broker. `name` is its hashing identity: the configured name, or the address string as
+/// written in the config.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    id_seed: u64,
+    /// Connections relayed to it right now.
+    pub active: AtomicU64,
+    /// Connections relayed to it since start.
+    pub total: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Backend {
+        let name = name.into();
+        Backend {
+            id_seed: xxh3_64_with_seed(name.as_bytes(), SEED),
+            name,
+            addr,
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    fn score(&self, key_hash: u64) -> u64 {
+        xxh3_64_with_seed(&key_hash.to_le_bytes(), self.id_seed)
+    }
+}
+
+/// A pool of brokers and how connections are spread over them.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    pub hash_key: HashKey,
+    pub empty_key: EmptyKey,
+    pub proxy_protocol: ProxyProtocol,
+    pub tlvs: Vec<Tlv>,
+    pub max_header_bytes: usize,
+    pub backend_connect_timeout: Duration,
+    pub backend_attempts: usize,
+}
+
+/// Hash of a routing key; computed once per connection.
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, SEED)
+}
+
+impl Pool {
+    /// The first `k` brokers of `key`'s preference order, best first.
+    pub fn preference(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
+        let h = key_hash(key);
+        let k = k.min(self.backends.len());
+        // Partial selection: keep the k best (score, index) in descending order. k is the
+        // attempt count (a handful), so this beats sorting every broker.
+        let mut best: Vec<(u64, usize)> = Vec::with_capacity(k + 1);
+        for (i, b) in self.backends.iter().enumerate() {
+            let s = b.score(h);
+            if best.len() == k && best.last().is_some_and(|&(ls, _)| ls >= s) {
+                continue;
+            }
+            let pos = best.partition_point(|&(bs, _)| bs >= s);
+            best.insert(pos, (s, i));
+            best.truncate(k);
+        }
+        best.into_iter().map(|(_, i)| &self.backends[i]).collect()
+    }
+
+    /// Every broker in `key`'s preference order.
+    pub fn ranking(&self, key: &[u8]) -> Vec<&Arc<Backend>> {
+        self.preference(key, self.backends.len())
+    }
+
+    /// Brokers ordered by fewest active connections first (ties keep config order), for
+    /// clients without a routing key.
+    pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
+        let mut v: Vec<&Arc<Backend>> = self.backends.iter().collect();
+        v.sort_by_key(|b| b.active.load(Ordering::Relaxed));
+        v.truncate(k);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(names: &[&str]) -> Pool {
+        Pool {
+            name: "p".into(),
+            backends: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Arc::new(Backend::new(*n, SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))))
+                .collect(),
+            hash_key: HashKey::ClientId,
+            empty_key: EmptyKey::LeastConnections,
+            proxy_protocol: ProxyProtocol::None,
+            tlvs: vec![],
+            max_header_bytes: 500,
+            backend_connect_timeout: Duration::from_secs(1),
+            backend_attempts: 3,
+        }
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{}:1883", 10 + i)).collect()
+    }
+
+    fn first(p: &Pool, key: &str) -> String {
+        p.preference(key.as_bytes(), 1)[0].name.clone()
+    }
+
+    #[test]
+    fn order_of_the_list_does_not_matter() {
+        let n = names(10);
+        let fwd: Vec<&str> = n.iter().map(|s| s.as_str()).collect();
+        let mut rev = fwd.clone();
+        rev.reverse();
+        rev.swap(2, 7);
+        let (a, b) = (pool(&fwd), pool(&rev));
+        for i in 0..20_000 {
+            let key = format!("device-{i}");
+            let ra: Vec<_> = a.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
+            let rb: Vec<_> = b.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
+            assert_eq!(ra, rb, "key {key}");
+        }
+    }
+
+    #[test]
+    fn preference_is_a_prefix_of_the_ranking() {
+        let n = names(7);
+        let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        for i in 0..2_000 {
+            let key = format!("c{i}");
+            let full: Vec<_> = p.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
+            for k in 0..=8 {
+                let part: Vec<_> = p.preference(key.as_bytes(), k).iter().map(|b| b.name.clone()).collect();
+                assert_eq!(&full[..k.min(7)], &part[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn removing_a_broker_moves_only_its_keys_and_adding_moves_only_to_it() {
+        let n = names(10);
+        let all: Vec<&str> = n.iter().map(|s| s.as_str()).collect();
+        let mut fewer = all.clone();
+        let removed = fewer.remove(4);
+        let (big, small) = (pool(&all), pool(&fewer));
+        let mut moved = 0;
+        let total = 100_000;
+        for i in 0..total {
+            let key = format!("vehicle-{i:08}");
+            let (was, now) = (first(&big, &key), first(&small, &key));
+            if was != now {
+                assert_eq!(was, removed, "key {key} moved although its broker stayed");
+                moved += 1;
+            }
+        }
+        // Only the removed broker's share moves: ~1/10 of the keys.
+        let share = moved as f64 / total as f64;
+        assert!((0.09..0.11).contains(&share), "moved {share}");
+    }
+
+    #[test]
+    fn load_is_balanced_within_five_percent() {
+        let n = names(10);
+        let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let mut count = std::collections::HashMap::new();
+        let total = 100_000;
+        for i in 0..total {
+            *count.entry(first(&p, &format!("sensor-{i}"))).or_insert(0usize) += 1;
+        }
+        assert_eq!(count.len(), 10);
+        let max = *count.values().max().unwrap() as f64;
+        let avg = total as f64 / 10.0;
+        assert!(max / avg <= 1.05, "max/avg = {}", max / avg);
+    }
+
+    #[test]
+    fn failover_order_spreads_a_dead_brokers_clients() {
+        // The second choice of the keys whose first choice is broker X is spread over all
+        // the others, so a dead broker's clients do not pile onto one neighbour.
+        let n = names(5);
+        let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let mut second = std::collections::HashMap::new();
+        for i in 0..50_000 {
+            let key = format!("k{i}");
+            let pref = p.preference(key.as_bytes(), 2);
+            if pref[0].name == n[0] {
+                *second.entry(pref[1].name.clone()).or_insert(0usize) += 1;
+            }
+        }
+        assert_eq!(second.len(), 4);
+        let (min, max) = (second.values().min().unwrap(), second.values().max().unwrap());
+        assert!(*max as f64 / *min as f64 <= 1.2, "{second:?}");
+    }
+
+    /// Pinned answers: if this fails, routing changed for every deployed fleet.
+    #[test]
+    fn golden_routes() {
+        let p = pool(&["10.0.0.11:1883", "10.0.0.12:1883", "10.0.0.13:1883"]);
+        let got: Vec<String> = ["truck-0001", "boat-42", "sensor/a/b", "x"]
+            .iter()
+            .map(|k| first(&p, k))
+            .collect();
+        assert_eq!(got, GOLDEN);
+    }
+    const GOLDEN: [&str; 4] = ["10.0.0.11:1883", "10.0.0.12:1883", "10.0.0.12:1883", "10.0.0.13:1883"];
+
+    #[test]
+    fn least_connections_prefers_the_idlest() {
+        let p = pool(&["a", "b", "c"]);
+        p.backends[0].active.store(5, Ordering::Relaxed);
+        p.backends[1].active.store(1, Ordering::Relaxed);
+        p.backends[2].active.store(3, Ordering::Relaxed);
+        let order: Vec<_> = p.least_connections(3).iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(order, ["b", "c", "a"]);
+    }
+}

@@ -1,0 +1,479 @@
+//! The life of one client connection, top to bottom:
+//! PROXY header from an outer load balancer (optional) → TLS handshake (optional) → CONNECT
+//! peek → broker choice → dial with failover → PROXY header to the broker → CONNECT and
+//! pipelined bytes → relay → one log line. Refusals answer with an MQTT-correct CONNACK where
+//! the protocol allows and never write anything to a broker.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use super::identity::TlsInfo;
+use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
+use super::proxy_header::{self, HeaderInput};
+use super::relay::{self, Ended};
+use super::snapshot::{ListenerSpec, Snapshot};
+use super::inbound;
+use crate::admin::metrics::Metrics;
+
+/// State shared by every connection of the process.
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the drain period is over: live connections are closed.
+    pub hard_stop: CancellationToken,
+    prefix: u64,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(metrics: Arc<Metrics>, hard_stop: CancellationToken) -> Shared {
+        // A per-process prefix keeps connection ids unique across replicas and restarts, so
+        // the UNIQUE_ID a broker logs identifies one connection fleet-wide.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let prefix = xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
+        Shared { metrics, hard_stop, prefix, next_id: AtomicU64::new(1) }
+    }
+
+    fn conn_id(&self) -> String {
+        format!("{:016x}-{:x}", self.prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Why a connection ended; the `close_reason` of the log line and the `reason` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    UntrustedProxy,
+    BadProxyHeader,
+    TlsHandshake,
+    Timeout,
+    ClientClosed,
+    NotConnect,
+    Malformed,
+    TooLarge,
+    UnsupportedProtocol,
+    EmptyClientId,
+    NoBroker,
+    NoPool,
+    BrokerWrite,
+    Drained,
+    Relayed(Ended),
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::UntrustedProxy => "untrusted_proxy",
+            Reason::BadProxyHeader => "bad_proxy_header",
+            Reason::TlsHandshake => "tls_handshake",
+            Reason::Timeout => "connect_timeout",
+            Reason::ClientClosed => "client_closed_early",
+            Reason::NotConnect => "not_connect",
+            Reason::Malformed => "malformed_connect",
+            Reason::TooLarge => "connect_too_large",
+            Reason::UnsupportedProtocol => "unsupported_protocol",
+            Reason::EmptyClientId => "empty_client_id_rejected",
+            Reason::NoBroker => "no_broker_available",
+            Reason::NoPool => "no_pool",
+            Reason::BrokerWrite => "broker_write_failed",
+            Reason::Drained => "drained",
+            Reason::Relayed(Ended::Clean) => "closed",
+            Reason::Relayed(Ended::ClientError) => "client_error",
+            Reason::Relayed(Ended::BrokerError) => "broker_error",
+        }
+    }
+
+    fn refused(self) -> bool {
+        !matches!(self, Reason::Relayed(_) | Reason::Drained)
+    }
+}
+
+/// What the end-of-connection log line says.
+#[derive(Default)]
+struct Facts {
+    client_addr: Option<SocketAddr>,
+    sni: Option<String>,
+    tls_version: Option<&'static str>,
+    client_id: Option<String>,
+    mqtt_version: Option<MqttVersion>,
+    broker: Option<String>,
+    up: u64,
+    down: u64,
+    detail: Option<String>,
+}
+
+/// Keeps a broker's active-connection count right however the connection ends.
+struct ActiveGuard(Arc<Backend>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream that first yields bytes already read (what followed an inbound PROXY header).
+pub struct Prefixed<S> {
+    pre: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(pre: Vec<u8>, inner: S) -> Self {
+        Prefixed { pre, pos: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.pre.len() {
+            let n = buf.remaining().min(self.pre.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.pre[start..start + n]);
+            self.pos += n;
+            if self.pos == self.pre.len() {
+                // Free it: an idle connection should hold nothing it no longer needs.
+                self.pre = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Handle one accepted connection to its end, then log it.
+pub async fn handle(shared: Arc<Shared>, snapshot: Arc<Snapshot>, spec: Arc<ListenerSpec>, tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let conn_id = shared.conn_id();
+    let m = &shared.metrics;
+    let active = m.active.with_label_values(&[&spec.name]);
+    active.inc();
+    let mut facts = Facts { client_addr: Some(peer), ..Facts::default() };
+    let reason = tokio::select! {
+        r = run(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts) => r,
+        _ = shared.hard_stop.cancelled() => Reason::Drained,
+    };
+    active.dec();
+    if reason.refused() {
+        m.refused.with_label_values(&[&spec.name, reason.as_str()]).inc();
+    } else {
+        m.closed.with_label_values(&[reason.as_str()]).inc();
+    }
+    tracing::info!(
+        target: "harbormaster::connection",
+        conn_id = %conn_id,
+        client_addr = %facts.client_addr.map(|a| a.to_string()).unwrap_or_default(),
+        listener = %spec.name,
+        sni = facts.sni.as_deref().unwrap_or(""),
+        tls_version = facts.tls_version.unwrap_or(""),
+        client_id = facts.client_id.as_deref().unwrap_or(""),
+        mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
+        broker = facts.broker.as_deref().unwrap_or(""),
+        bytes_in = facts.up,
+        bytes_out = facts.down,
+        duration = ?started.elapsed(),
+        close_reason = reason.as_str(),
+        detail = facts.detail.as_deref().unwrap_or(""),
+        "connection closed"
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    shared: &Shared,
+    snap: &Snapshot,
+    spec: &ListenerSpec,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    conn_id: &str,
+    started: Instant,
+    facts: &mut Facts,
+) -> Reason {
+    let deadline = tokio::time::Instant::from_std(started + snap.limits.connect_timeout);
+    let Some(pool) = snap.pool(&spec.pool) else {
+        return Reason::NoPool;
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut dst = tcp.local_addr().unwrap_or(spec.bind);
+    let mut src = peer;
+
+    // 1. PROXY header from an outer load balancer.
+    let mut pre = Vec::new();
+    if spec.accept_proxy {
+        if !spec.trusts(peer.ip()) {
+            facts.detail = Some(format!("PROXY header expected from a trusted proxy, {} is not one", peer.ip()));
+            return Reason::UntrustedProxy;
+        }
+        match tokio::time::timeout_at(deadline, read_inbound(&mut tcp)).await {
+            Err(_) => return Reason::Timeout,
+            Ok(Err(e)) => {
+                facts.detail = Some(e.to_string());
+                return Reason::BadProxyHeader;
+            }
+            Ok(Ok((header, rest))) => {
+                if let Some((s, d)) = header.addrs {
+                    src = s;
+                    dst = d;
+                    facts.client_addr = Some(s);
+                }
+                pre = rest;
+            }
+        }
+    }
+    let stream = Prefixed::new(pre, tcp);
+
+    // 2. TLS.
+    match &spec.tls {
+        None => serve(shared, pool, snap, stream, None, src, dst, conn_id, deadline, started, facts).await,
+        Some(cfg) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Err(_) => return Reason::Timeout,
+                Ok(Err(e)) => {
+                    facts.detail = Some(e.to_string());
+                    return Reason::TlsHandshake;
+                }
+                Ok(Ok(tls)) => tls,
+            };
+            let info = TlsInfo::from_connection(tls.get_ref().1);
+            shared.metrics.tls_handshakes.with_label_values(&[info.version]).inc();
+            facts.sni = info.sni.clone();
+            facts.tls_version = Some(info.version);
+            serve(shared, pool, snap, tls, Some(info), src, dst, conn_id, deadline, started, facts).await
+        }
+    }
+}
+
+/// Read an inbound PROXY header; returns it and the bytes read past it.
+async fn read_inbound(tcp: &mut TcpStream) -> io::Result<(inbound::Inbound, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the PROXY header ended"));
+        }
+        match inbound::parse(&buf) {
+            Ok(None) => {}
+            Ok(Some(h)) => {
+                let rest = buf.split_off(h.len);
+                return Ok((h, rest));
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// Why no CONNECT could be read.
+enum ReadFail {
+    Mqtt(ConnectError),
+    Closed(String),
+}
+
+/// Read until a whole CONNECT is buffered. Returns the buffer (CONNECT + anything pipelined).
+async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> Result<Vec<u8>, ReadFail> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        match mqtt::peek_connect(&buf, max) {
+            Ok(Peek::Complete { .. }) => return Ok(buf),
+            Ok(Peek::Incomplete) => {}
+            Err(e) => return Err(ReadFail::Mqtt(e)),
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity());
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err(ReadFail::Closed("closed before CONNECT was complete".into())),
+            Ok(_) => {}
+            Err(e) => return Err(ReadFail::Closed(e.to_string())),
+        }
+    }
+}
+
+/// The reason, and the CONNACK (if any) for a first packet that cannot be accepted.
+fn refusal_for(e: &ConnectError) -> (Reason, Option<(MqttVersion, Refusal)>) {
+    match *e {
+        ConnectError::NotConnect(_) => (Reason::NotConnect, None),
+        ConnectError::Malformed { version, .. } => (Reason::Malformed, version.map(|v| (v, Refusal::Malformed))),
+        ConnectError::TooLarge { version, .. } => (Reason::TooLarge, version.map(|v| (v, Refusal::PacketTooLarge))),
+        // Levels 5 and above read the 5.0 CONNACK layout, older ones the 3.x layout.
+        ConnectError::UnsupportedProtocol { level } => {
+            let v = if level >= 5 { MqttVersion::V5 } else { MqttVersion::V311 };
+            (Reason::UnsupportedProtocol, Some((v, Refusal::UnsupportedProtocol)))
+        }
+    }
+}
+
+/// Answer a refusal the way the client's MQTT version understands, then close politely.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, version: Option<MqttVersion>, refusal: Refusal) {
+    if let Some(packet) = version.and_then(|v| mqtt::connack(v, refusal)) {
+        let _ = stream.write_all(packet).await;
+    }
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    // Read what the client still sends until it closes, so the close is a FIN after our
+    // CONNACK and not a reset that could destroy it; bounded in time and bytes.
+    let mut sink = [0u8; 512];
+    let mut left = 64 * 1024usize;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    pool: &Pool,
+    snap: &Snapshot,
+    mut stream: S,
+    tls: Option<TlsInfo>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    conn_id: &str,
+    deadline: tokio::time::Instant,
+    started: Instant,
+    facts: &mut Facts,
+) -> Reason {
+    // 3. CONNECT.
+    let buf = match tokio::time::timeout_at(deadline, read_connect(&mut stream, snap.limits.max_connect_packet)).await {
+        Err(_) => return Reason::Timeout,
+        Ok(Ok(buf)) => buf,
+        Ok(Err(ReadFail::Closed(detail))) => {
+            facts.detail = Some(detail);
+            return Reason::ClientClosed;
+        }
+        Ok(Err(ReadFail::Mqtt(e))) => {
+            facts.detail = Some(e.to_string());
+            let (reason, answer) = refusal_for(&e);
+            match answer {
+                Some((v, r)) => refuse(&mut stream, Some(v), r).await,
+                None => refuse(&mut stream, None, Refusal::Malformed).await,
+            }
+            return reason;
+        }
+    };
+    let Ok(Peek::Complete { connect, len }) = mqtt::peek_connect(&buf, snap.limits.max_connect_packet) else {
+        return Reason::Malformed; // unreachable: read_connect returned a complete packet
+    };
+    let version = connect.version;
+    facts.mqtt_version = Some(version);
+    facts.client_id = Some(String::from_utf8_lossy(connect.client_id).into_owned());
+    shared.metrics.connect_bytes.with_label_values(&[version.as_str()]).observe(len as f64);
+
+    // 4. Choose brokers.
+    let key: Option<&[u8]> = match pool.hash_key {
+        HashKey::ClientId => Some(connect.client_id),
+        HashKey::Username => connect.username,
+        HashKey::CertCn => tls.as_ref().and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cn.as_deref()).map(str::as_bytes),
+    }
+    .filter(|k| !k.is_empty());
+    let source_key;
+    let candidates: Vec<&Arc<Backend>> = match key {
+        Some(k) => pool.preference(k, pool.backend_attempts),
+        None => match pool.empty_key {
+            EmptyKey::Reject => {
+                facts.detail = Some("no routing key and empty_client_id = reject".into());
+                refuse(&mut stream, Some(version), Refusal::ClientIdRejected).await;
+                return Reason::EmptyClientId;
+            }
+            EmptyKey::LeastConnections => pool.least_connections(pool.backend_attempts),
+            EmptyKey::SourceAddress => {
+                source_key = super::snapshot::canonical_ip(src.ip()).to_string();
+                pool.preference(source_key.as_bytes(), pool.backend_attempts)
+            }
+        },
+    };
+
+    // 5. Dial, in preference order.
+    let mut broker = None;
+    let mut errors = Vec::new();
+    for b in candidates {
+        match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
+            Ok(Ok(s)) => {
+                broker = Some((b.clone(), s));
+                break;
+            }
+            Ok(Err(e)) => errors.push(format!("{}: {e}", b.name)),
+            Err(_) => errors.push(format!("{}: timed out", b.name)),
+        }
+        shared.metrics.backend_failures.with_label_values(&[&pool.name, &b.name]).inc();
+    }
+    let Some((backend, mut upstream)) = broker else {
+        facts.detail = Some(errors.join("; "));
+        refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
+        return Reason::NoBroker;
+    };
+    if !errors.is_empty() {
+        facts.detail = Some(format!("failed over: {}", errors.join("; ")));
+    }
+    let _ = upstream.set_nodelay(true);
+    backend.active.fetch_add(1, Ordering::Relaxed);
+    backend.total.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(backend.clone());
+    facts.broker = Some(backend.name.clone());
+    shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
+
+    // 6. PROXY header, then the CONNECT and whatever was pipelined, in one write.
+    let mut first = match pool.proxy_protocol {
+        ProxyProtocol::None => Vec::with_capacity(buf.len()),
+        ProxyProtocol::V1 => proxy_header::encode_v1(src, dst),
+        ProxyProtocol::V2 => {
+            let input = HeaderInput { src, dst, tls: tls.as_ref(), unique_id: conn_id.as_bytes(), client_id: connect.client_id };
+            let enc = proxy_header::encode_v2(&input, &pool.tlvs, pool.max_header_bytes);
+            for t in &enc.dropped {
+                shared.metrics.tlv_dropped.with_label_values(&[&pool.name, &format!("{t:?}").to_lowercase()]).inc();
+            }
+            enc.bytes
+        }
+    };
+    first.extend_from_slice(&buf);
+    facts.up = buf.len() as u64;
+    drop(buf);
+    drop(tls);
+    if let Err(e) = upstream.write_all(&first).await {
+        facts.detail = Some(format!("writing CONNECT to {}: {e}", backend.name));
+        refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
+        return Reason::BrokerWrite;
+    }
+    drop(first);
+    shared.metrics.setup_seconds.observe(started.elapsed().as_secs_f64());
+
+    // 7. Relay.
+    let (ended, totals, err) = relay::relay(&mut stream, &mut upstream).await;
+    facts.up += totals.up;
+    facts.down = totals.down;
+    shared.metrics.bytes.with_label_values(&["up"]).inc_by(facts.up);
+    shared.metrics.bytes.with_label_values(&["down"]).inc_by(facts.down);
+    if let Some(e) = err {
+        facts.detail = Some(e.to_string());
+    }
+    Reason::Relayed(ended)
+}

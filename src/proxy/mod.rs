@@ -1,0 +1,12 @@
+//! The data plane: listeners and the per-connection pipeline, written top to bottom in
+//! [`connection`]. Everything here reads only the current immutable [`snapshot::Snapshot`].
+
+pub mod balance;
+pub mod connection;
+pub mod identity;
+pub mod inbound;
+pub mod listener;
+pub mod mqtt;
+pub mod proxy_header;
+pub mod relay;
+pub mod snapshot;

@@ -1,0 +1,232 @@
+//! Bidirectional byte relay between a client and a broker that holds no buffer while the
+//! connection is idle. A 16 KiB buffer is borrowed from a per-thread pool only while bytes are
+//! in flight and returned as soon as a read finds nothing to do, so a million idle devices cost
+//! only their sockets and TLS state. Half-close is forwarded: EOF from one side shuts down the
+//! write side of the other, and the other direction keeps flowing until it ends too.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One TLS record's worth of plaintext: a read fills at most this much.
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Spare buffers kept per worker thread; beyond it they go back to the allocator.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buf(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(buf);
+        }
+    });
+}
+
+/// Which end of one direction failed.
+enum Fail {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction of the relay.
+#[derive(Default)]
+struct Half {
+    /// Present only while bytes read from the source wait to be written.
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    end: usize,
+    read_done: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Half {
+    /// Move bytes from `r` to `w` until `r` is pending (buffer released) or finished (the
+    /// write side of `w` shut down).
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<Result<(), Fail>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Write out what is buffered.
+            if let Some(buf) = &self.buf {
+                while self.pos < self.end {
+                    let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.end])).map_err(Fail::Write)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(Fail::Write(io::ErrorKind::WriteZero.into())));
+                    }
+                    self.pos += n;
+                    self.bytes += n as u64;
+                }
+            }
+            if self.read_done {
+                // Everything forwarded: flush and pass the EOF on (FIN or TLS close_notify).
+                ready!(w.as_mut().poll_flush(cx)).map_err(Fail::Write)?;
+                ready!(w.as_mut().poll_shutdown(cx)).map_err(Fail::Write)?;
+                self.done = true;
+                if let Some(buf) = self.buf.take() {
+                    give_buf(buf);
+                }
+                continue;
+            }
+            let mut buf = self.buf.take().unwrap_or_else(take_buf);
+            let mut rb = ReadBuf::new(&mut buf);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    // Nothing in flight: give the buffer back, keep only the waker. Flush
+                    // what was written so a TLS layer does not sit on a partial record.
+                    give_buf(buf);
+                    ready!(w.as_mut().poll_flush(cx)).map_err(Fail::Write)?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    give_buf(buf);
+                    return Poll::Ready(Err(Fail::Read(e)));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    self.pos = 0;
+                    self.end = n;
+                    if n == 0 {
+                        self.read_done = true;
+                        give_buf(buf);
+                    } else {
+                        self.buf = Some(buf);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Which side ended the relay first, for the close reason in the connection log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions reached EOF and were shut down cleanly.
+    Clean,
+    /// Reading from or writing to the client failed.
+    ClientError,
+    /// Reading from or writing to the broker failed.
+    BrokerError,
+}
+
+/// Bytes moved by a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Client → broker.
+    pub up: u64,
+    /// Broker → client.
+    pub down: u64,
+}
+
+/// Relay until both directions have ended or one fails. Returns how it ended and the bytes
+/// moved; on error, bytes already accepted on the healthy side have been written.
+pub async fn relay<C, B>(client: &mut C, broker: &mut B) -> (Ended, Totals, Option<io::Error>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let res = poll_fn(|cx| {
+        // Both directions are polled on every wake-up so one blocked direction never stalls
+        // the other; an error is attributed to the side whose operation failed.
+        let u = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *broker));
+        if let Poll::Ready(Err(f)) = u {
+            return Poll::Ready(Err(match f {
+                Fail::Read(e) => (Ended::ClientError, e),
+                Fail::Write(e) => (Ended::BrokerError, e),
+            }));
+        }
+        let d = down.poll_copy(cx, Pin::new(&mut *broker), Pin::new(&mut *client));
+        if let Poll::Ready(Err(f)) = d {
+            return Poll::Ready(Err(match f {
+                Fail::Read(e) => (Ended::BrokerError, e),
+                Fail::Write(e) => (Ended::ClientError, e),
+            }));
+        }
+        if u.is_ready() && d.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    for half in [&mut up, &mut down] {
+        if let Some(buf) = half.buf.take() {
+            give_buf(buf);
+        }
+    }
+    let totals = Totals { up: up.bytes, down: down.bytes };
+    match res {
+        Ok(()) => (Ended::Clean, totals, None),
+        Err((side, e)) => (side, totals, Some(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn relays_both_ways_and_forwards_half_close() {
+        let (mut client, mut client_end) = tokio::io::duplex(1024);
+        let (mut broker, mut broker_end) = tokio::io::duplex(1024);
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end).await });
+
+        let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut got_up = Vec::new();
+        broker.read_to_end(&mut got_up).await.unwrap();
+        assert_eq!(got_up, up);
+        // The client has half-closed; the other direction still flows.
+        broker.write_all(&down).await.unwrap();
+        broker.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), down);
+        let (ended, totals, err) = task.await.unwrap();
+        assert_eq!(ended, Ended::Clean);
+        assert!(err.is_none());
+        assert_eq!(totals, Totals { up: up.len() as u64, down: down.len() as u64 });
+    }
+
+    #[tokio::test]
+    async fn idle_relay_holds_no_buffer() {
+        let (_client, mut client_end) = tokio::io::duplex(64);
+        let (_broker, mut broker_end) = tokio::io::duplex(64);
+        let mut up = Half::default();
+        let mut down = Half::default();
+        poll_fn(|cx| {
+            assert!(up.poll_copy(cx, Pin::new(&mut client_end), Pin::new(&mut broker_end)).is_pending());
+            assert!(down.poll_copy(cx, Pin::new(&mut broker_end), Pin::new(&mut client_end)).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(up.buf.is_none() && down.buf.is_none());
+    }
+}

@@ -1,0 +1,65 @@
+//! The immutable configuration snapshot the data plane runs on. The control plane builds it
+//! (reading files, resolving names, loading certificates); the data plane only reads it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::balance::Pool;
+
+/// Everything the data plane needs, swapped whole on reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub listeners: Vec<Arc<ListenerSpec>>,
+    pub pools: Vec<Arc<Pool>>,
+    pub limits: Limits,
+}
+
+impl Snapshot {
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// One listening socket and what runs on it.
+#[derive(Debug)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub pool: String,
+    pub accept_proxy: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ListenerSpec {
+    /// Whether a PROXY header from `peer` is believed.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack sockets) compare as IPv4.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Process-wide limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TLS handshake + CONNECT must be done within this.
+    pub connect_timeout: Duration,
+    pub max_connect_packet: usize,
+    pub drain_timeout: Duration,
+    /// Connections held at once across all listeners; beyond it new ones wait in the backlog.
+    pub max_connections: usize,
+}
