@@ -260,17 +260,36 @@ pub fn load(path: &Path) -> Result<Loaded, Problems> {
 /// [`load`] on text already read; `base` resolves relative paths.
 pub fn load_str(text: &str, base: &Path) -> Result<Loaded, Problems> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let message = e.message().to_string();
         let path = match e.span() {
-            Some(span) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!("line {line}")
-            }
+            Some(span) => key_path_at(text, span.start),
             None => "config".into(),
         };
-        Problems(vec![Problem { path, message }])
+        Problems(vec![Problem { path, message: e.message().to_string() }])
     })?;
     build(raw, base)
+}
+
+/// Best-effort key path (`pool.brokers.backend_attempts (line 12)`) of a byte offset, for
+/// errors that TOML parsing reports only by position.
+fn key_path_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line_no - 1).map(|l| l.trim()).unwrap_or("");
+    let key = here.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = lines[..(line_no - 1).min(lines.len())]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let path = match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (Some(t), None) => t,
+        (None, Some(k)) => k.to_string(),
+        (None, None) => "config".to_string(),
+    };
+    format!("{path} (line {line_no})")
 }
 
 struct Check {
@@ -583,7 +602,7 @@ connect_timeout = "0s"
     #[test]
     fn unknown_keys_are_rejected() {
         let got = problems(&format!("{MINIMAL}\n[limits]\nconect_timeout = \"1s\"\n"));
-        assert!(got.iter().any(|g| g.contains("conect_timeout")), "{got:?}");
+        assert!(got.iter().any(|g| g.starts_with("limits.conect_timeout (line")), "{got:?}");
         let got = problems(&MINIMAL.replace("pool = \"brokers\"", "pool = \"brokers\"\nacept_proxy = true"));
         assert!(got.iter().any(|g| g.contains("acept_proxy")), "{got:?}");
     }
