@@ -1,5 +1,6 @@
 //! The `harbormaster` command: `run`, `check` and `route` over one TOML config file.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,8 +76,12 @@ fn main() -> ExitCode {
                 eprintln!("no pool {:?}", name.unwrap_or_default());
                 return ExitCode::from(2);
             };
+            // Written without println! so that `| head -1` closing the pipe is not a panic.
+            let mut out = std::io::stdout().lock();
             for b in p.ranking(client_id.as_bytes()) {
-                println!("{}", b.name);
+                if writeln!(out, "{}", b.name).is_err() {
+                    break;
+                }
             }
             ExitCode::SUCCESS
         }

@@ -55,9 +55,7 @@ impl TlsInfo {
     pub fn from_connection(conn: &rustls::ServerConnection) -> TlsInfo {
         TlsInfo {
             version: conn.protocol_version().map_or("", openssl_version_name),
-            cipher: conn
-                .negotiated_cipher_suite()
-                .map_or("", |s| openssl_cipher_name(s.suite())),
+            cipher: conn.negotiated_cipher_suite().map_or("", |s| openssl_cipher_name(s.suite())),
             sni: conn.server_name().map(str::to_owned),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             client_cert: conn
@@ -97,9 +95,7 @@ pub fn openssl_cipher_name(suite: CipherSuite) -> &'static str {
         // TLS 1.2, the six aws-lc-rs suites.
         CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
         CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => "ECDHE-ECDSA-AES256-GCM-SHA384",
-        CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => {
-            "ECDHE-ECDSA-CHACHA20-POLY1305"
-        }
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-ECDSA-CHACHA20-POLY1305",
         CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => "ECDHE-RSA-AES128-GCM-SHA256",
         CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => "ECDHE-RSA-AES256-GCM-SHA384",
         CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-RSA-CHACHA20-POLY1305",
@@ -127,23 +123,13 @@ impl ClientCert {
     /// Parse a DER end-entity certificate; never fails: unknown fields are left `None`.
     pub fn from_der(der: &[u8]) -> ClientCert {
         let sha256: [u8; 32] = Sha256::digest(der).into();
-        let mut out = ClientCert {
-            cn: None,
-            sha256,
-            sig_alg: None,
-            key_alg: None,
-        };
+        let mut out = ClientCert { cn: None, sha256, sig_alg: None, key_alg: None };
         // Trailing bytes after the certificate are ignored: the fingerprint still covers them,
         // which is what a peer hashing the same bytes would get.
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
             return out;
         };
-        out.cn = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|attr| attr.as_str().ok())
-            .map(str::to_owned);
+        out.cn = cert.subject().iter_common_name().next().and_then(|attr| attr.as_str().ok()).map(str::to_owned);
         // The TBS copy of the algorithm, as HAProxy reads it (X509_get0_tbs_sigalg).
         out.sig_alg = sig_alg_name(&cert.tbs_certificate.signature.algorithm).map(str::to_owned);
         out.key_alg = key_alg_name(&cert);
@@ -183,12 +169,7 @@ fn key_alg_name(cert: &X509Certificate<'_>) -> Option<String> {
             let modulus = match spki.parsed() {
                 Ok(PublicKey::RSA(rsa)) => rsa.modulus,
                 // PSS keys are not parsed by x509-parser; the key is still RSAPublicKey DER.
-                _ => x509_parser::public_key::RSAPublicKey::from_der(
-                    &spki.subject_public_key.data,
-                )
-                .ok()?
-                .1
-                .modulus,
+                _ => x509_parser::public_key::RSAPublicKey::from_der(&spki.subject_public_key.data).ok()?.1.modulus,
             };
             let bits = big_endian_bits(modulus);
             (bits > 0).then(|| format!("RSA{bits}"))
@@ -196,12 +177,8 @@ fn key_alg_name(cert: &X509Certificate<'_>) -> Option<String> {
         "1.2.840.10045.2.1" => {
             // EVP_PKEY_bits of an EC key is the bit length of the group order, which the curve
             // OID gives directly (the point size would say 528 for P-521).
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| Oid::try_from(p).ok())
-                .map(|oid| oid.to_id_string());
+            let curve =
+                spki.algorithm.parameters.as_ref().and_then(|p| Oid::try_from(p).ok()).map(|oid| oid.to_id_string());
             let bits = match curve.as_deref() {
                 Some("1.2.840.10045.3.1.7") | Some("1.3.132.0.10") => 256,
                 Some("1.3.132.0.34") => 384,
@@ -234,8 +211,7 @@ fn big_endian_bits(bytes: &[u8]) -> usize {
 pub(crate) mod tests {
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
     use rustls::crypto::{aws_lc_rs, CryptoProvider};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -262,10 +238,7 @@ pub(crate) mod tests {
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             let key = KeyPair::generate().unwrap();
             let ca = params.self_signed(&key).unwrap().der().clone();
-            Pki {
-                ca,
-                issuer: Issuer::new(params, key),
-            }
+            Pki { ca, issuer: Issuer::new(params, key) }
         }
 
         pub(crate) fn leaf(
@@ -278,14 +251,13 @@ pub(crate) mod tests {
             let key = KeyPair::generate_for(alg).unwrap();
             let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
             let mut params = CertificateParams::new(sans).unwrap();
+            // rcgen's default subject has a CN ("rcgen self signed cert").
+            params.distinguished_name = rcgen::DistinguishedName::new();
             if let Some(cn) = cn {
                 params.distinguished_name.push(DnType::CommonName, cn);
             }
-            params.extended_key_usages = vec![if client {
-                ExtendedKeyUsagePurpose::ClientAuth
-            } else {
-                ExtendedKeyUsagePurpose::ServerAuth
-            }];
+            params.extended_key_usages =
+                vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
             let der = params.signed_by(&key, &self.issuer).unwrap().der().clone();
             Leaf { der, key }
         }
@@ -333,19 +305,14 @@ pub(crate) mod tests {
             .unwrap()
             .with_root_certificates(roots);
         let mut client_cfg = match client {
-            Some(leaf) => client_builder
-                .with_client_auth_cert(vec![leaf.der.clone()], key_der(&leaf.key))
-                .unwrap(),
+            Some(leaf) => client_builder.with_client_auth_cert(vec![leaf.der.clone()], key_der(&leaf.key)).unwrap(),
             None => client_builder.with_no_client_auth(),
         };
         client_cfg.alpn_protocols = vec![b"mqtt".to_vec()];
 
         let mut s = ServerConnection::new(Arc::new(server_cfg)).unwrap();
-        let mut c = ClientConnection::new(
-            Arc::new(client_cfg),
-            ServerName::try_from("broker.example").unwrap(),
-        )
-        .unwrap();
+        let mut c =
+            ClientConnection::new(Arc::new(client_cfg), ServerName::try_from("broker.example").unwrap()).unwrap();
         for _ in 0..20 {
             if !c.is_handshaking() && !s.is_handshaking() {
                 break;
@@ -380,12 +347,7 @@ pub(crate) mod tests {
         let info = TlsInfo::from_connection(&conn);
         assert_eq!(info.version, "TLSv1.3");
         assert!(
-            [
-                "TLS_AES_256_GCM_SHA384",
-                "TLS_AES_128_GCM_SHA256",
-                "TLS_CHACHA20_POLY1305_SHA256"
-            ]
-            .contains(&info.cipher),
+            ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"].contains(&info.cipher),
             "{}",
             info.cipher
         );
@@ -444,48 +406,13 @@ pub(crate) mod tests {
         let cases = [
             (cs::TLS13_AES_128_GCM_SHA256, v13, &ecdsa, "TLS_AES_128_GCM_SHA256"),
             (cs::TLS13_AES_256_GCM_SHA384, v13, &ecdsa, "TLS_AES_256_GCM_SHA384"),
-            (
-                cs::TLS13_CHACHA20_POLY1305_SHA256,
-                v13,
-                &ecdsa,
-                "TLS_CHACHA20_POLY1305_SHA256",
-            ),
-            (
-                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-                v12,
-                &ecdsa,
-                "ECDHE-ECDSA-AES128-GCM-SHA256",
-            ),
-            (
-                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-                v12,
-                &ecdsa,
-                "ECDHE-ECDSA-AES256-GCM-SHA384",
-            ),
-            (
-                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-                v12,
-                &ecdsa,
-                "ECDHE-ECDSA-CHACHA20-POLY1305",
-            ),
-            (
-                cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-                v12,
-                &rsa,
-                "ECDHE-RSA-AES128-GCM-SHA256",
-            ),
-            (
-                cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-                v12,
-                &rsa,
-                "ECDHE-RSA-AES256-GCM-SHA384",
-            ),
-            (
-                cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-                v12,
-                &rsa,
-                "ECDHE-RSA-CHACHA20-POLY1305",
-            ),
+            (cs::TLS13_CHACHA20_POLY1305_SHA256, v13, &ecdsa, "TLS_CHACHA20_POLY1305_SHA256"),
+            (cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, v12, &ecdsa, "ECDHE-ECDSA-AES128-GCM-SHA256"),
+            (cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, v12, &ecdsa, "ECDHE-ECDSA-AES256-GCM-SHA384"),
+            (cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, v12, &ecdsa, "ECDHE-ECDSA-CHACHA20-POLY1305"),
+            (cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, v12, &rsa, "ECDHE-RSA-AES128-GCM-SHA256"),
+            (cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, v12, &rsa, "ECDHE-RSA-AES256-GCM-SHA384"),
+            (cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256, v12, &rsa, "ECDHE-RSA-CHACHA20-POLY1305"),
         ];
         // The table covers the provider completely.
         assert_eq!(cases.len(), aws_lc_rs::ALL_CIPHER_SUITES.len());
@@ -514,10 +441,7 @@ pub(crate) mod tests {
             "TLS_RSA_WITH_AES_128_GCM_SHA256"
         );
         assert_eq!(openssl_cipher_name(CipherSuite::Unknown(0xfafa)), "");
-        assert_eq!(
-            openssl_cipher_name(CipherSuite::TLS13_AES_128_CCM_SHA256),
-            "TLS_AES_128_CCM_SHA256"
-        );
+        assert_eq!(openssl_cipher_name(CipherSuite::TLS13_AES_128_CCM_SHA256), "TLS_AES_128_CCM_SHA256");
     }
 
     #[test]
@@ -565,13 +489,8 @@ pub(crate) mod tests {
 
     #[test]
     fn from_der_garbage_does_not_panic() {
-        for der in [
-            &b""[..],
-            &b"\x30"[..],
-            &b"\x30\x82\xff\xff"[..],
-            &b"not a certificate at all"[..],
-            &[0u8; 64][..],
-        ] {
+        for der in [&b""[..], &b"\x30"[..], &b"\x30\x82\xff\xff"[..], &b"not a certificate at all"[..], &[0u8; 64][..]]
+        {
             let cert = ClientCert::from_der(der);
             assert_eq!(cert.cn, None);
             assert_eq!(cert.sig_alg, None);

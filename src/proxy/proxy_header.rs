@@ -156,11 +156,7 @@ impl<'a> Ssl<'a> {
             } else {
                 PP2_CLIENT_SSL
             },
-            verify: if cert.is_some() {
-                VERIFY_OK
-            } else {
-                VERIFY_NO_CLIENT_CERT
-            },
+            verify: if cert.is_some() { VERIFY_OK } else { VERIFY_NO_CLIENT_CERT },
             version: non_empty(tls.version),
             cn: cert.and_then(|c| c.cn.as_deref()).and_then(non_empty),
             cipher: non_empty(tls.cipher),
@@ -171,10 +167,7 @@ impl<'a> Ssl<'a> {
 
     /// Length of the SSL value (client + verify + sub-TLVs).
     fn value_len(&self) -> usize {
-        5 + opt_tlv_len(self.version)
-            + opt_tlv_len(self.cn)
-            + opt_tlv_len(self.cipher)
-            + self.sig_key_len()
+        5 + opt_tlv_len(self.version) + opt_tlv_len(self.cn) + opt_tlv_len(self.cipher) + self.sig_key_len()
     }
 
     fn sig_key_len(&self) -> usize {
@@ -226,24 +219,16 @@ fn to_v6(ip: IpAddr) -> Ipv6Addr {
 fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
     match (normalize(src), normalize(dst)) {
         (s @ SocketAddr::V4(_), d @ SocketAddr::V4(_)) => (s, d),
-        (s, d) => (
-            SocketAddr::new(IpAddr::V6(to_v6(s.ip())), s.port()),
-            SocketAddr::new(IpAddr::V6(to_v6(d.ip())), d.port()),
-        ),
+        (s, d) => {
+            (SocketAddr::new(IpAddr::V6(to_v6(s.ip())), s.port()), SocketAddr::new(IpAddr::V6(to_v6(d.ip())), d.port()))
+        }
     }
 }
 
 fn v2_addresses(src: SocketAddr, dst: SocketAddr) -> Addresses {
     match same_family(src, dst) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            Addresses::IPv4(IPv4::new(*s.ip(), *d.ip(), s.port(), d.port()))
-        }
-        (s, d) => Addresses::IPv6(IPv6::new(
-            to_v6(s.ip()),
-            to_v6(d.ip()),
-            s.port(),
-            d.port(),
-        )),
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => Addresses::IPv4(IPv4::new(*s.ip(), *d.ip(), s.port(), d.port())),
+        (s, d) => Addresses::IPv6(IPv6::new(to_v6(s.ip()), to_v6(d.ip()), s.port(), d.port())),
     }
 }
 
@@ -258,29 +243,20 @@ pub fn encode_v2(input: &HeaderInput<'_>, tlvs: &[Tlv], max_header_bytes: usize)
     let mut dropped = Vec::new();
 
     // What there is to send.
-    let mut alpn = tls
-        .and_then(|t| t.alpn.as_deref())
-        .filter(|a| chosen(Tlv::Alpn) && !a.is_empty());
-    let mut authority = tls
-        .and_then(|t| t.sni.as_deref())
-        .and_then(non_empty)
-        .filter(|_| chosen(Tlv::Authority));
+    let mut alpn = tls.and_then(|t| t.alpn.as_deref()).filter(|a| chosen(Tlv::Alpn) && !a.is_empty());
+    let mut authority = tls.and_then(|t| t.sni.as_deref()).and_then(non_empty).filter(|_| chosen(Tlv::Authority));
     if authority.is_some_and(|a| a.len() > MAX_AUTHORITY_LEN) {
         authority = None;
         dropped.push(Tlv::Authority);
     }
-    let mut unique_id =
-        Some(input.unique_id).filter(|u| chosen(Tlv::UniqueId) && !u.is_empty());
+    let mut unique_id = Some(input.unique_id).filter(|u| chosen(Tlv::UniqueId) && !u.is_empty());
     if unique_id.is_some_and(|u| u.len() > MAX_UNIQUE_ID_LEN) {
         unique_id = None;
         dropped.push(Tlv::UniqueId);
     }
     let mut ssl = tls.filter(|_| chosen(Tlv::Ssl)).map(Ssl::new);
-    let mut cert_sha = cert
-        .map(|c| &c.sha256[..])
-        .filter(|_| chosen(Tlv::CertSha256));
-    let mut client_id =
-        Some(input.client_id).filter(|c| chosen(Tlv::ClientId) && !c.is_empty());
+    let mut cert_sha = cert.map(|c| &c.sha256[..]).filter(|_| chosen(Tlv::CertSha256));
+    let mut client_id = Some(input.client_id).filter(|c| chosen(Tlv::ClientId) && !c.is_empty());
     let mut crc = chosen(Tlv::Crc32c);
 
     let mut total = base
@@ -338,12 +314,8 @@ pub fn encode_v2(input: &HeaderInput<'_>, tlvs: &[Tlv], max_header_bytes: usize)
 
     let build = || -> std::io::Result<Vec<u8>> {
         // One allocation: ppp sizes its buffer as fixed part + addresses + this reservation.
-        let mut b = Builder::with_addresses(
-            Version::Two | Command::Proxy,
-            Protocol::Stream,
-            addresses,
-        )
-        .reserve_capacity(total - base);
+        let mut b = Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
+            .reserve_capacity(total - base);
         if let Some(v) = alpn {
             b = b.write_tlv(PP2_TYPE_ALPN, v)?;
         }
@@ -376,18 +348,19 @@ pub fn encode_v2(input: &HeaderInput<'_>, tlvs: &[Tlv], max_header_bytes: usize)
         Ok(bytes)
     };
     let bytes = match build() {
-        Ok(bytes) => bytes,
+        Ok(bytes) => {
+            debug_assert_eq!(bytes.len(), total);
+            bytes
+        }
         // Unreachable: every length was checked against the 16-bit limits above. Should ppp
         // ever refuse anyway, an address-only header still tells the broker who the client is.
         Err(_) => {
-            debug_assert!(false, "ppp refused a header within limits");
             dropped = tlvs.to_vec();
             Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
                 .build()
                 .unwrap_or_default()
         }
     };
-    debug_assert_eq!(bytes.len(), total);
     Encoded { bytes, dropped }
 }
 
@@ -397,14 +370,7 @@ pub fn encode_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let proto = if src.is_ipv4() { "TCP4" } else { "TCP6" };
     // Worst case (TCP6, two full IPv6 addresses) is 104 bytes, within v1's 107.
     let mut line = String::with_capacity(107);
-    let _ = write!(
-        line,
-        "PROXY {proto} {} {} {} {}\r\n",
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
-    );
+    let _ = write!(line, "PROXY {proto} {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port());
     line.into_bytes()
 }
 
@@ -415,15 +381,8 @@ mod tests {
     use ppp::v2::{Header, Type};
     use std::net::{Ipv4Addr, SocketAddrV6};
 
-    const ALL: [Tlv; 7] = [
-        Tlv::Alpn,
-        Tlv::Authority,
-        Tlv::UniqueId,
-        Tlv::Ssl,
-        Tlv::Crc32c,
-        Tlv::CertSha256,
-        Tlv::ClientId,
-    ];
+    const ALL: [Tlv; 7] =
+        [Tlv::Alpn, Tlv::Authority, Tlv::UniqueId, Tlv::Ssl, Tlv::Crc32c, Tlv::CertSha256, Tlv::ClientId];
 
     fn tls_with_cert() -> TlsInfo {
         TlsInfo {
@@ -514,10 +473,7 @@ mod tests {
         let header = Header::try_from(enc.bytes.as_slice()).unwrap();
         assert_eq!(header.command, ppp::v2::Command::Proxy);
         assert_eq!(header.protocol, ppp::v2::Protocol::Stream);
-        assert_eq!(
-            header.addresses,
-            Addresses::IPv4(IPv4::new([192, 0, 2, 10], [10, 0, 0, 5], 51000, 1883))
-        );
+        assert_eq!(header.addresses, Addresses::IPv4(IPv4::new([192, 0, 2, 10], [10, 0, 0, 5], 51000, 1883)));
         assert_eq!(enc.bytes[12], 0x21);
         assert_eq!(enc.bytes[13], 0x11);
 
@@ -579,19 +535,12 @@ mod tests {
         assert!(tlvs_of(&enc.bytes).is_empty());
         // Only what is chosen goes out.
         let enc = encode_v2(&input(Some(&tls)), &[Tlv::Authority], 500);
-        assert_eq!(
-            tlvs_of(&enc.bytes),
-            vec![(PP2_TYPE_AUTHORITY, b"broker.example".to_vec())]
-        );
+        assert_eq!(tlvs_of(&enc.bytes), vec![(PP2_TYPE_AUTHORITY, b"broker.example".to_vec())]);
     }
 
     #[test]
     fn empty_values_are_absent_not_dropped() {
-        let tls = TlsInfo {
-            version: "TLSv1.2",
-            cipher: "ECDHE-RSA-AES128-GCM-SHA256",
-            ..TlsInfo::default()
-        };
+        let tls = TlsInfo { version: "TLSv1.2", cipher: "ECDHE-RSA-AES128-GCM-SHA256", ..TlsInfo::default() };
         let mut inp = input(Some(&tls));
         inp.unique_id = b"";
         inp.client_id = b"";
@@ -640,26 +589,14 @@ mod tests {
         assert_crc_ok(&enc.bytes);
 
         // Tighter budgets walk further down the list, always a prefix of the order.
-        let order = [
-            Tlv::ClientId,
-            Tlv::CertSha256,
-            Tlv::UniqueId,
-            Tlv::Alpn,
-            Tlv::Ssl,
-            Tlv::Authority,
-            Tlv::Crc32c,
-        ];
+        let order = [Tlv::ClientId, Tlv::CertSha256, Tlv::UniqueId, Tlv::Alpn, Tlv::Ssl, Tlv::Authority, Tlv::Crc32c];
         let mut seen_lengths = Vec::new();
         for budget in (0..=520).rev() {
             let enc = encode_v2(&inp, &ALL, budget);
             let header = Header::try_from(enc.bytes.as_slice()).expect("valid header");
             assert_eq!(header.len(), enc.bytes.len());
             assert!(enc.bytes.len() <= budget.max(28), "budget {budget}");
-            assert!(
-                order.starts_with(&enc.dropped),
-                "budget {budget}: {:?}",
-                enc.dropped
-            );
+            assert!(order.starts_with(&enc.dropped), "budget {budget}: {:?}", enc.dropped);
             for t in tlvs_of(&enc.bytes) {
                 if t.0 == PP2_TYPE_SSL {
                     parse_ssl(&t.1);
@@ -683,16 +620,7 @@ mod tests {
         let budget = full - 12 - 35 - 12 - 7 - 28;
         let enc = encode_v2(&inp, &ALL, budget);
         assert_eq!(enc.bytes.len(), budget);
-        assert_eq!(
-            enc.dropped,
-            [
-                Tlv::ClientId,
-                Tlv::CertSha256,
-                Tlv::UniqueId,
-                Tlv::Alpn,
-                Tlv::Ssl
-            ]
-        );
+        assert_eq!(enc.dropped, [Tlv::ClientId, Tlv::CertSha256, Tlv::UniqueId, Tlv::Alpn, Tlv::Ssl]);
         let tlvs = tlvs_of(&enc.bytes);
         assert!(find(&tlvs, PP2_TYPE_AUTHORITY).is_some());
         let (client, verify, subs) = parse_ssl(&find(&tlvs, PP2_TYPE_SSL).unwrap());
@@ -719,24 +647,12 @@ mod tests {
         let header = Header::try_from(enc.bytes.as_slice()).unwrap();
         assert_eq!(header.len(), enc.bytes.len());
         assert!(matches!(header.addresses, Addresses::IPv6(_)));
-        // 52 + SSL(3+5+10+12+25=55) = 107: the core SSL TLV still fits, CRC does not.
-        assert_eq!(enc.bytes.len(), 107);
-        assert_eq!(
-            enc.dropped,
-            [
-                Tlv::ClientId,
-                Tlv::CertSha256,
-                Tlv::UniqueId,
-                Tlv::Alpn,
-                Tlv::Ssl,
-                Tlv::Authority,
-                Tlv::Crc32c
-            ]
-        );
-        assert!(!enc.dropped.contains(&Tlv::Crc32c) || {
-            // SSL core stayed, CRC was the price.
-            find(&tlvs_of(&enc.bytes), PP2_TYPE_SSL).is_some()
-        });
+        // 52 + ALPN 7 + AUTHORITY 17 + UNIQUE_ID 12 + SSL 83 + E0 35 + E1 12 + CRC 7 = 225.
+        // Dropping in order: E1, E0, UNIQUE_ID, ALPN, SIG/KEY (-28) -> 131, AUTHORITY -> 114,
+        // then the whole SSL -> 59 fits; CRC32C, last in the order, survives.
+        assert_eq!(enc.bytes.len(), 59);
+        assert_eq!(enc.dropped, [Tlv::ClientId, Tlv::CertSha256, Tlv::UniqueId, Tlv::Alpn, Tlv::Ssl, Tlv::Authority,]);
+        assert_crc_ok(&enc.bytes);
 
         // Below the address block: bare header, over budget but valid.
         let enc = encode_v2(&inp, &ALL, 10);
@@ -769,17 +685,7 @@ mod tests {
     fn mixed_families_map_to_ipv6() {
         let src: SocketAddr = "192.0.2.1:1000".parse().unwrap();
         let dst: SocketAddr = "[2001:db8::5]:1883".parse().unwrap();
-        let enc = encode_v2(
-            &HeaderInput {
-                src,
-                dst,
-                tls: None,
-                unique_id: b"",
-                client_id: b"",
-            },
-            &[],
-            500,
-        );
+        let enc = encode_v2(&HeaderInput { src, dst, tls: None, unique_id: b"", client_id: b"" }, &[], 500);
         let header = Header::try_from(enc.bytes.as_slice()).unwrap();
         assert_eq!(
             header.addresses,
@@ -792,77 +698,33 @@ mod tests {
         );
         assert_eq!(enc.bytes[13], 0x21);
         // And the other way round.
-        let enc = encode_v2(
-            &HeaderInput {
-                src: dst,
-                dst: src,
-                tls: None,
-                unique_id: b"",
-                client_id: b"",
-            },
-            &[],
-            500,
-        );
+        let enc = encode_v2(&HeaderInput { src: dst, dst: src, tls: None, unique_id: b"", client_id: b"" }, &[], 500);
         assert_eq!(enc.bytes.len(), 52);
     }
 
     #[test]
     fn v4_mapped_pairs_go_as_ipv4() {
-        let mapped = |ip: [u8; 4], port| {
-            SocketAddr::V6(SocketAddrV6::new(
-                Ipv4Addr::from(ip).to_ipv6_mapped(),
-                port,
-                0,
-                0,
-            ))
-        };
+        let mapped =
+            |ip: [u8; 4], port| SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::from(ip).to_ipv6_mapped(), port, 0, 0));
         for (src, dst) in [
             (mapped([198, 51, 100, 7], 5555), mapped([10, 1, 2, 3], 1883)),
             (mapped([198, 51, 100, 7], 5555), "10.1.2.3:1883".parse().unwrap()),
         ] {
-            let enc = encode_v2(
-                &HeaderInput {
-                    src,
-                    dst,
-                    tls: None,
-                    unique_id: b"",
-                    client_id: b"",
-                },
-                &[],
-                500,
-            );
+            let enc = encode_v2(&HeaderInput { src, dst, tls: None, unique_id: b"", client_id: b"" }, &[], 500);
             let header = Header::try_from(enc.bytes.as_slice()).unwrap();
-            assert_eq!(
-                header.addresses,
-                Addresses::IPv4(IPv4::new([198, 51, 100, 7], [10, 1, 2, 3], 5555, 1883))
-            );
-            assert_eq!(
-                encode_v1(src, dst),
-                b"PROXY TCP4 198.51.100.7 10.1.2.3 5555 1883\r\n"
-            );
+            assert_eq!(header.addresses, Addresses::IPv4(IPv4::new([198, 51, 100, 7], [10, 1, 2, 3], 5555, 1883)));
+            assert_eq!(encode_v1(src, dst), b"PROXY TCP4 198.51.100.7 10.1.2.3 5555 1883\r\n");
         }
     }
 
     #[test]
     fn v1_format() {
-        let v4 = encode_v1(
-            "192.0.2.10:51000".parse().unwrap(),
-            "10.0.0.5:1883".parse().unwrap(),
-        );
+        let v4 = encode_v1("192.0.2.10:51000".parse().unwrap(), "10.0.0.5:1883".parse().unwrap());
         assert_eq!(v4, b"PROXY TCP4 192.0.2.10 10.0.0.5 51000 1883\r\n");
-        let v6 = encode_v1(
-            "[2001:db8::1]:40000".parse().unwrap(),
-            "[2001:db8::2]:8883".parse().unwrap(),
-        );
+        let v6 = encode_v1("[2001:db8::1]:40000".parse().unwrap(), "[2001:db8::2]:8883".parse().unwrap());
         assert_eq!(v6, b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 8883\r\n");
-        let mixed = encode_v1(
-            "192.0.2.10:51000".parse().unwrap(),
-            "[2001:db8::2]:8883".parse().unwrap(),
-        );
-        assert_eq!(
-            mixed,
-            b"PROXY TCP6 ::ffff:192.0.2.10 2001:db8::2 51000 8883\r\n"
-        );
+        let mixed = encode_v1("192.0.2.10:51000".parse().unwrap(), "[2001:db8::2]:8883".parse().unwrap());
+        assert_eq!(mixed, b"PROXY TCP6 ::ffff:192.0.2.10 2001:db8::2 51000 8883\r\n");
         let worst = encode_v1(
             "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
             "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
@@ -909,15 +771,17 @@ mod tests {
             proptest::prop_assert_eq!(header.len(), enc.bytes.len());
             for t in header.tlvs() {
                 let t = t.unwrap();
-                proptest::prop_assert!(chosen.iter().any(|c| match c {
-                    Tlv::Alpn => t.kind == 0x01,
-                    Tlv::Authority => t.kind == 0x02,
-                    Tlv::Crc32c => t.kind == 0x03,
-                    Tlv::UniqueId => t.kind == 0x05,
-                    Tlv::Ssl => t.kind == 0x20,
-                    Tlv::CertSha256 => t.kind == 0xE0,
-                    Tlv::ClientId => t.kind == 0xE1,
-                }));
+                let kind_of = |c: &Tlv| match c {
+                    Tlv::Alpn => 0x01,
+                    Tlv::Authority => 0x02,
+                    Tlv::Crc32c => 0x03,
+                    Tlv::UniqueId => 0x05,
+                    Tlv::Ssl => 0x20,
+                    Tlv::CertSha256 => 0xE0,
+                    Tlv::ClientId => 0xE1,
+                };
+                let was_chosen = chosen.iter().any(|c| kind_of(c) == t.kind);
+                proptest::prop_assert!(was_chosen);
                 if t.kind == PP2_TYPE_SSL { parse_ssl(&t.value); }
                 if t.kind == PP2_TYPE_AUTHORITY { proptest::prop_assert!(t.value.len() <= 255); }
                 if t.kind == PP2_TYPE_UNIQUE_ID { proptest::prop_assert!(t.value.len() <= 128); }

@@ -1,0 +1,1592 @@
+//! Harness for end-to-end tests: real processes on ephemeral loopback ports.
+//!
+//! Every peer (mosquitto, HAProxy, RabbitMQ, harbormaster itself) runs as a child process in
+//! its own temporary directory, on ports taken from the kernel (`127.0.0.1:0`), and is killed
+//! when its handle is dropped. Nothing here skips: a missing peer binary is a test failure.
+//!
+//! Every wait has an upper bound (no test can hang forever) and no assertion is made on
+//! wall-clock time.
+#![allow(dead_code)]
+
+pub mod mqtt;
+pub mod tls;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub use mqtt::MqttVersion;
+
+/// Upper bound for "this should happen soon" waits. Generous: CI has 2 cores.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// Upper bound for a whole client command (mosquitto_pub, mosquitto_sub, harbormaster check).
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound for a RabbitMQ node to boot.
+pub const RABBIT_BOOT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------------
+// Ports, waiting, processes
+// ---------------------------------------------------------------------------------------------
+
+/// A free TCP port on 127.0.0.1: bind port 0, read the port, drop the listener.
+///
+/// Ports handed out earlier in this test process are never handed out again, so two peers of
+/// one test binary never race for the same port.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    for _ in 0..100 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        if given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+    panic!("could not find a free port");
+}
+
+/// `127.0.0.1:PORT`.
+pub fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes. Returns the last result.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True once a TCP connect to 127.0.0.1:port succeeds.
+pub fn port_accepts(port: u16) -> bool {
+    let sa: SocketAddr = addr(port).parse().unwrap();
+    match TcpStream::connect_timeout(&sa, Duration::from_secs(1)) {
+        Ok(s) => {
+            let _ = s.shutdown(Shutdown::Both);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Finds `program` in PATH or the sbin directories (apt puts daemons in /usr/sbin, which a
+/// non-login shell may not have in PATH). Panics with an install hint when it is missing:
+/// tests fail, never skip, when a peer is missing.
+pub fn require_program(program: &str) -> PathBuf {
+    let p = Path::new(program);
+    if p.is_absolute() {
+        assert!(
+            p.exists(),
+            "{program} is missing: run scripts/test (it installs mosquitto, haproxy, rabbitmq-server)"
+        );
+        return p.to_path_buf();
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path
+        .split(':')
+        .map(PathBuf::from)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{program} is missing: run scripts/test (it installs mosquitto, mosquitto-clients, \
+         haproxy, rabbitmq-server, openssl, tshark)"
+    );
+}
+
+/// Runs a command with an upper bound on its run time; on timeout the child is killed and
+/// the output so far returned with a failing status. Output is always captured.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let out_t = thread::spawn(move || read_all(out));
+    let err_t = thread::spawn(move || read_all(err));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait().expect("wait");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = r.read_to_end(&mut buf);
+    buf
+}
+
+/// Waits for a child with an upper bound. `None` if it is still running at the deadline.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal (`TERM`, `KILL`, ...) to a pid, or to a process group when `pid` is negative.
+pub fn send_signal(pid: i64, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn read_file_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A spawned peer: its own process group, output in a log file, killed (the whole group) on
+/// drop. On a panicking test the tail of its log is printed.
+struct Proc {
+    name: String,
+    child: Child,
+    log_path: PathBuf,
+    done: bool,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log_path: &Path) -> Proc {
+        let log = File::create(log_path).expect("create log file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log_path: log_path.to_path_buf(),
+            done: false,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    fn kill(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        // The whole group: daemons that fork (beam.smp under the rabbitmq-server script).
+        send_signal(-(self.child.id() as i64), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- {} output ({}), last lines -----\n{}\n-----",
+                self.name,
+                self.log_path.display(),
+                tail(&read_file_lossy(&self.log_path), 80)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A TOML basic string for a path or any text.
+pub fn toml_str(s: impl AsRef<str>) -> String {
+    let mut out = String::from("\"");
+    for c in s.as_ref().chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `toml_str` of a path.
+pub fn toml_path(p: &Path) -> String {
+    toml_str(p.to_str().expect("utf-8 path"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------------
+
+/// A CA, a server certificate for `localhost` + 127.0.0.1 and a client certificate, all
+/// ECDSA P-256, written as PEM files into a temporary directory.
+pub struct Certs {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client_cn: String,
+    pub ca_der: Vec<u8>,
+    pub client_cert_der: Vec<u8>,
+    /// PKCS#8
+    pub client_key_der: Vec<u8>,
+}
+
+impl Certs {
+    /// Certificates with client CN `device-001`.
+    pub fn new() -> Certs {
+        Certs::with_client_cn("device-001")
+    }
+
+    pub fn with_client_cn(client_cn: &str) -> Certs {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+            IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("hm-certs-")
+            .tempdir()
+            .unwrap();
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "harbormaster test CA");
+        ca_params.distinguished_name = dn;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, &ca_key);
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "localhost");
+        server_params.distinguished_name = dn;
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server_params.use_authority_key_identifier_extension = true;
+        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, client_cn);
+        client_params.distinguished_name = dn;
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        client_params.use_authority_key_identifier_extension = true;
+        let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+        let write = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            fs::write(&p, text).unwrap();
+            p
+        };
+        Certs {
+            ca: write("ca.pem", ca_cert.pem()),
+            ca_key: write("ca.key", ca_key.serialize_pem()),
+            server_cert: write("server.pem", server_cert.pem()),
+            server_key: write("server.key", server_key.serialize_pem()),
+            client_cert: write("client.pem", client_cert.pem()),
+            client_key: write("client.key", client_key.serialize_pem()),
+            client_cn: client_cn.to_string(),
+            ca_der: ca_cert.der().to_vec(),
+            client_cert_der: client_cert.der().to_vec(),
+            client_key_der: client_key.serialize_der(),
+            dir,
+        }
+    }
+
+    /// A `[listener.tls]` section (to follow a `[[listener]]` table) with absolute paths.
+    pub fn listener_tls_toml(&self, client_auth: &str) -> String {
+        format!(
+            "[listener.tls]\ncerts = [{{ cert = {}, key = {} }}]\nclient_ca = {}\nclient_auth = {}\n",
+            toml_path(&self.server_cert),
+            toml_path(&self.server_key),
+            toml_path(&self.ca),
+            toml_str(client_auth)
+        )
+    }
+
+    /// Client TLS options for mosquitto_pub/sub; `with_cert` adds the client certificate.
+    pub fn client_tls(&self, with_cert: bool) -> ClientTls {
+        ClientTls {
+            cafile: self.ca.clone(),
+            cert: with_cert.then(|| self.client_cert.clone()),
+            key: with_cert.then(|| self.client_key.clone()),
+        }
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Self {
+        Certs::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mosquitto
+// ---------------------------------------------------------------------------------------------
+
+/// A mosquitto 2.0 broker on a free loopback port, logging everything to a file.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: TempDir,
+    log_path: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let bin = require_program("mosquitto");
+        let dir = tempfile::Builder::new().prefix("hm-mosq-").tempdir().unwrap();
+        let log_path = dir.path().join("mosquitto.log");
+        let mut last_err = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let _ = fs::remove_file(&log_path);
+            // `user root`: as root, mosquitto would otherwise drop privileges to the user
+            // `mosquitto` and could no longer write its log file in our tempdir.
+            let conf = format!(
+                "user root\n\
+                 listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 persistence false\n\
+                 log_dest file {log}\n\
+                 log_type all\n\
+                 connection_messages true\n\
+                 log_timestamp true\n",
+                log = log_path.display()
+            );
+            let conf_path = dir.path().join("mosquitto.conf");
+            fs::write(&conf_path, conf).unwrap();
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-c").arg(&conf_path).current_dir(dir.path());
+            let mut proc = Proc::spawn("mosquitto", cmd, &dir.path().join("stdout.log"));
+            let up = wait_until(WAIT, || {
+                proc.exited().is_none()
+                    && read_file_lossy(&log_path).contains("running")
+                    && port_accepts(port)
+            });
+            if up {
+                return Mosquitto {
+                    port,
+                    dir,
+                    log_path,
+                    proc: Some(proc),
+                };
+            }
+            last_err = format!(
+                "{}\n{}",
+                read_file_lossy(&dir.path().join("stdout.log")),
+                read_file_lossy(&log_path)
+            );
+            proc.kill();
+        }
+        panic!("mosquitto did not start:\n{last_err}");
+    }
+
+    pub fn addr(&self) -> String {
+        addr(self.port)
+    }
+
+    pub fn log(&self) -> String {
+        read_file_lossy(&self.log_path)
+    }
+
+    /// Every client-id that connected, in order, with its protocol tag (`p1` = 3.1, `p2` =
+    /// 3.1.1, `p5` = 5.0), parsed from lines like
+    /// `1795489146: New client connected from 127.0.0.1:55390 as dev-abc (p5, c1, k60).`
+    pub fn connections(&self) -> Vec<MosquittoConnection> {
+        parse_mosquitto_connections(&self.log())
+    }
+
+    /// How many times `client_id` connected to this broker.
+    pub fn connection_count(&self, client_id: &str) -> usize {
+        self.connections()
+            .iter()
+            .filter(|c| c.client_id == client_id)
+            .count()
+    }
+
+    pub fn has_client(&self, client_id: &str) -> bool {
+        self.connection_count(client_id) > 0
+    }
+
+    /// Waits until `client_id` has connected at least `n` times in total.
+    pub fn wait_for_client(&self, client_id: &str, n: usize) -> bool {
+        wait_until(WAIT, || self.connection_count(client_id) >= n)
+    }
+
+    /// Waits until the broker has answered a SUBSCRIBE of `client_id` (its subscription is
+    /// in place from then on: mosquitto is single-threaded).
+    pub fn wait_subscribed(&self, client_id: &str) -> bool {
+        let needle = format!("Sending SUBACK to {client_id}\n");
+        wait_until(WAIT, || self.log().contains(&needle))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.proc.as_mut() {
+            Some(p) => p.exited().is_none(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- mosquitto :{} log, last lines -----\n{}\n-----",
+                self.port,
+                tail(&self.log(), 60)
+            );
+        }
+        self.stop();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MosquittoConnection {
+    /// `127.0.0.1:55390`
+    pub from: String,
+    pub client_id: String,
+    /// `p1`, `p2` or `p5`
+    pub protocol: String,
+}
+
+pub fn parse_mosquitto_connections(log: &str) -> Vec<MosquittoConnection> {
+    const MARK: &str = "New client connected from ";
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some(i) = line.find(MARK) else { continue };
+        let rest = &line[i + MARK.len()..];
+        let Some((from, rest)) = rest.split_once(" as ") else {
+            continue;
+        };
+        // The client-id may itself contain spaces: the protocol block is the last " (".
+        let Some(j) = rest.rfind(" (") else { continue };
+        let client_id = &rest[..j];
+        let protocol = rest[j + 2..]
+            .split([',', ')'])
+            .next()
+            .unwrap_or("")
+            .to_string();
+        out.push(MosquittoConnection {
+            from: from.to_string(),
+            client_id: client_id.to_string(),
+            protocol,
+        });
+    }
+    out
+}
+
+/// mosquitto's protocol tag for a version, as in its connection log line.
+pub fn mosquitto_protocol_tag(v: MqttVersion) -> &'static str {
+    match v {
+        MqttVersion::V31 => "p1",
+        MqttVersion::V311 => "p2",
+        MqttVersion::V5 => "p5",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HAProxy
+// ---------------------------------------------------------------------------------------------
+
+/// HAProxy 2.6 in TCP mode, `bind 127.0.0.1:PORT accept-proxy`, in front of one backend. It
+/// logs one line per connection (at connect time: `option logasap`) to its stdout, captured
+/// into a file:
+/// `HMLOG %[src]:%[src_port] %[dst]:%[dst_port] %[fc_pp_authority] %[fc_pp_unique_id] %[fc_rcvd_proxy]`
+pub struct Haproxy {
+    pub port: u16,
+    pub backend_port: u16,
+    dir: TempDir,
+    log_path: PathBuf,
+    proc: Option<Proc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxyLogLine {
+    pub src: String,
+    pub src_port: String,
+    pub dst: String,
+    pub dst_port: String,
+    /// `-` when absent
+    pub authority: String,
+    /// `-` when absent
+    pub unique_id: String,
+    /// `1` when a PROXY header was received
+    pub rcvd_proxy: String,
+}
+
+impl Haproxy {
+    pub fn start(backend_port: u16) -> Haproxy {
+        let bin = require_program("haproxy");
+        let dir = tempfile::Builder::new().prefix("hm-haproxy-").tempdir().unwrap();
+        let log_path = dir.path().join("haproxy.log");
+        let mut last_err = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let cfg = format!(
+                "global\n\
+                 \x20   log stdout format raw local0\n\
+                 defaults\n\
+                 \x20   mode tcp\n\
+                 \x20   log global\n\
+                 \x20   option logasap\n\
+                 \x20   timeout connect 5s\n\
+                 \x20   timeout client 300s\n\
+                 \x20   timeout server 300s\n\
+                 frontend fe\n\
+                 \x20   bind 127.0.0.1:{port} accept-proxy\n\
+                 \x20   log-format \"HMLOG %[src]:%[src_port] %[dst]:%[dst_port] %[fc_pp_authority] %[fc_pp_unique_id] %[fc_rcvd_proxy]\"\n\
+                 \x20   default_backend be\n\
+                 backend be\n\
+                 \x20   server s1 127.0.0.1:{backend_port}\n"
+            );
+            let cfg_path = dir.path().join("haproxy.cfg");
+            fs::write(&cfg_path, cfg).unwrap();
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-db").arg("-f").arg(&cfg_path).current_dir(dir.path());
+            let mut proc = Proc::spawn("haproxy", cmd, &log_path);
+            // A readiness probe without a PROXY header is refused by accept-proxy; it shows up
+            // in the log as an error line, never as an HMLOG line.
+            let up = wait_until(WAIT, || proc.exited().is_none() && port_accepts(port));
+            if up {
+                return Haproxy {
+                    port,
+                    backend_port,
+                    dir,
+                    log_path,
+                    proc: Some(proc),
+                };
+            }
+            last_err = read_file_lossy(&log_path);
+            proc.kill();
+        }
+        panic!("haproxy did not start:\n{last_err}");
+    }
+
+    pub fn addr(&self) -> String {
+        addr(self.port)
+    }
+
+    pub fn log(&self) -> String {
+        read_file_lossy(&self.log_path)
+    }
+
+    pub fn log_lines(&self) -> Vec<HaproxyLogLine> {
+        parse_haproxy_log(&self.log())
+    }
+
+    /// Waits for a log line matching `pred` and returns it.
+    pub fn wait_for_line(
+        &self,
+        mut pred: impl FnMut(&HaproxyLogLine) -> bool,
+    ) -> Option<HaproxyLogLine> {
+        let mut found = None;
+        wait_until(WAIT, || {
+            found = self.log_lines().into_iter().find(|l| pred(l));
+            found.is_some()
+        });
+        found
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- haproxy :{} log, last lines -----\n{}\n-----",
+                self.port,
+                tail(&self.log(), 60)
+            );
+        }
+        self.stop();
+    }
+}
+
+pub fn parse_haproxy_log(log: &str) -> Vec<HaproxyLogLine> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some(i) = line.find("HMLOG ") else {
+            continue;
+        };
+        let f: Vec<&str> = line[i + 6..].split_whitespace().collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let (src, src_port) = f[0].rsplit_once(':').unwrap_or((f[0], ""));
+        let (dst, dst_port) = f[1].rsplit_once(':').unwrap_or((f[1], ""));
+        out.push(HaproxyLogLine {
+            src: src.to_string(),
+            src_port: src_port.to_string(),
+            dst: dst.to_string(),
+            dst_port: dst_port.to_string(),
+            authority: f[2].to_string(),
+            unique_id: f[3].to_string(),
+            rcvd_proxy: f[4].to_string(),
+        });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// RabbitMQ
+// ---------------------------------------------------------------------------------------------
+
+/// RabbitMQ 3.10 with the MQTT plugin, `mqtt.proxy_protocol = true`, on a free port, all its
+/// state in a tempdir. The AMQP listener is off.
+pub struct Rabbit {
+    pub port: u16,
+    pub node: String,
+    dir: TempDir,
+    env: Vec<(String, String)>,
+    proc: Option<Proc>,
+}
+
+const RABBIT_SBIN: &str = "/usr/lib/rabbitmq/bin";
+
+impl Rabbit {
+    pub fn start() -> Rabbit {
+        // The /usr/sbin wrappers `su` to the rabbitmq user and drop the environment; the real
+        // scripts are in /usr/lib/rabbitmq/bin and run fine as root.
+        let server = require_program(&format!("{RABBIT_SBIN}/rabbitmq-server"));
+        require_program(&format!("{RABBIT_SBIN}/rabbitmqctl"));
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = tempfile::Builder::new().prefix("hm-rabbit-").tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["mnesia", "log", "home"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let port = free_port();
+        let dist_port = free_port();
+        let node = format!(
+            "hm{}x{}@localhost",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        fs::write(
+            d.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp = none\n\
+                 mqtt.listeners.tcp.1 = 127.0.0.1:{port}\n\
+                 mqtt.proxy_protocol = true\n\
+                 mqtt.allow_anonymous = true\n\
+                 log.console = true\n\
+                 log.console.level = info\n"
+            ),
+        )
+        .unwrap();
+        fs::write(d.join("enabled_plugins"), "[rabbitmq_mqtt].\n").unwrap();
+        fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
+        let p = |sub: &str| d.join(sub).to_str().unwrap().to_string();
+        let env: Vec<(String, String)> = vec![
+            ("HOME".into(), p("home")),
+            ("RABBITMQ_NODENAME".into(), node.clone()),
+            ("RABBITMQ_MNESIA_BASE".into(), p("mnesia")),
+            ("RABBITMQ_LOG_BASE".into(), p("log")),
+            ("RABBITMQ_CONFIG_FILE".into(), p("rabbitmq.conf")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), p("enabled_plugins")),
+            ("RABBITMQ_CONF_ENV_FILE".into(), p("rabbitmq-env.conf")),
+            ("RABBITMQ_PID_FILE".into(), p("rabbit.pid")),
+            ("RABBITMQ_DIST_PORT".into(), dist_port.to_string()),
+        ];
+        let mut cmd = Command::new(server);
+        cmd.current_dir(d).envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = Proc::spawn("rabbitmq-server", cmd, &d.join("server.out"));
+        let rabbit = Rabbit {
+            port,
+            node,
+            dir,
+            env,
+            proc: Some(proc),
+        };
+        // `rabbitmqctl wait PIDFILE` waits for the pid file, the node and its applications
+        // (`await_startup` fails at once while the node is not up yet).
+        let pid_file = rabbit.dir.path().join("rabbit.pid");
+        let out = rabbit.ctl(
+            &[
+                "wait",
+                pid_file.to_str().unwrap(),
+                "--timeout",
+                &RABBIT_BOOT.as_secs().to_string(),
+            ],
+            RABBIT_BOOT + Duration::from_secs(10),
+        );
+        let ready = out.status.success()
+            && wait_until(WAIT, || port_accepts(rabbit.port))
+            && rabbit
+                .ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90))
+                .status
+                .success();
+        if !ready {
+            panic!(
+                "RabbitMQ did not start:\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                tail(&rabbit.server_output(), 80)
+            );
+        }
+        rabbit
+    }
+
+    pub fn addr(&self) -> String {
+        addr(self.port)
+    }
+
+    pub fn server_output(&self) -> String {
+        read_file_lossy(&self.dir.path().join("server.out"))
+    }
+
+    /// Runs `rabbitmqctl -n NODE ARGS` with this node's environment.
+    pub fn ctl(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = Command::new(format!("{RABBIT_SBIN}/rabbitmqctl"));
+        cmd.arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        run_with_timeout(&mut cmd, timeout)
+    }
+
+    /// `rabbitmqctl list_mqtt_connections client_id peer_host peer_port ssl ssl_protocol
+    /// ssl_cipher ssl_key_exchange ssl_hash --formatter json`, parsed. Looks like
+    /// `[{"client_id":"x","peer_host":[127,0,0,1],"peer_port":4444,"ssl":true,
+    /// "ssl_protocol":"tlsv1.3","ssl_cipher":"aes_256_gcm","ssl_key_exchange":"any",
+    /// "ssl_hash":"aead"}]` (`"undefined"` for the ssl_* fields without TLS).
+    pub fn list_mqtt_connections(&self) -> Vec<serde_json::Value> {
+        let out = self.ctl(
+            &[
+                "list_mqtt_connections",
+                "client_id",
+                "peer_host",
+                "peer_port",
+                "ssl",
+                "ssl_protocol",
+                "ssl_cipher",
+                "ssl_key_exchange",
+                "ssl_hash",
+                "--formatter",
+                "json",
+                "--quiet",
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "list_mqtt_connections failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let start = text.find('[').unwrap_or_else(|| {
+            panic!("list_mqtt_connections printed no JSON array: {text}")
+        });
+        let v: serde_json::Value = serde_json::from_str(text[start..].trim())
+            .unwrap_or_else(|e| panic!("list_mqtt_connections JSON ({e}): {text}"));
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The connection row of `client_id`, waiting for it to appear.
+    pub fn wait_for_connection(&self, client_id: &str) -> Option<serde_json::Value> {
+        let mut found = None;
+        wait_until(WAIT, || {
+            found = self
+                .list_mqtt_connections()
+                .into_iter()
+                .find(|c| c["client_id"] == client_id);
+            found.is_some()
+        });
+        found
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = self.ctl(&["stop"], Duration::from_secs(60));
+            let _ = wait_child(&mut p.child, Duration::from_secs(30));
+            p.kill();
+        }
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- rabbitmq {} output, last lines -----\n{}\n-----",
+                self.node,
+                tail(&self.server_output(), 60)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// RabbitMQ prints `peer_host` as a list of octets (`[127,0,0,1]`); turns it (or a string)
+/// into the usual text form.
+pub fn rabbit_peer_host(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(octets) if octets.len() == 4 => octets
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join("."),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// harbormaster
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the binary under test.
+pub fn harbormaster_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_harbormaster"))
+}
+
+/// Runs `harbormaster ARGS` to completion (bounded) and returns its output.
+pub fn harbormaster(args: &[&str]) -> Output {
+    let mut cmd = Command::new(harbormaster_bin());
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("HARBORMASTER_LOG");
+    run_with_timeout(&mut cmd, CMD_TIMEOUT)
+}
+
+/// `harbormaster route --config CONFIG --client-id ID [--pool POOL]`: the brokers in
+/// preference order (first = where the id goes).
+pub fn route(config: &Path, client_id: &str, pool: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "route",
+        "--config",
+        config.to_str().unwrap(),
+        "--client-id",
+        client_id,
+    ];
+    if let Some(pool) = pool {
+        args.push("--pool");
+        args.push(pool);
+    }
+    let out = harbormaster(&args);
+    assert!(
+        out.status.success(),
+        "harbormaster route {client_id} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(!lines.is_empty(), "harbormaster route printed nothing");
+    lines
+}
+
+/// The running load balancer.
+pub struct Harbormaster {
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    pub ports: Vec<u16>,
+    log_path: PathBuf,
+    proc: Option<Proc>,
+    exit: Option<ExitStatus>,
+}
+
+impl Harbormaster {
+    /// Writes `config_toml` to a tempdir and runs `harbormaster run --config PATH`; waits
+    /// until every `bind` port in the config accepts TCP.
+    pub fn start(config_toml: &str) -> Harbormaster {
+        let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
+        let config_path = dir.path().join("harbormaster.toml");
+        fs::write(&config_path, config_toml).unwrap();
+        Harbormaster::start_with_file(dir, config_path)
+    }
+
+    /// Like `start`, with the config file already written at `config_path` (e.g. beside
+    /// certificates it names by relative path).
+    pub fn start_with_file(dir: TempDir, config_path: PathBuf) -> Harbormaster {
+        let text = fs::read_to_string(&config_path).unwrap();
+        let ports = bind_ports(&text);
+        assert!(!ports.is_empty(), "config has no bind ports:\n{text}");
+        let log_path = dir.path().join("harbormaster.log");
+        let mut cmd = Command::new(harbormaster_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("HARBORMASTER_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(dir.path());
+        // HM_TEST_LOG=debug (or a tracing filter) raises harbormaster's log level in tests.
+        if let Ok(level) = std::env::var("HM_TEST_LOG") {
+            cmd.env("HARBORMASTER_LOG", level);
+        }
+        let mut proc = Proc::spawn("harbormaster", cmd, &log_path);
+        let up = wait_until(WAIT, || {
+            proc.exited().is_none() && ports.iter().all(|p| port_accepts(*p))
+        });
+        if !up {
+            let status = proc.exited();
+            panic!(
+                "harbormaster did not come up on {ports:?} (exit: {status:?}):\n{}\nconfig:\n{text}",
+                read_file_lossy(&log_path)
+            );
+        }
+        Harbormaster {
+            dir,
+            config_path,
+            ports,
+            log_path,
+            proc: Some(proc),
+            exit: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("harbormaster not running").pid()
+    }
+
+    pub fn log(&self) -> String {
+        read_file_lossy(&self.log_path)
+    }
+
+    /// The first line of `harbormaster route` for `client_id` on this config.
+    pub fn route(&self, client_id: &str) -> Vec<String> {
+        route(&self.config_path, client_id, None)
+    }
+
+    pub fn route_in(&self, client_id: &str, pool: &str) -> Vec<String> {
+        route(&self.config_path, client_id, Some(pool))
+    }
+
+    /// The end-of-connection log lines (those with a `conn_id` and a `close_reason`),
+    /// as key=value maps.
+    pub fn connection_logs(&self) -> Vec<BTreeMap<String, String>> {
+        self.log()
+            .lines()
+            .map(parse_kv_line)
+            .filter(|m| m.contains_key("conn_id") && m.contains_key("close_reason"))
+            .collect()
+    }
+
+    /// Waits for an end-of-connection log line with `key` = `value`, returns it.
+    pub fn wait_connection_log(&self, key: &str, value: &str) -> Option<BTreeMap<String, String>> {
+        let mut found = None;
+        wait_until(WAIT, || {
+            found = self
+                .connection_logs()
+                .into_iter()
+                .find(|m| m.get(key).map(String::as_str) == Some(value));
+            found.is_some()
+        });
+        found
+    }
+
+    pub fn sigterm(&self) {
+        send_signal(self.pid() as i64, "TERM");
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.exit {
+            return Some(s);
+        }
+        let p = self.proc.as_mut().expect("harbormaster not running");
+        let s = wait_child(&mut p.child, timeout);
+        if s.is_some() {
+            p.done = true;
+            self.exit = s;
+        }
+        s
+    }
+}
+
+impl Drop for Harbormaster {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- harbormaster log, last lines -----\n{}\n-----",
+                tail(&self.log(), 80)
+            );
+        }
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// Ports of every `bind = "HOST:PORT"` line in a config.
+pub fn bind_ports(config: &str) -> Vec<u16> {
+    config
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let rest = l.strip_prefix("bind")?.trim_start();
+            let v = rest.strip_prefix('=')?.trim().trim_matches('"');
+            v.rsplit_once(':')?.1.parse().ok()
+        })
+        .collect()
+}
+
+/// Removes ANSI escape sequences.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Parses the `key=value` fields of a text log line (values may be double-quoted with
+/// backslash escapes). Words without `=` are ignored. A JSON log line (`{...}`) is also
+/// accepted: its flat string/number fields and those of a nested `fields` object.
+pub fn parse_kv_line(line: &str) -> BTreeMap<String, String> {
+    let line = strip_ansi(line);
+    let mut map = BTreeMap::new();
+    let trimmed = line.trim();
+    if trimmed.starts_with('{') {
+        if let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(trimmed) {
+            let mut put = |o: &serde_json::Map<String, serde_json::Value>| {
+                for (k, v) in o {
+                    let s = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Object(_) => continue,
+                        other => other.to_string(),
+                    };
+                    map.insert(k.clone(), s);
+                }
+            };
+            put(&obj);
+            if let Some(serde_json::Value::Object(f)) = obj.get("fields") {
+                put(f);
+            }
+            return map;
+        }
+    }
+    let b: Vec<char> = line.chars().collect();
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && b[i].is_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && !b[i].is_whitespace() && b[i] != '=' && b[i] != '"' {
+            i += 1;
+        }
+        if i < b.len() && b[i] == '=' && i > start {
+            let key: String = b[start..i].iter().collect();
+            i += 1;
+            let mut val = String::new();
+            if i < b.len() && b[i] == '"' {
+                i += 1;
+                while i < b.len() && b[i] != '"' {
+                    if b[i] == '\\' && i + 1 < b.len() {
+                        i += 1;
+                    }
+                    val.push(b[i]);
+                    i += 1;
+                }
+                i += 1;
+            } else {
+                while i < b.len() && !b[i].is_whitespace() {
+                    val.push(b[i]);
+                    i += 1;
+                }
+            }
+            map.insert(key, val);
+        } else {
+            // skip a word (possibly quoted) without '='
+            if i < b.len() && b[i] == '"' {
+                i += 1;
+                while i < b.len() && b[i] != '"' {
+                    i += 1;
+                }
+                i += 1;
+            } else {
+                while i < b.len() && !b[i].is_whitespace() {
+                    i += 1;
+                }
+            }
+        }
+    }
+    map
+}
+
+// ---------------------------------------------------------------------------------------------
+// mosquitto_pub / mosquitto_sub
+// ---------------------------------------------------------------------------------------------
+
+/// TLS options for the mosquitto clients.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub cafile: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Where and how mosquitto_pub/sub connect. For TLS use host `localhost` (the server
+/// certificate names `localhost` and 127.0.0.1; `localhost` also makes the client send SNI).
+#[derive(Debug, Clone)]
+pub struct MqttClient {
+    pub host: String,
+    pub port: u16,
+    pub version: MqttVersion,
+    pub tls: Option<ClientTls>,
+}
+
+impl MqttClient {
+    pub fn plain(port: u16, version: MqttVersion) -> MqttClient {
+        MqttClient {
+            host: "127.0.0.1".into(),
+            port,
+            version,
+            tls: None,
+        }
+    }
+
+    pub fn tls(port: u16, version: MqttVersion, tls: ClientTls) -> MqttClient {
+        MqttClient {
+            host: "localhost".into(),
+            port,
+            version,
+            tls: Some(tls),
+        }
+    }
+
+    fn args(&self, client_id: &str) -> Vec<String> {
+        let mut a = vec![
+            "-h".to_string(),
+            self.host.clone(),
+            "-p".into(),
+            self.port.to_string(),
+            "-V".into(),
+            self.version.mosquitto_arg().into(),
+            "-i".into(),
+            client_id.into(),
+        ];
+        if let Some(t) = &self.tls {
+            a.push("--cafile".into());
+            a.push(t.cafile.to_str().unwrap().into());
+            if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+                a.push("--cert".into());
+                a.push(c.to_str().unwrap().into());
+                a.push("--key".into());
+                a.push(k.to_str().unwrap().into());
+            }
+        }
+        a
+    }
+
+    /// `mosquitto_pub -t TOPIC -m MSG` (QoS 0), bounded.
+    pub fn publish(&self, client_id: &str, topic: &str, msg: &str) -> Output {
+        self.publish_qos(client_id, topic, msg, 0)
+    }
+
+    pub fn publish_qos(&self, client_id: &str, topic: &str, msg: &str, qos: u8) -> Output {
+        let bin = require_program("mosquitto_pub");
+        let mut cmd = Command::new(bin);
+        cmd.args(self.args(client_id))
+            .args(["-t", topic, "-m", msg, "-q", &qos.to_string()]);
+        run_with_timeout(&mut cmd, CMD_TIMEOUT)
+    }
+
+    /// Publishes and asserts mosquitto_pub succeeded.
+    pub fn publish_ok(&self, client_id: &str, topic: &str, msg: &str) {
+        let out = self.publish(client_id, topic, msg);
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -V {} -i {client_id} to {}:{} failed ({:?}): {}{}",
+            self.version.mosquitto_arg(),
+            self.host,
+            self.port,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts `mosquitto_sub -C count -W timeout -t TOPIC` in the background.
+    pub fn subscribe(&self, client_id: &str, topic: &str, count: usize) -> Subscriber {
+        let bin = require_program("mosquitto_sub");
+        let mut cmd = Command::new(bin);
+        cmd.args(self.args(client_id)).args([
+            "-t",
+            topic,
+            "-C",
+            &count.to_string(),
+            "-W",
+            &CMD_TIMEOUT.as_secs().to_string(),
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().expect("spawn mosquitto_sub");
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (o, e) = (stdout.clone(), stderr.clone());
+        let threads = vec![
+            thread::spawn(move || pump(out, o)),
+            thread::spawn(move || pump(err, e)),
+        ];
+        Subscriber {
+            client_id: client_id.to_string(),
+            child,
+            stdout,
+            stderr,
+            threads,
+        }
+    }
+}
+
+fn pump(mut r: impl Read, into: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A running mosquitto_sub; killed on drop.
+pub struct Subscriber {
+    pub client_id: String,
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Subscriber {
+    /// Received messages so far (one per line).
+    pub fn messages(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap())
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits (bounded) until `msg` was received.
+    pub fn wait_for_message(&self, msg: &str) -> bool {
+        wait_until(WAIT, || self.messages().iter().any(|m| m == msg))
+    }
+
+    /// Waits (bounded) for the process to end (after `-C count` messages), returns the
+    /// messages it printed and its exit status.
+    pub fn finish(mut self) -> (Option<ExitStatus>, Vec<String>) {
+        let status = wait_child(&mut self.child, CMD_TIMEOUT + Duration::from_secs(5));
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (status, self.messages())
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "----- mosquitto_sub {} stdout/stderr -----\n{:?}\n{}\n-----",
+                self.client_id,
+                self.messages(),
+                self.stderr()
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A test-owned TCP backend that records what it receives
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP server that accepts every connection and records the bytes each one sent (it never
+/// writes anything). For refusal tests: "nothing reached the backend".
+pub struct RecordingBackend {
+    pub port: u16,
+    conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RecordingBackend {
+    pub fn start() -> RecordingBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        let rec = Arc::new(Mutex::new(Vec::new()));
+                        c.lock().unwrap().push(rec.clone());
+                        let s2 = s.clone();
+                        thread::spawn(move || {
+                            stream
+                                .set_read_timeout(Some(Duration::from_millis(200)))
+                                .unwrap();
+                            let mut buf = [0u8; 65536];
+                            while !s2.load(Ordering::SeqCst) {
+                                match stream.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(n) => rec.lock().unwrap().extend_from_slice(&buf[..n]),
+                                    Err(e)
+                                        if e.kind() == io::ErrorKind::WouldBlock
+                                            || e.kind() == io::ErrorKind::TimedOut => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        RecordingBackend { port, conns, stop }
+    }
+
+    pub fn addr(&self) -> String {
+        addr(self.port)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// All bytes received, over all connections.
+    pub fn total_bytes(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.lock().unwrap().len())
+            .sum()
+    }
+
+    pub fn received(&self) -> Vec<Vec<u8>> {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.lock().unwrap().clone())
+            .collect()
+    }
+}
+
+impl Drop for RecordingBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (xorshift64*), for bulk transfers.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a byte slice, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex of a byte slice, space separated (`20 02 00 03`), for assertion messages.
+pub fn hex(data: &[u8]) -> String {
+    data.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes all bytes, ignoring errors (for tests that expect the peer to have closed).
+pub fn write_ignoring_errors(s: &mut TcpStream, data: &[u8]) {
+    let _ = s.write_all(data);
+    let _ = s.flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY v2 headers built by the test (an oracle independent of harbormaster's encoder)
+// ---------------------------------------------------------------------------------------------
+
+/// The SSL TLV (0x20) value: client flags, verify result, then sub-TLVs
+/// (0x21 version, 0x22 CN, 0x23 cipher, ...).
+pub fn pp2_ssl_value(client_flags: u8, verify: u32, sub: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut v = vec![client_flags];
+    v.extend_from_slice(&verify.to_be_bytes());
+    for (t, val) in sub {
+        v.push(*t);
+        v.extend_from_slice(&(val.len() as u16).to_be_bytes());
+        v.extend_from_slice(val);
+    }
+    v
+}
+
+/// A PROXY v2 PROXY/STREAM header from `src` to `dst` with the given TLVs, built with ppp;
+/// with `crc32c` a CRC32C TLV (0x03) is appended and filled in.
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr, tlvs: &[(u8, Vec<u8>)], crc32c: bool) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let mut b = Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst));
+    for (t, v) in tlvs {
+        b = b.write_tlv(*t, v.as_slice()).unwrap();
+    }
+    if crc32c {
+        b = b.write_tlv(0x03u8, [0u8; 4].as_slice()).unwrap();
+    }
+    let mut h = b.build().unwrap();
+    if crc32c {
+        let crc = crc32c::crc32c(&h);
+        let n = h.len();
+        h[n - 4..].copy_from_slice(&crc.to_be_bytes());
+    }
+    h
+}
+
+/// Publishes `msg` every half second (QoS 0) until `sub` has received it; for subscribers
+/// whose SUBSCRIBE the test cannot observe (RabbitMQ). Returns whether it arrived.
+pub fn publish_until_received(
+    client: &MqttClient,
+    client_id: &str,
+    topic: &str,
+    msg: &str,
+    sub: &Subscriber,
+) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        client.publish_ok(client_id, topic, msg);
+        if wait_until(Duration::from_millis(500), || {
+            sub.messages().iter().any(|m| m == msg)
+        }) {
+            return true;
+        }
+    }
+    false
+}
