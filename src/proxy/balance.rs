@@ -7,7 +7,7 @@
 //! release ranks brokers identically for a key; `tests::golden_routes` pins this.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,9 @@ pub struct Backend {
     pub active: AtomicU64,
     /// Connections relayed to it since start.
     pub total: AtomicU64,
+    /// Written by health checking; a broker marked down keeps its place in every key's
+    /// order, its clients just skip it until it is back.
+    pub healthy: AtomicBool,
 }
 
 impl Backend {
@@ -64,6 +67,7 @@ impl Backend {
             addr,
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
         }
     }
 
@@ -92,14 +96,33 @@ pub fn key_hash(key: &[u8]) -> u64 {
 }
 
 impl Pool {
-    /// The first `k` brokers of `key`'s preference order, best first.
+    /// The first `k` brokers of `key`'s preference order, best first, whatever their health:
+    /// what `harbormaster route` prints.
     pub fn preference(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
+        self.top(key, k, |_| true)
+    }
+
+    /// The brokers to try for `key`: the first `k` healthy ones in its preference order. When
+    /// none is healthy, health information may be stale, so the plain order is tried.
+    pub fn candidates(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
+        let c = self.top(key, k, |b| b.healthy.load(Ordering::Relaxed));
+        if c.is_empty() {
+            self.preference(key, k)
+        } else {
+            c
+        }
+    }
+
+    fn top(&self, key: &[u8], k: usize, usable: impl Fn(&Backend) -> bool) -> Vec<&Arc<Backend>> {
         let h = key_hash(key);
         let k = k.min(self.backends.len());
         // Partial selection: keep the k best (score, index) in descending order. k is the
         // attempt count (a handful), so this beats sorting every broker.
         let mut best: Vec<(u64, usize)> = Vec::with_capacity(k + 1);
         for (i, b) in self.backends.iter().enumerate() {
+            if !usable(b) {
+                continue;
+            }
             let s = b.score(h);
             if best.len() == k && best.last().is_some_and(|&(ls, _)| ls >= s) {
                 continue;
@@ -116,11 +139,11 @@ impl Pool {
         self.preference(key, self.backends.len())
     }
 
-    /// Brokers ordered by fewest active connections first (ties keep config order), for
-    /// clients without a routing key.
+    /// Brokers ordered by fewest active connections first (ties keep config order), healthy
+    /// ones first, for clients without a routing key.
     pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
         let mut v: Vec<&Arc<Backend>> = self.backends.iter().collect();
-        v.sort_by_key(|b| b.active.load(Ordering::Relaxed));
+        v.sort_by_key(|b| (!b.healthy.load(Ordering::Relaxed), b.active.load(Ordering::Relaxed)));
         v.truncate(k);
         v
     }
@@ -253,6 +276,25 @@ mod tests {
         assert_eq!(got, GOLDEN);
     }
     const GOLDEN: [&str; 4] = ["10.0.0.11:1883", "10.0.0.12:1883", "10.0.0.12:1883", "10.0.0.13:1883"];
+
+    #[test]
+    fn a_down_broker_is_skipped_and_keeps_its_place() {
+        let n = names(5);
+        let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let down = &p.backends[2];
+        down.healthy.store(false, Ordering::Relaxed);
+        for i in 0..5_000 {
+            let key = format!("k{i}");
+            let order: Vec<_> = p.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
+            let expect: Vec<_> = order.iter().filter(|b| **b != down.name).take(3).cloned().collect();
+            let got: Vec<_> = p.candidates(key.as_bytes(), 3).iter().map(|b| b.name.clone()).collect();
+            assert_eq!(got, expect);
+        }
+        for b in &p.backends {
+            b.healthy.store(false, Ordering::Relaxed);
+        }
+        assert_eq!(p.candidates(b"k1", 3).len(), 3, "all down: try the plain order anyway");
+    }
 
     #[test]
     fn least_connections_prefers_the_idlest() {

@@ -397,7 +397,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     .filter(|k| !k.is_empty());
     let source_key;
     let candidates: Vec<&Arc<Backend>> = match key {
-        Some(k) => pool.preference(k, pool.backend_attempts),
+        Some(k) => pool.candidates(k, pool.backend_attempts),
         None => match pool.empty_key {
             EmptyKey::Reject => {
                 facts.detail = Some("no routing key and empty_client_id = reject".into());
@@ -407,7 +407,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             EmptyKey::LeastConnections => pool.least_connections(pool.backend_attempts),
             EmptyKey::SourceAddress => {
                 source_key = super::snapshot::canonical_ip(src.ip()).to_string();
-                pool.preference(source_key.as_bytes(), pool.backend_attempts)
+                pool.candidates(source_key.as_bytes(), pool.backend_attempts)
             }
         },
     };

@@ -40,9 +40,10 @@
 //! bare header, over budget. The budget is also capped at the format's own limit, 16 + 65535.
 
 use std::fmt::Write as _;
+use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use ppp::v2::{Addresses, Builder, Command, IPv4, IPv6, Protocol, Version};
+use ppp::v2::{Addresses, Builder, Command, IPv4, IPv6, Protocol, TypeLengthValue, Version, WriteToHeader, Writer};
 
 use super::identity::TlsInfo;
 
@@ -136,6 +137,13 @@ fn non_empty(s: &str) -> Option<&[u8]> {
     (!s.is_empty()).then_some(s.as_bytes())
 }
 
+fn write_tlv(w: &mut Writer, kind: u8, value: Option<&[u8]>) -> io::Result<()> {
+    if let Some(value) = value {
+        TypeLengthValue::new(kind, value).write_to(w)?;
+    }
+    Ok(())
+}
+
 /// The PP2_TYPE_SSL value, borrowed from the `TlsInfo`.
 struct Ssl<'a> {
     client: u8,
@@ -174,14 +182,13 @@ impl<'a> Ssl<'a> {
         opt_tlv_len(self.sig_alg) + opt_tlv_len(self.key_alg)
     }
 
-    fn write(&self, builder: Builder) -> std::io::Result<Builder> {
+    fn write(&self, w: &mut Writer) -> io::Result<()> {
         // ppp has no nested-TLV support: write the outer type/length by hand, then the
         // sub-TLVs with its TLV writer.
-        let mut b = builder
-            .write_payload(PP2_TYPE_SSL)?
-            .write_payload(self.value_len() as u16)?
-            .write_payload(self.client)?
-            .write_payload(self.verify)?;
+        PP2_TYPE_SSL.write_to(w)?;
+        (self.value_len() as u16).write_to(w)?;
+        self.client.write_to(w)?;
+        self.verify.write_to(w)?;
         for (kind, value) in [
             (PP2_SUBTYPE_SSL_VERSION, self.version),
             (PP2_SUBTYPE_SSL_CN, self.cn),
@@ -189,11 +196,9 @@ impl<'a> Ssl<'a> {
             (PP2_SUBTYPE_SSL_SIG_ALG, self.sig_alg),
             (PP2_SUBTYPE_SSL_KEY_ALG, self.key_alg),
         ] {
-            if let Some(value) = value {
-                b = b.write_tlv(kind, value)?;
-            }
+            write_tlv(w, kind, value)?;
         }
-        Ok(b)
+        Ok(())
     }
 }
 
@@ -312,32 +317,30 @@ pub fn encode_v2(input: &HeaderInput<'_>, tlvs: &[Tlv], max_header_bytes: usize)
         dropped.push(Tlv::Crc32c);
     }
 
-    let build = || -> std::io::Result<Vec<u8>> {
-        // One allocation: ppp sizes its buffer as fixed part + addresses + this reservation.
-        let mut b = Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
-            .reserve_capacity(total - base);
-        if let Some(v) = alpn {
-            b = b.write_tlv(PP2_TYPE_ALPN, v)?;
-        }
-        if let Some(v) = authority {
-            b = b.write_tlv(PP2_TYPE_AUTHORITY, v)?;
-        }
-        if let Some(v) = unique_id {
-            b = b.write_tlv(PP2_TYPE_UNIQUE_ID, v)?;
-        }
+    let build = || -> io::Result<Vec<u8>> {
+        // ppp's builder writes the fixed part and the address block into a buffer sized for
+        // the whole header: the only allocation. The TLVs go in through ppp's `Writer` rather
+        // than the builder, which is passed by value on every call and, at ~270 bytes (its
+        // address enum has a Unix variant), costs more to move than the TLV costs to write.
+        let fixed = Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
+            .reserve_capacity(total - base)
+            .build()?;
+        let mut w = Writer::from(fixed);
+        write_tlv(&mut w, PP2_TYPE_ALPN, alpn)?;
+        write_tlv(&mut w, PP2_TYPE_AUTHORITY, authority)?;
+        write_tlv(&mut w, PP2_TYPE_UNIQUE_ID, unique_id)?;
         if let Some(s) = &ssl {
-            b = s.write(b)?;
+            s.write(&mut w)?;
         }
-        if let Some(v) = cert_sha {
-            b = b.write_tlv(PP2_TYPE_CERT_SHA256, v)?;
-        }
-        if let Some(v) = client_id {
-            b = b.write_tlv(PP2_TYPE_CLIENT_ID, v)?;
-        }
+        write_tlv(&mut w, PP2_TYPE_CERT_SHA256, cert_sha)?;
+        write_tlv(&mut w, PP2_TYPE_CLIENT_ID, client_id)?;
         if crc {
-            b = b.write_tlv(PP2_TYPE_CRC32C, &[0; 4])?;
+            write_tlv(&mut w, PP2_TYPE_CRC32C, Some(&[0; 4]))?;
         }
-        let mut bytes = b.build()?;
+        let mut bytes = w.finish();
+        let payload_len =
+            u16::try_from(bytes.len() - V2_FIXED_LEN).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        bytes[14..16].copy_from_slice(&payload_len.to_be_bytes());
         if crc {
             // The checksum field is the last 4 bytes and still zero, as the spec requires for
             // the computation.

@@ -1,0 +1,237 @@
+//! What harbormaster answers, on its own, to clients it does not forward: a CONNACK refusal
+//! where MQTT has one, a plain close otherwise; and nothing ever reaches the broker.
+//! The backend is a test-owned TCP server that records every byte it receives.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::mqtt::{self, ConnectOptions, MqttVersion};
+use support::*;
+
+struct Setup {
+    backend: RecordingBackend,
+    hm: Harbormaster,
+    port: u16,
+}
+
+fn start(empty_client_id: &str) -> Setup {
+    let backend = RecordingBackend::start();
+    let port = free_port();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = ["{backend}"]
+empty_client_id = "{empty_client_id}"
+proxy_protocol = "none"
+
+[limits]
+connect_timeout = "1s"
+max_connect_packet = 1024
+"#,
+        backend = backend.addr()
+    ));
+    Setup { backend, hm, port }
+}
+
+impl Setup {
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    }
+
+    /// Sends `bytes` and returns what harbormaster wrote back before closing.
+    fn exchange(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut s = self.connect();
+        write_ignoring_errors(&mut s, bytes);
+        let (got, closed) = mqtt::read_until_close(&mut s, WAIT);
+        assert!(
+            closed,
+            "harbormaster kept the connection open after {}; got {}",
+            hex(&bytes[..bytes.len().min(16)]),
+            hex(&got)
+        );
+        got
+    }
+
+    fn assert_nothing_reached_backend(&self, what: &str) {
+        // Give a wrongly forwarded byte time to arrive before concluding it did not.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            self.backend.total_bytes(),
+            0,
+            "{what}: bytes reached the backend: {:?}",
+            self.backend.received()
+        );
+    }
+
+    /// Positive control: a valid CONNECT does reach the recording backend, byte for byte, so
+    /// the "nothing reached the backend" checks are not vacuous.
+    fn assert_valid_connect_is_forwarded(&self) {
+        let before = self.backend.total_bytes();
+        let connect = mqtt::connect(MqttVersion::V311, "control");
+        let mut s = self.connect();
+        s.write_all(&connect).unwrap();
+        assert!(
+            wait_until(WAIT, || self.backend.total_bytes() >= before + connect.len()),
+            "a valid CONNECT never reached the backend"
+        );
+        assert!(self.backend.received().iter().any(|c| *c == connect));
+    }
+}
+
+#[test]
+fn not_connect_first_is_closed_and_nothing_reaches_the_broker() {
+    let s = start("least_connections");
+    // PUBLISH first
+    let got = s.exchange(&mqtt::publish_qos0(MqttVersion::V311, "t", b"x"));
+    assert!(got.is_empty(), "answered {}", hex(&got));
+    // SUBSCRIBE first
+    let got = s.exchange(&mqtt::subscribe(MqttVersion::V311, 1, "t"));
+    assert!(got.is_empty(), "answered {}", hex(&got));
+    // not MQTT at all
+    let got = s.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(got.is_empty(), "answered {}", hex(&got));
+    // a CONNECT whose protocol name is neither MQTT nor MQIsdp
+    let mut bad_name = mqtt::connect(MqttVersion::V311, "x");
+    bad_name[4..8].copy_from_slice(b"MQTX");
+    let got = s.exchange(&bad_name);
+    assert!(
+        got.is_empty() || got == vec![0x20, 0x02, 0x00, 0x01],
+        "answered {}",
+        hex(&got)
+    );
+    // a CONNECT whose remaining length runs past its fields (client-id length 200, 1 byte)
+    let malformed = vec![
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 200, b'x',
+    ];
+    let got = s.exchange(&malformed);
+    assert!(got.is_empty(), "answered {}", hex(&got));
+    s.assert_nothing_reached_backend("not-CONNECT / malformed first packets");
+    s.assert_valid_connect_is_forwarded();
+}
+
+#[test]
+fn unsupported_protocol_level_gets_connack_1() {
+    let s = start("least_connections");
+    let level6 = mqtt::connect_with(
+        MqttVersion::V311,
+        "lvl6",
+        &ConnectOptions {
+            keep_alive: 60,
+            clean: true,
+            level_override: Some(6),
+            ..Default::default()
+        },
+    );
+    let got = s.exchange(&level6);
+    assert_eq!(got, vec![0x20, 0x02, 0x00, 0x01], "got {}", hex(&got));
+    s.assert_nothing_reached_backend("protocol level 6");
+    s.assert_valid_connect_is_forwarded();
+}
+
+#[test]
+fn empty_client_id_is_rejected_when_the_pool_says_reject() {
+    let s = start("reject");
+    let got = s.exchange(&mqtt::connect(MqttVersion::V311, ""));
+    assert_eq!(got, vec![0x20, 0x02, 0x00, 0x02], "3.1.1: got {}", hex(&got));
+    let got = s.exchange(&mqtt::connect(MqttVersion::V5, ""));
+    assert_eq!(got, vec![0x20, 0x03, 0x00, 0x85, 0x00], "5.0: got {}", hex(&got));
+    let got = s.exchange(&mqtt::connect(MqttVersion::V31, ""));
+    assert_eq!(got, vec![0x20, 0x02, 0x00, 0x02], "3.1: got {}", hex(&got));
+    s.assert_nothing_reached_backend("empty client-id with reject");
+    s.assert_valid_connect_is_forwarded();
+    // the refusal is logged like any connection
+    let logs = s.hm.connection_logs();
+    assert!(logs.len() >= 3, "{}", s.hm.log());
+}
+
+#[test]
+fn silent_or_slow_clients_are_closed_after_connect_timeout() {
+    let s = start("least_connections");
+    // nothing at all
+    let mut c = s.connect();
+    let (got, closed) = mqtt::read_until_close(&mut c, WAIT);
+    assert!(closed, "a silent client was never closed");
+    assert!(got.is_empty(), "{}", hex(&got));
+    // half a CONNECT
+    let connect = mqtt::connect(MqttVersion::V311, "slowpoke");
+    let mut c = s.connect();
+    c.write_all(&connect[..connect.len() / 2]).unwrap();
+    let (got, closed) = mqtt::read_until_close(&mut c, WAIT);
+    assert!(closed, "a client that sent half a CONNECT was never closed");
+    assert!(got.is_empty(), "{}", hex(&got));
+    s.assert_nothing_reached_backend("connect timeout");
+    s.assert_valid_connect_is_forwarded();
+}
+
+#[test]
+fn oversized_connect_is_not_forwarded() {
+    let s = start("least_connections");
+    for v in [MqttVersion::V311, MqttVersion::V5] {
+        let big = mqtt::connect_with(
+            v,
+            "big",
+            &ConnectOptions {
+                keep_alive: 60,
+                clean: true,
+                username: Some("u".into()),
+                password: Some(vec![b'p'; 4000]),
+                ..Default::default()
+            },
+        );
+        let got = s.exchange(&big);
+        assert!(
+            got.is_empty() || (v == MqttVersion::V5 && got == vec![0x20, 0x03, 0x00, 0x95, 0x00]),
+            "{v:?}: answered {}",
+            hex(&got)
+        );
+    }
+    s.assert_nothing_reached_backend("CONNECT over max_connect_packet");
+    s.assert_valid_connect_is_forwarded();
+}
+
+#[test]
+fn all_brokers_down_gives_connack_server_unavailable() {
+    let dead: Vec<String> = (0..3).map(|_| toml_str(addr(free_port()))).collect();
+    let port = free_port();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{}]
+proxy_protocol = "none"
+backend_connect_timeout = "2s"
+backend_attempts = 3
+"#,
+        dead.join(", ")
+    ));
+    for (v, want) in [
+        (MqttVersion::V311, vec![0x20, 0x02, 0x00, 0x03]),
+        (MqttVersion::V5, vec![0x20, 0x03, 0x00, 0x88, 0x00]),
+        (MqttVersion::V31, vec![0x20, 0x02, 0x00, 0x03]),
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(&mqtt::connect(v, &format!("nobody-home-{v:?}")))
+            .unwrap();
+        let (got, closed) = mqtt::read_until_close(&mut c, WAIT);
+        assert_eq!(got, want, "{v:?}: got {}", hex(&got));
+        assert!(closed, "{v:?}: not closed after the refusal");
+    }
+    let log = hm
+        .wait_connection_log("client_id", "nobody-home-V311")
+        .unwrap_or_else(|| panic!("no connection log:\n{}", hm.log()));
+    assert!(log.contains_key("close_reason"), "{log:?}");
+}
