@@ -162,16 +162,8 @@ name = "mqtt"
 bind = "127.0.0.1:0"
 pool = "brokers"
 
-[[listener]]
-name = "other"
-bind = "127.0.0.1:0"
-pool = "second"
-
 [pool.brokers]
 backends = [{}]
-
-[pool.second]
-backends = ["127.0.0.1:7001", "127.0.0.1:7002"]
 "#,
             list.join(", ")
         ),
@@ -204,14 +196,40 @@ fn route_is_a_stable_order_independent_consistent_hash() {
     assert_eq!(firsts.len(), 3, "30 ids never reached some broker: {firsts:?}");
 
     // --pool picks the pool
-    let r = route(&abc, "device-1", Some("second"));
+    let two = dir.path().join("two.toml");
+    fs::write(
+        &two,
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:0"
+pool = "brokers"
+
+[[listener]]
+name = "other"
+bind = "127.0.0.1:0"
+pool = "second"
+
+[pool.brokers]
+backends = ["127.0.0.1:6001", "127.0.0.1:6002", "127.0.0.1:6003"]
+
+[pool.second]
+backends = ["127.0.0.1:7001", "127.0.0.1:7002"]
+"#,
+    )
+    .unwrap();
+    let r = route(&two, "device-1", Some("second"));
     let mut sorted = r.clone();
     sorted.sort();
     assert_eq!(sorted, vec!["127.0.0.1:7001", "127.0.0.1:7002"]);
+    assert_eq!(
+        route(&two, "device-1", Some("brokers")),
+        route_lines(&abc, "device-1")
+    );
     let out = harbormaster(&[
         "route",
         "--config",
-        abc.to_str().unwrap(),
+        two.to_str().unwrap(),
         "--client-id",
         "x",
         "--pool",
