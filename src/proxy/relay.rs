@@ -22,8 +22,7 @@ thread_local! {
 }
 
 fn take_buf() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
 }
 
 fn give_buf(buf: Box<[u8]>) {
@@ -56,7 +55,12 @@ struct Half {
 impl Half {
     /// Move bytes from `r` to `w` until `r` is pending (buffer released) or finished (the
     /// write side of `w` shut down).
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<Result<(), Fail>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), Fail>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
