@@ -23,6 +23,7 @@ fn pool(n: usize) -> Pool {
         max_header_bytes: 500,
         backend_connect_timeout: Duration::from_secs(2),
         backend_attempts: 3,
+        health: None,
     }
 }
 

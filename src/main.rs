@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use harbormaster::admin::{log, metrics, route};
 use harbormaster::control::config::{self, LogFormat};
 
 #[derive(Parser)]
@@ -20,6 +21,13 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "config/harbormaster.toml")]
         config: PathBuf,
+        /// Log format; overrides the config's `[log] format`.
+        #[arg(long, value_parser = ["text", "json"])]
+        log_format: Option<String>,
+        /// Log level or tracing filter ("debug", "harbormaster=debug,rustls=warn"); overrides
+        /// HARBORMASTER_LOG, then RUST_LOG, then the config's `[log] level`.
+        #[arg(long)]
+        log_level: Option<String>,
     },
     /// Validate a config; print every problem with its key path.
     Check {
@@ -64,28 +72,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            let snap = &loaded.snapshot;
-            let name = pool.or_else(|| {
-                if snap.pools.len() == 1 {
-                    Some(snap.pools[0].name.clone())
-                } else {
-                    snap.listeners.first().map(|l| l.pool.clone())
+            // The same lookup as the admin server's /route.
+            let found = match route::lookup(&loaded.snapshot, client_id.as_bytes(), pool.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
                 }
-            });
-            let Some(p) = name.as_deref().and_then(|n| snap.pool(n)) else {
-                eprintln!("no pool {:?}", name.unwrap_or_default());
-                return ExitCode::from(2);
             };
             // Written without println! so that `| head -1` closing the pipe is not a panic.
             let mut out = std::io::stdout().lock();
-            for b in p.ranking(client_id.as_bytes()) {
+            for b in found.preference {
                 if writeln!(out, "{}", b.name).is_err() {
                     break;
                 }
             }
             ExitCode::SUCCESS
         }
-        Command::Run { config } => {
+        Command::Run { config, log_format, log_level } => {
             let loaded = match config::load(&config) {
                 Ok(l) => l,
                 Err(problems) => {
@@ -93,7 +97,28 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            init_logging(loaded.log.format, &loaded.log.level);
+            let format = match log_format.as_deref() {
+                Some("json") => LogFormat::Json,
+                Some(_) => LogFormat::Text,
+                None => loaded.log.format,
+            };
+            let (hm_log, rust_log) = (std::env::var("HARBORMASTER_LOG").ok(), std::env::var("RUST_LOG").ok());
+            let filter = match log::choose_filter(
+                log_level.as_deref(),
+                hm_log.as_deref(),
+                rust_log.as_deref(),
+                &loaded.log.level,
+            ) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            };
+            log::init(format, &filter.directive);
+            for ignored in &filter.ignored {
+                tracing::warn!("{ignored}");
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
@@ -101,7 +126,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            tracing::info!(config = %config.display(), version = env!("CARGO_PKG_VERSION"), "starting");
+            tracing::info!(
+                config = %config.display(),
+                version = metrics::VERSION,
+                commit = metrics::GIT_COMMIT,
+                log_filter = %filter.directive,
+                log_filter_from = filter.source,
+                "starting"
+            );
             match runtime.block_on(harbormaster::app::run(loaded, harbormaster::app::shutdown_signal(), |_| {})) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -110,18 +142,5 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-/// Logs go to stderr; `HARBORMASTER_LOG` (an EnvFilter) overrides the config's level.
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = std::env::var("HARBORMASTER_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

@@ -13,11 +13,7 @@ fn config_dir() -> PathBuf {
 }
 
 fn output_text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 fn check(path: &Path) -> std::process::Output {
@@ -29,12 +25,7 @@ fn check_accepts_the_reference_config() {
     let path = config_dir().join("harbormaster.toml");
     assert!(path.is_file(), "{} is missing", path.display());
     let out = check(&path);
-    assert!(
-        out.status.success(),
-        "check rejected {}:\n{}",
-        path.display(),
-        output_text(&out)
-    );
+    assert!(out.status.success(), "check rejected {}:\n{}", path.display(), output_text(&out));
 }
 
 #[test]
@@ -46,35 +37,14 @@ fn check_rejects_every_invalid_config() {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
-    assert!(
-        files.len() >= 3,
-        "expected at least 3 invalid configs in {}, found {files:?}",
-        dir.display()
-    );
+    assert!(files.len() >= 3, "expected at least 3 invalid configs in {}, found {files:?}", dir.display());
     for f in &files {
         let out = check(f);
         let text = output_text(&out);
-        assert!(
-            !out.status.success(),
-            "check accepted the invalid {}:\n{text}",
-            f.display()
-        );
-        assert!(
-            out.status.code().is_some(),
-            "check crashed on {} ({:?}):\n{text}",
-            f.display(),
-            out.status
-        );
-        assert!(
-            !text.trim().is_empty(),
-            "check printed no problem for {}",
-            f.display()
-        );
-        assert!(
-            !text.contains("panicked"),
-            "check panicked on {}:\n{text}",
-            f.display()
-        );
+        assert!(!out.status.success(), "check accepted the invalid {}:\n{text}", f.display());
+        assert!(out.status.code().is_some(), "check crashed on {} ({:?}):\n{text}", f.display(), out.status);
+        assert!(!text.trim().is_empty(), "check printed no problem for {}", f.display());
+        assert!(!text.contains("panicked"), "check panicked on {}:\n{text}", f.display());
     }
 }
 
@@ -110,8 +80,7 @@ fn check_resolves_relative_paths_against_the_config_file() {
     let path = write_relative_config(&certs, "");
     // run from another directory: relative paths must not depend on the working directory
     let mut cmd = std::process::Command::new(harbormaster_bin());
-    cmd.args(["check", "--config", path.to_str().unwrap()])
-        .current_dir("/");
+    cmd.args(["check", "--config", path.to_str().unwrap()]).current_dir("/");
     let out = run_with_timeout(&mut cmd, CMD_TIMEOUT);
     assert!(out.status.success(), "{}", output_text(&out));
 
@@ -152,7 +121,7 @@ fn route_lines(config: &Path, id: &str) -> Vec<String> {
 
 fn write_pool_config(dir: &Path, name: &str, backends: &[&str]) -> PathBuf {
     let path = dir.join(name);
-    let list: Vec<String> = backends.iter().map(|b| toml_str(b)).collect();
+    let list: Vec<String> = backends.iter().map(toml_str).collect();
     fs::write(
         &path,
         format!(
@@ -222,18 +191,7 @@ backends = ["127.0.0.1:7001", "127.0.0.1:7002"]
     let mut sorted = r.clone();
     sorted.sort();
     assert_eq!(sorted, vec!["127.0.0.1:7001", "127.0.0.1:7002"]);
-    assert_eq!(
-        route(&two, "device-1", Some("brokers")),
-        route_lines(&abc, "device-1")
-    );
-    let out = harbormaster(&[
-        "route",
-        "--config",
-        two.to_str().unwrap(),
-        "--client-id",
-        "x",
-        "--pool",
-        "no-such-pool",
-    ]);
+    assert_eq!(route(&two, "device-1", Some("brokers")), route_lines(&abc, "device-1"));
+    let out = harbormaster(&["route", "--config", two.to_str().unwrap(), "--client-id", "x", "--pool", "no-such-pool"]);
     assert!(!out.status.success(), "{}", output_text(&out));
 }

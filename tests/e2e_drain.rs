@@ -41,16 +41,14 @@ fn sigterm_drains_live_connections_then_exits_0() {
     c.set_read_timeout(Some(WAIT)).unwrap();
     let ack = mqtt::connect_and_read_connack(&mut c, MqttVersion::V311, "drainee").unwrap();
     assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
-    c.write_all(&mqtt::subscribe(MqttVersion::V311, 1, "drain/in"))
-        .unwrap();
+    c.write_all(&mqtt::subscribe(MqttVersion::V311, 1, "drain/in")).unwrap();
     let suback = mqtt::read_until_kind(&mut c, 9).unwrap();
     assert_eq!(suback.bytes(), vec![0x90, 0x03, 0x00, 0x01, 0x00]);
 
     hm.sigterm();
 
     // The live connection still works both ways during the drain.
-    c.write_all(&mqtt::publish_qos1(MqttVersion::V311, 2, "drain/out", b"during-drain"))
-        .unwrap();
+    c.write_all(&mqtt::publish_qos1(MqttVersion::V311, 2, "drain/out", b"during-drain")).unwrap();
     let puback = mqtt::read_until_kind(&mut c, 4).expect("PUBACK during drain");
     assert_eq!(puback.bytes(), vec![0x40, 0x02, 0x00, 0x02]);
     MqttClient::plain(m.port, MqttVersion::V311).publish_ok("drain-pub", "drain/in", "inbound");
@@ -74,9 +72,8 @@ fn sigterm_drains_live_connections_then_exits_0() {
     );
 
     // drain_timeout closes the client, then the process exits 0.
-    let status = hm
-        .wait_exit(CMD_TIMEOUT)
-        .unwrap_or_else(|| panic!("harbormaster did not exit after drain:\n{}", hm.log()));
+    let status =
+        hm.wait_exit(CMD_TIMEOUT).unwrap_or_else(|| panic!("harbormaster did not exit after drain:\n{}", hm.log()));
     assert!(status.success(), "exit status {status:?}:\n{}", hm.log());
     let (_, closed) = mqtt::read_until_close(&mut c, WAIT);
     assert!(closed, "the drained client connection was not closed");
@@ -91,9 +88,8 @@ fn sigterm_without_connections_exits_0() {
     MqttClient::plain(port, MqttVersion::V5).publish_ok("short-lived", "t", "m");
     assert!(m.wait_for_client("short-lived", 1));
     hm.sigterm();
-    let status = hm
-        .wait_exit(CMD_TIMEOUT)
-        .unwrap_or_else(|| panic!("idle harbormaster did not exit on SIGTERM:\n{}", hm.log()));
+    let status =
+        hm.wait_exit(CMD_TIMEOUT).unwrap_or_else(|| panic!("idle harbormaster did not exit on SIGTERM:\n{}", hm.log()));
     assert!(status.success(), "exit status {status:?}:\n{}", hm.log());
     assert!(!port_accepts(port));
 }

@@ -12,8 +12,7 @@ use support::mqtt::{self, MqttVersion};
 use support::tls::{self, ClientTlsChoice};
 use support::*;
 
-const ALL_TLVS: &str =
-    r#"["alpn", "authority", "unique_id", "ssl", "crc32c", "cert_sha256", "client_id"]"#;
+const ALL_TLVS: &str = r#"["alpn", "authority", "unique_id", "ssl", "crc32c", "cert_sha256", "client_id"]"#;
 
 #[test]
 fn haproxy_sees_client_address_and_sni_in_harbormaster_proxy_v2() {
@@ -55,18 +54,12 @@ tlvs = {ALL_TLVS}
             .wait_connection_log("client_id", &id)
             .unwrap_or_else(|| panic!("no connection log for {id}:\n{}", hm.log()));
         let client_addr = log.get("client_addr").cloned().unwrap_or_default();
-        let (chost, cport) = client_addr
-            .rsplit_once(':')
-            .unwrap_or_else(|| panic!("client_addr {client_addr:?} in {log:?}"));
+        let (chost, cport) =
+            client_addr.rsplit_once(':').unwrap_or_else(|| panic!("client_addr {client_addr:?} in {log:?}"));
         assert_eq!(chost, "127.0.0.1", "{log:?}");
         let line = h
             .wait_for_line(|l| l.src_port == cport)
-            .unwrap_or_else(|| {
-                panic!(
-                    "HAProxy never logged source port {cport} of {id}:\n{}",
-                    h.log()
-                )
-            });
+            .unwrap_or_else(|| panic!("HAProxy never logged source port {cport} of {id}:\n{}", h.log()));
         assert_eq!(line.src, "127.0.0.1", "{line:?}");
         assert_eq!(line.dst, "127.0.0.1", "{line:?}");
         assert_eq!(line.dst_port, tls_port.to_string(), "{line:?}");
@@ -79,10 +72,9 @@ tlvs = {ALL_TLVS}
 
     // Plain listener: no SNI, so no authority.
     let id = "ha-plain";
-    MqttClient::plain(plain_port, MqttVersion::V5).publish_ok(id, "ha/plain", "msg-plain");
-    let log = hm
-        .wait_connection_log("client_id", id)
-        .unwrap_or_else(|| panic!("no connection log for {id}:\n{}", hm.log()));
+    MqttClient::plain(plain_port, MqttVersion::V5).publish_ok(id, "ha/plain", "msg-ha-plain");
+    let log =
+        hm.wait_connection_log("client_id", id).unwrap_or_else(|| panic!("no connection log for {id}:\n{}", hm.log()));
     let cport = log["client_addr"].rsplit_once(':').unwrap().1.to_string();
     let line = h
         .wait_for_line(|l| l.src_port == cport)
@@ -95,15 +87,7 @@ tlvs = {ALL_TLVS}
     assert!(status.is_some_and(|s| s.success()), "{status:?} {msgs:?}");
     let mut msgs = msgs;
     msgs.sort();
-    assert_eq!(
-        msgs,
-        vec![
-            "msg-ha-plain",
-            "msg-ha-tls-mqttv31",
-            "msg-ha-tls-mqttv311",
-            "msg-ha-tls-mqttv5"
-        ]
-    );
+    assert_eq!(msgs, vec!["msg-ha-plain", "msg-ha-tls-mqttv31", "msg-ha-tls-mqttv311", "msg-ha-tls-mqttv5"]);
 }
 
 #[test]
@@ -152,8 +136,7 @@ tlvs = {ALL_TLVS}
     c.write_all(&header).unwrap();
     let ack = mqtt::connect_and_read_connack(&mut c, MqttVersion::V311, "edge-v2").unwrap();
     assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
-    c.write_all(&mqtt::publish_qos1(MqttVersion::V311, 1, "edge/t", b"x"))
-        .unwrap();
+    c.write_all(&mqtt::publish_qos1(MqttVersion::V311, 1, "edge/t", b"x")).unwrap();
     let puback = mqtt::read_until_kind(&mut c, 4).unwrap();
     assert_eq!(puback.bytes(), vec![0x40, 0x02, 0x00, 0x01]);
     let line = h
@@ -162,20 +145,14 @@ tlvs = {ALL_TLVS}
     assert_eq!(line.src_port, "5555", "{line:?}");
     assert!(m.wait_for_client("edge-v2", 1));
     drop(c);
-    let log = hm
-        .wait_connection_log("client_id", "edge-v2")
-        .unwrap_or_else(|| panic!("no connection log:\n{}", hm.log()));
-    assert_eq!(
-        log.get("client_addr").map(String::as_str),
-        Some("192.0.2.7:5555"),
-        "{log:?}"
-    );
+    let log =
+        hm.wait_connection_log("client_id", "edge-v2").unwrap_or_else(|| panic!("no connection log:\n{}", hm.log()));
+    assert_eq!(log.get("client_addr").map(String::as_str), Some("192.0.2.7:5555"), "{log:?}");
 
     // PROXY v1 claiming 192.0.2.8:6666.
     let mut c = TcpStream::connect(("127.0.0.1", edge)).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
-    c.write_all(format!("PROXY TCP4 192.0.2.8 127.0.0.1 6666 {edge}\r\n").as_bytes())
-        .unwrap();
+    c.write_all(format!("PROXY TCP4 192.0.2.8 127.0.0.1 6666 {edge}\r\n").as_bytes()).unwrap();
     let ack = mqtt::connect_and_read_connack(&mut c, MqttVersion::V5, "edge-v1").unwrap();
     assert!(mqtt::connack_accepted(&ack), "{}", hex(&ack));
     let line = h
@@ -215,9 +192,5 @@ tlvs = {ALL_TLVS}
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(!m.has_client("edge-untrusted"), "{}", m.log());
     assert!(!m.has_client("edge-noheader"), "{}", m.log());
-    assert!(
-        !h.log_lines().iter().any(|l| l.src == "192.0.2.10"),
-        "{}",
-        h.log()
-    );
+    assert!(!h.log_lines().iter().any(|l| l.src == "192.0.2.10"), "{}", h.log());
 }

@@ -64,14 +64,7 @@ drain_timeout = "2s"
             backends = backends.join(", "),
         );
         let hm = Harbormaster::start(&config);
-        Setup {
-            brokers,
-            certs,
-            hm,
-            required_port,
-            optional_port,
-            plain_port,
-        }
+        Setup { brokers, certs, hm, required_port, optional_port, plain_port }
     }
 
     fn broker(&self, addr: &str) -> &Mosquitto {
@@ -125,11 +118,7 @@ fn tls_clients_of_every_version_land_on_the_broker_route_names() {
         for i in 0..4 {
             n += 1;
             // alternate the two TLS listeners; both with the client certificate
-            let port = if n % 2 == 0 {
-                s.required_port
-            } else {
-                s.optional_port
-            };
+            let port = if n % 2 == 0 { s.required_port } else { s.optional_port };
             let client = MqttClient::tls(port, v, s.certs.client_tls(true));
             let pub_id = format!("dev-{}-{i}", v.mosquitto_arg());
             let route = s.hm.route(&pub_id);
@@ -158,17 +147,12 @@ fn tls_clients_of_every_version_land_on_the_broker_route_names() {
             s.assert_landed(&pub_id, &target, 2, v);
 
             // harbormaster's end-of-connection line names the broker and the TLS facts
-            let log = s
-                .hm
-                .wait_connection_log("client_id", &pub_id)
-                .unwrap_or_else(|| panic!("no connection log for {pub_id}:\n{}", s.hm.log()));
+            let log =
+                s.hm.wait_connection_log("client_id", &pub_id)
+                    .unwrap_or_else(|| panic!("no connection log for {pub_id}:\n{}", s.hm.log()));
             assert_eq!(log.get("broker"), Some(&target), "{log:?}");
             assert_eq!(log.get("sni").map(String::as_str), Some("localhost"), "{log:?}");
-            let listener = if port == s.required_port {
-                "mqtts-required"
-            } else {
-                "mqtts-optional"
-            };
+            let listener = if port == s.required_port { "mqtts-required" } else { "mqtts-optional" };
             assert_eq!(log.get("listener").map(String::as_str), Some(listener), "{log:?}");
             for key in [
                 "conn_id",
@@ -183,12 +167,11 @@ fn tls_clients_of_every_version_land_on_the_broker_route_names() {
                 assert!(log.contains_key(key), "{key} missing from {log:?}");
             }
             assert!(log["client_addr"].starts_with("127.0.0.1:"), "{log:?}");
+            assert!(log["tls_version"].starts_with("TLSv1."), "{log:?}");
+            assert!(!log["mqtt_version"].is_empty(), "{log:?}");
         }
     }
-    assert!(
-        used_brokers.len() >= 2,
-        "12 client-ids all routed to one broker: {used_brokers:?}"
-    );
+    assert!(used_brokers.len() >= 2, "12 client-ids all routed to one broker: {used_brokers:?}");
 }
 
 #[test]
@@ -196,12 +179,12 @@ fn client_auth_required_refuses_clients_without_a_certificate() {
     let s = Setup::start(1, &[]);
     let b = &s.brokers[0];
     // required: no certificate → the handshake fails, nothing reaches the broker
-    let out = MqttClient::tls(s.required_port, MqttVersion::V311, s.certs.client_tls(false))
-        .publish("nocert-required", "t", "m");
-    assert!(
-        !out.status.success(),
-        "a client without certificate got through a client_auth = required listener"
+    let out = MqttClient::tls(s.required_port, MqttVersion::V311, s.certs.client_tls(false)).publish(
+        "nocert-required",
+        "t",
+        "m",
     );
+    assert!(!out.status.success(), "a client without certificate got through a client_auth = required listener");
     // optional: no certificate is fine
     MqttClient::tls(s.optional_port, MqttVersion::V5, s.certs.client_tls(false)).publish_ok(
         "nocert-optional",
@@ -209,11 +192,7 @@ fn client_auth_required_refuses_clients_without_a_certificate() {
         "m",
     );
     // required, with the certificate
-    MqttClient::tls(s.required_port, MqttVersion::V31, s.certs.client_tls(true)).publish_ok(
-        "cert-required",
-        "t",
-        "m",
-    );
+    MqttClient::tls(s.required_port, MqttVersion::V31, s.certs.client_tls(true)).publish_ok("cert-required", "t", "m");
     assert!(b.wait_for_client("nocert-optional", 1));
     assert!(b.wait_for_client("cert-required", 1));
     assert_eq!(b.connection_count("nocert-required"), 0, "{}", b.log());
@@ -226,11 +205,7 @@ fn client_auth_required_refuses_clients_without_a_certificate() {
         key: Some(other.client_key.clone()),
     };
     for port in [s.required_port, s.optional_port] {
-        let out = MqttClient::tls(port, MqttVersion::V311, foreign.clone()).publish(
-            "foreign-cert",
-            "t",
-            "m",
-        );
+        let out = MqttClient::tls(port, MqttVersion::V311, foreign.clone()).publish("foreign-cert", "t", "m");
         assert!(!out.status.success(), "foreign client cert accepted on {port}");
     }
     assert_eq!(b.connection_count("foreign-cert"), 0, "{}", b.log());
@@ -252,10 +227,7 @@ fn failover_to_the_second_choice_when_the_first_broker_is_down() {
             alive_first.push((id, route));
         }
     }
-    assert!(
-        !dead_first.is_empty(),
-        "no client-id of 40 routes first to the dead broker"
-    );
+    assert!(!dead_first.is_empty(), "no client-id of 40 routes first to the dead broker");
     let versions = MqttVersion::ALL;
     for (k, (id, route)) in dead_first.iter().take(6).enumerate() {
         let v = versions[k % 3];
@@ -266,10 +238,9 @@ fn failover_to_the_second_choice_when_the_first_broker_is_down() {
         };
         client.publish_ok(id, "fo/t", "m");
         s.assert_landed(id, &route[1], 1, v);
-        let log = s
-            .hm
-            .wait_connection_log("client_id", id)
-            .unwrap_or_else(|| panic!("no connection log for {id}:\n{}", s.hm.log()));
+        let log =
+            s.hm.wait_connection_log("client_id", id)
+                .unwrap_or_else(|| panic!("no connection log for {id}:\n{}", s.hm.log()));
         assert_eq!(log.get("broker"), Some(&route[1]), "{log:?}");
     }
     for (id, route) in &alive_first {
@@ -311,9 +282,7 @@ fn pipelined_connect_and_publish_in_one_write_are_delivered() {
     let (status, msgs) = watcher.finish();
     assert!(status.is_some_and(|st| st.success()), "{status:?} {msgs:?}");
     let got: BTreeSet<String> = msgs.into_iter().collect();
-    let want: BTreeSet<String> = ["pipelined-plain", "pipelined-tls"]
-        .map(String::from)
-        .into();
+    let want: BTreeSet<String> = ["pipelined-plain", "pipelined-tls"].map(String::from).into();
     assert_eq!(got, want);
     assert!(b.has_client("pipe-plain") && b.has_client("pipe-tls"));
 }

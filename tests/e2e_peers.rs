@@ -17,11 +17,7 @@ fn mosquitto_starts_logs_client_ids_and_stops() {
         let id = format!("peer-selftest-{}", v.mosquitto_arg());
         MqttClient::plain(m.port, v).publish_ok(&id, "selftest", "hello");
         assert!(m.wait_for_client(&id, 1), "{id} not in log:\n{}", m.log());
-        let c = m
-            .connections()
-            .into_iter()
-            .find(|c| c.client_id == id)
-            .unwrap();
+        let c = m.connections().into_iter().find(|c| c.client_id == id).unwrap();
         assert_eq!(c.protocol, mosquitto_protocol_tag(v));
         assert!(c.from.starts_with("127.0.0.1:"), "{c:?}");
     }
@@ -86,23 +82,12 @@ fn mosquitto_tls_clients_work_with_harness_certificates() {
     }
     let _guard = KillOnDrop(&mut child);
     assert!(wait_until(WAIT, || port_accepts(port)));
-    MqttClient::tls(port, MqttVersion::V311, certs.client_tls(true)).publish_ok(
-        "tls-selftest",
-        "t",
-        "m",
-    );
+    MqttClient::tls(port, MqttVersion::V311, certs.client_tls(true)).publish_ok("tls-selftest", "t", "m");
     let text = std::fs::read_to_string(&log).unwrap();
     // use_identity_as_username: the client certificate's CN is the username
-    assert!(
-        text.contains("as tls-selftest (p2, c1, k60, u'device-001')"),
-        "{text}"
-    );
+    assert!(text.contains("as tls-selftest (p2, c1, k60, u'device-001')"), "{text}");
     // without a client certificate the broker (require_certificate) refuses
-    let out = MqttClient::tls(port, MqttVersion::V311, certs.client_tls(false)).publish(
-        "tls-nocert",
-        "t",
-        "m",
-    );
+    let out = MqttClient::tls(port, MqttVersion::V311, certs.client_tls(false)).publish("tls-nocert", "t", "m");
     assert!(!out.status.success());
 }
 
@@ -114,13 +99,11 @@ fn haproxy_logs_proxy_v1_and_v2_sources() {
     // PROXY v1 then a CONNECT: goes through to mosquitto
     let mut s = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(format!("PROXY TCP4 192.0.2.8 127.0.0.1 6666 {}\r\n", h.port).as_bytes())
-        .unwrap();
+    s.write_all(format!("PROXY TCP4 192.0.2.8 127.0.0.1 6666 {}\r\n", h.port).as_bytes()).unwrap();
     let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, "ha-v1").unwrap();
     assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
-    let line = h
-        .wait_for_line(|l| l.src == "192.0.2.8")
-        .unwrap_or_else(|| panic!("no line for 192.0.2.8:\n{}", h.log()));
+    let line =
+        h.wait_for_line(|l| l.src == "192.0.2.8").unwrap_or_else(|| panic!("no line for 192.0.2.8:\n{}", h.log()));
     assert_eq!(line.src_port, "6666");
     assert_eq!(line.rcvd_proxy, "1");
     assert_eq!(line.authority, "-");
@@ -131,9 +114,7 @@ fn haproxy_logs_proxy_v1_and_v2_sources() {
         ppp::v2::Protocol::Stream,
         (
             "192.0.2.7:5555".parse::<std::net::SocketAddr>().unwrap(),
-            format!("127.0.0.1:{}", h.port)
-                .parse::<std::net::SocketAddr>()
-                .unwrap(),
+            format!("127.0.0.1:{}", h.port).parse::<std::net::SocketAddr>().unwrap(),
         ),
     )
     .write_tlv(ppp::v2::Type::Authority, b"localhost".as_slice())
@@ -145,9 +126,8 @@ fn haproxy_logs_proxy_v1_and_v2_sources() {
     s.write_all(&header).unwrap();
     let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "ha-v2").unwrap();
     assert!(mqtt::connack_accepted(&ack), "{}", hex(&ack));
-    let line = h
-        .wait_for_line(|l| l.src == "192.0.2.7")
-        .unwrap_or_else(|| panic!("no line for 192.0.2.7:\n{}", h.log()));
+    let line =
+        h.wait_for_line(|l| l.src == "192.0.2.7").unwrap_or_else(|| panic!("no line for 192.0.2.7:\n{}", h.log()));
     assert_eq!(line.src_port, "5555");
     assert_eq!(line.authority, "localhost");
     assert_eq!(line.dst_port, h.port.to_string());
@@ -192,10 +172,7 @@ fn parsers() {
     assert_eq!(kv["conn_id"], "3");
     assert_eq!(kv["broker"], "127.0.0.1:1");
 
-    assert_eq!(
-        bind_ports("[[listener]]\nbind = \"127.0.0.1:1234\"\n bind=\"127.0.0.1:99\""),
-        vec![1234, 99]
-    );
+    assert_eq!(bind_ports("[[listener]]\nbind = \"127.0.0.1:1234\"\n bind=\"127.0.0.1:99\""), vec![1234, 99]);
     let h = parse_haproxy_log("HMLOG 192.0.2.7:5555 127.0.0.1:80 localhost - 1\n");
     assert_eq!(h[0].src, "192.0.2.7");
     assert_eq!(h[0].src_port, "5555");
@@ -209,10 +186,7 @@ fn parsers() {
         mqtt::connect(MqttVersion::V31, "ab"),
         vec![0x10, 16, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 2, b'a', b'b']
     );
-    assert_eq!(
-        mqtt::connect(MqttVersion::V5, ""),
-        vec![0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0]
-    );
+    assert_eq!(mqtt::connect(MqttVersion::V5, ""), vec![0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0]);
     let mut v = Vec::new();
     mqtt::put_varint(&mut v, 321);
     assert_eq!(v, vec![0xC1, 0x02]);

@@ -34,12 +34,9 @@ fn row(v: serde_json::Value) -> Row {
 }
 
 fn wait_row(rabbit: &Rabbit, client_id: &str) -> Row {
-    let v = rabbit.wait_for_connection(client_id).unwrap_or_else(|| {
-        panic!(
-            "{client_id} never listed by RabbitMQ: {:?}",
-            rabbit.list_mqtt_connections()
-        )
-    });
+    let v = rabbit
+        .wait_for_connection(client_id)
+        .unwrap_or_else(|| panic!("{client_id} never listed by RabbitMQ: {:?}", rabbit.list_mqtt_connections()));
     row(v)
 }
 
@@ -49,20 +46,8 @@ fn wait_row(rabbit: &Rabbit, client_id: &str) -> Row {
 fn oracle_direct_header(rabbit: &Rabbit) {
     let dst: SocketAddr = rabbit.addr().parse().unwrap();
     let cases: [(&str, &str, &[u8], &str, &str); 2] = [
-        (
-            "oracle-13",
-            "192.0.2.9:4444",
-            b"TLSv1.3",
-            "TLS_AES_128_GCM_SHA256",
-            "tlsv1.3",
-        ),
-        (
-            "oracle-12",
-            "192.0.2.10:4445",
-            b"TLSv1.2",
-            "ECDHE-ECDSA-AES128-GCM-SHA256",
-            "tlsv1.2",
-        ),
+        ("oracle-13", "192.0.2.9:4444", b"TLSv1.3", "TLS_AES_128_GCM_SHA256", "tlsv1.3"),
+        ("oracle-12", "192.0.2.10:4445", b"TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "tlsv1.2"),
     ];
     let mut held = Vec::new();
     for (id, src, version, cipher, want_protocol) in cases {
@@ -80,12 +65,7 @@ fn oracle_direct_header(rabbit: &Rabbit) {
         let header = proxy_v2_header(
             src.parse().unwrap(),
             dst,
-            &[
-                (0x02, b"localhost".to_vec()),
-                (0x20, ssl),
-                (0xE0, vec![0xAB; 32]),
-                (0xE1, id.as_bytes().to_vec()),
-            ],
+            &[(0x02, b"localhost".to_vec()), (0x20, ssl), (0xE0, vec![0xAB; 32]), (0xE1, id.as_bytes().to_vec())],
             true,
         );
         let mut s = TcpStream::connect(dst).unwrap();
@@ -141,10 +121,7 @@ max_header_bytes = 500
     assert!(r.peer_port > 0, "{r:?}");
     assert!(r.ssl, "RabbitMQ did not see TLS facts in the PROXY header: {r:?}");
     assert_eq!(r.ssl_protocol, "tlsv1.3", "{r:?}");
-    assert!(
-        ["aes_256_gcm", "aes_128_gcm", "chacha20_poly1305"].contains(&r.ssl_cipher.as_str()),
-        "{r:?}"
-    );
+    assert!(["aes_256_gcm", "aes_128_gcm", "chacha20_poly1305"].contains(&r.ssl_cipher.as_str()), "{r:?}");
 
     // 2. messages flow through RabbitMQ: 3.1.1 and 3.1 publishers, with and without a client
     //    certificate (client_auth = "optional").
@@ -200,9 +177,17 @@ max_header_bytes = 500
 
     // 5. The raw clients still work: a QoS 1 publish from the TLS 1.3 client reaches the
     //    mosquitto_sub through RabbitMQ, and is acknowledged.
-    s13.write_all(&mqtt::publish_qos1(MqttVersion::V311, 7, "hm/rabbit", b"raw-qos1"))
-        .unwrap();
+    s13.write_all(&mqtt::publish_qos1(MqttVersion::V311, 7, "hm/rabbit", b"raw-qos1")).unwrap();
     let puback = mqtt::read_until_kind(&mut s13, 4).unwrap();
     assert_eq!(puback.bytes(), vec![0x40, 0x02, 0x00, 0x07]);
     assert!(sub.wait_for_message("raw-qos1"), "{:?}", sub.messages());
+
+    // 6. The mosquitto_sub's source port as harbormaster logged it is the peer_port RabbitMQ
+    //    got from the header.
+    let sub_port = wait_row(&rabbit, "rabbit-sub").peer_port;
+    drop(sub);
+    let log = hm
+        .wait_connection_log("client_id", "rabbit-sub")
+        .unwrap_or_else(|| panic!("no connection log for rabbit-sub:\n{}", hm.log()));
+    assert_eq!(log.get("client_addr"), Some(&format!("127.0.0.1:{sub_port}")), "{log:?}");
 }

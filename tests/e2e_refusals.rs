@@ -65,12 +65,7 @@ impl Setup {
     fn assert_nothing_reached_backend(&self, what: &str) {
         // Give a wrongly forwarded byte time to arrive before concluding it did not.
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            self.backend.total_bytes(),
-            0,
-            "{what}: bytes reached the backend: {:?}",
-            self.backend.received()
-        );
+        assert_eq!(self.backend.total_bytes(), 0, "{what}: bytes reached the backend: {:?}", self.backend.received());
     }
 
     /// Positive control: a valid CONNECT does reach the recording backend, byte for byte, so
@@ -84,7 +79,7 @@ impl Setup {
             wait_until(WAIT, || self.backend.total_bytes() >= before + connect.len()),
             "a valid CONNECT never reached the backend"
         );
-        assert!(self.backend.received().iter().any(|c| *c == connect));
+        assert!(self.backend.received().contains(&connect));
     }
 }
 
@@ -104,15 +99,9 @@ fn not_connect_first_is_closed_and_nothing_reaches_the_broker() {
     let mut bad_name = mqtt::connect(MqttVersion::V311, "x");
     bad_name[4..8].copy_from_slice(b"MQTX");
     let got = s.exchange(&bad_name);
-    assert!(
-        got.is_empty() || got == vec![0x20, 0x02, 0x00, 0x01],
-        "answered {}",
-        hex(&got)
-    );
+    assert!(got.is_empty() || got == vec![0x20, 0x02, 0x00, 0x01], "answered {}", hex(&got));
     // a CONNECT whose remaining length runs past its fields (client-id length 200, 1 byte)
-    let malformed = vec![
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 200, b'x',
-    ];
+    let malformed = vec![0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 200, b'x'];
     let got = s.exchange(&malformed);
     assert!(got.is_empty(), "answered {}", hex(&got));
     s.assert_nothing_reached_backend("not-CONNECT / malformed first packets");
@@ -125,12 +114,7 @@ fn unsupported_protocol_level_gets_connack_1() {
     let level6 = mqtt::connect_with(
         MqttVersion::V311,
         "lvl6",
-        &ConnectOptions {
-            keep_alive: 60,
-            clean: true,
-            level_override: Some(6),
-            ..Default::default()
-        },
+        &ConnectOptions { keep_alive: 60, clean: true, level_override: Some(6), ..Default::default() },
     );
     let got = s.exchange(&level6);
     assert_eq!(got, vec![0x20, 0x02, 0x00, 0x01], "got {}", hex(&got));
@@ -224,8 +208,7 @@ backend_attempts = 3
         (MqttVersion::V31, vec![0x20, 0x02, 0x00, 0x03]),
     ] {
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(&mqtt::connect(v, &format!("nobody-home-{v:?}")))
-            .unwrap();
+        c.write_all(&mqtt::connect(v, &format!("nobody-home-{v:?}"))).unwrap();
         let (got, closed) = mqtt::read_until_close(&mut c, WAIT);
         assert_eq!(got, want, "{v:?}: got {}", hex(&got));
         assert!(closed, "{v:?}: not closed after the refusal");

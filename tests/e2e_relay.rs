@@ -42,8 +42,7 @@ fn backend(
             s.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
             s.set_write_timeout(Some(CMD_TIMEOUT)).unwrap();
             let mut first = vec![0u8; connect.len()];
-            s.read_exact(&mut first)
-                .map_err(|e| format!("reading the CONNECT: {e}"))?;
+            s.read_exact(&mut first).map_err(|e| format!("reading the CONNECT: {e}"))?;
             if first != connect {
                 return Err(format!(
                     "the backend's first bytes are not the client's CONNECT: {} vs {}",
@@ -54,8 +53,7 @@ fn backend(
             match order {
                 Order::ClientFirst => {
                     read_and_check(&mut s, &upload, "client→backend")?;
-                    s.write_all(&download)
-                        .map_err(|e| format!("writing after the client's half-close: {e}"))?;
+                    s.write_all(&download).map_err(|e| format!("writing after the client's half-close: {e}"))?;
                     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
                 }
                 Order::BackendFirst => {
@@ -74,8 +72,7 @@ fn backend(
 /// Reads to EOF and compares length and SHA-256 with `want`.
 fn read_and_check(s: &mut impl Read, want: &[u8], what: &str) -> Result<(), String> {
     let mut got = Vec::with_capacity(want.len());
-    s.read_to_end(&mut got)
-        .map_err(|e| format!("{what}: reading to EOF after {} bytes: {e}", got.len()))?;
+    s.read_to_end(&mut got).map_err(|e| format!("{what}: reading to EOF after {} bytes: {e}", got.len()))?;
     if got.len() != want.len() || sha256_hex(&got) != sha256_hex(want) {
         return Err(format!(
             "{what}: got {} bytes (sha256 {}), want {} bytes (sha256 {})",
@@ -136,12 +133,7 @@ fn verdict(rx: mpsc::Receiver<Result<(), String>>) {
 #[test]
 fn plain_10mb_each_way_client_half_closes_first() {
     let p = payloads("relay-plain-1", 1);
-    let (bport, rx) = backend(
-        Order::ClientFirst,
-        p.connect.clone(),
-        p.upload.clone(),
-        p.download.clone(),
-    );
+    let (bport, rx) = backend(Order::ClientFirst, p.connect.clone(), p.upload.clone(), p.download.clone());
     let certs = Certs::new();
     let (hm, plain, _) = harbormaster_for(bport, &certs);
     let mut c = TcpStream::connect(("127.0.0.1", plain)).unwrap();
@@ -149,12 +141,10 @@ fn plain_10mb_each_way_client_half_closes_first() {
     c.write_all(&p.connect).unwrap();
     c.write_all(&p.upload).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
-    read_and_check(&mut c, &p.download, "backend→client after client half-close")
-        .unwrap_or_else(|e| panic!("{e}"));
+    read_and_check(&mut c, &p.download, "backend→client after client half-close").unwrap_or_else(|e| panic!("{e}"));
     verdict(rx);
-    let log = hm
-        .wait_connection_log("client_id", "relay-plain-1")
-        .unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
+    let log =
+        hm.wait_connection_log("client_id", "relay-plain-1").unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
     let bytes_in: u64 = log["bytes_in"].parse().unwrap_or(0);
     let bytes_out: u64 = log["bytes_out"].parse().unwrap_or(0);
     assert!(bytes_in >= TEN_MB as u64, "{log:?}");
@@ -164,21 +154,14 @@ fn plain_10mb_each_way_client_half_closes_first() {
 #[test]
 fn plain_10mb_each_way_backend_half_closes_first() {
     let p = payloads("relay-plain-2", 2);
-    let (bport, rx) = backend(
-        Order::BackendFirst,
-        p.connect.clone(),
-        p.upload.clone(),
-        p.download.clone(),
-    );
+    let (bport, rx) = backend(Order::BackendFirst, p.connect.clone(), p.upload.clone(), p.download.clone());
     let certs = Certs::new();
     let (_hm, plain, _) = harbormaster_for(bport, &certs);
     let mut c = TcpStream::connect(("127.0.0.1", plain)).unwrap();
     c.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
     c.write_all(&p.connect).unwrap();
-    read_and_check(&mut c, &p.download, "backend→client before client half-close")
-        .unwrap_or_else(|e| panic!("{e}"));
-    c.write_all(&p.upload)
-        .expect("writing after the backend's half-close");
+    read_and_check(&mut c, &p.download, "backend→client before client half-close").unwrap_or_else(|e| panic!("{e}"));
+    c.write_all(&p.upload).expect("writing after the backend's half-close");
     c.shutdown(Shutdown::Write).unwrap();
     verdict(rx);
     // after both halves closed, harbormaster closes the client connection
@@ -190,22 +173,12 @@ fn plain_10mb_each_way_backend_half_closes_first() {
 async fn tls_10mb_each_way_client_half_closes_first() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = payloads("relay-tls-1", 3);
-    let (bport, rx) = backend(
-        Order::ClientFirst,
-        p.connect.clone(),
-        p.upload.clone(),
-        p.download.clone(),
-    );
+    let (bport, rx) = backend(Order::ClientFirst, p.connect.clone(), p.upload.clone(), p.download.clone());
     let certs = Certs::new();
     let (hm, _, tls_port) = tokio::task::block_in_place(|| harbormaster_for(bport, &certs));
     let cfg = tls::client_config(&certs, true, ClientTlsChoice::Default);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
-        .await
-        .unwrap();
-    let mut t = tls::tokio_connector(cfg)
-        .connect(tls::server_name("localhost"), tcp)
-        .await
-        .expect("TLS handshake");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+    let mut t = tls::tokio_connector(cfg).connect(tls::server_name("localhost"), tcp).await.expect("TLS handshake");
     let io = async {
         t.write_all(&p.connect).await?;
         t.write_all(&p.upload).await?;
@@ -215,19 +188,15 @@ async fn tls_10mb_each_way_client_half_closes_first() {
         let r = t.read_to_end(&mut got).await;
         Ok::<_, std::io::Error>((got, r))
     };
-    let (got, r) = tokio::time::timeout(CMD_TIMEOUT, io)
-        .await
-        .expect("TLS relay timed out")
-        .expect("TLS I/O");
+    let (got, r) = tokio::time::timeout(CMD_TIMEOUT, io).await.expect("TLS relay timed out").expect("TLS I/O");
     assert_eq!(got.len(), p.download.len(), "bytes received over TLS ({r:?})");
     assert_eq!(sha256_hex(&got), sha256_hex(&p.download));
     // harbormaster ends the TLS stream with close_notify, not a bare FIN
     r.expect("TLS stream ended without close_notify");
     tokio::task::block_in_place(|| {
         verdict(rx);
-        let log = hm
-            .wait_connection_log("client_id", "relay-tls-1")
-            .unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
+        let log =
+            hm.wait_connection_log("client_id", "relay-tls-1").unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
         assert_eq!(log.get("listener").map(String::as_str), Some("tls"), "{log:?}");
     });
 }
@@ -236,22 +205,12 @@ async fn tls_10mb_each_way_client_half_closes_first() {
 async fn tls_10mb_each_way_backend_half_closes_first() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = payloads("relay-tls-2", 4);
-    let (bport, rx) = backend(
-        Order::BackendFirst,
-        p.connect.clone(),
-        p.upload.clone(),
-        p.download.clone(),
-    );
+    let (bport, rx) = backend(Order::BackendFirst, p.connect.clone(), p.upload.clone(), p.download.clone());
     let certs = Certs::new();
     let (_hm, _, tls_port) = tokio::task::block_in_place(|| harbormaster_for(bport, &certs));
     let cfg = tls::client_config(&certs, false, ClientTlsChoice::Default);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
-        .await
-        .unwrap();
-    let mut t = tls::tokio_connector(cfg)
-        .connect(tls::server_name("localhost"), tcp)
-        .await
-        .expect("TLS handshake");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+    let mut t = tls::tokio_connector(cfg).connect(tls::server_name("localhost"), tcp).await.expect("TLS handshake");
     let io = async {
         t.write_all(&p.connect).await?;
         t.flush().await?;
@@ -262,10 +221,7 @@ async fn tls_10mb_each_way_backend_half_closes_first() {
         t.shutdown().await?;
         Ok::<_, std::io::Error>((got, r))
     };
-    let (got, r) = tokio::time::timeout(CMD_TIMEOUT, io)
-        .await
-        .expect("TLS relay timed out")
-        .expect("TLS I/O");
+    let (got, r) = tokio::time::timeout(CMD_TIMEOUT, io).await.expect("TLS relay timed out").expect("TLS I/O");
     assert_eq!(got.len(), p.download.len(), "bytes received over TLS ({r:?})");
     assert_eq!(sha256_hex(&got), sha256_hex(&p.download));
     r.expect("TLS half-close from the backend did not arrive as close_notify");

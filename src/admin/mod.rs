@@ -1,3 +1,9 @@
-//! Operator-facing surface: the metric handles every other module updates, in one place.
+//! Operator-facing surface: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
+//! `/backends`, `/route`), the readiness latch, route lookup shared with `harbormaster route`,
+//! logging setup, and the metric handles every other module updates, in one place.
 
+pub mod http;
+pub mod log;
 pub mod metrics;
+pub mod ready;
+pub mod route;

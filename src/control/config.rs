@@ -12,7 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use crate::proxy::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
 
@@ -64,6 +64,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,30 @@ pub struct RawPool {
     pub backend_connect_timeout: Duration,
     #[serde(default = "default_backend_attempts")]
     pub backend_attempts: usize,
+    /// Active health checks; absent: none.
+    pub health: Option<RawHealth>,
+}
+
+/// `health = { check = "tcp" | "mqtt", interval = "5s", timeout = "2s", rise = 2, fall = 3 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub check: RawCheck,
+    #[serde(default = "default_health_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawCheck {
+    Tcp,
+    Mqtt,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -191,6 +217,18 @@ fn default_backend_connect_timeout() -> Duration {
 fn default_backend_attempts() -> usize {
     3
 }
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,11 +279,78 @@ impl Default for RawLog {
     }
 }
 
+/// `[admin]`: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "default_admin_enabled")]
+    pub enabled: bool,
+    pub bind: Option<String>,
+}
+
+fn default_admin_enabled() -> bool {
+    true
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { enabled: true, bind: None }
+    }
+}
+
+/// Where the admin server listens unless `[admin] bind` says otherwise. Loopback: the admin
+/// port has no authentication and `/backends` and `/route` show the broker topology, so it is
+/// exposed only on purpose (in Kubernetes, `bind = "0.0.0.0:9090"` for probes and scrapes).
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9090";
+
+/// The admin server's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    /// `bind` was not written in the config. Then an address already in use only disables
+    /// the admin server (with a warning) instead of stopping the process.
+    pub bind_is_default: bool,
+}
+
+/// Validates `[admin]`: a parsable address that no MQTT listener also binds.
+fn check_admin(c: &mut Check, raw: &RawAdmin, listeners: &[Arc<ListenerSpec>]) -> AdminSettings {
+    let default: SocketAddr = DEFAULT_ADMIN_BIND.parse().expect("valid default");
+    let bind = match raw.bind.as_deref().map(str::parse::<SocketAddr>) {
+        None => default,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => {
+            c.add("admin.bind", format!("{:?} is not an IP:port address", raw.bind.as_deref().unwrap_or("")));
+            default
+        }
+    };
+    if raw.enabled {
+        for l in listeners.iter().filter(|l| same_port_and_overlapping_ip(bind, l.bind)) {
+            let what = if raw.bind.is_none() { format!("{bind} (the default)") } else { bind.to_string() };
+            c.add(
+                "admin.bind",
+                format!(
+                    "{what} collides with listener {:?} on {}: the admin server never shares a port with MQTT",
+                    l.name, l.bind
+                ),
+            );
+        }
+    }
+    AdminSettings { enabled: raw.enabled, bind, bind_is_default: raw.bind.is_none() }
+}
+
+/// Whether two listening sockets would take the same port: same non-zero port, and the same
+/// IP or either one a wildcard.
+fn same_port_and_overlapping_ip(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// A loaded config: the snapshot for the data plane and the settings the process itself uses.
 #[derive(Debug)]
 pub struct Loaded {
     pub snapshot: Snapshot,
     pub log: RawLog,
+    pub admin: AdminSettings,
 }
 
 /// Read, parse, validate and build. Relative file paths are relative to the config's folder.
@@ -393,6 +498,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
     }
+    let admin = check_admin(&mut c, &raw.admin, &listeners);
 
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
@@ -409,6 +515,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
             },
         },
         log: raw.log,
+        admin,
     })
 }
 
@@ -454,6 +561,22 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             c.add(format!("{at}.tlvs[{i}]"), "listed twice");
         }
     }
+    if let Some(h) = &p.health {
+        if h.interval.is_zero() {
+            c.add(format!("{at}.health.interval"), "must be greater than 0");
+        }
+        if h.timeout.is_zero() {
+            c.add(format!("{at}.health.timeout"), "must be greater than 0");
+        } else if h.timeout > h.interval {
+            c.add(format!("{at}.health.timeout"), "must not exceed health.interval");
+        }
+        if h.rise == 0 {
+            c.add(format!("{at}.health.rise"), "must be at least 1");
+        }
+        if h.fall == 0 {
+            c.add(format!("{at}.health.fall"), "must be at least 1");
+        }
+    }
     if c.problems.len() > before {
         return None;
     }
@@ -491,6 +614,16 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         max_header_bytes: p.max_header_bytes,
         backend_connect_timeout: p.backend_connect_timeout,
         backend_attempts: p.backend_attempts,
+        health: p.health.as_ref().map(|h| HealthSpec {
+            check: match h.check {
+                RawCheck::Tcp => CheckKind::Tcp,
+                RawCheck::Mqtt => CheckKind::Mqtt,
+            },
+            interval: h.interval,
+            timeout: h.timeout,
+            rise: h.rise,
+            fall: h.fall,
+        }),
     })
 }
 
@@ -605,6 +738,86 @@ connect_timeout = "0s"
         assert!(got.iter().any(|g| g.starts_with("limits.conect_timeout (line")), "{got:?}");
         let got = problems(&MINIMAL.replace("pool = \"brokers\"", "pool = \"brokers\"\nacept_proxy = true"));
         assert!(got.iter().any(|g| g.contains("acept_proxy")), "{got:?}");
+    }
+
+    #[test]
+    fn health_is_optional_and_gets_documented_defaults() {
+        let loaded = load_str(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().health, None);
+        let loaded = load_str(&format!("{MINIMAL}health = {{ check = \"mqtt\" }}\n"), Path::new(".")).unwrap();
+        let h = loaded.snapshot.pool("brokers").unwrap().health.unwrap();
+        assert_eq!(
+            h,
+            HealthSpec {
+                check: CheckKind::Mqtt,
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                rise: 2,
+                fall: 3
+            }
+        );
+        let text = format!(
+            "{MINIMAL}health = {{ check = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 4 }}\n"
+        );
+        let h = load_str(&text, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().health.unwrap();
+        assert_eq!(
+            (h.check, h.interval, h.timeout, h.rise, h.fall),
+            (CheckKind::Tcp, Duration::from_millis(200), Duration::from_millis(100), 1, 4)
+        );
+    }
+
+    #[test]
+    fn bad_health_settings_are_reported_with_their_paths() {
+        let got = problems(&format!(
+            "{MINIMAL}health = {{ check = \"tcp\", interval = \"1s\", timeout = \"2s\", rise = 0, fall = 0 }}\n"
+        ));
+        for want in ["pool.brokers.health.timeout:", "pool.brokers.health.rise:", "pool.brokers.health.fall:"] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        let got = problems(&format!("{MINIMAL}health = {{ check = \"tcp\", interval = \"0s\" }}\n"));
+        assert!(got.iter().any(|g| g.starts_with("pool.brokers.health.interval:")), "{got:?}");
+        assert!(!problems(&format!("{MINIMAL}health = {{ check = \"http\" }}\n")).is_empty());
+        assert!(!problems(&format!("{MINIMAL}health = {{ interval = \"5s\" }}\n")).is_empty(), "check is required");
+        let got = problems(&format!("{MINIMAL}health = {{ check = \"tcp\", intervall = \"5s\" }}\n"));
+        assert!(got.iter().any(|g| g.contains("intervall")), "{got:?}");
+    }
+
+    #[test]
+    fn admin_defaults_to_loopback_9090_and_can_be_moved_or_disabled() {
+        let a = load_str(MINIMAL, Path::new(".")).unwrap().admin;
+        assert_eq!(
+            a,
+            AdminSettings { enabled: true, bind: DEFAULT_ADMIN_BIND.parse().unwrap(), bind_is_default: true }
+        );
+        assert_eq!(DEFAULT_ADMIN_BIND, "127.0.0.1:9090");
+        let a = load_str(&format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9191\"\n"), Path::new(".")).unwrap().admin;
+        assert_eq!((a.enabled, a.bind, a.bind_is_default), (true, "0.0.0.0:9191".parse().unwrap(), false));
+        let a = load_str(&format!("{MINIMAL}\n[admin]\nenabled = false\n"), Path::new(".")).unwrap().admin;
+        assert!(!a.enabled);
+    }
+
+    #[test]
+    fn admin_never_shares_a_port_with_a_listener() {
+        for bind in ["127.0.0.1:1883", "0.0.0.0:1883", "[::]:1883"] {
+            let got = problems(&format!("{MINIMAL}\n[admin]\nbind = \"{bind}\"\n"));
+            assert!(got.iter().any(|g| g.starts_with("admin.bind:") && g.contains("\"mqtt\"")), "{bind}: {got:?}");
+        }
+        // Another port, or another loopback address on the same port, is fine.
+        assert!(problems(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:1884\"\n")).is_empty());
+        assert!(problems(&format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.2:1883\"\n")).is_empty());
+        // A listener on the default admin port collides with the default; disabling admin fixes it.
+        let on_9090 = MINIMAL.replace("127.0.0.1:1883", "0.0.0.0:9090");
+        let got = problems(&on_9090);
+        assert!(got.iter().any(|g| g.starts_with("admin.bind: 127.0.0.1:9090 (the default) collides")), "{got:?}");
+        assert!(problems(&format!("{on_9090}\n[admin]\nenabled = false\n")).is_empty());
+    }
+
+    #[test]
+    fn bad_admin_settings_are_reported_with_their_paths() {
+        let got = problems(&format!("{MINIMAL}\n[admin]\nbind = \"localhost\"\n"));
+        assert!(got.iter().any(|g| g.starts_with("admin.bind:")), "{got:?}");
+        let got = problems(&format!("{MINIMAL}\n[admin]\nbnd = \"127.0.0.1:1\"\n"));
+        assert!(got.iter().any(|g| g.contains("bnd")), "{got:?}");
     }
 
     #[test]

@@ -4,4 +4,5 @@
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
 pub mod config;
+pub mod health;
 pub mod tls;

@@ -7,9 +7,9 @@
 //! release ranks brokers identically for a key; `tests::golden_routes` pins this.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -42,6 +42,27 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// How a pool's brokers are probed (config `health = { ... }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect within the timeout.
+    Tcp,
+    /// PROXY header (as the pool sends it) + MQTT 3.1.1 CONNECT, CONNACK 0 within the timeout.
+    Mqtt,
+}
+
+/// Active health checking of a pool, and the thresholds passive failures count toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub check: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successful probes that bring a down broker back.
+    pub rise: u32,
+    /// Consecutive failures (probes or data-plane dials) that mark a broker down.
+    pub fall: u32,
+}
+
 /// One broker. `name` is its hashing identity: the configured name, or the address string as
 /// written in the config.
 #[derive(Debug)]
@@ -56,6 +77,12 @@ pub struct Backend {
     /// Written by health checking; a broker marked down keeps its place in every key's
     /// order, its clients just skip it until it is back.
     pub healthy: AtomicBool,
+    /// Consecutive failures (probes and dials) since the last success.
+    fails: AtomicU32,
+    /// Consecutive successful probes since the last failure.
+    passes: AtomicU32,
+    /// The last failed connect to it from the data plane, and when (`/backends`).
+    pub last_error: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl Backend {
@@ -68,12 +95,78 @@ impl Backend {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            passes: AtomicU32::new(0),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// Remember a failed connect to this broker, for `/backends`.
+    pub fn set_last_error(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some((SystemTime::now(), error.to_string()));
+    }
+
+    /// The last failed connect and when it happened, if any.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// A failed probe or dial. Returns true when this failure marked the broker down (the
+    /// `fall`-th in a row while it was up).
+    pub fn record_failure(&self, fall: u32) -> bool {
+        self.passes.store(0, Ordering::Relaxed);
+        let n = bump(&self.fails);
+        n >= fall && self.healthy.compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// A successful probe. Returns true when this success brought the broker back (the
+    /// `rise`-th in a row while it was down).
+    pub fn record_success(&self, rise: u32) -> bool {
+        self.fails.store(0, Ordering::Relaxed);
+        let n = bump(&self.passes);
+        n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
+    /// has active checks (`fall` is `Some`): only they can bring a broker back, so without
+    /// them a dial failure never marks one down. A success resets the failure streak but does
+    /// not count toward `rise`. Returns true when this dial marked the broker down.
+    pub fn record_dial(&self, ok: bool, fall: Option<u32>) -> bool {
+        if ok {
+            // Read first: on the hot path the streak is 0 and the cache line stays shared.
+            if self.fails.load(Ordering::Relaxed) != 0 {
+                self.fails.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        fall.is_some_and(|fall| self.record_failure(fall))
+    }
+
+    /// Consecutive failures since the last success (for logs).
+    pub fn failure_streak(&self) -> u32 {
+        self.fails.load(Ordering::Relaxed)
+    }
+
+    /// Takes over the health state of the same broker in an older snapshot.
+    pub fn carry_health_from(&self, old: &Backend) {
+        self.healthy.store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.fails.store(old.fails.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.passes.store(old.passes.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn score(&self, key_hash: u64) -> u64 {
         xxh3_64_with_seed(&key_hash.to_le_bytes(), self.id_seed)
     }
+}
+
+/// Adds one to a streak counter without wrapping; returns the new value.
+fn bump(counter: &AtomicU32) -> u32 {
+    let old = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_add(1)));
+    old.unwrap_or_else(|n| n).saturating_add(1)
 }
 
 /// A pool of brokers and how connections are spread over them.
@@ -88,6 +181,8 @@ pub struct Pool {
     pub max_header_bytes: usize,
     pub backend_connect_timeout: Duration,
     pub backend_attempts: usize,
+    /// Active health checks; `None`: none, and brokers are only ever skipped per connection.
+    pub health: Option<HealthSpec>,
 }
 
 /// Hash of a routing key; computed once per connection.
@@ -96,6 +191,11 @@ pub fn key_hash(key: &[u8]) -> u64 {
 }
 
 impl Pool {
+    /// The `fall` that data-plane dial failures count toward: only with active checks.
+    pub fn passive_fall(&self) -> Option<u32> {
+        self.health.map(|h| h.fall)
+    }
+
     /// The first `k` brokers of `key`'s preference order, best first, whatever their health:
     /// what `harbormaster route` prints.
     pub fn preference(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
@@ -168,6 +268,7 @@ mod tests {
             max_header_bytes: 500,
             backend_connect_timeout: Duration::from_secs(1),
             backend_attempts: 3,
+            health: None,
         }
     }
 
@@ -294,6 +395,55 @@ mod tests {
             b.healthy.store(false, Ordering::Relaxed);
         }
         assert_eq!(p.candidates(b"k1", 3).len(), 3, "all down: try the plain order anyway");
+    }
+
+    #[test]
+    fn fall_consecutive_failures_mark_down_and_rise_successes_bring_back() {
+        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert!(!b.record_failure(3));
+        assert!(!b.record_failure(3));
+        assert!(!b.record_success(2), "a success resets the failure streak");
+        assert!(!b.record_failure(3));
+        assert!(!b.record_failure(3));
+        assert!(b.is_healthy());
+        assert!(b.record_failure(3), "third in a row: down");
+        assert!(!b.is_healthy());
+        assert!(!b.record_failure(3), "already down: no second transition");
+        assert!(!b.record_success(2));
+        assert!(!b.record_failure(3), "a failure resets the success streak");
+        assert!(!b.record_success(2));
+        assert!(b.record_success(2), "second in a row: up");
+        assert!(b.is_healthy());
+        assert!(!b.record_success(2));
+    }
+
+    #[test]
+    fn passive_failures_count_only_with_active_checks() {
+        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
+        for _ in 0..100 {
+            assert!(!b.record_dial(false, None));
+        }
+        assert!(b.is_healthy(), "without active checks nothing could bring it back");
+        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert!(!b.record_dial(false, Some(2)));
+        assert!(!b.record_dial(true, Some(2)), "a dial success resets the streak");
+        assert!(!b.record_dial(false, Some(2)));
+        assert!(b.record_dial(false, Some(2)));
+        assert!(!b.is_healthy());
+        assert!(!b.record_dial(true, Some(2)));
+        assert!(!b.is_healthy(), "only probes bring a broker back");
+        assert!(b.record_success(1));
+        assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn streaks_saturate_instead_of_wrapping() {
+        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
+        b.fails.store(u32::MAX - 1, Ordering::Relaxed);
+        b.record_failure(3);
+        b.record_failure(3);
+        assert_eq!(b.failure_streak(), u32::MAX);
+        assert!(!b.is_healthy());
     }
 
     #[test]

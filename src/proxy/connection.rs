@@ -23,7 +23,7 @@ use super::proxy_header::{self, HeaderInput};
 use super::relay::{self, Ended};
 use super::snapshot::{ListenerSpec, Snapshot};
 use super::inbound;
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
 
 /// State shared by every connection of the process.
 pub struct Shared {
@@ -111,6 +111,8 @@ struct Facts {
     up: u64,
     down: u64,
     detail: Option<String>,
+    /// The CONNACK code a refusal sent, for the `connack` metric label.
+    connack: Option<u8>,
 }
 
 /// Keeps a broker's active-connection count right however the connection ends.
@@ -179,10 +181,9 @@ pub async fn handle(shared: Arc<Shared>, snapshot: Arc<Snapshot>, spec: Arc<List
     };
     active.dec();
     if reason.refused() {
-        m.refused.with_label_values(&[&spec.name, reason.as_str()]).inc();
-    } else {
-        m.closed.with_label_values(&[reason.as_str()]).inc();
+        m.refused.with_label_values(&[&spec.name, reason.as_str(), connack_label(facts.connack)]).inc();
     }
+    m.closed.with_label_values(&[&spec.name, reason.as_str()]).inc();
     tracing::info!(
         target: "harbormaster::connection",
         conn_id = %conn_id,
@@ -248,22 +249,29 @@ async fn run(
 
     // 2. TLS.
     match &spec.tls {
-        None => serve(shared, pool, snap, stream, None, src, dst, conn_id, deadline, started, facts).await,
+        None => serve(shared, &spec.name, pool, snap, stream, None, src, dst, conn_id, deadline, started, facts).await,
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            let handshake = Instant::now();
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Err(_) => return Reason::Timeout,
+                Err(_) => {
+                    shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "timeout", "none"]).inc();
+                    return Reason::Timeout;
+                }
                 Ok(Err(e)) => {
+                    shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "error", "none"]).inc();
                     facts.detail = Some(e.to_string());
                     return Reason::TlsHandshake;
                 }
                 Ok(Ok(tls)) => tls,
             };
+            let elapsed = handshake.elapsed().as_secs_f64();
+            shared.metrics.tls_handshake_seconds.with_label_values(&[&spec.name]).observe(elapsed);
             let info = TlsInfo::from_connection(tls.get_ref().1);
-            shared.metrics.tls_handshakes.with_label_values(&[info.version]).inc();
+            shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "ok", info.version]).inc();
             facts.sni = info.sni.clone();
             facts.tls_version = Some(info.version);
-            serve(shared, pool, snap, tls, Some(info), src, dst, conn_id, deadline, started, facts).await
+            serve(shared, &spec.name, pool, snap, tls, Some(info), src, dst, conn_id, deadline, started, facts).await
         }
     }
 }
@@ -318,17 +326,25 @@ fn refusal_for(e: &ConnectError) -> (Reason, Option<(MqttVersion, Refusal)>) {
         ConnectError::NotConnect(_) => (Reason::NotConnect, None),
         ConnectError::Malformed { version, .. } => (Reason::Malformed, version.map(|v| (v, Refusal::Malformed))),
         ConnectError::TooLarge { version, .. } => (Reason::TooLarge, version.map(|v| (v, Refusal::PacketTooLarge))),
-        // Levels 5 and above read the 5.0 CONNACK layout, older ones the 3.x layout.
+        // A level-5 CONNECT with a wrong name reads the 5.0 CONNACK layout; every other level
+        // gets the 3.x one, as Mosquitto answers: a client of an unknown version is most
+        // likely to understand the oldest, simplest CONNACK.
         ConnectError::UnsupportedProtocol { level } => {
-            let v = if level >= 5 { MqttVersion::V5 } else { MqttVersion::V311 };
+            let v = if level == 5 { MqttVersion::V5 } else { MqttVersion::V311 };
             (Reason::UnsupportedProtocol, Some((v, Refusal::UnsupportedProtocol)))
         }
     }
 }
 
 /// Answer a refusal the way the client's MQTT version understands, then close politely.
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, version: Option<MqttVersion>, refusal: Refusal) {
-    if let Some(packet) = version.and_then(|v| mqtt::connack(v, refusal)) {
+/// Returns the CONNACK code sent, if any.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    version: Option<MqttVersion>,
+    refusal: Refusal,
+) -> Option<u8> {
+    let packet = version.and_then(|v| mqtt::connack(v, refusal));
+    if let Some(packet) = packet {
         let _ = stream.write_all(packet).await;
     }
     let _ = stream.flush().await;
@@ -346,11 +362,27 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, version: Opti
         }
     })
     .await;
+    // Both CONNACK layouts carry the return/reason code in their fourth byte.
+    packet.and_then(|p| p.get(3).copied())
+}
+
+/// Failed dials marked a broker down (passive health checking): log it like the checker's
+/// transitions; the checker's probes bring it back.
+fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
+    let reason = format!("{} failures in a row, last: dial: {error}", b.failure_streak());
+    tracing::warn!(
+        target: "harbormaster::health",
+        pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
+        "broker health changed"
+    );
+    m.health_transitions.with_label_values(&[&pool.name, &b.name, "down"]).inc();
+    m.broker_healthy.with_label_values(&[&pool.name, &b.name]).set(0);
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
+    listener: &str,
     pool: &Pool,
     snap: &Snapshot,
     mut stream: S,
@@ -373,10 +405,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Err(ReadFail::Mqtt(e))) => {
             facts.detail = Some(e.to_string());
             let (reason, answer) = refusal_for(&e);
-            match answer {
+            facts.connack = match answer {
                 Some((v, r)) => refuse(&mut stream, Some(v), r).await,
                 None => refuse(&mut stream, None, Refusal::Malformed).await,
-            }
+            };
             return reason;
         }
     };
@@ -387,6 +419,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     facts.mqtt_version = Some(version);
     facts.client_id = Some(String::from_utf8_lossy(connect.client_id).into_owned());
     shared.metrics.connect_bytes.with_label_values(&[version.as_str()]).observe(len as f64);
+    shared.metrics.connects.with_label_values(&[listener, version.as_str()]).inc();
+    let elapsed = started.elapsed().as_secs_f64();
+    shared.metrics.accept_to_connect_seconds.with_label_values(&[listener]).observe(elapsed);
 
     // 4. Choose brokers.
     let key: Option<&[u8]> = match pool.hash_key {
@@ -401,7 +436,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         None => match pool.empty_key {
             EmptyKey::Reject => {
                 facts.detail = Some("no routing key and empty_client_id = reject".into());
-                refuse(&mut stream, Some(version), Refusal::ClientIdRejected).await;
+                facts.connack = refuse(&mut stream, Some(version), Refusal::ClientIdRejected).await;
                 return Reason::EmptyClientId;
             }
             EmptyKey::LeastConnections => pool.least_connections(pool.backend_attempts),
@@ -416,23 +451,35 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut broker = None;
     let mut errors = Vec::new();
     for b in candidates {
-        match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
-            Ok(Ok(s)) => {
-                broker = Some((b.clone(), s));
-                break;
-            }
-            Ok(Err(e)) => errors.push(format!("{}: {e}", b.name)),
-            Err(_) => errors.push(format!("{}: timed out", b.name)),
+        let dial = Instant::now();
+        let (outcome, error) =
+            match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
+                Ok(Ok(s)) => {
+                    shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, "ok"]).inc();
+                    let elapsed = dial.elapsed().as_secs_f64();
+                    shared.metrics.broker_connect_seconds.with_label_values(&[&pool.name, &b.name]).observe(elapsed);
+                    b.record_dial(true, pool.passive_fall());
+                    broker = Some((b.clone(), s));
+                    break;
+                }
+                Ok(Err(e)) => (dial_error_outcome(&e), e.to_string()),
+                Err(_) => ("timeout", "timed out".to_string()),
+            };
+        shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, outcome]).inc();
+        b.set_last_error(&error);
+        if b.record_dial(false, pool.passive_fall()) {
+            marked_down(&shared.metrics, pool, b, &error);
         }
-        shared.metrics.backend_failures.with_label_values(&[&pool.name, &b.name]).inc();
+        errors.push(format!("{}: {error}", b.name));
     }
     let Some((backend, mut upstream)) = broker else {
         facts.detail = Some(errors.join("; "));
-        refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
+        facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
         return Reason::NoBroker;
     };
     if !errors.is_empty() {
         facts.detail = Some(format!("failed over: {}", errors.join("; ")));
+        shared.metrics.failovers.with_label_values(&[&pool.name]).inc();
     }
     let _ = upstream.set_nodelay(true);
     backend.active.fetch_add(1, Ordering::Relaxed);
@@ -460,18 +507,26 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     drop(tls);
     if let Err(e) = upstream.write_all(&first).await {
         facts.detail = Some(format!("writing CONNECT to {}: {e}", backend.name));
-        refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
+        facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
         return Reason::BrokerWrite;
     }
     drop(first);
+    match pool.proxy_protocol {
+        ProxyProtocol::None => {}
+        ProxyProtocol::V1 => shared.metrics.proxy_headers.with_label_values(&[&pool.name, "v1"]).inc(),
+        ProxyProtocol::V2 => shared.metrics.proxy_headers.with_label_values(&[&pool.name, "v2"]).inc(),
+    }
     shared.metrics.setup_seconds.observe(started.elapsed().as_secs_f64());
 
     // 7. Relay.
-    let (ended, totals, err) = relay::relay(&mut stream, &mut upstream).await;
+    // Bytes are counted as they are read, so long-lived connections move the counters.
+    let up = shared.metrics.bytes.with_label_values(&[listener, "client_to_broker"]);
+    let down = shared.metrics.bytes.with_label_values(&[listener, "broker_to_client"]);
+    up.inc_by(facts.up);
+    let (ended, totals, err) =
+        relay::relay(&mut CountReads::new(&mut stream, up), &mut CountReads::new(&mut upstream, down)).await;
     facts.up += totals.up;
     facts.down = totals.down;
-    shared.metrics.bytes.with_label_values(&["up"]).inc_by(facts.up);
-    shared.metrics.bytes.with_label_values(&["down"]).inc_by(facts.down);
     if let Some(e) = err {
         facts.detail = Some(e.to_string());
     }

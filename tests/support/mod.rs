@@ -93,17 +93,11 @@ pub fn port_accepts(port: u16) -> bool {
 pub fn require_program(program: &str) -> PathBuf {
     let p = Path::new(program);
     if p.is_absolute() {
-        assert!(
-            p.exists(),
-            "{program} is missing: run scripts/test (it installs mosquitto, haproxy, rabbitmq-server)"
-        );
+        assert!(p.exists(), "{program} is missing: run scripts/test (it installs mosquitto, haproxy, rabbitmq-server)");
         return p.to_path_buf();
     }
     let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path
-        .split(':')
-        .map(PathBuf::from)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    let dirs = path.split(':').map(PathBuf::from).chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
     for dir in dirs {
         let candidate = dir.join(program);
         if candidate.is_file() {
@@ -119,12 +113,8 @@ pub fn require_program(program: &str) -> PathBuf {
 /// Runs a command with an upper bound on its run time; on timeout the child is killed and
 /// the output so far returned with a failing status. Output is always captured.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let out = child.stdout.take().unwrap();
     let err = child.stderr.take().unwrap();
     let out_t = thread::spawn(move || read_all(out));
@@ -140,11 +130,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         }
         thread::sleep(Duration::from_millis(20));
     };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
 fn read_all(mut r: impl Read) -> Vec<u8> {
@@ -179,9 +165,7 @@ pub fn send_signal(pid: i64, signal: &str) {
 }
 
 fn read_file_lossy(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
+    fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -205,15 +189,8 @@ impl Proc {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log_path: log_path.to_path_buf(),
-            done: false,
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
+        Proc { name: name.to_string(), child, log_path: log_path.to_path_buf(), done: false }
     }
 
     fn pid(&self) -> u32 {
@@ -298,13 +275,10 @@ impl Certs {
 
     pub fn with_client_cn(client_cn: &str) -> Certs {
         use rcgen::{
-            BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-            IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
         };
-        let dir = tempfile::Builder::new()
-            .prefix("hm-certs-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("hm-certs-").tempdir().unwrap();
 
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -312,18 +286,13 @@ impl Certs {
         dn.push(DnType::CommonName, "harbormaster test CA");
         ca_params.distinguished_name = dn;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, &ca_key);
 
         let server_key = KeyPair::generate().unwrap();
-        let mut server_params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+        let mut server_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "localhost");
         server_params.distinguished_name = dn;
@@ -429,23 +398,12 @@ impl Mosquitto {
             cmd.arg("-c").arg(&conf_path).current_dir(dir.path());
             let mut proc = Proc::spawn("mosquitto", cmd, &dir.path().join("stdout.log"));
             let up = wait_until(WAIT, || {
-                proc.exited().is_none()
-                    && read_file_lossy(&log_path).contains("running")
-                    && port_accepts(port)
+                proc.exited().is_none() && read_file_lossy(&log_path).contains("running") && port_accepts(port)
             });
             if up {
-                return Mosquitto {
-                    port,
-                    dir,
-                    log_path,
-                    proc: Some(proc),
-                };
+                return Mosquitto { port, dir, log_path, proc: Some(proc) };
             }
-            last_err = format!(
-                "{}\n{}",
-                read_file_lossy(&dir.path().join("stdout.log")),
-                read_file_lossy(&log_path)
-            );
+            last_err = format!("{}\n{}", read_file_lossy(&dir.path().join("stdout.log")), read_file_lossy(&log_path));
             proc.kill();
         }
         panic!("mosquitto did not start:\n{last_err}");
@@ -468,10 +426,7 @@ impl Mosquitto {
 
     /// How many times `client_id` connected to this broker.
     pub fn connection_count(&self, client_id: &str) -> usize {
-        self.connections()
-            .iter()
-            .filter(|c| c.client_id == client_id)
-            .count()
+        self.connections().iter().filter(|c| c.client_id == client_id).count()
     }
 
     pub fn has_client(&self, client_id: &str) -> bool {
@@ -507,11 +462,7 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!(
-                "----- mosquitto :{} log, last lines -----\n{}\n-----",
-                self.port,
-                tail(&self.log(), 60)
-            );
+            eprintln!("----- mosquitto :{} log, last lines -----\n{}\n-----", self.port, tail(&self.log(), 60));
         }
         self.stop();
     }
@@ -538,16 +489,8 @@ pub fn parse_mosquitto_connections(log: &str) -> Vec<MosquittoConnection> {
         // The client-id may itself contain spaces: the protocol block is the last " (".
         let Some(j) = rest.rfind(" (") else { continue };
         let client_id = &rest[..j];
-        let protocol = rest[j + 2..]
-            .split([',', ')'])
-            .next()
-            .unwrap_or("")
-            .to_string();
-        out.push(MosquittoConnection {
-            from: from.to_string(),
-            client_id: client_id.to_string(),
-            protocol,
-        });
+        let protocol = rest[j + 2..].split([',', ')']).next().unwrap_or("").to_string();
+        out.push(MosquittoConnection { from: from.to_string(), client_id: client_id.to_string(), protocol });
     }
     out
 }
@@ -625,13 +568,7 @@ impl Haproxy {
             // in the log as an error line, never as an HMLOG line.
             let up = wait_until(WAIT, || proc.exited().is_none() && port_accepts(port));
             if up {
-                return Haproxy {
-                    port,
-                    backend_port,
-                    dir,
-                    log_path,
-                    proc: Some(proc),
-                };
+                return Haproxy { port, backend_port, dir, log_path, proc: Some(proc) };
             }
             last_err = read_file_lossy(&log_path);
             proc.kill();
@@ -652,10 +589,7 @@ impl Haproxy {
     }
 
     /// Waits for a log line matching `pred` and returns it.
-    pub fn wait_for_line(
-        &self,
-        mut pred: impl FnMut(&HaproxyLogLine) -> bool,
-    ) -> Option<HaproxyLogLine> {
+    pub fn wait_for_line(&self, mut pred: impl FnMut(&HaproxyLogLine) -> bool) -> Option<HaproxyLogLine> {
         let mut found = None;
         wait_until(WAIT, || {
             found = self.log_lines().into_iter().find(|l| pred(l));
@@ -673,13 +607,6 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "----- haproxy :{} log, last lines -----\n{}\n-----",
-                self.port,
-                tail(&self.log(), 60)
-            );
-        }
         self.stop();
     }
 }
@@ -739,11 +666,7 @@ impl Rabbit {
         }
         let port = free_port();
         let dist_port = free_port();
-        let node = format!(
-            "hm{}x{}@localhost",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
+        let node = format!("hm{}x{}@localhost", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         fs::write(
             d.join("rabbitmq.conf"),
             format!(
@@ -773,31 +696,17 @@ impl Rabbit {
         let mut cmd = Command::new(server);
         cmd.current_dir(d).envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("rabbitmq-server", cmd, &d.join("server.out"));
-        let rabbit = Rabbit {
-            port,
-            node,
-            dir,
-            env,
-            proc: Some(proc),
-        };
+        let rabbit = Rabbit { port, node, dir, env, proc: Some(proc) };
         // `rabbitmqctl wait PIDFILE` waits for the pid file, the node and its applications
         // (`await_startup` fails at once while the node is not up yet).
         let pid_file = rabbit.dir.path().join("rabbit.pid");
         let out = rabbit.ctl(
-            &[
-                "wait",
-                pid_file.to_str().unwrap(),
-                "--timeout",
-                &RABBIT_BOOT.as_secs().to_string(),
-            ],
+            &["wait", pid_file.to_str().unwrap(), "--timeout", &RABBIT_BOOT.as_secs().to_string()],
             RABBIT_BOOT + Duration::from_secs(10),
         );
         let ready = out.status.success()
             && wait_until(WAIT, || port_accepts(rabbit.port))
-            && rabbit
-                .ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90))
-                .status
-                .success();
+            && rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success();
         if !ready {
             panic!(
                 "RabbitMQ did not start:\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
@@ -858,9 +767,7 @@ impl Rabbit {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find('[').unwrap_or_else(|| {
-            panic!("list_mqtt_connections printed no JSON array: {text}")
-        });
+        let start = text.find('[').unwrap_or_else(|| panic!("list_mqtt_connections printed no JSON array: {text}"));
         let v: serde_json::Value = serde_json::from_str(text[start..].trim())
             .unwrap_or_else(|e| panic!("list_mqtt_connections JSON ({e}): {text}"));
         v.as_array().cloned().unwrap_or_default()
@@ -870,10 +777,7 @@ impl Rabbit {
     pub fn wait_for_connection(&self, client_id: &str) -> Option<serde_json::Value> {
         let mut found = None;
         wait_until(WAIT, || {
-            found = self
-                .list_mqtt_connections()
-                .into_iter()
-                .find(|c| c["client_id"] == client_id);
+            found = self.list_mqtt_connections().into_iter().find(|c| c["client_id"] == client_id);
             found.is_some()
         });
         found
@@ -890,13 +794,6 @@ impl Rabbit {
 
 impl Drop for Rabbit {
     fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "----- rabbitmq {} output, last lines -----\n{}\n-----",
-                self.node,
-                tail(&self.server_output(), 60)
-            );
-        }
         self.stop();
     }
 }
@@ -905,11 +802,9 @@ impl Drop for Rabbit {
 /// into the usual text form.
 pub fn rabbit_peer_host(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::Array(octets) if octets.len() == 4 => octets
-            .iter()
-            .map(|o| o.to_string())
-            .collect::<Vec<_>>()
-            .join("."),
+        serde_json::Value::Array(octets) if octets.len() == 4 => {
+            octets.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(".")
+        }
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
@@ -927,22 +822,14 @@ pub fn harbormaster_bin() -> PathBuf {
 /// Runs `harbormaster ARGS` to completion (bounded) and returns its output.
 pub fn harbormaster(args: &[&str]) -> Output {
     let mut cmd = Command::new(harbormaster_bin());
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("HARBORMASTER_LOG");
+    cmd.args(args).env_remove("RUST_LOG").env_remove("HARBORMASTER_LOG");
     run_with_timeout(&mut cmd, CMD_TIMEOUT)
 }
 
 /// `harbormaster route --config CONFIG --client-id ID [--pool POOL]`: the brokers in
 /// preference order (first = where the id goes).
 pub fn route(config: &Path, client_id: &str, pool: Option<&str>) -> Vec<String> {
-    let mut args = vec![
-        "route",
-        "--config",
-        config.to_str().unwrap(),
-        "--client-id",
-        client_id,
-    ];
+    let mut args = vec!["route", "--config", config.to_str().unwrap(), "--client-id", client_id];
     if let Some(pool) = pool {
         args.push("--pool");
         args.push(pool);
@@ -954,11 +841,8 @@ pub fn route(config: &Path, client_id: &str, pool: Option<&str>) -> Vec<String> 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
     assert!(!lines.is_empty(), "harbormaster route printed nothing");
     lines
 }
@@ -1003,9 +887,7 @@ impl Harbormaster {
             cmd.env("HARBORMASTER_LOG", level);
         }
         let mut proc = Proc::spawn("harbormaster", cmd, &log_path);
-        let up = wait_until(WAIT, || {
-            proc.exited().is_none() && ports.iter().all(|p| port_accepts(*p))
-        });
+        let up = wait_until(WAIT, || proc.exited().is_none() && ports.iter().all(|p| port_accepts(*p)));
         if !up {
             let status = proc.exited();
             panic!(
@@ -1013,14 +895,7 @@ impl Harbormaster {
                 read_file_lossy(&log_path)
             );
         }
-        Harbormaster {
-            dir,
-            config_path,
-            ports,
-            log_path,
-            proc: Some(proc),
-            exit: None,
-        }
+        Harbormaster { dir, config_path, ports, log_path, proc: Some(proc), exit: None }
     }
 
     pub fn pid(&self) -> u32 {
@@ -1054,10 +929,7 @@ impl Harbormaster {
     pub fn wait_connection_log(&self, key: &str, value: &str) -> Option<BTreeMap<String, String>> {
         let mut found = None;
         wait_until(WAIT, || {
-            found = self
-                .connection_logs()
-                .into_iter()
-                .find(|m| m.get(key).map(String::as_str) == Some(value));
+            found = self.connection_logs().into_iter().find(|m| m.get(key).map(String::as_str) == Some(value));
             found.is_some()
         });
         found
@@ -1084,12 +956,6 @@ impl Harbormaster {
 
 impl Drop for Harbormaster {
     fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "----- harbormaster log, last lines -----\n{}\n-----",
-                tail(&self.log(), 80)
-            );
-        }
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
@@ -1229,21 +1095,11 @@ pub struct MqttClient {
 
 impl MqttClient {
     pub fn plain(port: u16, version: MqttVersion) -> MqttClient {
-        MqttClient {
-            host: "127.0.0.1".into(),
-            port,
-            version,
-            tls: None,
-        }
+        MqttClient { host: "127.0.0.1".into(), port, version, tls: None }
     }
 
     pub fn tls(port: u16, version: MqttVersion, tls: ClientTls) -> MqttClient {
-        MqttClient {
-            host: "localhost".into(),
-            port,
-            version,
-            tls: Some(tls),
-        }
+        MqttClient { host: "localhost".into(), port, version, tls: Some(tls) }
     }
 
     fn args(&self, client_id: &str) -> Vec<String> {
@@ -1278,8 +1134,7 @@ impl MqttClient {
     pub fn publish_qos(&self, client_id: &str, topic: &str, msg: &str, qos: u8) -> Output {
         let bin = require_program("mosquitto_pub");
         let mut cmd = Command::new(bin);
-        cmd.args(self.args(client_id))
-            .args(["-t", topic, "-m", msg, "-q", &qos.to_string()]);
+        cmd.args(self.args(client_id)).args(["-t", topic, "-m", msg, "-q", &qos.to_string()]);
         run_with_timeout(&mut cmd, CMD_TIMEOUT)
     }
 
@@ -1310,27 +1165,15 @@ impl MqttClient {
             "-W",
             &CMD_TIMEOUT.as_secs().to_string(),
         ]);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         let mut child = cmd.spawn().expect("spawn mosquitto_sub");
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (o, e) = (stdout.clone(), stderr.clone());
-        let threads = vec![
-            thread::spawn(move || pump(out, o)),
-            thread::spawn(move || pump(err, e)),
-        ];
-        Subscriber {
-            client_id: client_id.to_string(),
-            child,
-            stdout,
-            stderr,
-            threads,
-        }
+        let threads = vec![thread::spawn(move || pump(out, o)), thread::spawn(move || pump(err, e))];
+        Subscriber { client_id: client_id.to_string(), child, stdout, stderr, threads }
     }
 }
 
@@ -1356,10 +1199,7 @@ pub struct Subscriber {
 impl Subscriber {
     /// Received messages so far (one per line).
     pub fn messages(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap())
-            .lines()
-            .map(str::to_string)
-            .collect()
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).lines().map(str::to_string).collect()
     }
 
     pub fn stderr(&self) -> String {
@@ -1411,9 +1251,11 @@ impl Drop for Subscriber {
 
 /// A TCP server that accepts every connection and records the bytes each one sent (it never
 /// writes anything). For refusal tests: "nothing reached the backend".
+type Recording = Arc<Mutex<Vec<u8>>>;
+
 pub struct RecordingBackend {
     pub port: u16,
-    conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    conns: Arc<Mutex<Vec<Recording>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -1422,7 +1264,7 @@ impl RecordingBackend {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
-        let conns: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<Recording>>> = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (c, s) = (conns.clone(), stop.clone());
         thread::spawn(move || {
@@ -1434,9 +1276,7 @@ impl RecordingBackend {
                         c.lock().unwrap().push(rec.clone());
                         let s2 = s.clone();
                         thread::spawn(move || {
-                            stream
-                                .set_read_timeout(Some(Duration::from_millis(200)))
-                                .unwrap();
+                            stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
                             let mut buf = [0u8; 65536];
                             while !s2.load(Ordering::SeqCst) {
                                 match stream.read(&mut buf) {
@@ -1450,9 +1290,7 @@ impl RecordingBackend {
                             }
                         });
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(20))
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
                     Err(_) => thread::sleep(Duration::from_millis(20)),
                 }
             }
@@ -1470,21 +1308,11 @@ impl RecordingBackend {
 
     /// All bytes received, over all connections.
     pub fn total_bytes(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.lock().unwrap().len())
-            .sum()
+        self.conns.lock().unwrap().iter().map(|c| c.lock().unwrap().len()).sum()
     }
 
     pub fn received(&self) -> Vec<Vec<u8>> {
-        self.conns
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.lock().unwrap().clone())
-            .collect()
+        self.conns.lock().unwrap().iter().map(|c| c.lock().unwrap().clone()).collect()
     }
 }
 
@@ -1521,10 +1349,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Hex of a byte slice, space separated (`20 02 00 03`), for assertion messages.
 pub fn hex(data: &[u8]) -> String {
-    data.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    data.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Writes all bytes, ignoring errors (for tests that expect the peer to have closed).
@@ -1572,19 +1397,11 @@ pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr, tlvs: &[(u8, Vec<u8>)],
 
 /// Publishes `msg` every half second (QoS 0) until `sub` has received it; for subscribers
 /// whose SUBSCRIBE the test cannot observe (RabbitMQ). Returns whether it arrived.
-pub fn publish_until_received(
-    client: &MqttClient,
-    client_id: &str,
-    topic: &str,
-    msg: &str,
-    sub: &Subscriber,
-) -> bool {
+pub fn publish_until_received(client: &MqttClient, client_id: &str, topic: &str, msg: &str, sub: &Subscriber) -> bool {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         client.publish_ok(client_id, topic, msg);
-        if wait_until(Duration::from_millis(500), || {
-            sub.messages().iter().any(|m| m == msg)
-        }) {
+        if wait_until(Duration::from_millis(500), || sub.messages().iter().any(|m| m == msg)) {
             return true;
         }
     }

@@ -99,15 +99,7 @@ pub struct ConnectOptions {
 
 /// A clean-session CONNECT with keep-alive 60.
 pub fn connect(version: MqttVersion, client_id: &str) -> Vec<u8> {
-    connect_with(
-        version,
-        client_id,
-        &ConnectOptions {
-            keep_alive: 60,
-            clean: true,
-            ..Default::default()
-        },
-    )
+    connect_with(version, client_id, &ConnectOptions { keep_alive: 60, clean: true, ..Default::default() })
 }
 
 pub fn connect_with(version: MqttVersion, client_id: &str, o: &ConnectOptions) -> Vec<u8> {
@@ -252,10 +244,7 @@ pub fn read_packet(r: &mut impl Read) -> io::Result<Option<Packet>> {
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
-    Ok(Some(Packet {
-        first: first[0],
-        body,
-    }))
+    Ok(Some(Packet { first: first[0], body }))
 }
 
 /// Reads packets until one of `kind` arrives (skipping others, e.g. PUBLISHes), bounded by
@@ -266,10 +255,7 @@ pub fn read_until_kind(r: &mut impl Read, kind: u8) -> io::Result<Packet> {
             Some(p) if p.kind() == kind => return Ok(p),
             Some(_) => continue,
             None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("closed before packet type {kind}"),
-                ))
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("closed before packet type {kind}")))
             }
         }
     }
@@ -286,9 +272,7 @@ pub fn read_until_close(s: &mut std::net::TcpStream, timeout: Duration) -> (Vec<
         match s.read(&mut buf) {
             Ok(0) => return (out, true),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
                 return (out, false)
             }
             // reset: closed
@@ -307,10 +291,7 @@ pub fn connect_and_read_connack<S: Read + Write>(
     s.flush()?;
     match read_packet(s)? {
         Some(p) => Ok(p.bytes()),
-        None => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before CONNACK",
-        )),
+        None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before CONNACK")),
     }
 }
 

@@ -27,26 +27,18 @@ pub enum ClientTlsChoice {
 /// `with_cert`.
 pub fn client_config(certs: &Certs, with_cert: bool, choice: ClientTlsChoice) -> Arc<ClientConfig> {
     let mut p = provider::default_provider();
-    let (suites, versions): (Vec<SupportedCipherSuite>, Vec<&'static rustls::SupportedProtocolVersion>) =
-        match choice {
-            ClientTlsChoice::Default => (
-                p.cipher_suites.clone(),
-                vec![&rustls::version::TLS13, &rustls::version::TLS12],
-            ),
-            ClientTlsChoice::Tls13Aes128 => (
-                vec![provider::cipher_suite::TLS13_AES_128_GCM_SHA256],
-                vec![&rustls::version::TLS13],
-            ),
-            ClientTlsChoice::Tls12EcdsaAes128 => (
-                vec![provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
-                vec![&rustls::version::TLS12],
-            ),
-        };
+    let (suites, versions): (Vec<SupportedCipherSuite>, Vec<&'static rustls::SupportedProtocolVersion>) = match choice {
+        ClientTlsChoice::Default => (p.cipher_suites.clone(), vec![&rustls::version::TLS13, &rustls::version::TLS12]),
+        ClientTlsChoice::Tls13Aes128 => {
+            (vec![provider::cipher_suite::TLS13_AES_128_GCM_SHA256], vec![&rustls::version::TLS13])
+        }
+        ClientTlsChoice::Tls12EcdsaAes128 => {
+            (vec![provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256], vec![&rustls::version::TLS12])
+        }
+    };
     p.cipher_suites = suites;
     let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(certs.ca_der.clone()))
-        .expect("add CA");
+    roots.add(CertificateDer::from(certs.ca_der.clone())).expect("add CA");
     let builder = ClientConfig::builder_with_provider(Arc::new(p))
         .with_protocol_versions(&versions)
         .expect("protocol versions")

@@ -1,0 +1,599 @@
+//! Active health checks: each pool with `health = { ... }` has its brokers probed every
+//! `interval` (a TCP connect, or PROXY header + MQTT CONNECT expecting CONNACK 0); `rise`
+//! passes in a row bring a broker up, `fall` failures (probes and failed dials) mark it down.
+//! The state lives on the current snapshot's `Backend`s; [`carry_over_health`] moves it to a
+//! rebuilt snapshot by broker identity. Never touches a client socket or the hash order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::metrics::Metrics;
+use crate::proxy::balance::{Backend, CheckKind, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::proxy_header::{self, HeaderInput};
+use crate::proxy::snapshot::Snapshot;
+
+/// How often the supervisor looks for a new snapshot (pools added, removed, or whose `health`
+/// changed). Comparing two pointers: cheap.
+const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keep-alive announced in the probe's CONNECT; the probe disconnects long before.
+const PROBE_KEEP_ALIVE_SECS: u16 = 60;
+
+/// Prefix of the probe's client-id. With 13 hex digits after it the id is 23 bytes, the
+/// longest every MQTT 3.1.1 broker must accept.
+const PROBE_ID_PREFIX: &str = "hm-health-";
+
+/// MQTT DISCONNECT.
+const DISCONNECT: [u8; 2] = [0xE0, 0x00];
+
+/// Probes every health-checked pool of the current snapshot until `stop` is cancelled.
+/// Follows snapshot swaps: pools that appear get a checker, pools that disappear (or lose
+/// `health`) lose theirs, and a changed `health` restarts the pool's checker.
+pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut checkers: HashMap<String, (HealthSpec, CancellationToken, JoinHandle<()>)> = HashMap::new();
+    let mut seen: Option<Arc<Snapshot>> = None;
+    loop {
+        let snap = current.load_full();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
+            let wanted: HashMap<&str, HealthSpec> =
+                snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
+            checkers.retain(|name, (spec, token, _)| {
+                let keep = wanted.get(name.as_str()) == Some(spec);
+                if !keep {
+                    token.cancel();
+                }
+                keep
+            });
+            for (name, spec) in wanted {
+                if !checkers.contains_key(name) {
+                    let token = stop.child_token();
+                    let task =
+                        tokio::spawn(check_pool(name.to_string(), current.clone(), metrics.clone(), token.clone()));
+                    checkers.insert(name.to_string(), (spec, token, task));
+                }
+            }
+            seen = Some(snap);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(WATCH_PERIOD) => {}
+        }
+    }
+    for (_, (_, token, task)) in checkers {
+        token.cancel();
+        let _ = task.await;
+    }
+}
+
+/// The checker of one pool: a round of probes (all brokers at once) every `interval`, each
+/// round on the pool as it is in the snapshot current at that moment. A round in flight while
+/// a new snapshot is swapped in lands on the old snapshot's brokers; the next one counts on the
+/// new ones, which [`carry_over_health`] gave the old state.
+async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let Some(interval) = current.load().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
+        return;
+    };
+    // Validation keeps it above 0; `interval` panics on 0.
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut labelled: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let snap = current.load_full();
+        let Some(pool) = snap.pool(&name).cloned() else { break };
+        let Some(spec) = pool.health else { break };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = round(&pool, spec, &metrics) => {}
+        }
+        // Forget the gauges of brokers that left the pool.
+        for gone in labelled.iter().filter(|n| !pool.backends.iter().any(|b| &&b.name == n)) {
+            let _ = metrics.broker_healthy.remove_label_values(&[&name, gone]);
+        }
+        labelled = pool.backends.iter().map(|b| b.name.clone()).collect();
+    }
+    for b in &labelled {
+        let _ = metrics.broker_healthy.remove_label_values(&[&name, b]);
+    }
+}
+
+/// Probes every broker of `pool` once, concurrently, and applies the results.
+async fn round(pool: &Arc<Pool>, spec: HealthSpec, metrics: &Metrics) {
+    let mut probes = JoinSet::new();
+    for (i, b) in pool.backends.iter().enumerate() {
+        let (pool, addr) = (pool.clone(), b.addr);
+        probes.spawn(async move { (i, probe(&pool, spec.check, addr, spec.timeout).await) });
+    }
+    while let Some(done) = probes.join_next().await {
+        let Ok((i, result)) = done else { continue };
+        let b = &pool.backends[i];
+        apply(pool, spec, b, result, metrics);
+    }
+}
+
+/// Feeds one probe result into the broker's streaks; logs and counts a transition.
+fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>, metrics: &Metrics) {
+    let check = check_name(spec.check);
+    match result {
+        Ok(()) => {
+            if b.record_success(spec.rise) {
+                let reason = format!("{} {check} checks passed in a row", spec.rise);
+                tracing::info!(
+                    target: "harbormaster::health",
+                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "up", reason = reason.as_str(),
+                    "broker health changed"
+                );
+                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "up"]).inc();
+            }
+        }
+        Err(e) => {
+            tracing::debug!(target: "harbormaster::health", pool = %pool.name, broker = %b.name, error = %e, "{check} check failed");
+            if b.record_failure(spec.fall) {
+                let reason = format!("{} failures in a row, last: {check} check: {e}", b.failure_streak());
+                tracing::warn!(
+                    target: "harbormaster::health",
+                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
+                    "broker health changed"
+                );
+                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "down"]).inc();
+            }
+        }
+    }
+    metrics.broker_healthy.with_label_values(&[&pool.name, &b.name]).set(i64::from(b.is_healthy()));
+}
+
+fn check_name(kind: CheckKind) -> &'static str {
+    match kind {
+        CheckKind::Tcp => "tcp",
+        CheckKind::Mqtt => "mqtt",
+    }
+}
+
+/// One probe of the broker at `addr`, all of it within `timeout`. `Err` says what failed.
+pub async fn probe(pool: &Pool, kind: CheckKind, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        match kind {
+            CheckKind::Tcp => Ok(()),
+            CheckKind::Mqtt => mqtt_probe(pool, stream).await,
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// PROXY header (command PROXY, the probe socket's own addresses, the pool's TLVs and budget)
+/// when the pool sends one, CONNECT, CONNACK 0 expected, then DISCONNECT.
+async fn mqtt_probe(pool: &Pool, mut stream: TcpStream) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let client_id = probe_client_id();
+    let mut out = match pool.proxy_protocol {
+        ProxyProtocol::None => Vec::new(),
+        ProxyProtocol::V1 | ProxyProtocol::V2 => {
+            let src = stream.local_addr().map_err(|e| format!("local address: {e}"))?;
+            let dst = stream.peer_addr().map_err(|e| format!("peer address: {e}"))?;
+            if pool.proxy_protocol == ProxyProtocol::V1 {
+                proxy_header::encode_v1(src, dst)
+            } else {
+                let id = client_id.as_bytes();
+                let input = HeaderInput { src, dst, tls: None, unique_id: id, client_id: id };
+                proxy_header::encode_v2(&input, &pool.tlvs, pool.max_header_bytes).bytes
+            }
+        }
+    };
+    out.extend_from_slice(&connect_packet(&client_id));
+    stream.write_all(&out).await.map_err(|e| format!("sending CONNECT: {e}"))?;
+    let mut ack = [0u8; 4];
+    stream.read_exact(&mut ack).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "closed before CONNACK".to_string(),
+        _ => format!("reading CONNACK: {e}"),
+    })?;
+    check_connack(&ack)?;
+    let _ = stream.write_all(&DISCONNECT).await;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// A fresh client-id per probe (`hm-health-` + 13 hex digits, 23 bytes): two replicas'
+/// probes never take over each other's session.
+fn probe_client_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let seed = [nanos, u64::from(std::process::id()), COUNTER.fetch_add(1, Ordering::Relaxed)];
+    let bytes: Vec<u8> = seed.iter().flat_map(|v| v.to_le_bytes()).collect();
+    format!("{PROBE_ID_PREFIX}{:013x}", xxhash_rust::xxh3::xxh3_64(&bytes) >> 12)
+}
+
+/// MQTT 3.1.1 CONNECT with clean session, no will, no credentials.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02];
+    body.extend_from_slice(&PROBE_KEEP_ALIVE_SECS.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    // The body is at most 12 + 23 bytes: a one-byte remaining length.
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// `Ok` for an MQTT 3.1.1 CONNACK with return code 0.
+fn check_connack(ack: &[u8; 4]) -> Result<(), String> {
+    if ack[0] != 0x20 || ack[1] != 0x02 {
+        return Err(format!("expected a CONNACK, got {:02x} {:02x}", ack[0], ack[1]));
+    }
+    match ack[3] {
+        0 => Ok(()),
+        1 => Err("CONNACK return code 1 (unacceptable protocol version)".into()),
+        2 => Err("CONNACK return code 2 (identifier rejected)".into()),
+        3 => Err("CONNACK return code 3 (server unavailable)".into()),
+        4 => Err("CONNACK return code 4 (bad user name or password)".into()),
+        5 => Err("CONNACK return code 5 (not authorized)".into()),
+        rc => Err(format!("CONNACK return code {rc}")),
+    }
+}
+
+/// Moves health state from `old` to `new` (a rebuilt snapshot) by pool name and broker
+/// identity, so a discovery update or reload neither forgets a down broker nor sends clients
+/// back to it before `rise` probes pass. Brokers new to a pool start healthy; pools without
+/// `health` are left alone (nothing would ever bring their brokers back).
+pub fn carry_over_health(old: &Snapshot, new: &Snapshot) {
+    for pool in new.pools.iter().filter(|p| p.health.is_some()) {
+        let Some(before) = old.pool(&pool.name) else { continue };
+        let by_name: HashMap<&str, &Arc<Backend>> = before.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+        for b in &pool.backends {
+            if let Some(prev) = by_name.get(b.name.as_str()) {
+                b.carry_health_from(prev);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::balance::{EmptyKey, HashKey};
+    use crate::proxy::mqtt::{self, MqttVersion, Peek};
+    use crate::proxy::proxy_header::Tlv;
+    use crate::proxy::snapshot::Limits;
+    use tokio::net::TcpListener;
+
+    fn pool_with(addrs: &[SocketAddr], proxy_protocol: ProxyProtocol, health: Option<HealthSpec>) -> Pool {
+        let names: Vec<(String, SocketAddr)> = addrs.iter().enumerate().map(|(i, a)| (format!("b{i}"), *a)).collect();
+        named_pool("p", &names, proxy_protocol, health)
+    }
+
+    fn named_pool(
+        name: &str,
+        brokers: &[(String, SocketAddr)],
+        proxy_protocol: ProxyProtocol,
+        health: Option<HealthSpec>,
+    ) -> Pool {
+        Pool {
+            name: name.into(),
+            backends: brokers.iter().map(|(n, a)| Arc::new(Backend::new(n.clone(), *a))).collect(),
+            hash_key: HashKey::ClientId,
+            empty_key: EmptyKey::LeastConnections,
+            proxy_protocol,
+            tlvs: vec![Tlv::UniqueId, Tlv::Crc32c, Tlv::ClientId],
+            max_header_bytes: 500,
+            backend_connect_timeout: Duration::from_secs(1),
+            backend_attempts: 3,
+            health,
+        }
+    }
+
+    fn snapshot(pools: Vec<Pool>) -> Snapshot {
+        Snapshot {
+            listeners: vec![],
+            pools: pools.into_iter().map(Arc::new).collect(),
+            limits: Limits {
+                connect_timeout: Duration::from_secs(1),
+                max_connect_packet: 1024,
+                drain_timeout: Duration::from_secs(1),
+                max_connections: 1,
+            },
+        }
+    }
+
+    fn spec(check: CheckKind, rise: u32, fall: u32) -> HealthSpec {
+        HealthSpec { check, interval: Duration::from_millis(50), timeout: Duration::from_millis(500), rise, fall }
+    }
+
+    /// A port nothing listens on.
+    async fn closed_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// What a fake broker saw of one probe connection.
+    #[derive(Debug, Default, Clone)]
+    struct Seen {
+        bytes: Vec<u8>,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    }
+
+    /// A fake broker: reads until a CONNECT (after an optional PROXY header of `header_len`
+    /// bytes, found by parsing) is complete, answers `connack`, then records everything the
+    /// probe sent until it closes.
+    async fn fake_broker(connack: Option<[u8; 4]>) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, peer)) = l.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut seen = Seen { peer: Some(peer), local: s.local_addr().ok(), ..Seen::default() };
+                    let mut buf = [0u8; 1024];
+                    let mut answered = false;
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.bytes.extend_from_slice(&buf[..n]);
+                        if !answered && connect_in(&seen.bytes).is_some() {
+                            answered = true;
+                            // Without an answer the probe must time out.
+                            if let Some(a) = connack {
+                                s.write_all(&a).await.unwrap();
+                            }
+                        }
+                    }
+                    let _ = tx.send(seen);
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// The CONNECT after whatever PROXY header precedes it: (client-id, where it starts, its
+    /// length).
+    fn connect_in(bytes: &[u8]) -> Option<(String, usize, usize)> {
+        let start = header_len(bytes)?;
+        match mqtt::peek_connect(&bytes[start..], 1024) {
+            Ok(Peek::Complete { connect, len }) => {
+                assert_eq!(connect.version, MqttVersion::V311);
+                Some((String::from_utf8(connect.client_id.to_vec()).unwrap(), start, len))
+            }
+            _ => None,
+        }
+    }
+
+    fn header_len(bytes: &[u8]) -> Option<usize> {
+        if bytes.starts_with(b"PROXY ") {
+            return bytes.windows(2).position(|w| w == b"\r\n").map(|i| i + 2);
+        }
+        if bytes.starts_with(b"\r\n\r\n\0\r\nQUIT\n") && bytes.len() >= 16 {
+            return Some(16 + u16::from_be_bytes([bytes[14], bytes[15]]) as usize);
+        }
+        if bytes.first() == Some(&0x10) {
+            return Some(0);
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn tcp_check_passes_on_a_listening_port_and_fails_on_a_closed_one() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        let down = closed_port().await;
+        let p = pool_with(&[up, down], ProxyProtocol::None, None);
+        assert_eq!(probe(&p, CheckKind::Tcp, up, Duration::from_secs(5)).await, Ok(()));
+        let err = probe(&p, CheckKind::Tcp, down, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.starts_with("connect:"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn mqtt_check_sends_connect_then_disconnect_and_accepts_connack_0() {
+        let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
+        let p = pool_with(&[addr], ProxyProtocol::None, None);
+        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        let seen = seen.recv().await.unwrap();
+        let (client_id, start, len) = connect_in(&seen.bytes).unwrap();
+        assert_eq!(start, 0, "no PROXY header with proxy_protocol = none");
+        assert!(client_id.starts_with(PROBE_ID_PREFIX) && client_id.len() == 23, "{client_id}");
+        assert_eq!(seen.bytes[start + 9] & 0x02, 0x02, "clean session");
+        assert_eq!(&seen.bytes[start + len..], &DISCONNECT, "DISCONNECT after the CONNACK, then close");
+    }
+
+    #[tokio::test]
+    async fn mqtt_check_sends_the_pools_proxy_header_with_the_probe_socket_addresses() {
+        let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
+        let p = pool_with(&[addr], ProxyProtocol::V2, None);
+        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        let seen = seen.recv().await.unwrap();
+        let header = match ppp::v2::Header::try_from(&seen.bytes[..]) {
+            Ok(h) => h,
+            Err(e) => panic!("not a PROXY v2 header: {e:?}"),
+        };
+        assert_eq!(header.command, ppp::v2::Command::Proxy, "never LOCAL: RabbitMQ and Mosquitto 2.1 reject it");
+        match header.addresses {
+            ppp::v2::Addresses::IPv4(a) => {
+                let peer = seen.peer.unwrap();
+                assert_eq!((a.source_address, a.source_port), (ip4(peer), peer.port()));
+                let local = seen.local.unwrap();
+                assert_eq!((a.destination_address, a.destination_port), (ip4(local), local.port()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (client_id, start, _) = connect_in(&seen.bytes).unwrap();
+        assert_eq!(start, header.len());
+        let tlvs: Vec<_> = header.tlvs().map(|t| t.unwrap()).collect();
+        assert!(tlvs.iter().any(|t| t.kind == proxy_header::PP2_TYPE_CLIENT_ID && t.value == client_id.as_bytes()));
+
+        let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
+        let p = pool_with(&[addr], ProxyProtocol::V1, None);
+        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        let seen = seen.recv().await.unwrap();
+        let peer = seen.peer.unwrap();
+        let want = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", peer.port(), addr.port());
+        assert!(seen.bytes.starts_with(want.as_bytes()), "{:?}", String::from_utf8_lossy(&seen.bytes));
+    }
+
+    fn ip4(a: SocketAddr) -> std::net::Ipv4Addr {
+        match a.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn mqtt_check_fails_on_refusal_silence_and_non_mqtt() {
+        let (addr, _seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x05])).await;
+        let p = pool_with(&[addr], ProxyProtocol::None, None);
+        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.contains("return code 5"), "{err}");
+
+        let (addr, _seen) = fake_broker(None).await;
+        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_millis(300)).await.unwrap_err();
+        assert!(err.starts_with("no answer within"), "{err}");
+
+        let (addr, _seen) = fake_broker(Some(*b"HTTP")).await;
+        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.starts_with("expected a CONNACK"), "{err}");
+
+        // A TCP server that closes at once.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.contains("CONNACK") || err.contains("CONNECT"), "{err}");
+    }
+
+    #[test]
+    fn probe_connect_is_a_valid_clean_session_311_connect() {
+        let id = probe_client_id();
+        assert_ne!(id, probe_client_id(), "a fresh id per probe");
+        let packet = connect_packet(&id);
+        let Ok(Peek::Complete { connect, len }) = mqtt::peek_connect(&packet, 1024) else { panic!("{packet:02x?}") };
+        assert_eq!(len, packet.len());
+        assert_eq!(connect.version, MqttVersion::V311);
+        assert_eq!(connect.client_id, id.as_bytes());
+        assert_eq!(connect.username, None);
+        assert_eq!(packet[9], 0x02, "clean session only");
+    }
+
+    /// Polls `f` (every 20 ms, at most `WAIT`) until it holds.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        const WAIT: Duration = Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    #[tokio::test]
+    async fn checker_marks_a_dead_broker_down_and_brings_it_back() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let dead_addr = closed_port().await;
+        let s =
+            snapshot(vec![pool_with(&[live_addr, dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 2, 2)))]);
+        let current = Arc::new(ArcSwap::from_pointee(s));
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
+
+        let backend = |i: usize| current.load().pools[0].backends[i].clone();
+        assert!(eventually(|| !backend(1).is_healthy()).await, "dead broker never marked down");
+        assert!(backend(0).is_healthy());
+        let gauge = |b: &str| metrics.broker_healthy.with_label_values(&["p", b]).get();
+        assert!(eventually(|| gauge("b1") == 0 && gauge("b0") == 1).await);
+        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b1", "down"]).get(), 1);
+
+        // The broker comes back on its port.
+        let back = TcpListener::bind(dead_addr).await.unwrap();
+        assert!(eventually(|| backend(1).is_healthy()).await, "broker never came back");
+        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b1", "up"]).get(), 1);
+        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b0", "down"]).get(), 0);
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();
+        drop((live, back));
+    }
+
+    #[tokio::test]
+    async fn checker_follows_snapshot_swaps() {
+        let dead_addr = closed_port().await;
+        let s = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)]);
+        let current = Arc::new(ArcSwap::from_pointee(s));
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(current.load().pools[0].backends[0].is_healthy(), "no checks without health");
+
+        // A reload adds health checks to the pool.
+        let new = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 1, 1)))]);
+        carry_over_health(&current.load(), &new);
+        current.store(Arc::new(new));
+        assert!(eventually(|| !current.load().pools[0].backends[0].is_healthy()).await);
+
+        // And takes them away again: the checker of the pool ends, its gauge goes.
+        current.store(Arc::new(snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)])));
+        assert!(eventually(|| metrics.render().lines().all(|l| !l.starts_with("harbormaster_broker_healthy{"))).await);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();
+    }
+
+    #[test]
+    fn health_state_is_carried_over_by_pool_and_identity() {
+        let at = |name: &str, port: u16| (name.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
+        let health = Some(spec(CheckKind::Tcp, 2, 1));
+        let none = ProxyProtocol::None;
+        let old = snapshot(vec![
+            named_pool("p", &[at("b0", 1), at("b1", 2), at("b2", 3)], none, health),
+            named_pool("q", &[at("b0", 1)], none, health),
+        ]);
+        // p: b0 up, b1 down, b2 down and one success into its rise; q: b0 down.
+        assert!(old.pools[0].backends[1].record_failure(1));
+        assert!(old.pools[0].backends[2].record_failure(1));
+        assert!(!old.pools[0].backends[2].record_success(2));
+        assert!(old.pools[1].backends[0].record_failure(1));
+
+        // The rebuilt snapshot: in p, b1 kept its identity under a new address (a pod with a
+        // new IP), b2 is as it was, b0 is gone, b3 is new; q is gone; r is new, with a broker
+        // named like one that is down in q.
+        let new = snapshot(vec![
+            named_pool("p", &[at("b3", 4), at("b2", 3), at("b1", 20)], none, health),
+            named_pool("r", &[at("b0", 1)], none, health),
+        ]);
+        carry_over_health(&old, &new);
+
+        let get = |pool: usize, name: &str| new.pools[pool].backends.iter().find(|b| b.name == name).unwrap().clone();
+        assert!(!get(0, "b1").is_healthy(), "down state follows the identity, whatever the address");
+        assert!(!get(0, "b2").is_healthy());
+        assert!(get(0, "b2").record_success(2), "its rise streak came along too");
+        assert!(get(0, "b3").is_healthy(), "a new broker starts healthy");
+        assert!(get(1, "b0").is_healthy(), "state is per pool");
+
+        // A pool without health checks takes nothing over: nothing would bring a broker back.
+        let plain = snapshot(vec![named_pool("p", &[at("b1", 2), at("b2", 3)], none, None)]);
+        carry_over_health(&old, &plain);
+        assert!(plain.pools[0].backends.iter().all(|b| b.is_healthy()));
+    }
+}

@@ -1,0 +1,935 @@
+//! The admin server and logs end to end, with real mosquitto brokers on ephemeral ports:
+//! readiness transitions (in process with a shutdown the test controls, and over SIGTERM with
+//! the real binary), `/metrics` parsed by an independent parser (Python's
+//! `prometheus_client`), `/backends` and `/route` against `harbormaster route` and against
+//! where clients really land (mosquitto's logs), and JSON logs parsed line by line.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::mqtt::{self, ConnectOptions, MqttVersion};
+use support::*;
+
+// ---------------------------------------------------------------------------------------------
+// A small HTTP/1.1 client (one request per connection)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Http {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+fn try_get(addr: &str, path: &str) -> io::Result<Http> {
+    let sa: SocketAddr = addr.parse().expect("IP:port");
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(WAIT))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, text.clone()))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, head.to_string()))?;
+    let content_type = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    Ok(Http { status, content_type, body: body.to_string() })
+}
+
+fn get(addr: &str, path: &str) -> Http {
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+fn get_json(addr: &str, path: &str) -> (u16, Value) {
+    let r = get(addr, path);
+    assert_eq!(r.content_type, "application/json", "GET {path}: {r:?}");
+    let v = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {}", r.body));
+    (r.status, v)
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Waits (bounded) for `/readyz` to answer `status`; returns the last answer.
+fn wait_ready_status(admin: &str, status: u16) -> (u16, Value) {
+    let mut last = (0, Value::Null);
+    let ok = wait_until(WAIT, || {
+        if let Ok(r) = try_get(admin, "/readyz") {
+            last = (r.status, serde_json::from_str(&r.body).unwrap_or(Value::Null));
+        }
+        last.0 == status
+    });
+    assert!(ok, "/readyz never answered {status}; last answer {last:?}");
+    last
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text, parsed by prometheus_client (PyPI), not by us
+// ---------------------------------------------------------------------------------------------
+
+const PARSE_METRICS: &str = r#"
+import json, math, sys
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError as e:
+    sys.stderr.write("prometheus_client is missing (pip install prometheus_client): %s\n" % e)
+    sys.exit(3)
+out = []
+with open(sys.argv[1]) as f:
+    for family in text_string_to_metric_families(f.read()):
+        for s in family.samples:
+            v = s.value
+            out.append({"family": family.name, "type": family.type, "name": s.name,
+                        "labels": s.labels, "value": v if math.isfinite(v) else str(v)})
+print(json.dumps(out))
+"#;
+
+#[derive(Debug, Clone)]
+struct Sample {
+    family_type: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+struct Scrape(Vec<Sample>);
+
+impl Scrape {
+    fn of(admin: &str) -> Scrape {
+        let r = get(admin, "/metrics");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.content_type.starts_with("text/plain; version=0.0.4"), "{r:?}");
+        Scrape::parse(&r.body)
+    }
+
+    fn parse(text: &str) -> Scrape {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        fs::write(file.path(), text).unwrap();
+        let python = require_program("python3");
+        let out = run_with_timeout(Command::new(python).arg("-c").arg(PARSE_METRICS).arg(file.path()), CMD_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(3),
+            "Python's prometheus_client is missing: `pip install prometheus_client` (scripts/test does)\n{stderr}"
+        );
+        assert!(out.status.success(), "prometheus_client rejected /metrics: {stderr}\n{text}");
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("parser output");
+        Scrape(
+            rows.iter()
+                .map(|r| Sample {
+                    family_type: r["type"].as_str().unwrap().to_string(),
+                    name: r["name"].as_str().unwrap().to_string(),
+                    labels: r["labels"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                        .collect(),
+                    value: r["value"].as_f64().unwrap_or(f64::NAN),
+                })
+                .collect(),
+        )
+    }
+
+    /// Sum of the samples named `name` whose labels include all of `labels`; 0 when none.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.0.iter().filter(move |s| {
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    fn type_of(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|s| s.name == name || s.name.starts_with(&format!("{name}_")))
+            .map(|s| s.family_type.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harbormaster as a child process started here (the harness waits for every port; these
+// tests want to watch startup, or pass flags and environment)
+// ---------------------------------------------------------------------------------------------
+
+struct Spawned {
+    child: Child,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    fn start(config: &str, args: &[&str], env: &[(&str, &str)]) -> Spawned {
+        let dir = tempfile::Builder::new().prefix("hm-admin-").tempdir().unwrap();
+        let config_path = dir.path().join("harbormaster.toml");
+        fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(harbormaster_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("HARBORMASTER_LOG")
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let child = cmd.spawn().expect("spawn harbormaster");
+        Spawned { child, log_path, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for exit 0.
+    fn stop(&mut self) {
+        send_signal(i64::from(self.child.id()), "TERM");
+        let status = wait_child(&mut self.child, CMD_TIMEOUT).expect("harbormaster did not exit after SIGTERM");
+        assert!(status.success(), "exit {status:?}:\n{}", self.log());
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- harbormaster stderr -----\n{}\n-----", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn broker_list(brokers: &[(&str, &Mosquitto)]) -> String {
+    brokers
+        .iter()
+        .map(|(name, m)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(m.addr())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The broker (by name) whose mosquitto logged `client_id`, waiting for it to appear.
+fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'a str {
+    let mut found = Vec::new();
+    wait_until(WAIT, || {
+        found = brokers.iter().filter(|(_, m)| m.has_client(client_id)).map(|(n, _)| *n).collect();
+        !found.is_empty()
+    });
+    assert_eq!(found.len(), 1, "{client_id:?} connected to {found:?}");
+    found[0]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness
+// ---------------------------------------------------------------------------------------------
+
+/// starting → ready → every broker of a pool down → not ready → one back → ready → shutdown
+/// → not ready while draining, each checked over HTTP. In process: `app::run_with` with a
+/// shutdown future the test resolves, broker health flipped through the live snapshot (what
+/// health checks write).
+#[test]
+fn readiness_transitions_in_process() {
+    let (a0, a1, b0) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
+    let config = format!(
+        r#"
+[[listener]]
+name = "la"
+bind = "127.0.0.1:0"
+pool = "a"
+
+[[listener]]
+name = "lb"
+bind = "127.0.0.1:0"
+pool = "b"
+
+[pool.a]
+backends = [{a}]
+
+[pool.b]
+backends = [{b}]
+
+[limits]
+drain_timeout = "60s"
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        a = broker_list(&[("a0", &a0), ("a1", &a1)]),
+        b = broker_list(&[("b0", &b0)]),
+    );
+    let load = || harbormaster::control::config::load_str(&config, Path::new(".")).expect("valid config");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Starting: the admin server is up, the listeners are not bound yet.
+    {
+        use harbormaster::admin::{http, metrics::Metrics, ready::Readiness};
+        let loaded = load();
+        let state = std::sync::Arc::new(http::AdminState {
+            current: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(loaded.snapshot)),
+            metrics: std::sync::Arc::new(Metrics::new()),
+            readiness: std::sync::Arc::new(Readiness::new()),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (addr, task) = rt.block_on(http::start(&loaded.admin, state.clone(), stop.clone())).unwrap().unwrap();
+        let admin = addr.to_string();
+        let (status, body) = get_json(&admin, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(body["reason"].as_str().unwrap().starts_with("starting"), "{body}");
+        state.readiness.set_snapshot_loaded();
+        let (status, body) = get_json(&admin, "/readyz");
+        assert_eq!((status, body["reason"].as_str().unwrap()), (503, "starting: listeners not bound yet"));
+        assert_eq!(get_json(&admin, "/healthz").0, 200, "alive while starting");
+        stop.cancel();
+        rt.block_on(task).unwrap();
+    }
+
+    // The whole process, with a shutdown the test controls.
+    let (tx_handles, rx_handles) = std::sync::mpsc::channel();
+    let (tx_stop, rx_stop) = tokio::sync::oneshot::channel::<()>();
+    let run = rt.spawn(harbormaster::app::run_with(
+        load(),
+        async move {
+            let _ = rx_stop.await;
+        },
+        move |h| tx_handles.send(h.clone()).unwrap(),
+    ));
+    let h = rx_handles.recv_timeout(WAIT).expect("harbormaster started");
+    let admin = h.admin.expect("admin server").to_string();
+    let port = |name: &str| h.listeners.iter().find(|(n, _)| n == name).unwrap().1.port();
+
+    let (status, body) = get_json(&admin, "/readyz");
+    assert_eq!((status, body.clone()), (200, serde_json::json!({ "ready": true })), "{body}");
+    MqttClient::plain(port("la"), MqttVersion::V311).publish_ok("ready-1", "t", "m");
+
+    // Every broker of pool a marked down: not ready, and it says which pool.
+    let snap = h.current.load_full();
+    let pool_a = snap.pool("a").unwrap();
+    for b in &pool_a.backends {
+        b.healthy.store(false, Ordering::SeqCst);
+    }
+    let (status, body) = get_json(&admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "pool \"a\": none of its 2 brokers is healthy");
+    let (_, backends) = get_json(&admin, "/backends");
+    let a = backends["pools"].as_array().unwrap().iter().find(|p| p["name"] == "a").unwrap().clone();
+    assert!(a["brokers"].as_array().unwrap().iter().all(|b| b["healthy"] == false), "{a}");
+    assert_eq!(Scrape::of(&admin).sum("harbormaster_ready", &[]), 0.0);
+
+    // One broker back: ready again.
+    pool_a.backends[1].healthy.store(true, Ordering::SeqCst);
+    assert_eq!(get_json(&admin, "/readyz").0, 200);
+    assert_eq!(Scrape::of(&admin).sum("harbormaster_ready", &[]), 1.0);
+
+    // A live client keeps the drain going while we look.
+    let mut live = TcpStream::connect(("127.0.0.1", port("lb"))).unwrap();
+    live.set_read_timeout(Some(WAIT)).unwrap();
+    let ack = mqtt::connect_and_read_connack(&mut live, MqttVersion::V311, "drain-holder").unwrap();
+    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+
+    tx_stop.send(()).unwrap();
+    let (_, body) = wait_ready_status(&admin, 503);
+    assert!(body["reason"].as_str().unwrap().starts_with("draining"), "{body}");
+    assert_eq!(get_json(&admin, "/healthz").0, 200, "still alive while draining");
+    let scrape = Scrape::of(&admin);
+    assert_eq!((scrape.sum("harbormaster_draining", &[]), scrape.sum("harbormaster_ready", &[])), (1.0, 0.0));
+    assert!(wait_until(WAIT, || !port_accepts(port("la"))), "listeners still accept while draining");
+
+    // The last client leaves: run returns, and the admin server is gone with it.
+    drop(live);
+    let result = rt.block_on(async { tokio::time::timeout(WAIT, run).await });
+    result.expect("run did not return after the drain").expect("run panicked").expect("run failed");
+    assert!(try_get(&admin, "/healthz").is_err(), "admin server still answering after exit");
+}
+
+/// The real binary: SIGTERM turns /readyz to 503 at once while live connections drain.
+#[test]
+fn sigterm_turns_readyz_503_while_draining() {
+    let m = Mosquitto::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let mut hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{broker}]
+
+[limits]
+drain_timeout = "60s"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+        broker = toml_str(m.addr()),
+    ));
+    let admin = addr(admin_port);
+    wait_ready_status(&admin, 200);
+
+    let mut live = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    live.set_read_timeout(Some(WAIT)).unwrap();
+    let ack = mqtt::connect_and_read_connack(&mut live, MqttVersion::V5, "sigterm-holder").unwrap();
+    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+
+    hm.sigterm();
+    let (_, body) = wait_ready_status(&admin, 503);
+    assert!(body["reason"].as_str().unwrap().starts_with("draining"), "{body}");
+    assert_eq!(get_json(&admin, "/healthz").0, 200);
+    assert!(hm.wait_exit(Duration::ZERO).is_none(), "exited although a connection was live");
+    assert_eq!(Scrape::of(&admin).sum("harbormaster_draining", &[]), 1.0);
+
+    drop(live);
+    let status = hm.wait_exit(CMD_TIMEOUT).expect("no exit after the last connection ended");
+    assert!(status.success(), "{status:?}");
+    assert!(!port_accepts(admin_port));
+}
+
+/// Polled from the moment the process starts, /readyz never says 200 before every MQTT
+/// listener accepts, and anything before 200 is a 503 that says "starting".
+#[test]
+fn readyz_is_never_200_before_the_listeners_accept() {
+    let m = Mosquitto::start();
+    let (p1, p2, admin_port) = (free_port(), free_port(), free_port());
+    let mut hm = Spawned::start(
+        &format!(
+            r#"
+[[listener]]
+name = "one"
+bind = "127.0.0.1:{p1}"
+pool = "brokers"
+
+[[listener]]
+name = "two"
+bind = "127.0.0.1:{p2}"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{broker}]
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+            broker = toml_str(m.addr())
+        ),
+        &[],
+        &[],
+    );
+    let admin = addr(admin_port);
+    let mut seen = Vec::new();
+    let ready = wait_until(WAIT, || match try_get(&admin, "/readyz") {
+        Ok(r) => {
+            let ok = r.status == 200;
+            seen.push((r.status, r.body));
+            ok
+        }
+        Err(_) => false,
+    });
+    assert!(ready, "never ready: {seen:?}\n{}", hm.log());
+    assert!(port_accepts(p1) && port_accepts(p2), "ready before the listeners accept");
+    for (status, body) in &seen[..seen.len() - 1] {
+        assert_eq!(*status, 503, "{body}");
+        assert!(body.contains("\"starting"), "{body}");
+    }
+    hm.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+/// Scrapes /metrics before and after real traffic (relayed, refused, TLS failures, PROXY v2)
+/// and checks, through an independent parser, that every counter moved by what happened.
+#[test]
+fn metrics_parse_and_count_what_happened() {
+    let (m0, m1) = (Mosquitto::start(), Mosquitto::start());
+    let brokers = [("m0", &m0), ("m1", &m1)];
+    let recorder = RecordingBackend::start();
+    let certs = Certs::new();
+    let (plain, tls, dead, rec, admin_port) = (free_port(), free_port(), free_port(), free_port(), free_port());
+    let nothing_there = free_port();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{plain}"
+pool = "brokers"
+
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{tls}"
+pool = "brokers"
+{tls_toml}
+[[listener]]
+name = "dead"
+bind = "127.0.0.1:{dead}"
+pool = "nowhere"
+
+[[listener]]
+name = "rec"
+bind = "127.0.0.1:{rec}"
+pool = "recorded"
+
+[pool.brokers]
+backends = [{brokers}]
+
+[pool.nowhere]
+backends = [{{ name = "gone", address = "127.0.0.1:{nothing_there}" }}]
+backend_attempts = 1
+
+[pool.recorded]
+backends = [{{ name = "recorder", address = {recorder} }}]
+proxy_protocol = "v2"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+        tls_toml = certs.listener_tls_toml("none"),
+        brokers = broker_list(&brokers),
+        recorder = toml_str(recorder.addr()),
+    ));
+    let admin = addr(admin_port);
+
+    // The harness probed every port to see it up: wait until those probes have ended, so that
+    // the counts below move only by what this test does.
+    let mut before = Scrape::of(&admin);
+    assert!(
+        wait_until(WAIT, || {
+            before = Scrape::of(&admin);
+            let accepted = before.sum("harbormaster_connections_accepted_total", &[]);
+            accepted > 0.0 && accepted == before.sum("harbormaster_connections_closed_total", &[])
+        }),
+        "the harness's probe connections never ended"
+    );
+    let logged_before = hm.connection_logs().len();
+    let build = before.matching("harbormaster_build_info", &[]).next().expect("build_info").clone();
+    assert_eq!(build.value, 1.0);
+    assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!build.labels["commit"].is_empty());
+    assert!(before.sum("harbormaster_config_last_reload_success_timestamp_seconds", &[]) > 1.6e9);
+    assert_eq!(before.sum("harbormaster_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(before.sum("harbormaster_ready", &[]), 1.0);
+    assert_eq!(before.type_of("harbormaster_connection_setup_seconds"), Some("histogram"));
+
+    // Relayed: three plain clients and two over TLS.
+    let ids = ["metrics-plain-1", "metrics-plain-2", "metrics-plain-3", "metrics-tls-1", "metrics-tls-2"];
+    for id in &ids[..3] {
+        MqttClient::plain(plain, MqttVersion::V311).publish_ok(id, "t", "m");
+    }
+    for id in &ids[3..] {
+        MqttClient::tls(tls, MqttVersion::V5, certs.client_tls(false)).publish_ok(id, "t", "m");
+    }
+    // Refused: no broker reachable (CONNACK 3), not MQTT, an unsupported protocol level
+    // (5.0 layout, 0x84), a TLS handshake that is not TLS.
+    let out = MqttClient::plain(dead, MqttVersion::V311).publish("metrics-refused", "t", "m");
+    assert!(!out.status.success(), "publishing through a pool without brokers succeeded");
+    let mut s = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    write_ignoring_errors(&mut s, b"GET / HTTP/1.0\r\n\r\n");
+    assert!(mqtt::read_until_close(&mut s, WAIT).1);
+    let mut s = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    let opts = ConnectOptions { keep_alive: 60, clean: true, level_override: Some(7), ..Default::default() };
+    write_ignoring_errors(&mut s, &mqtt::connect_with(MqttVersion::V311, "metrics-level-7", &opts));
+    let (bytes, closed) = mqtt::read_until_close(&mut s, WAIT);
+    assert!(closed && bytes.starts_with(&[0x20, 0x03, 0x00, 0x84]), "{}", hex(&bytes));
+    let mut s = TcpStream::connect(("127.0.0.1", tls)).unwrap();
+    write_ignoring_errors(&mut s, &mqtt::connect(MqttVersion::V311, "metrics-not-tls"));
+    mqtt::read_until_close(&mut s, WAIT);
+    // A PROXY v2 header to the recording backend.
+    let mut s = TcpStream::connect(("127.0.0.1", rec)).unwrap();
+    write_ignoring_errors(&mut s, &mqtt::connect(MqttVersion::V311, "metrics-proxied"));
+    assert!(wait_until(WAIT, || recorder.total_bytes() > 0));
+    drop(s);
+
+    let ends = logged_before + 5 + 4 + 1;
+    assert!(
+        wait_until(WAIT, || hm.connection_logs().len() >= ends),
+        "expected {ends} connection log lines:\n{}",
+        hm.log()
+    );
+    let after = Scrape::of(&admin);
+    let n = |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
+
+    // Connections by listener and reason.
+    assert_eq!(n("harbormaster_connections_accepted_total", &[("listener", "mqtt")]), 5.0);
+    assert_eq!(n("harbormaster_connections_accepted_total", &[("listener", "mqtts")]), 3.0);
+    assert_eq!(n("harbormaster_connections_accepted_total", &[("listener", "dead")]), 1.0);
+    assert_eq!(n("harbormaster_connections_closed_total", &[("listener", "mqtt"), ("reason", "closed")]), 3.0);
+    assert_eq!(n("harbormaster_connections_closed_total", &[("listener", "mqtts"), ("reason", "closed")]), 2.0);
+    assert_eq!(n("harbormaster_connections_closed_total", &[("listener", "mqtt")]), 5.0);
+    assert_eq!(n("harbormaster_connections_active", &[]), 0.0);
+    let refused = |listener: &str, reason: &str, connack: &str| {
+        n("harbormaster_connections_refused_total", &[("listener", listener), ("reason", reason), ("connack", connack)])
+    };
+    assert_eq!(refused("dead", "no_broker_available", "0x03"), 1.0);
+    assert_eq!(refused("mqtt", "not_connect", "none"), 1.0);
+    assert_eq!(refused("mqtt", "unsupported_protocol", "0x84"), 1.0);
+    assert_eq!(refused("mqtts", "tls_handshake", "none"), 1.0);
+    assert_eq!(n("harbormaster_connections_refused_total", &[]), 4.0);
+
+    // TLS, CONNECT, setup.
+    assert_eq!(
+        n("harbormaster_tls_handshakes_total", &[("listener", "mqtts"), ("outcome", "ok"), ("version", "TLSv1.3")]),
+        2.0
+    );
+    assert_eq!(n("harbormaster_tls_handshakes_total", &[("listener", "mqtts"), ("outcome", "error")]), 1.0);
+    assert_eq!(after.type_of("harbormaster_tls_handshake_seconds"), Some("histogram"));
+    assert_eq!(n("harbormaster_tls_handshake_seconds_count", &[("listener", "mqtts")]), 2.0);
+    assert_eq!(
+        n("harbormaster_tls_handshake_seconds_bucket", &[("listener", "mqtts"), ("le", "+Inf")]),
+        2.0,
+        "the +Inf bucket holds every observation"
+    );
+    assert_eq!(n("harbormaster_mqtt_connects_total", &[("listener", "mqtt"), ("mqtt_version", "3.1.1")]), 3.0);
+    assert_eq!(n("harbormaster_mqtt_connects_total", &[("listener", "mqtts"), ("mqtt_version", "5.0")]), 2.0);
+    assert_eq!(n("harbormaster_accept_to_connect_seconds_count", &[("listener", "mqtt")]), 3.0);
+    assert_eq!(n("harbormaster_connection_setup_seconds_count", &[]), 6.0, "5 relayed + 1 proxied");
+
+    // Brokers: routed where mosquitto saw the clients; attempts by outcome.
+    assert_eq!(n("harbormaster_connections_routed_total", &[("pool", "brokers")]), 5.0);
+    for (name, m) in &brokers {
+        let seen = ids.iter().filter(|id| m.has_client(id)).count() as f64;
+        assert_eq!(n("harbormaster_connections_routed_total", &[("broker", name)]), seen, "{name}");
+    }
+    assert_eq!(n("harbormaster_broker_connect_attempts_total", &[("pool", "brokers"), ("outcome", "ok")]), 5.0);
+    assert_eq!(n("harbormaster_broker_connect_attempts_total", &[("pool", "brokers")]), 5.0);
+    assert_eq!(
+        n(
+            "harbormaster_broker_connect_attempts_total",
+            &[("pool", "nowhere"), ("broker", "gone"), ("outcome", "refused")]
+        ),
+        1.0
+    );
+    assert_eq!(n("harbormaster_broker_connect_seconds_count", &[("pool", "brokers")]), 5.0);
+    assert_eq!(n("harbormaster_failovers_total", &[]), 0.0);
+    assert_eq!(after.sum("harbormaster_broker_connections_active", &[("pool", "brokers")]), 0.0);
+    assert_eq!(after.type_of("harbormaster_broker_connections_active"), Some("gauge"));
+
+    // Bytes, PROXY headers.
+    assert!(n("harbormaster_relayed_bytes_total", &[("listener", "mqtt"), ("direction", "client_to_broker")]) > 0.0);
+    // Three CONNACKs of 4 bytes at least came back.
+    assert!(n("harbormaster_relayed_bytes_total", &[("listener", "mqtt"), ("direction", "broker_to_client")]) >= 12.0);
+    assert_eq!(n("harbormaster_proxy_headers_sent_total", &[("pool", "recorded"), ("version", "v2")]), 1.0);
+    assert_eq!(n("harbormaster_proxy_headers_sent_total", &[("pool", "brokers")]), 0.0);
+
+    // No label carries a client-id or an address.
+    for s in &after.0 {
+        for (k, v) in &s.labels {
+            assert!(!v.contains("127.0.0.1") && !v.contains("metrics-"), "{}{{{k}={v:?}}}", s.name);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /backends and /route
+// ---------------------------------------------------------------------------------------------
+
+/// For a dozen client-ids, /route agrees with `harbormaster route`, and the client really lands
+/// there (mosquitto's log); /backends counts them per broker. A stopped broker's client fails
+/// over to its second choice, which /backends (last_error) and /metrics (failovers) show.
+#[test]
+fn backends_and_route_agree_with_the_cli_and_with_mosquitto() {
+    let (m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
+    let mut brokers = [("m0", m0), ("m1", m1), ("m2", m2)];
+    let (port, admin_port) = (free_port(), free_port());
+    let list = brokers.iter().map(|(n, m)| (*n, m)).collect::<Vec<_>>();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "fleet"
+
+[pool.fleet]
+backends = [{list}]
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+        list = broker_list(&list),
+    ));
+    let admin = addr(admin_port);
+    let client = MqttClient::plain(port, MqttVersion::V311);
+
+    let mut ids: Vec<String> = (0..10).map(|i| format!("vehicle-{i:03}")).collect();
+    ids.push("fleet/truck 7".into());
+    ids.push("sensor-ü+1".into());
+    let mut per_broker: BTreeMap<String, u64> = BTreeMap::new();
+    for id in &ids {
+        let (status, r) = get_json(&admin, &format!("/route?client_id={}", encode(id)));
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["client_id"], id.as_str());
+        assert_eq!(r["pool"], "fleet");
+        let cli = hm.route(id);
+        let preference: Vec<String> =
+            r["preference"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert_eq!(preference, cli, "/route and `harbormaster route` disagree for {id:?}");
+        assert_eq!(r["broker"], cli[0].as_str());
+        let (_, with_pool) = get_json(&admin, &format!("/route?pool=fleet&client_id={}", encode(id)));
+        assert_eq!(with_pool, r);
+
+        client.publish_ok(id, "t", "m");
+        let list = brokers.iter().map(|(n, m)| (*n, m)).collect::<Vec<_>>();
+        assert_eq!(landed_on(&list, id), cli[0], "{id:?} did not land where /route said");
+        *per_broker.entry(cli[0].clone()).or_default() += 1;
+    }
+    assert!(per_broker.len() >= 2, "a dozen ids all on one broker: {per_broker:?}");
+
+    let backends = |admin: &str| {
+        let (status, v) = get_json(admin, "/backends");
+        assert_eq!(status, 200);
+        let pools = v["pools"].as_array().unwrap().clone();
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0]["name"], "fleet");
+        pools[0]["brokers"].as_array().unwrap().clone()
+    };
+    assert!(
+        wait_until(WAIT, || backends(&admin).iter().all(|b| b["active"] == 0)),
+        "connections still active: {:?}",
+        backends(&admin)
+    );
+    for b in backends(&admin) {
+        let name = b["identity"].as_str().unwrap();
+        let (_, m) = brokers.iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!(b["address"], m.addr().as_str());
+        assert_eq!(b["total"], per_broker.get(name).copied().unwrap_or(0), "{b}");
+        assert_eq!((b["healthy"].clone(), b["draining"].clone()), (Value::Bool(true), Value::Bool(false)));
+        assert_eq!(b["last_error"], Value::Null);
+    }
+
+    // Stop the first choice of a fresh id: it lands on its second choice.
+    let id = "failover-probe";
+    let (_, r) = get_json(&admin, &format!("/route?client_id={id}"));
+    let first = r["preference"][0].as_str().unwrap().to_string();
+    let second = r["preference"][1].as_str().unwrap().to_string();
+    brokers.iter_mut().find(|(n, _)| *n == first).unwrap().1.stop();
+    client.publish_ok(id, "t", "m");
+    let list = brokers.iter().map(|(n, m)| (*n, m)).collect::<Vec<_>>();
+    assert_eq!(landed_on(&list, id), second);
+    let stopped = backends(&admin).into_iter().find(|b| b["identity"] == first.as_str()).unwrap();
+    let err = stopped["last_error"]["error"].as_str().expect("last_error of the stopped broker");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    let scrape = Scrape::of(&admin);
+    assert_eq!(scrape.sum("harbormaster_failovers_total", &[("pool", "fleet")]), 1.0);
+    let refused = [("pool", "fleet"), ("broker", first.as_str()), ("outcome", "refused")];
+    assert_eq!(scrape.sum("harbormaster_broker_connect_attempts_total", &refused), 1.0);
+    // Without health checks the stopped broker stays healthy, so /route still names it first
+    // and the data plane keeps trying it first, then fails over.
+    let (_, r) = get_json(&admin, &format!("/route?client_id={id}"));
+    assert_eq!(
+        (r["broker"].as_str().unwrap(), r["candidates"][1].as_str().unwrap()),
+        (first.as_str(), second.as_str())
+    );
+
+    // Errors are JSON too.
+    assert_eq!(get_json(&admin, "/route").0, 400);
+    assert_eq!(get_json(&admin, "/route?client_id=x&pool=nope").0, 404);
+    assert_eq!(get_json(&admin, "/nope").0, 404);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------------
+
+/// Every line of `--log-format json` parses as a JSON object with ts/level/target/msg; the
+/// per-connection line has its fields at the top level; flags override the config; nothing
+/// secret (a password, the private key) appears.
+#[test]
+fn json_logs_parse_line_by_line_and_hold_no_secrets() {
+    let m = Mosquitto::start();
+    let certs = Certs::new();
+    let (plain, tls, admin_port) = (free_port(), free_port(), free_port());
+    let config = format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{plain}"
+pool = "brokers"
+
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{tls}"
+pool = "brokers"
+{tls_toml}
+[pool.brokers]
+backends = [{{ name = "m0", address = {broker} }}]
+
+[log]
+format = "text"
+level = "error"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+        tls_toml = certs.listener_tls_toml("none"),
+        broker = toml_str(m.addr()),
+    );
+    let mut hm = Spawned::start(&config, &["--log-format", "json", "--log-level", "debug"], &[("RUST_LOG", "error")]);
+    let admin = addr(admin_port);
+    wait_ready_status(&admin, 200);
+
+    let password = "s3cr3t-pa55w0rd";
+    let mut s = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let opts = ConnectOptions {
+        username: Some("fleet-user".into()),
+        password: Some(password.as_bytes().to_vec()),
+        keep_alive: 60,
+        clean: true,
+        level_override: None,
+    };
+    s.write_all(&mqtt::connect_with(MqttVersion::V311, "json-log-1", &opts)).unwrap();
+    let ack = mqtt::read_packet(&mut s).unwrap().expect("CONNACK");
+    assert!(mqtt::connack_accepted(&ack.bytes()));
+    s.write_all(&mqtt::disconnect()).unwrap();
+    mqtt::read_until_close(&mut s, WAIT);
+    drop(s);
+    MqttClient::tls(tls, MqttVersion::V5, certs.client_tls(false)).publish_ok("json-log-2", "t", "m");
+    assert!(
+        wait_until(WAIT, || hm.log().matches("\"msg\":\"connection closed\"").count() >= 2),
+        "no connection lines:\n{}",
+        hm.log()
+    );
+    hm.stop();
+
+    let log = hm.log();
+    let lines: Vec<serde_json::Map<String, Value>> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match serde_json::from_str(l) {
+            Ok(Value::Object(o)) => o,
+            other => panic!("not a JSON object ({other:?}): {l}"),
+        })
+        .collect();
+    assert!(lines.len() >= 5, "{log}");
+    for l in &lines {
+        for k in ["ts", "level", "target", "msg"] {
+            assert!(l.get(k).is_some_and(Value::is_string), "{k} missing or not a string: {l:?}");
+        }
+        let ts = l["ts"].as_str().unwrap();
+        assert!(ts.len() == 27 && ts.ends_with('Z') && &ts[10..11] == "T", "{ts}");
+        assert!(["error", "warn", "info", "debug", "trace"].contains(&l["level"].as_str().unwrap()), "{l:?}");
+        assert!(l["target"] != "log" && !l.contains_key("log.file"), "log-crate events keep their own target: {l:?}");
+    }
+    let starting = lines.iter().find(|l| l["msg"] == "starting").expect("starting line");
+    assert_eq!(starting["log_filter"], "debug");
+    assert_eq!(starting["log_filter_from"], "--log-level");
+    assert_eq!(starting["version"], env!("CARGO_PKG_VERSION"));
+
+    let conn = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["msg"] == "connection closed" && l["client_id"] == id)
+            .unwrap_or_else(|| panic!("no connection line for {id}:\n{log}"))
+    };
+    let c = conn("json-log-1");
+    assert_eq!(c["target"], "harbormaster::connection");
+    assert_eq!(c["listener"], "mqtt");
+    assert_eq!(c["broker"], "m0");
+    assert_eq!(c["mqtt_version"], "3.1.1");
+    assert_eq!(c["close_reason"], "closed");
+    assert!(c["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{c:?}");
+    assert!(c["conn_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(c["bytes_in"].as_u64().unwrap() > 0 && c["bytes_out"].as_u64().unwrap() >= 4, "{c:?}");
+    assert!(c.get("duration").is_some());
+    let c = conn("json-log-2");
+    assert_eq!(
+        (c["listener"].as_str(), c["tls_version"].as_str(), c["sni"].as_str()),
+        (Some("mqtts"), Some("TLSv1.3"), Some("localhost"))
+    );
+
+    assert!(!log.contains(password), "the password was logged");
+    let key = fs::read_to_string(&certs.server_key).unwrap();
+    let key_body = key.lines().find(|l| !l.starts_with("-----") && l.len() > 20).unwrap();
+    assert!(!log.contains("PRIVATE KEY") && !log.contains(key_body), "key material was logged");
+}
+
+/// Without flags, HARBORMASTER_LOG beats RUST_LOG, which beats the config's level; an invalid
+/// --log-level is a usage error (exit 64).
+#[test]
+fn log_filter_precedence_and_bad_flags() {
+    let m = Mosquitto::start();
+    let config = |admin_port: u16| {
+        format!(
+            r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:0"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{broker}]
+
+[log]
+format = "json"
+level = "error"
+
+[admin]
+bind = "127.0.0.1:{admin_port}"
+"#,
+            broker = toml_str(m.addr())
+        )
+    };
+    for (env, want) in [
+        (vec![("RUST_LOG", "info")], "RUST_LOG"),
+        (vec![("RUST_LOG", "info"), ("HARBORMASTER_LOG", "harbormaster=info")], "HARBORMASTER_LOG"),
+    ] {
+        let admin_port = free_port();
+        let mut hm = Spawned::start(&config(admin_port), &[], &env);
+        wait_ready_status(&addr(admin_port), 200);
+        hm.stop();
+        let log = hm.log();
+        let starting = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["msg"] == "starting")
+            .unwrap_or_else(|| panic!("no starting line with {env:?}:\n{log}"));
+        assert_eq!(starting["log_filter_from"], want, "{env:?}");
+    }
+    // The config says error: without overrides, the info lines are gone.
+    let admin_port = free_port();
+    let mut hm = Spawned::start(&config(admin_port), &[], &[]);
+    wait_ready_status(&addr(admin_port), 200);
+    hm.stop();
+    assert!(!hm.log().contains("\"level\":\"info\""), "{}", hm.log());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hm.toml");
+    fs::write(&path, config(free_port())).unwrap();
+    let out = harbormaster(&["run", "--config", path.to_str().unwrap(), "--log-level", "=nope=["]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-level"), "{out:?}");
+}
