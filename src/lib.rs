@@ -12,8 +12,9 @@
 //!   Kubernetes.
 //! - [`control`]: the control plane. Config parsing and validation, building snapshots
 //!   (certificates, resolved broker addresses). Never touches a client socket.
-//! - [`admin`]: metrics handles (Prometheus).
-//! - [`app`]: wiring: config → snapshot → listeners → signals → drain.
+//! - [`admin`]: the operator's view: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
+//!   `/backends`, `/route`), the readiness latch, route lookup, logging setup, every metric.
+//! - [`app`]: wiring: config → snapshot → admin server → listeners → signals → drain.
 #![forbid(unsafe_code)]
 
 pub mod admin;

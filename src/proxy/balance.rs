@@ -370,10 +370,7 @@ mod tests {
     #[test]
     fn golden_routes() {
         let p = pool(&["10.0.0.11:1883", "10.0.0.12:1883", "10.0.0.13:1883"]);
-        let got: Vec<String> = ["truck-0001", "boat-42", "sensor/a/b", "x"]
-            .iter()
-            .map(|k| first(&p, k))
-            .collect();
+        let got: Vec<String> = ["truck-0001", "boat-42", "sensor/a/b", "x"].iter().map(|k| first(&p, k)).collect();
         assert_eq!(got, GOLDEN);
     }
     const GOLDEN: [&str; 4] = ["10.0.0.11:1883", "10.0.0.12:1883", "10.0.0.12:1883", "10.0.0.13:1883"];

@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
 use super::identity::TlsInfo;
+use super::inbound;
 use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
 use super::proxy_header::{self, HeaderInput};
 use super::relay::{self, Ended};
 use super::snapshot::{ListenerSpec, Snapshot};
-use super::inbound;
 use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
 
 /// State shared by every connection of the process.
@@ -42,7 +42,8 @@ impl Shared {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let prefix = xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
+        let prefix =
+            xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
         Shared { metrics, hard_stop, prefix, next_id: AtomicU64::new(1) }
     }
 
@@ -167,8 +168,59 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+/// The client side of a connection once set up: plain, or TLS (boxed: rustls' state is large,
+/// and plain connections should not carry room for it).
+pub enum Client {
+    Plain(Prefixed<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+}
+
+impl AsyncRead for Client {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Client {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_flush(cx),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection ready to relay: the client, the broker it was routed to, and the guard that
+/// counts it on that broker.
+struct Established {
+    client: Client,
+    upstream: TcpStream,
+    _active: ActiveGuard,
+}
+
 /// Handle one accepted connection to its end, then log it.
-pub async fn handle(shared: Arc<Shared>, snapshot: Arc<Snapshot>, spec: Arc<ListenerSpec>, tcp: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    spec: Arc<ListenerSpec>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let conn_id = shared.conn_id();
     let m = &shared.metrics;
@@ -176,7 +228,15 @@ pub async fn handle(shared: Arc<Shared>, snapshot: Arc<Snapshot>, spec: Arc<List
     active.inc();
     let mut facts = Facts { client_addr: Some(peer), ..Facts::default() };
     let reason = tokio::select! {
-        r = run(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts) => r,
+        r = async {
+            // Setting up (PROXY header, TLS handshake, CONNECT, dialing) needs several times the
+            // state relaying does; boxed, that state is freed before the connection idles
+            // instead of staying part of this task for its whole life.
+            match Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts)).await {
+                Ok(est) => relay_phase(&shared, &spec.name, est, &mut facts).await,
+                Err(reason) => reason,
+            }
+        } => r,
         _ = shared.hard_stop.cancelled() => Reason::Drained,
     };
     active.dec();
@@ -204,7 +264,7 @@ pub async fn handle(shared: Arc<Shared>, snapshot: Arc<Snapshot>, spec: Arc<List
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn setup(
     shared: &Shared,
     snap: &Snapshot,
     spec: &ListenerSpec,
@@ -213,10 +273,10 @@ async fn run(
     conn_id: &str,
     started: Instant,
     facts: &mut Facts,
-) -> Reason {
+) -> Result<Established, Reason> {
     let deadline = tokio::time::Instant::from_std(started + snap.limits.connect_timeout);
     let Some(pool) = snap.pool(&spec.pool) else {
-        return Reason::NoPool;
+        return Err(Reason::NoPool);
     };
     let _ = tcp.set_nodelay(true);
     let mut dst = tcp.local_addr().unwrap_or(spec.bind);
@@ -227,13 +287,13 @@ async fn run(
     if spec.accept_proxy {
         if !spec.trusts(peer.ip()) {
             facts.detail = Some(format!("PROXY header expected from a trusted proxy, {} is not one", peer.ip()));
-            return Reason::UntrustedProxy;
+            return Err(Reason::UntrustedProxy);
         }
         match tokio::time::timeout_at(deadline, read_inbound(&mut tcp)).await {
-            Err(_) => return Reason::Timeout,
+            Err(_) => return Err(Reason::Timeout),
             Ok(Err(e)) => {
                 facts.detail = Some(e.to_string());
-                return Reason::BadProxyHeader;
+                return Err(Reason::BadProxyHeader);
             }
             Ok(Ok((header, rest))) => {
                 if let Some((s, d)) = header.addrs {
@@ -249,19 +309,22 @@ async fn run(
 
     // 2. TLS.
     match &spec.tls {
-        None => serve(shared, &spec.name, pool, snap, stream, None, src, dst, conn_id, deadline, started, facts).await,
+        None => {
+            let client = Client::Plain(stream);
+            serve(shared, &spec.name, pool, snap, client, None, src, dst, conn_id, deadline, started, facts).await
+        }
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             let handshake = Instant::now();
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Err(_) => {
                     shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "timeout", "none"]).inc();
-                    return Reason::Timeout;
+                    return Err(Reason::Timeout);
                 }
                 Ok(Err(e)) => {
                     shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "error", "none"]).inc();
                     facts.detail = Some(e.to_string());
-                    return Reason::TlsHandshake;
+                    return Err(Reason::TlsHandshake);
                 }
                 Ok(Ok(tls)) => tls,
             };
@@ -271,7 +334,8 @@ async fn run(
             shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "ok", info.version]).inc();
             facts.sni = info.sni.clone();
             facts.tls_version = Some(info.version);
-            serve(shared, &spec.name, pool, snap, tls, Some(info), src, dst, conn_id, deadline, started, facts).await
+            let client = Client::Tls(Box::new(tls));
+            serve(shared, &spec.name, pool, snap, client, Some(info), src, dst, conn_id, deadline, started, facts).await
         }
     }
 }
@@ -380,12 +444,12 @@ fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve(
     shared: &Shared,
     listener: &str,
     pool: &Pool,
     snap: &Snapshot,
-    mut stream: S,
+    mut stream: Client,
     tls: Option<TlsInfo>,
     src: SocketAddr,
     dst: SocketAddr,
@@ -393,14 +457,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: tokio::time::Instant,
     started: Instant,
     facts: &mut Facts,
-) -> Reason {
+) -> Result<Established, Reason> {
     // 3. CONNECT.
     let buf = match tokio::time::timeout_at(deadline, read_connect(&mut stream, snap.limits.max_connect_packet)).await {
-        Err(_) => return Reason::Timeout,
+        Err(_) => return Err(Reason::Timeout),
         Ok(Ok(buf)) => buf,
         Ok(Err(ReadFail::Closed(detail))) => {
             facts.detail = Some(detail);
-            return Reason::ClientClosed;
+            return Err(Reason::ClientClosed);
         }
         Ok(Err(ReadFail::Mqtt(e))) => {
             facts.detail = Some(e.to_string());
@@ -409,11 +473,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Some((v, r)) => refuse(&mut stream, Some(v), r).await,
                 None => refuse(&mut stream, None, Refusal::Malformed).await,
             };
-            return reason;
+            return Err(reason);
         }
     };
     let Ok(Peek::Complete { connect, len }) = mqtt::peek_connect(&buf, snap.limits.max_connect_packet) else {
-        return Reason::Malformed; // unreachable: read_connect returned a complete packet
+        return Err(Reason::Malformed); // unreachable: read_connect returned a complete packet
     };
     let version = connect.version;
     facts.mqtt_version = Some(version);
@@ -427,7 +491,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let key: Option<&[u8]> = match pool.hash_key {
         HashKey::ClientId => Some(connect.client_id),
         HashKey::Username => connect.username,
-        HashKey::CertCn => tls.as_ref().and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cn.as_deref()).map(str::as_bytes),
+        HashKey::CertCn => {
+            tls.as_ref().and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cn.as_deref()).map(str::as_bytes)
+        }
     }
     .filter(|k| !k.is_empty());
     let source_key;
@@ -437,7 +503,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             EmptyKey::Reject => {
                 facts.detail = Some("no routing key and empty_client_id = reject".into());
                 facts.connack = refuse(&mut stream, Some(version), Refusal::ClientIdRejected).await;
-                return Reason::EmptyClientId;
+                return Err(Reason::EmptyClientId);
             }
             EmptyKey::LeastConnections => pool.least_connections(pool.backend_attempts),
             EmptyKey::SourceAddress => {
@@ -475,7 +541,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let Some((backend, mut upstream)) = broker else {
         facts.detail = Some(errors.join("; "));
         facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
-        return Reason::NoBroker;
+        return Err(Reason::NoBroker);
     };
     if !errors.is_empty() {
         facts.detail = Some(format!("failed over: {}", errors.join("; ")));
@@ -493,7 +559,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         ProxyProtocol::None => Vec::with_capacity(buf.len()),
         ProxyProtocol::V1 => proxy_header::encode_v1(src, dst),
         ProxyProtocol::V2 => {
-            let input = HeaderInput { src, dst, tls: tls.as_ref(), unique_id: conn_id.as_bytes(), client_id: connect.client_id };
+            let input = HeaderInput {
+                src,
+                dst,
+                tls: tls.as_ref(),
+                unique_id: conn_id.as_bytes(),
+                client_id: connect.client_id,
+            };
             let enc = proxy_header::encode_v2(&input, &pool.tlvs, pool.max_header_bytes);
             for t in &enc.dropped {
                 shared.metrics.tlv_dropped.with_label_values(&[&pool.name, &format!("{t:?}").to_lowercase()]).inc();
@@ -508,7 +580,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = upstream.write_all(&first).await {
         facts.detail = Some(format!("writing CONNECT to {}: {e}", backend.name));
         facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
-        return Reason::BrokerWrite;
+        return Err(Reason::BrokerWrite);
     }
     drop(first);
     match pool.proxy_protocol {
@@ -518,13 +590,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
     shared.metrics.setup_seconds.observe(started.elapsed().as_secs_f64());
 
-    // 7. Relay.
-    // Bytes are counted as they are read, so long-lived connections move the counters.
+    Ok(Established { client: stream, upstream, _active })
+}
+
+/// Relay until both sides are done, counting bytes as they flow so long-lived connections
+/// move the counters.
+async fn relay_phase(shared: &Shared, listener: &str, mut est: Established, facts: &mut Facts) -> Reason {
     let up = shared.metrics.bytes.with_label_values(&[listener, "client_to_broker"]);
     let down = shared.metrics.bytes.with_label_values(&[listener, "broker_to_client"]);
     up.inc_by(facts.up);
     let (ended, totals, err) =
-        relay::relay(&mut CountReads::new(&mut stream, up), &mut CountReads::new(&mut upstream, down)).await;
+        relay::relay(&mut CountReads::new(&mut est.client, up), &mut CountReads::new(&mut est.upstream, down)).await;
     facts.up += totals.up;
     facts.down = totals.down;
     if let Some(e) = err {
