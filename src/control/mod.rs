@@ -4,5 +4,6 @@
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
 pub mod config;
+pub mod discovery;
 pub mod health;
 pub mod tls;
