@@ -1,6 +1,6 @@
-//! Wiring: a loaded config becomes bound listeners and accept loops; then wait for a shutdown
-//! signal and drain: stop accepting at once, let live connections run up to `drain_timeout`,
-//! then close them.
+//! Wiring: a loaded config becomes the admin server, bound listeners and accept loops, health
+//! checks and the reload loop; then wait for a shutdown signal and drain: not ready at once,
+//! stop accepting after `drain_delay`, close live connections evenly over `drain_timeout`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,9 +15,10 @@ use crate::admin::http::{self as admin_http, AdminState};
 use crate::admin::metrics::Metrics;
 use crate::admin::ready::Readiness;
 use crate::control::config::Loaded;
-use crate::control::health;
+use crate::control::reload::{self, Reloader};
+use crate::control::{drain, health};
 use crate::proxy::connection::Shared;
-use crate::proxy::listener;
+use crate::proxy::listener::ListenerSet;
 use crate::proxy::snapshot::Snapshot;
 
 /// What a running process exposes to whoever started it (tests, embedders): the bound
@@ -46,6 +47,8 @@ pub async fn run(
 
 /// [`run`], handing `on_started` the [`Handles`] once the admin server and every listener are
 /// up. Readiness turns false the moment `shutdown` resolves, before anything else happens.
+/// A config loaded from a file ([`Loaded::source`]) is reloaded on SIGHUP and when it or a
+/// file it references changes; discovery runs for the pools that have it.
 pub async fn run_with(
     loaded: Loaded,
     shutdown: impl Future<Output = ()>,
@@ -56,8 +59,8 @@ pub async fn run_with(
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared::new(metrics.clone(), hard_stop.clone()));
-    let limits = loaded.snapshot.limits.clone();
-    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let limit = Arc::new(Semaphore::new(loaded.snapshot.limits.max_connections));
+    let applied = reload::Applied::of(&loaded);
     let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
     let readiness = Arc::new(Readiness::new());
     readiness.set_snapshot_loaded();
@@ -69,26 +72,15 @@ pub async fn run_with(
         Arc::new(AdminState { current: current.clone(), metrics: metrics.clone(), readiness: readiness.clone() });
     let admin = admin_http::start(&loaded.admin, admin_state, admin_stop.clone()).await?;
 
+    let mut listeners =
+        ListenerSet::new(current.clone(), shared.clone(), limit.clone(), tracker.clone(), stop_accepting.clone());
     let snapshot = current.load_full();
-    let mut bound = Vec::new();
-    let mut accept_loops = Vec::new();
-    for spec in &snapshot.listeners {
-        let l = listener::bind(spec.bind)
-            .map_err(|e| anyhow::anyhow!("listener {:?}: cannot bind {}: {e}", spec.name, spec.bind))?;
-        let addr = l.local_addr()?;
-        tracing::info!(listener = %spec.name, addr = %addr, tls = spec.tls.is_some(), pool = %spec.pool, "listening");
-        bound.push((spec.name.clone(), addr));
-        accept_loops.push(tokio::spawn(listener::serve(
-            l,
-            spec.clone(),
-            current.clone(),
-            shared.clone(),
-            limit.clone(),
-            tracker.clone(),
-            stop_accepting.clone(),
-        )));
-    }
+    let prepared = listeners.prepare(&snapshot).await.map_err(anyhow::Error::msg)?;
+    listeners.commit(&snapshot, prepared).await;
     readiness.set_listeners_bound();
+    let bound = listeners.addrs();
+    // Installs the SIGHUP handler before anyone learns we are up.
+    let reloader = Reloader::new(applied, current.clone(), metrics.clone(), shared.conns.clone(), listeners, limit);
     on_started(&Handles {
         listeners: bound,
         admin: admin.as_ref().map(|(addr, _)| *addr),
@@ -98,29 +90,41 @@ pub async fn run_with(
     });
     let stop_health = CancellationToken::new();
     let health = tokio::spawn(health::run(current.clone(), metrics.clone(), stop_health.clone()));
+    let stop_reload = CancellationToken::new();
+    let reloading = tokio::spawn(reloader.run(stop_reload.clone()));
 
     shutdown.await;
     // Not ready from this moment on, so load balancers stop sending new clients.
     readiness.set_draining();
     metrics.draining.set(1);
-    // Stop accepting at once: the accept loops drop their sockets, so new connections are
-    // refused by the kernel while live ones carry on. Nothing new is routed, so health
-    // checking ends too.
+    // The drain runs on the configuration as it is now: no more reloads or discovery.
+    stop_reload.cancel();
+    let listeners = reloading.await;
+    let limits = current.load().limits.clone();
+    if !limits.drain_delay.is_zero() {
+        // Kubernetes removes the endpoint a little after readiness fails; clients routed here
+        // meanwhile are still served.
+        tracing::info!(drain_delay = ?limits.drain_delay, "not ready; accepting until drain_delay has passed");
+        tokio::time::sleep(limits.drain_delay).await;
+    }
+    // Stop accepting: the accept loops drop their sockets, so new connections are refused by
+    // the kernel while live ones carry on. Nothing new is routed, so health checking ends too.
+    match listeners {
+        Ok(mut l) => l.close_all().await,
+        Err(e) => tracing::error!(error = %e, "reload task failed"),
+    }
     stop_accepting.cancel();
     stop_health.cancel();
     let _ = health.await;
-    for l in accept_loops {
-        let _ = l.await;
-    }
     tracker.close();
-    let live = tracker.len();
-    tracing::info!(live, drain_timeout = ?limits.drain_timeout, "draining");
-    if tokio::time::timeout(limits.drain_timeout, tracker.wait()).await.is_err() {
-        tracing::info!(live = tracker.len(), "drain timeout reached; closing remaining connections");
-        hard_stop.cancel();
-        tracker.wait().await;
-    }
-    tracing::info!("drained; exiting");
+    // Close what is left evenly over drain_timeout, oldest first, so that the clients'
+    // reconnects arrive as a steady trickle at the other replicas instead of one storm.
+    let live = shared.conns.len();
+    tracing::info!(live, drain_timeout = ?limits.drain_timeout, "draining: closing live connections evenly over drain_timeout");
+    let closed = drain::paced_close(&shared.conns, limits.drain_timeout, &tracker).await;
+    hard_stop.cancel();
+    tracker.wait().await;
+    tracing::info!(closed, "drained; exiting");
     admin_stop.cancel();
     if let Some((_, task)) = admin {
         let _ = task.await;

@@ -1,4 +1,6 @@
-//! The `harbormaster` command: `run`, `check` and `route` over one TOML config file.
+//! The `harbormaster` command: `run`, `check` and `route` over one TOML config file, and `demo`.
+
+mod demo;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Try it: harbormaster with TLS in front of three embedded MQTT brokers, demo
+    /// certificates, ready-to-paste mosquitto commands and a live table. Ctrl-C stops.
+    Demo(demo::Args),
     /// Run the load balancer.
     Run {
         #[arg(long, short, default_value = "config/harbormaster.toml")]
@@ -52,6 +57,7 @@ const EXIT_INVALID_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::main(args),
         Command::Check { config } => match config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -119,7 +125,20 @@ fn main() -> ExitCode {
             for ignored in &filter.ignored {
                 tracing::warn!("{ignored}");
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // HARBORMASTER_WORKER_THREADS: runtime worker threads (default: one per core); the
+            // benchmarks pin the proxy to one core with one worker.
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            match std::env::var("HARBORMASTER_WORKER_THREADS").map(|v| v.parse::<usize>()) {
+                Ok(Ok(n)) if n > 0 => {
+                    builder.worker_threads(n);
+                }
+                Ok(_) => {
+                    eprintln!("HARBORMASTER_WORKER_THREADS must be a positive integer");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+                Err(_) => {}
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

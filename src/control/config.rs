@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use super::discovery::DiscoverySpec;
 use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
@@ -115,10 +116,68 @@ pub enum RawBackend {
     Named { name: String, address: String },
 }
 
+/// `dns = { name = "hivemq-headless.mqtt.svc.cluster.local.", port = 1883, interval = "10s",
+/// resolver = "10.96.0.10:53" }`: A/AAAA with `port`, SRV without it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub name: String,
+    pub port: Option<u16>,
+    #[serde(default = "default_dns_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// `IP:port` (or `IP`, port 53) of the DNS server to ask instead of /etc/resolv.conf's.
+    pub resolver: Option<String>,
+}
+
+fn default_dns_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Shortest `dns.interval`: resolving more often only loads the DNS server.
+const MIN_DNS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `kubernetes = { namespace = "mqtt", service = "hivemq", port = "mqtt" }` (port by name or
+/// number).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKubernetes {
+    pub namespace: String,
+    pub service: String,
+    pub port: RawPortRef,
+}
+
+/// A Service port by name (`"mqtt"`) or number (`1883`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawPortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for RawPortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RawPortRef::Number(n) => write!(f, "{n}"),
+            RawPortRef::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// `dns.resolver`: `IP:port`, or a bare IP on port 53.
+fn parse_resolver(s: &str) -> Option<SocketAddr> {
+    s.parse::<SocketAddr>().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
+    /// Static brokers. Empty (and absent) when `dns` or `kubernetes` discovers them.
+    #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// Brokers from DNS: `dns = { name, port, interval = "10s", resolver }`.
+    pub dns: Option<RawDns>,
+    /// Brokers from a Service's EndpointSlices: `kubernetes = { namespace, service, port }`.
+    pub kubernetes: Option<RawKubernetes>,
     #[serde(default = "default_hash_key")]
     pub hash_key: RawHashKey,
     #[serde(default = "default_empty")]
@@ -135,6 +194,33 @@ pub struct RawPool {
     pub backend_attempts: usize,
     /// Active health checks; absent: none.
     pub health: Option<RawHealth>,
+    /// What happens to the client connections of a broker that leaves the pool.
+    #[serde(default)]
+    pub on_backend_removed: RawOnRemoved,
+    /// With `on_backend_removed = "close"`: connections closed per second.
+    #[serde(default = "default_close_rate")]
+    pub close_rate: u32,
+}
+
+/// `on_backend_removed`: `"keep"` (default) or `"close"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOnRemoved {
+    #[default]
+    Keep,
+    Close,
+}
+
+fn default_close_rate() -> u32 {
+    100
+}
+
+/// What happens to the client connections of a broker that leaves its pool (reload or
+/// discovery update): kept until they end by themselves, or closed `rate` per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRemoved {
+    Keep,
+    Close { rate: u32 },
 }
 
 /// `health = { check = "tcp" | "mqtt", interval = "5s", timeout = "2s", rise = 2, fall = 3 }`
@@ -238,7 +324,11 @@ pub struct RawLimits {
     pub max_connect_packet: usize,
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub drain_delay: Duration,
     pub max_connections: usize,
+    #[serde(deserialize_with = "duration")]
+    pub half_close_timeout: Duration,
 }
 
 impl Default for RawLimits {
@@ -247,7 +337,9 @@ impl Default for RawLimits {
             connect_timeout: Duration::from_secs(10),
             max_connect_packet: 262_144,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_connections: 100_000,
+            half_close_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -351,6 +443,14 @@ pub struct Loaded {
     pub snapshot: Snapshot,
     pub log: RawLog,
     pub admin: AdminSettings,
+    /// The file it was read from ([`load`]); `None` from [`load_str`]. Reloads re-read it.
+    pub source: Option<PathBuf>,
+    /// Every certificate, key and CA file it references: reloads watch their folders.
+    pub files: Vec<PathBuf>,
+    /// Pools whose brokers come from discovery, and how.
+    pub discovery: Vec<(String, DiscoverySpec)>,
+    /// Per pool: what happens to a removed broker's connections.
+    pub on_removed: BTreeMap<String, OnRemoved>,
 }
 
 /// Read, parse, validate and build. Relative file paths are relative to the config's folder.
@@ -359,7 +459,126 @@ pub fn load(path: &Path) -> Result<Loaded, Problems> {
         Problems(vec![Problem { path: path.display().to_string(), message: format!("cannot read: {e}") }])
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    load_str(&text, &base)
+    let mut loaded = load_str(&text, &base)?;
+    loaded.source = Some(path.to_path_buf());
+    Ok(loaded)
+}
+
+/// The pools of `raw` whose brokers come from discovery (`dns`, `kubernetes`), with how.
+/// Meant for a validated config: a pool that sets both gets its `dns`.
+pub fn discovery_specs(raw: &RawConfig) -> Vec<(String, DiscoverySpec)> {
+    raw.pool
+        .iter()
+        .filter_map(|(name, p)| {
+            let spec = if let Some(d) = &p.dns {
+                DiscoverySpec::Dns {
+                    name: d.name.clone(),
+                    port: d.port,
+                    interval: d.interval,
+                    resolver: d.resolver.as_deref().and_then(parse_resolver),
+                }
+            } else {
+                let k = p.kubernetes.as_ref()?;
+                DiscoverySpec::Kubernetes {
+                    namespace: k.namespace.clone(),
+                    service: k.service.clone(),
+                    port: k.port.to_string(),
+                }
+            };
+            Some((name.clone(), spec))
+        })
+        .collect()
+}
+
+/// Checks a pool's broker source: exactly one of `backends`, `dns`, `kubernetes`, and the
+/// discovery settings themselves.
+fn check_broker_source(c: &mut Check, at: &str, p: &RawPool) {
+    let given: Vec<&str> =
+        [(!p.backends.is_empty(), "backends"), (p.dns.is_some(), "dns"), (p.kubernetes.is_some(), "kubernetes")]
+            .into_iter()
+            .filter_map(|(set, key)| set.then_some(key))
+            .collect();
+    match given.len() {
+        0 => c.add(
+            format!("{at}.backends"),
+            "at least one broker is required (or discover them with dns = {...} or kubernetes = {...})",
+        ),
+        1 => {}
+        _ => c.add(at, format!("set exactly one of backends, dns, kubernetes; found {}", given.join(" and "))),
+    }
+    if let Some(d) = &p.dns {
+        let name = d.name.trim_end_matches('.');
+        if name.is_empty() {
+            c.add(format!("{at}.dns.name"), "must not be empty");
+        } else if name.len() > 253
+            || name.split('.').any(|l| l.is_empty() || l.len() > 63)
+            || name.contains(char::is_whitespace)
+        {
+            c.add(format!("{at}.dns.name"), format!("{:?} is not a DNS name", d.name));
+        }
+        if d.port == Some(0) {
+            c.add(format!("{at}.dns.port"), "must be between 1 and 65535 (omit it to look up SRV records)");
+        }
+        if d.interval < MIN_DNS_INTERVAL {
+            c.add(format!("{at}.dns.interval"), format!("must be at least {MIN_DNS_INTERVAL:?}"));
+        }
+        if let Some(r) = d.resolver.as_deref().filter(|r| parse_resolver(r).is_none()) {
+            c.add(format!("{at}.dns.resolver"), format!("{r:?} is not an IP:port address"));
+        }
+    }
+    if let Some(k) = &p.kubernetes {
+        for (key, value) in [("namespace", &k.namespace), ("service", &k.service)] {
+            if !is_dns_label(value) {
+                c.add(
+                    format!("{at}.kubernetes.{key}"),
+                    format!("{value:?} is not a Kubernetes name (lowercase letters, digits and '-', at most 63)"),
+                );
+            }
+        }
+        match &k.port {
+            RawPortRef::Number(0) => c.add(format!("{at}.kubernetes.port"), "must be between 1 and 65535"),
+            RawPortRef::Number(_) => {}
+            RawPortRef::Name(n) => {
+                let valid = (1..=15).contains(&n.len())
+                    && n.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+                    && n.chars().any(|ch| ch.is_ascii_lowercase())
+                    && !n.starts_with('-')
+                    && !n.ends_with('-')
+                    && !n.contains("--");
+                if !valid {
+                    c.add(
+                        format!("{at}.kubernetes.port"),
+                        format!(
+                            "{n:?} is neither a port number nor a Kubernetes port name (at most 15 of a-z, 0-9, '-')"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An RFC 1123 label: what Kubernetes accepts as a namespace or Service name.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Certificate, key and CA files a config references, resolved against `base`.
+fn referenced_files(raw: &RawConfig, base: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for tls in raw.listener.iter().filter_map(|l| l.tls.as_ref()) {
+        for pair in &tls.certs {
+            files.push(relative(base, &pair.cert));
+            files.push(relative(base, &pair.key));
+        }
+        files.extend(tls.client_ca.iter().map(|ca| relative(base, ca)));
+    }
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// [`load`] on text already read; `base` resolves relative paths.
@@ -485,8 +704,16 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if lim.connect_timeout.is_zero() {
         c.add("limits.connect_timeout", "must be greater than 0");
     }
+    if lim.half_close_timeout.is_zero() {
+        c.add("limits.half_close_timeout", "must be greater than 0");
+    }
     if lim.drain_timeout.is_zero() {
         c.add("limits.drain_timeout", "must be greater than 0");
+    }
+    for (name, p) in &raw.pool {
+        if p.close_rate == 0 {
+            c.add(format!("pool.{name}.close_rate"), "must be at least 1 (connections per second)");
+        }
     }
     // 268,435,455 is the largest remaining length MQTT can express.
     if !(16..=268_435_460).contains(&lim.max_connect_packet) {
@@ -503,6 +730,19 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
     }
+    let files = referenced_files(&raw, base);
+    let discovery = discovery_specs(&raw);
+    let on_removed = raw
+        .pool
+        .iter()
+        .map(|(name, p)| {
+            let policy = match p.on_backend_removed {
+                RawOnRemoved::Keep => OnRemoved::Keep,
+                RawOnRemoved::Close => OnRemoved::Close { rate: p.close_rate },
+            };
+            (name.clone(), policy)
+        })
+        .collect();
     Ok(Loaded {
         snapshot: Snapshot {
             listeners,
@@ -511,11 +751,17 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 connect_timeout: lim.connect_timeout,
                 max_connect_packet: lim.max_connect_packet,
                 drain_timeout: lim.drain_timeout,
+                drain_delay: lim.drain_delay,
+                half_close_timeout: lim.half_close_timeout,
                 max_connections: lim.max_connections,
             },
         },
         log: raw.log,
         admin,
+        source: None,
+        files,
+        discovery,
+        on_removed,
     })
 }
 
@@ -525,9 +771,8 @@ const MIN_HEADER_BYTES: usize = 52;
 fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     let at = format!("pool.{name}");
     let before = c.problems.len();
-    if p.backends.is_empty() {
-        c.add(format!("{at}.backends"), "at least one broker is required");
-    }
+    // A pool with `dns` or `kubernetes` starts without brokers: discovery brings them.
+    check_broker_source(c, &at, p);
     let mut ids = HashSet::new();
     let mut backends = Vec::new();
     for (i, b) in p.backends.iter().enumerate() {
@@ -824,5 +1069,112 @@ connect_timeout = "0s"
     fn bad_durations_and_enums_are_rejected() {
         assert!(!problems(&format!("{MINIMAL}backend_connect_timeout = \"soon\"\n")).is_empty());
         assert!(!problems(&format!("{MINIMAL}hash_key = \"ip\"\n")).is_empty());
+    }
+
+    const LISTENER: &str =
+        "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:1883\"\npool = \"brokers\"\n\n[pool.brokers]\n";
+
+    fn specs(pool_body: &str) -> Vec<(String, DiscoverySpec)> {
+        let loaded = load_str(&format!("{LISTENER}{pool_body}"), Path::new(".")).unwrap();
+        assert!(loaded.snapshot.pool("brokers").unwrap().backends.is_empty(), "discovery brings the brokers");
+        loaded.discovery
+    }
+
+    #[test]
+    fn a_dns_pool_starts_empty_and_carries_its_spec() {
+        assert_eq!(
+            specs("dns = { name = \"hivemq.mqtt.svc.cluster.local.\", port = 1883 }\n"),
+            [(
+                "brokers".to_string(),
+                DiscoverySpec::Dns {
+                    name: "hivemq.mqtt.svc.cluster.local.".into(),
+                    port: Some(1883),
+                    interval: Duration::from_secs(10),
+                    resolver: None
+                }
+            )]
+        );
+        assert_eq!(
+            specs(
+                "dns = { name = \"_mqtt._tcp.brokers.test\", interval = \"200ms\", resolver = \"127.0.0.1:5353\" }\n"
+            ),
+            [(
+                "brokers".to_string(),
+                DiscoverySpec::Dns {
+                    name: "_mqtt._tcp.brokers.test".into(),
+                    port: None,
+                    interval: Duration::from_millis(200),
+                    resolver: Some("127.0.0.1:5353".parse().unwrap())
+                }
+            )]
+        );
+        let got = specs("backends = []\ndns = { name = \"b.test\", port = 1, resolver = \"10.96.0.10\" }\n");
+        assert!(matches!(&got[0].1, DiscoverySpec::Dns { resolver: Some(r), .. } if r.to_string() == "10.96.0.10:53"));
+    }
+
+    #[test]
+    fn a_kubernetes_pool_names_its_port_by_name_or_number() {
+        for (port, want) in [("\"mqtt\"", "mqtt"), ("1883", "1883")] {
+            assert_eq!(
+                specs(&format!("kubernetes = {{ namespace = \"mqtt\", service = \"hivemq\", port = {port} }}\n")),
+                [(
+                    "brokers".to_string(),
+                    DiscoverySpec::Kubernetes { namespace: "mqtt".into(), service: "hivemq".into(), port: want.into() }
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn static_pools_have_no_discovery() {
+        assert!(load_str(MINIMAL, Path::new(".")).unwrap().discovery.is_empty());
+    }
+
+    #[test]
+    fn exactly_one_broker_source_per_pool() {
+        let dns = "dns = { name = \"b.test\", port = 1883 }\n";
+        let kube = "kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }\n";
+        let got = problems(&format!("{LISTENER}backends = [\"127.0.0.1:1\"]\n{dns}"));
+        assert_eq!(got, ["pool.brokers: set exactly one of backends, dns, kubernetes; found backends and dns"]);
+        let got = problems(&format!("{LISTENER}{dns}{kube}"));
+        assert_eq!(got, ["pool.brokers: set exactly one of backends, dns, kubernetes; found dns and kubernetes"]);
+        let got = problems(&format!("{LISTENER}hash_key = \"username\"\n"));
+        assert!(got.len() == 1 && got[0].starts_with("pool.brokers.backends: at least one broker"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_discovery_settings_are_reported_with_their_paths() {
+        let got = problems(&format!(
+            "{LISTENER}dns = {{ name = \"bad name\", port = 0, interval = \"10ms\", resolver = \"dns.local:53\" }}\n"
+        ));
+        for want in [
+            "pool.brokers.dns.name:",
+            "pool.brokers.dns.port:",
+            "pool.brokers.dns.interval:",
+            "pool.brokers.dns.resolver:",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        assert!(!problems(&format!("{LISTENER}dns = {{ name = \"\" , port = 1 }}\n")).is_empty());
+        let got = problems(&format!(
+            "{LISTENER}kubernetes = {{ namespace = \"MQTT\", service = \"-hivemq\", port = \"not a port\" }}\n"
+        ));
+        for want in
+            ["pool.brokers.kubernetes.namespace:", "pool.brokers.kubernetes.service:", "pool.brokers.kubernetes.port:"]
+        {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        assert!(!problems(&format!(
+            "{LISTENER}kubernetes = {{ namespace = \"mqtt\", service = \"hivemq\", port = 0 }}\n"
+        ))
+        .is_empty());
+        assert!(!problems(&format!(
+            "{LISTENER}kubernetes = {{ namespace = \"mqtt\", service = \"hivemq\", port = 70000 }}\n"
+        ))
+        .is_empty());
+        let got = problems(&format!("{LISTENER}kubernetes = {{ namespace = \"mqtt\", service = \"hivemq\" }}\n"));
+        assert!(got.iter().any(|g| g.contains("port")), "port is required: {got:?}");
+        let got = problems(&format!("{LISTENER}dns = {{ name = \"b.test\", prot = 1 }}\n"));
+        assert!(got.iter().any(|g| g.contains("prot")), "{got:?}");
     }
 }

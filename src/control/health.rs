@@ -305,7 +305,9 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 max_connect_packet: 1024,
                 drain_timeout: Duration::from_secs(1),
+                drain_delay: Duration::ZERO,
                 max_connections: 1,
+                half_close_timeout: Duration::from_secs(1),
             },
         }
     }

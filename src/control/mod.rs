@@ -1,9 +1,12 @@
 //! The control plane: turns the TOML file into a validated, immutable [`Snapshot`] for the data
-//! plane (reading certificates, resolving broker names). It never touches a client socket.
+//! plane (reading certificates, resolving broker names), rebuilds it on reload and discovery
+//! updates, and paces the closing of connections. It never touches a client socket.
 //!
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod health;
+pub mod reload;
 pub mod tls;

@@ -70,49 +70,71 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     id_seed: u64,
-    /// Connections relayed to it right now.
-    pub active: AtomicU64,
-    /// Connections relayed to it since start.
-    pub total: AtomicU64,
+    /// Connection counters and the last error, shared with the broker of the same pool and
+    /// identity in every later snapshot (reload, discovery update), so a connection's guard
+    /// always decrements the counter that least-connections and `/backends` read.
+    pub stats: Arc<BackendStats>,
     /// Written by health checking; a broker marked down keeps its place in every key's
     /// order, its clients just skip it until it is back.
     pub healthy: AtomicBool,
+    /// Set by discovery for a broker that is shutting down (Kubernetes: serving and
+    /// terminating): no new connections, established ones stay. Like a down broker it keeps
+    /// its place in every key's order; unlike one it is never tried, even as a last resort.
+    pub draining: AtomicBool,
     /// Consecutive failures (probes and dials) since the last success.
     fails: AtomicU32,
     /// Consecutive successful probes since the last failure.
     passes: AtomicU32,
+}
+
+/// What a broker counts across snapshots: kept by pool and identity by the control plane.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Connections relayed to it right now.
+    pub active: AtomicU64,
+    /// Connections relayed to it since start.
+    pub total: AtomicU64,
     /// The last failed connect to it from the data plane, and when (`/backends`).
     pub last_error: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl Backend {
     pub fn new(name: impl Into<String>, addr: SocketAddr) -> Backend {
+        Backend::with_stats(name, addr, Arc::default())
+    }
+
+    /// A broker that continues the counters of an earlier one of the same pool and identity.
+    pub fn with_stats(name: impl Into<String>, addr: SocketAddr, stats: Arc<BackendStats>) -> Backend {
         let name = name.into();
         Backend {
             id_seed: xxh3_64_with_seed(name.as_bytes(), SEED),
             name,
             addr,
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
+            stats,
             healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             fails: AtomicU32::new(0),
             passes: AtomicU32::new(0),
-            last_error: Mutex::new(None),
         }
     }
 
     /// Remember a failed connect to this broker, for `/backends`.
     pub fn set_last_error(&self, error: &str) {
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some((SystemTime::now(), error.to_string()));
+        *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((SystemTime::now(), error.to_string()));
     }
 
     /// The last failed connect and when it happened, if any.
     pub fn last_error(&self) -> Option<(SystemTime, String)> {
-        self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// A failed probe or dial. Returns true when this failure marked the broker down (the
@@ -169,8 +191,8 @@ fn bump(counter: &AtomicU32) -> u32 {
     old.unwrap_or_else(|n| n).saturating_add(1)
 }
 
-/// A pool of brokers and how connections are spread over them.
-#[derive(Debug)]
+/// A pool of brokers and how connections are spread over them. A clone shares its brokers.
+#[derive(Debug, Clone)]
 pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
@@ -202,12 +224,13 @@ impl Pool {
         self.top(key, k, |_| true)
     }
 
-    /// The brokers to try for `key`: the first `k` healthy ones in its preference order. When
-    /// none is healthy, health information may be stale, so the plain order is tried.
+    /// The brokers to try for `key`: the first `k` healthy, non-draining ones in its preference
+    /// order. When none is healthy, health information may be stale, so the plain order of the
+    /// non-draining ones is tried. Draining brokers are never tried: they are going away.
     pub fn candidates(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
-        let c = self.top(key, k, |b| b.healthy.load(Ordering::Relaxed));
+        let c = self.top(key, k, |b| b.is_healthy() && !b.is_draining());
         if c.is_empty() {
-            self.preference(key, k)
+            self.top(key, k, |b| !b.is_draining())
         } else {
             c
         }
@@ -240,10 +263,10 @@ impl Pool {
     }
 
     /// Brokers ordered by fewest active connections first (ties keep config order), healthy
-    /// ones first, for clients without a routing key.
+    /// ones first, draining ones left out, for clients without a routing key.
     pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
-        let mut v: Vec<&Arc<Backend>> = self.backends.iter().collect();
-        v.sort_by_key(|b| (!b.healthy.load(Ordering::Relaxed), b.active.load(Ordering::Relaxed)));
+        let mut v: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| !b.is_draining()).collect();
+        v.sort_by_key(|b| (!b.healthy.load(Ordering::Relaxed), b.stats.active.load(Ordering::Relaxed)));
         v.truncate(k);
         v
     }
@@ -446,10 +469,61 @@ mod tests {
     #[test]
     fn least_connections_prefers_the_idlest() {
         let p = pool(&["a", "b", "c"]);
-        p.backends[0].active.store(5, Ordering::Relaxed);
-        p.backends[1].active.store(1, Ordering::Relaxed);
-        p.backends[2].active.store(3, Ordering::Relaxed);
+        p.backends[0].stats.active.store(5, Ordering::Relaxed);
+        p.backends[1].stats.active.store(1, Ordering::Relaxed);
+        p.backends[2].stats.active.store(3, Ordering::Relaxed);
         let order: Vec<_> = p.least_connections(3).iter().map(|b| b.name.as_str()).collect();
         assert_eq!(order, ["b", "c", "a"]);
+    }
+
+    #[test]
+    fn a_draining_broker_keeps_its_place_and_is_never_tried() {
+        let n = names(5);
+        let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let draining = &p.backends[1];
+        draining.draining.store(true, Ordering::Relaxed);
+        for i in 0..5_000 {
+            let key = format!("k{i}");
+            let order: Vec<_> = p.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
+            assert_eq!(order.len(), 5, "the ranking still lists it");
+            let expect: Vec<_> = order.iter().filter(|b| **b != draining.name).take(3).cloned().collect();
+            let got: Vec<_> = p.candidates(key.as_bytes(), 3).iter().map(|b| b.name.clone()).collect();
+            assert_eq!(got, expect);
+        }
+        // Every other broker down: the fallback tries them, still not the draining one.
+        for (i, b) in p.backends.iter().enumerate() {
+            if i != 1 {
+                b.healthy.store(false, Ordering::Relaxed);
+            }
+        }
+        for i in 0..500 {
+            let key = format!("k{i}");
+            let got = p.candidates(key.as_bytes(), 5);
+            assert_eq!(got.len(), 4);
+            assert!(got.iter().all(|b| b.name != draining.name));
+        }
+        // Draining and down at once: the same.
+        draining.healthy.store(false, Ordering::Relaxed);
+        assert_eq!(p.candidates(b"k1", 5).len(), 4);
+        // Every broker draining: nothing to try.
+        for b in &p.backends {
+            b.healthy.store(true, Ordering::Relaxed);
+            b.draining.store(true, Ordering::Relaxed);
+        }
+        assert!(p.candidates(b"k1", 3).is_empty());
+        assert_eq!(p.preference(b"k1", 3).len(), 3, "route output still shows the order");
+    }
+
+    #[test]
+    fn least_connections_leaves_draining_brokers_out() {
+        let p = pool(&["a", "b", "c"]);
+        p.backends[0].draining.store(true, Ordering::Relaxed);
+        p.backends[1].healthy.store(false, Ordering::Relaxed);
+        let order: Vec<_> = p.least_connections(3).iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(order, ["c", "b"], "healthy first, draining never");
+        for b in &p.backends {
+            b.draining.store(true, Ordering::Relaxed);
+        }
+        assert!(p.least_connections(3).is_empty());
     }
 }

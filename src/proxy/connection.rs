@@ -21,6 +21,7 @@ use super::identity::TlsInfo;
 use super::inbound;
 use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
 use super::proxy_header::{self, HeaderInput};
+use super::registry::{CloseCause, Registration, Registry};
 use super::relay::{self, Ended};
 use super::snapshot::{ListenerSpec, Snapshot};
 use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
@@ -30,6 +31,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the drain period is over: live connections are closed.
     pub hard_stop: CancellationToken,
+    /// Every live connection, for the control plane to close one at a time (children of
+    /// `hard_stop`).
+    pub conns: Arc<Registry>,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -44,7 +48,8 @@ impl Shared {
             .unwrap_or(0);
         let prefix =
             xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
-        Shared { metrics, hard_stop, prefix, next_id: AtomicU64::new(1) }
+        let conns = Arc::new(Registry::new(hard_stop.clone()));
+        Shared { metrics, hard_stop, conns, prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {
@@ -69,6 +74,7 @@ pub enum Reason {
     NoPool,
     BrokerWrite,
     Drained,
+    BrokerRemoved,
     Relayed(Ended),
 }
 
@@ -89,14 +95,16 @@ impl Reason {
             Reason::NoPool => "no_pool",
             Reason::BrokerWrite => "broker_write_failed",
             Reason::Drained => "drained",
+            Reason::BrokerRemoved => "broker_removed",
             Reason::Relayed(Ended::Clean) => "closed",
             Reason::Relayed(Ended::ClientError) => "client_error",
             Reason::Relayed(Ended::BrokerError) => "broker_error",
+            Reason::Relayed(Ended::HalfCloseTimeout) => "half_close_timeout",
         }
     }
 
     fn refused(self) -> bool {
-        !matches!(self, Reason::Relayed(_) | Reason::Drained)
+        !matches!(self, Reason::Relayed(_) | Reason::Drained | Reason::BrokerRemoved)
     }
 }
 
@@ -121,7 +129,7 @@ struct ActiveGuard(Arc<Backend>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -213,13 +221,15 @@ struct Established {
     _active: ActiveGuard,
 }
 
-/// Handle one accepted connection to its end, then log it.
+/// Handle one accepted connection to its end, then log it. `conn` is its entry in
+/// `shared.conns`, through which the control plane may close it.
 pub async fn handle(
     shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
     spec: Arc<ListenerSpec>,
     tcp: TcpStream,
     peer: SocketAddr,
+    conn: Registration,
 ) {
     let started = Instant::now();
     let conn_id = shared.conn_id();
@@ -233,12 +243,19 @@ pub async fn handle(
             // state relaying does; boxed, that state is freed before the connection idles
             // instead of staying part of this task for its whole life.
             match Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts)).await {
-                Ok(est) => relay_phase(&shared, &spec.name, est, &mut facts).await,
+                Ok(est) => {
+                    conn.set_backend(&est._active.0.stats);
+                    relay_phase(&shared, &spec.name, est, snapshot.limits.half_close_timeout, &mut facts).await
+                }
                 Err(reason) => reason,
             }
         } => r,
-        _ = shared.hard_stop.cancelled() => Reason::Drained,
+        cause = conn.closed() => match cause {
+            CloseCause::Drain => Reason::Drained,
+            CloseCause::BrokerRemoved => Reason::BrokerRemoved,
+        },
     };
+    drop(conn);
     active.dec();
     if reason.refused() {
         m.refused.with_label_values(&[&spec.name, reason.as_str(), connack_label(facts.connack)]).inc();
@@ -548,8 +565,8 @@ async fn serve(
         shared.metrics.failovers.with_label_values(&[&pool.name]).inc();
     }
     let _ = upstream.set_nodelay(true);
-    backend.active.fetch_add(1, Ordering::Relaxed);
-    backend.total.fetch_add(1, Ordering::Relaxed);
+    backend.stats.active.fetch_add(1, Ordering::Relaxed);
+    backend.stats.total.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(backend.clone());
     facts.broker = Some(backend.name.clone());
     shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
@@ -595,12 +612,19 @@ async fn serve(
 
 /// Relay until both sides are done, counting bytes as they flow so long-lived connections
 /// move the counters.
-async fn relay_phase(shared: &Shared, listener: &str, mut est: Established, facts: &mut Facts) -> Reason {
+async fn relay_phase(
+    shared: &Shared,
+    listener: &str,
+    mut est: Established,
+    linger: Duration,
+    facts: &mut Facts,
+) -> Reason {
     let up = shared.metrics.bytes.with_label_values(&[listener, "client_to_broker"]);
     let down = shared.metrics.bytes.with_label_values(&[listener, "broker_to_client"]);
     up.inc_by(facts.up);
     let (ended, totals, err) =
-        relay::relay(&mut CountReads::new(&mut est.client, up), &mut CountReads::new(&mut est.upstream, down)).await;
+        relay::relay(&mut CountReads::new(&mut est.client, up), &mut CountReads::new(&mut est.upstream, down), linger)
+            .await;
     facts.up += totals.up;
     facts.down = totals.down;
     if let Some(e) = err {

@@ -8,5 +8,6 @@ pub mod inbound;
 pub mod listener;
 pub mod mqtt;
 pub mod proxy_header;
+pub mod registry;
 pub mod relay;
 pub mod snapshot;

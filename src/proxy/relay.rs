@@ -10,7 +10,11 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::future::Future;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// One TLS record's worth of plaintext: a read fills at most this much.
 pub const BUF_SIZE: usize = 16 * 1024;
@@ -129,6 +133,10 @@ pub enum Ended {
     ClientError,
     /// Reading from or writing to the broker failed.
     BrokerError,
+    /// One direction had ended and the other moved no byte for the linger time: the peer
+    /// that should still be sending is presumed gone (a device that lost power never
+    /// sends its FIN).
+    HalfCloseTimeout,
 }
 
 /// Bytes moved by a relay.
@@ -140,15 +148,20 @@ pub struct Totals {
     pub down: u64,
 }
 
-/// Relay until both directions have ended or one fails. Returns how it ended and the bytes
-/// moved; on error, bytes already accepted on the healthy side have been written.
-pub async fn relay<C, B>(client: &mut C, broker: &mut B) -> (Ended, Totals, Option<io::Error>)
+/// Relay until both directions have ended or one fails. Once one direction has ended, the
+/// other must move a byte at least every `linger`, or the relay ends with
+/// [`Ended::HalfCloseTimeout`]. Returns how it ended and the bytes moved; on error, bytes
+/// already accepted on the healthy side have been written.
+pub async fn relay<C, B>(client: &mut C, broker: &mut B, linger: Duration) -> (Ended, Totals, Option<io::Error>)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut up = Half::default();
     let mut down = Half::default();
+    // Only exists once half-closed, so a connection relaying both ways holds no timer.
+    let mut linger_timer: Option<Pin<Box<Sleep>>> = None;
+    let mut seen = (0u64, 0u64);
     let res = poll_fn(|cx| {
         // Both directions are polled on every wake-up so one blocked direction never stalls
         // the other; an error is attributed to the side whose operation failed.
@@ -167,10 +180,25 @@ where
             }));
         }
         if u.is_ready() && d.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        if u.is_ready() || d.is_ready() {
+            let moved = (up.bytes, down.bytes);
+            let deadline = Instant::now() + linger;
+            match &mut linger_timer {
+                Some(t) if moved != seen => t.as_mut().reset(deadline),
+                Some(_) => {}
+                None => linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            seen = moved;
+            if let Some(t) = &mut linger_timer {
+                if t.as_mut().poll(cx).is_ready() {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "half-closed connection idle too long");
+                    return Poll::Ready(Err((Ended::HalfCloseTimeout, e)));
+                }
+            }
+        }
+        Poll::Pending
     })
     .await;
     for half in [&mut up, &mut down] {
@@ -190,11 +218,28 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    const LINGER: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_relay_ends_when_the_other_side_stays_silent() {
+        let (mut client, mut client_end) = tokio::io::duplex(1024);
+        let (_broker, mut broker_end) = tokio::io::duplex(1024);
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER).await });
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        // The broker never answers nor closes: with time paused, the runtime jumps to the
+        // linger deadline once everything is idle.
+        let (ended, totals, err) = task.await.unwrap();
+        assert_eq!(ended, Ended::HalfCloseTimeout);
+        assert_eq!(totals.up, 3);
+        assert!(err.is_some());
+    }
+
     #[tokio::test]
     async fn relays_both_ways_and_forwards_half_close() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end).await });
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER).await });
 
         let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();

@@ -9,8 +9,9 @@ use ipnet::IpNet;
 
 use super::balance::Pool;
 
-/// Everything the data plane needs, swapped whole on reload.
-#[derive(Debug)]
+/// Everything the data plane needs, swapped whole on reload. A clone shares its listeners
+/// and pools.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub listeners: Vec<Arc<ListenerSpec>>,
     pub pools: Vec<Arc<Pool>>,
@@ -20,6 +21,12 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The listener named `name`: accept loops look it up at each accept, so a reload's new
+    /// certificates apply to the next handshake.
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerSpec>> {
+        self.listeners.iter().find(|l| l.name == name)
     }
 }
 
@@ -56,7 +63,12 @@ pub struct Limits {
     /// TLS handshake + CONNECT must be done within this.
     pub connect_timeout: Duration,
     pub max_connect_packet: usize,
+    /// After SIGTERM (and `drain_delay`): the window over which live connections are closed.
     pub drain_timeout: Duration,
+    /// After SIGTERM: how long listeners keep accepting while readiness is already false.
+    pub drain_delay: Duration,
+    /// Once one side of a relayed connection has closed, how long the other may stay silent.
+    pub half_close_timeout: Duration,
     /// Connections held at once across all listeners; beyond it new ones wait in the backlog.
     pub max_connections: usize,
 }

@@ -8,6 +8,8 @@
 //! wall-clock time.
 #![allow(dead_code)]
 
+pub mod fake_dns;
+pub mod fake_kube;
 pub mod mqtt;
 pub mod tls;
 
@@ -870,6 +872,11 @@ impl Harbormaster {
     /// Like `start`, with the config file already written at `config_path` (e.g. beside
     /// certificates it names by relative path).
     pub fn start_with_file(dir: TempDir, config_path: PathBuf) -> Harbormaster {
+        Harbormaster::start_with_env(dir, config_path, &[])
+    }
+
+    /// Like `start_with_file`, with extra environment variables (e.g. `KUBECONFIG`).
+    pub fn start_with_env(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Harbormaster {
         let text = fs::read_to_string(&config_path).unwrap();
         let ports = bind_ports(&text);
         assert!(!ports.is_empty(), "config has no bind ports:\n{text}");
@@ -881,6 +888,7 @@ impl Harbormaster {
             .env_remove("RUST_LOG")
             .env_remove("HARBORMASTER_LOG")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .current_dir(dir.path());
         // HM_TEST_LOG=debug (or a tracing filter) raises harbormaster's log level in tests.
         if let Ok(level) = std::env::var("HM_TEST_LOG") {
@@ -937,6 +945,11 @@ impl Harbormaster {
 
     pub fn sigterm(&self) {
         send_signal(self.pid() as i64, "TERM");
+    }
+
+    /// SIGHUP: reload the config.
+    pub fn sighup(&self) {
+        send_signal(self.pid() as i64, "HUP");
     }
 
     /// Waits (bounded) for the process to exit.

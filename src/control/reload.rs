@@ -1,0 +1,710 @@
+//! Hot reload and the snapshot-rebuild loop. Triggers: SIGHUP; a change in the folder of the
+//! config file or of a certificate, key or CA file it references (folders, not files:
+//! Kubernetes swaps ConfigMap and Secret contents through a `..data` symlink), debounced; and
+//! discovery updates. Each builds a whole new snapshot from the validated config
+//! ([`config::load`], exactly what `harbormaster check` runs), carries the running state over
+//! by pool and broker identity (health, connection counters) and swaps it in. An invalid
+//! config is logged with every problem and counted; the running snapshot stays. Listeners
+//! follow the snapshot through [`ListenerSet`]; the clients of removed brokers are closed at
+//! `close_rate` when their pool says `on_backend_removed = "close"`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{self, AdminSettings, Loaded, LogFormat, OnRemoved};
+use super::discovery::{self, DiscoverySpec, Members};
+use super::drain;
+use super::health;
+use crate::admin::metrics::Metrics;
+use crate::proxy::balance::{Backend, BackendStats, Pool};
+use crate::proxy::listener::ListenerSet;
+use crate::proxy::registry::{ConnHandle, Registry};
+use crate::proxy::snapshot::Snapshot;
+
+/// File events closer together than this are one change: an editor's or kubelet's burst of
+/// writes and renames is read once, when it is over.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What started a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Sighup,
+    Files,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Sighup => "SIGHUP",
+            Trigger::Files => "file change",
+        }
+    }
+}
+
+/// What a reload keeps of the applied config besides its snapshot.
+pub struct Applied {
+    /// The pools as the file has them: the settings discovery updates build on.
+    pools: HashMap<String, Arc<Pool>>,
+    source: Option<PathBuf>,
+    files: Vec<PathBuf>,
+    discovery: BTreeMap<String, DiscoverySpec>,
+    on_removed: BTreeMap<String, OnRemoved>,
+    admin: AdminSettings,
+    log: (LogFormat, String),
+    max_connections: usize,
+}
+
+impl Applied {
+    /// Takes what it needs from `loaded` (before its snapshot is moved into place).
+    pub fn of(loaded: &Loaded) -> Applied {
+        Applied {
+            pools: loaded.snapshot.pools.iter().map(|p| (p.name.clone(), p.clone())).collect(),
+            source: loaded.source.clone(),
+            files: loaded.files.clone(),
+            discovery: loaded.discovery.iter().cloned().collect(),
+            on_removed: loaded.on_removed.clone(),
+            admin: loaded.admin,
+            log: (loaded.log.format, loaded.log.level.clone()),
+            max_connections: loaded.snapshot.limits.max_connections,
+        }
+    }
+}
+
+/// A running discovery task and the receiver of its members.
+struct RunningDiscovery {
+    spec: DiscoverySpec,
+    generation: u64,
+    stop: CancellationToken,
+    rx: watch::Receiver<Option<Members>>,
+}
+
+/// The closer of one pool's removed brokers' connections.
+struct Evictor {
+    tx: mpsc::UnboundedSender<Vec<Arc<ConnHandle>>>,
+    rate: Arc<AtomicU32>,
+}
+
+/// The reload loop's state. Built by `app` once the first snapshot is current and the
+/// listeners are bound; [`Reloader::run`] hands the listeners back when it stops.
+pub struct Reloader {
+    current: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+    conns: Arc<Registry>,
+    listeners: ListenerSet,
+    limit: Arc<Semaphore>,
+    applied: Applied,
+    hup: Option<Signal>,
+    discoveries: HashMap<String, RunningDiscovery>,
+    generation: u64,
+    updates: mpsc::UnboundedSender<(String, u64)>,
+    updates_rx: Option<mpsc::UnboundedReceiver<(String, u64)>>,
+    /// Counters by (pool, broker identity), alive as long as a snapshot or a connection uses
+    /// them: a broker that leaves and comes back while its connections live continues them.
+    stats: HashMap<(String, String), Weak<BackendStats>>,
+    evictors: HashMap<String, Evictor>,
+    watch: Option<FileWatch>,
+    /// Fingerprint of the files of the applied config, and of the last rejected one: a file
+    /// event that changes neither is not a reload.
+    applied_print: Option<u64>,
+    rejected_print: Option<u64>,
+    /// Parent of discovery tasks and evictors.
+    stop: CancellationToken,
+}
+
+impl Reloader {
+    /// Installs the SIGHUP handler at once (before it, SIGHUP would end the process).
+    pub fn new(
+        applied: Applied,
+        current: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        conns: Arc<Registry>,
+        listeners: ListenerSet,
+        limit: Arc<Semaphore>,
+    ) -> Reloader {
+        let hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by SIGHUP disabled");
+                None
+            }
+        };
+        let (updates, updates_rx) = mpsc::unbounded_channel();
+        let mut stats = HashMap::new();
+        for p in &current.load().pools {
+            for b in &p.backends {
+                stats.insert((p.name.clone(), b.name.clone()), Arc::downgrade(&b.stats));
+            }
+        }
+        let applied_print = applied.source.as_deref().map(|s| fingerprint(s, &applied.files));
+        Reloader {
+            current,
+            metrics,
+            conns,
+            listeners,
+            limit,
+            applied,
+            hup,
+            discoveries: HashMap::new(),
+            generation: 0,
+            updates,
+            updates_rx: Some(updates_rx),
+            stats,
+            evictors: HashMap::new(),
+            watch: None,
+            applied_print,
+            rejected_print: None,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Runs until `stop` is cancelled: reloads on SIGHUP and file changes, rebuilds pools on
+    /// discovery updates. Stops discovery and pending closes, and returns the listeners
+    /// (still accepting) for the drain to close.
+    pub async fn run(mut self, stop: CancellationToken) -> ListenerSet {
+        let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
+        if let Some(source) = self.applied.source.clone() {
+            match FileWatch::new(fs_tx) {
+                Ok(w) => self.watch = Some(w),
+                Err(e) => tracing::warn!(error = %e, "cannot watch the config's folders; reload by SIGHUP only"),
+            }
+            self.rewatch(&source);
+        }
+        let mut hup = self.hup.take();
+        let mut updates = self.updates_rx.take().expect("run once");
+        self.reconcile_discovery();
+        let mut pending: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = next_signal(&mut hup) => {
+                    tracing::info!(target: "harbormaster::reload", "SIGHUP received");
+                    pending = None;
+                    self.reload(Trigger::Sighup).await;
+                }
+                Some(event) = fs_rx.recv() => {
+                    if self.watch.as_ref().is_some_and(|w| w.relevant(&event)) {
+                        pending = Some(Instant::now() + DEBOUNCE);
+                    }
+                }
+                _ = tokio::time::sleep_until(pending.unwrap_or_else(Instant::now)), if pending.is_some() => {
+                    pending = None;
+                    self.reload(Trigger::Files).await;
+                }
+                Some((pool, generation)) = updates.recv() => self.discovered(&pool, generation),
+            }
+        }
+        self.stop.cancel();
+        self.listeners
+    }
+
+    /// Reads, validates and applies the config file; on any problem the running snapshot stays.
+    async fn reload(&mut self, trigger: Trigger) {
+        let Some(path) = self.applied.source.clone() else {
+            tracing::warn!(target: "harbormaster::reload", trigger = trigger.as_str(), "no config file to reload");
+            return;
+        };
+        match config::load(&path) {
+            Err(problems) => {
+                let lines: Vec<String> = problems.0.iter().map(|p| p.to_string()).collect();
+                let print = xxhash_rust::xxh3::xxh3_64(lines.join("\n").as_bytes());
+                if trigger == Trigger::Files && self.rejected_print == Some(print) {
+                    return;
+                }
+                self.rejected_print = Some(print);
+                self.reject(&path, trigger, &lines);
+            }
+            Ok(loaded) => {
+                let print = fingerprint(&path, &loaded.files);
+                // Unchanged since applied, and nothing rejected since: not a reload.
+                if trigger == Trigger::Files && self.applied_print == Some(print) && self.rejected_print.is_none() {
+                    tracing::debug!(target: "harbormaster::reload", config = %path.display(), "files unchanged; nothing to reload");
+                    return;
+                }
+                match self.apply(loaded).await {
+                    Ok(changes) => {
+                        self.applied_print = Some(print);
+                        self.rejected_print = None;
+                        self.metrics.config_reloaded(true);
+                        tracing::info!(
+                            target: "harbormaster::reload",
+                            config = %path.display(),
+                            trigger = trigger.as_str(),
+                            changes = %if changes.is_empty() { "none".to_string() } else { changes.join("; ") },
+                            "config reloaded"
+                        );
+                        self.rewatch(&path);
+                    }
+                    Err(problem) => {
+                        self.rejected_print = Some(print);
+                        self.reject(&path, trigger, &[problem]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reject(&self, path: &Path, trigger: Trigger, problems: &[String]) {
+        self.metrics.config_reloaded(false);
+        tracing::error!(
+            target: "harbormaster::reload",
+            config = %path.display(),
+            trigger = trigger.as_str(),
+            problems = problems.len(),
+            "config reload rejected; the running configuration stays"
+        );
+        for p in problems {
+            tracing::error!(target: "harbormaster::reload", problem = %p, "invalid config");
+        }
+    }
+
+    /// Applies a validated config: binds new listeners (failing here rejects the reload, with
+    /// nothing changed), swaps the snapshot, closes listeners that went away, follows
+    /// discovery and `max_connections`. Returns a description of what changed.
+    async fn apply(&mut self, loaded: Loaded) -> Result<Vec<String>, String> {
+        let old = self.current.load_full();
+        let next = Applied::of(&loaded);
+        let mut snap = loaded.snapshot;
+        let mut pools = Vec::with_capacity(snap.pools.len());
+        for p in &snap.pools {
+            let backends = match next.discovery.get(&p.name) {
+                Some(spec) => {
+                    let members =
+                        self.discoveries.get(&p.name).filter(|d| &d.spec == spec).and_then(|d| d.rx.borrow().clone());
+                    match (members, old.pool(&p.name)) {
+                        (Some(members), _) => self.backends_from_members(&p.name, &members),
+                        // Until the (new) source answers, the pool keeps the brokers it has.
+                        (None, Some(before)) => before.backends.clone(),
+                        (None, None) => self.with_stats(p),
+                    }
+                }
+                None => self.with_stats(p),
+            };
+            let mut pool = Pool::clone(p);
+            pool.backends = backends;
+            pools.push(Arc::new(pool));
+        }
+        snap.pools = pools;
+        let prepared = self.listeners.prepare(&snap).await?;
+
+        let mut changes = describe(&old, &snap);
+        if next.admin != self.applied.admin {
+            tracing::warn!(target: "harbormaster::reload", "[admin] changed: takes effect at the next restart");
+            changes.push("[admin] changed (needs a restart)".into());
+        }
+        if next.log != self.applied.log {
+            tracing::warn!(target: "harbormaster::reload", "[log] changed: takes effect at the next restart");
+            changes.push("[log] changed (needs a restart)".into());
+        }
+        self.resize_limit(next.max_connections);
+        self.applied = next;
+        let snap = self.swap(&old, snap);
+        self.listeners.commit(&snap, prepared).await;
+        self.reconcile_discovery();
+        Ok(changes)
+    }
+
+    /// Carries state over from `old`, makes `new` current, closes removed brokers'
+    /// connections where the pool says so.
+    fn swap(&mut self, old: &Snapshot, new: Snapshot) -> Arc<Snapshot> {
+        health::carry_over_health(old, &new);
+        let new = Arc::new(new);
+        self.current.store(new.clone());
+        for p in &old.pools {
+            let kept: HashSet<&str> =
+                new.pool(&p.name).map(|n| n.backends.iter().map(|b| b.name.as_str()).collect()).unwrap_or_default();
+            let removed: Vec<&Arc<Backend>> = p.backends.iter().filter(|b| !kept.contains(b.name.as_str())).collect();
+            if removed.is_empty() {
+                continue;
+            }
+            match self.applied.on_removed.get(&p.name).copied().unwrap_or(OnRemoved::Keep) {
+                OnRemoved::Keep => {}
+                OnRemoved::Close { rate } => self.evict(&p.name, &removed, rate),
+            }
+        }
+        self.stats.retain(|_, s| s.strong_count() > 0);
+        new
+    }
+
+    /// Closes the connections to `removed` brokers of `pool` at `rate` per second.
+    fn evict(&mut self, pool: &str, removed: &[&Arc<Backend>], rate: u32) {
+        let mut victims: Vec<Arc<ConnHandle>> = removed.iter().flat_map(|b| self.conns.relayed_to(&b.stats)).collect();
+        if victims.is_empty() {
+            return;
+        }
+        victims.sort_unstable_by_key(|h| h.id());
+        let names: Vec<&str> = removed.iter().map(|b| b.name.as_str()).collect();
+        tracing::info!(
+            target: "harbormaster::reload",
+            pool,
+            brokers = %names.join(","),
+            connections = victims.len(),
+            close_rate = rate,
+            "closing the connections of removed brokers"
+        );
+        let evictor = self.evictors.entry(pool.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rate = Arc::new(AtomicU32::new(rate));
+            tokio::spawn(evictor(
+                pool.to_string(),
+                rx,
+                rate.clone(),
+                self.conns.clone(),
+                self.current.clone(),
+                self.stop.child_token(),
+            ));
+            Evictor { tx, rate }
+        });
+        evictor.rate.store(rate, Ordering::Relaxed);
+        let _ = evictor.tx.send(victims);
+    }
+
+    /// Starts, stops and restarts discovery tasks to match the applied config.
+    fn reconcile_discovery(&mut self) {
+        let wanted = &self.applied.discovery;
+        self.discoveries.retain(|pool, d| {
+            let keep = wanted.get(pool) == Some(&d.spec);
+            if !keep {
+                tracing::info!(target: "harbormaster::reload", pool = %pool, "discovery stopped");
+                d.stop.cancel();
+            }
+            keep
+        });
+        let start: Vec<(String, DiscoverySpec)> = wanted
+            .iter()
+            .filter(|(pool, _)| !self.discoveries.contains_key(*pool))
+            .map(|(p, s)| (p.clone(), s.clone()))
+            .collect();
+        for (pool, spec) in start {
+            self.generation += 1;
+            let generation = self.generation;
+            let stop = self.stop.child_token();
+            let d = discovery::start(&pool, &spec, stop.clone());
+            tracing::info!(target: "harbormaster::reload", pool = %pool, spec = ?spec, "discovery started");
+            tokio::spawn(forward(pool.clone(), generation, d.rx.clone(), self.updates.clone(), stop.clone()));
+            self.discoveries.insert(pool, RunningDiscovery { spec, generation, stop, rx: d.rx });
+        }
+    }
+
+    /// A discovery task published new members for `pool`: rebuild that pool, swap.
+    fn discovered(&mut self, pool: &str, generation: u64) {
+        let Some(d) = self.discoveries.get(pool).filter(|d| d.generation == generation) else { return };
+        let Some(members) = d.rx.borrow().clone() else { return };
+        let Some(settings) = self.applied.pools.get(pool).cloned() else { return };
+        let old = self.current.load_full();
+        let mut rebuilt = Pool::clone(&settings);
+        rebuilt.backends = self.backends_from_members(pool, &members);
+        let rebuilt = Arc::new(rebuilt);
+        let mut snap = Snapshot::clone(&old);
+        snap.pools = old.pools.iter().map(|p| if p.name == pool { rebuilt.clone() } else { p.clone() }).collect();
+        self.swap(&old, snap);
+        self.metrics.discovery_updates.with_label_values(&[pool]).inc();
+    }
+
+    /// Brokers for discovered members, continuing the counters of the same identities.
+    fn backends_from_members(&mut self, pool: &str, members: &Members) -> Vec<Arc<Backend>> {
+        members
+            .iter()
+            .map(|m| {
+                let b = Backend::with_stats(m.name.clone(), m.addr, self.stats_for(pool, &m.name));
+                b.draining.store(m.draining, Ordering::Relaxed);
+                Arc::new(b)
+            })
+            .collect()
+    }
+
+    /// `p`'s brokers (as loaded) rebuilt to continue the counters of the same identities.
+    fn with_stats(&mut self, p: &Pool) -> Vec<Arc<Backend>> {
+        p.backends
+            .iter()
+            .map(|b| {
+                let n = Backend::with_stats(b.name.clone(), b.addr, self.stats_for(&p.name, &b.name));
+                n.draining.store(b.is_draining(), Ordering::Relaxed);
+                Arc::new(n)
+            })
+            .collect()
+    }
+
+    fn stats_for(&mut self, pool: &str, name: &str) -> Arc<BackendStats> {
+        let key = (pool.to_string(), name.to_string());
+        if let Some(s) = self.stats.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(BackendStats::default());
+        self.stats.insert(key, Arc::downgrade(&s));
+        s
+    }
+
+    /// Follows a changed `max_connections`: more permits at once; fewer as connections end.
+    fn resize_limit(&self, max: usize) {
+        let before = self.applied.max_connections;
+        if max > before {
+            self.limit.add_permits(max - before);
+        } else if max < before {
+            let fewer = before - max;
+            let now = self.limit.forget_permits(fewer);
+            if now < fewer {
+                let (limit, rest) = (self.limit.clone(), u32::try_from(fewer - now).unwrap_or(u32::MAX));
+                tokio::spawn(async move {
+                    if let Ok(p) = limit.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Watches the folders of the config file and of every file it references.
+    fn rewatch(&mut self, source: &Path) {
+        if let Some(w) = &mut self.watch {
+            let mut paths = vec![source.to_path_buf()];
+            paths.extend(self.applied.files.iter().cloned());
+            w.set(&paths);
+        }
+    }
+}
+
+/// Resolves on the next SIGHUP; never without a handler.
+async fn next_signal(hup: &mut Option<Signal>) {
+    match hup {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Tells the reload loop each time discovery publishes new members for `pool`.
+async fn forward(
+    pool: String,
+    generation: u64,
+    mut rx: watch::Receiver<Option<Members>>,
+    tx: mpsc::UnboundedSender<(String, u64)>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() || tx.send((pool.clone(), generation)).is_err() {
+                    return;
+                }
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Closes the connections of one pool's removed brokers, batch after batch, at the pool's
+/// `close_rate`. A connection whose broker is back in the pool (same identity, so the same
+/// counters) is left alone.
+async fn evictor(
+    pool: String,
+    mut rx: mpsc::UnboundedReceiver<Vec<Arc<ConnHandle>>>,
+    rate: Arc<AtomicU32>,
+    conns: Arc<Registry>,
+    current: Arc<ArcSwap<Snapshot>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            b = rx.recv() => match b {
+                Some(b) => b,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let still_removed = |h: &ConnHandle| {
+            let snap = current.load();
+            snap.pool(&pool).is_none_or(|p| !p.backends.iter().any(|b| h.is_relayed_to(&b.stats)))
+        };
+        let closed = tokio::select! {
+            n = drain::close_at_rate(&conns, &batch, rate.load(Ordering::Relaxed), still_removed) => n,
+            _ = stop.cancelled() => return,
+        };
+        tracing::info!(target: "harbormaster::reload", pool = %pool, closed, "closed the connections of removed brokers");
+    }
+}
+
+/// One line per kind of change between two snapshots.
+fn describe(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &new.listeners {
+        match old.listener(&l.name) {
+            None => out.push(format!("listener {:?} added on {}", l.name, l.bind)),
+            Some(o) if o.bind != l.bind => out.push(format!("listener {:?} moved {} -> {}", l.name, o.bind, l.bind)),
+            Some(_) => {}
+        }
+    }
+    for l in old.listeners.iter().filter(|l| new.listener(&l.name).is_none()) {
+        out.push(format!("listener {:?} removed", l.name));
+    }
+    for p in &new.pools {
+        let Some(o) = old.pool(&p.name) else {
+            out.push(format!("pool {:?} added", p.name));
+            continue;
+        };
+        let before: BTreeSet<&str> = o.backends.iter().map(|b| b.name.as_str()).collect();
+        let after: BTreeSet<&str> = p.backends.iter().map(|b| b.name.as_str()).collect();
+        let added: Vec<&str> = after.difference(&before).copied().collect();
+        let removed: Vec<&str> = before.difference(&after).copied().collect();
+        if !added.is_empty() {
+            out.push(format!("pool {:?}: brokers added {}", p.name, added.join(",")));
+        }
+        if !removed.is_empty() {
+            out.push(format!("pool {:?}: brokers removed {}", p.name, removed.join(",")));
+        }
+    }
+    for p in old.pools.iter().filter(|p| new.pool(&p.name).is_none()) {
+        out.push(format!("pool {:?} removed", p.name));
+    }
+    out
+}
+
+/// A hash of the config file and the files it references (path and contents, or the error
+/// reading them).
+fn fingerprint(source: &Path, files: &[PathBuf]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in std::iter::once(source).chain(files.iter().map(PathBuf::as_path)) {
+        h.update(p.as_os_str().as_encoded_bytes());
+        match std::fs::read(p) {
+            Ok(bytes) => {
+                h.update(&(bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) => h.update(e.to_string().as_bytes()),
+        }
+    }
+    h.digest()
+}
+
+/// Folder watches for the config file and the files it references.
+struct FileWatch {
+    watcher: RecommendedWatcher,
+    dirs: BTreeSet<PathBuf>,
+    /// Paths whose change matters, as written and with symlinks resolved.
+    names: HashSet<PathBuf>,
+}
+
+impl FileWatch {
+    fn new(tx: mpsc::UnboundedSender<notify::Result<notify::Event>>) -> notify::Result<FileWatch> {
+        let watcher = notify::recommended_watcher(move |event| {
+            let _ = tx.send(event);
+        })?;
+        Ok(FileWatch { watcher, dirs: BTreeSet::new(), names: HashSet::new() })
+    }
+
+    /// Watches the folders of `paths` (and of their symlink targets), and only those.
+    fn set(&mut self, paths: &[PathBuf]) {
+        let mut names = HashSet::new();
+        let mut dirs = BTreeSet::new();
+        for p in paths {
+            let Ok(abs) = std::path::absolute(p) else { continue };
+            let resolved = std::fs::canonicalize(&abs).ok();
+            for n in std::iter::once(abs).chain(resolved) {
+                if let Some(dir) = n.parent() {
+                    dirs.insert(dir.to_path_buf());
+                }
+                names.insert(n);
+            }
+        }
+        for gone in self.dirs.difference(&dirs) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        for dir in dirs.difference(&self.dirs) {
+            if let Err(e) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(target: "harbormaster::reload", dir = %dir.display(), error = %e, "cannot watch folder");
+            }
+        }
+        self.dirs = dirs;
+        self.names = names;
+    }
+
+    /// Whether an event may change what the config reads: a write, create, rename or removal
+    /// of a watched file, or of Kubernetes' `..data` link and `..TIMESTAMP` folders. Reads
+    /// (our own included) are not.
+    fn relevant(&self, event: &notify::Result<notify::Event>) -> bool {
+        let Ok(event) = event else { return true };
+        match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return false,
+            _ => {}
+        }
+        event
+            .paths
+            .iter()
+            .any(|p| self.names.contains(p) || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("..")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(text: &str) -> Snapshot {
+        config::load_str(text, Path::new(".")).unwrap().snapshot
+    }
+
+    const BASE: &str = r#"
+[[listener]]
+name = "a"
+bind = "127.0.0.1:0"
+pool = "p"
+
+[pool.p]
+backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
+"#;
+
+    #[test]
+    fn describe_names_listeners_and_brokers_that_changed() {
+        let old = snap(BASE);
+        let new = snap(&BASE.replace("\"127.0.0.1:1\", ", "").replace("name = \"a\"", "name = \"c\""));
+        let d = describe(&old, &new);
+        assert!(d.contains(&"listener \"c\" added on 127.0.0.1:0".to_string()), "{d:?}");
+        assert!(d.contains(&"listener \"a\" removed".to_string()), "{d:?}");
+        assert!(d.contains(&"pool \"p\": brokers removed 127.0.0.1:1".to_string()), "{d:?}");
+        assert!(describe(&old, &snap(BASE)).is_empty());
+    }
+
+    #[test]
+    fn fingerprint_follows_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "one").unwrap();
+        std::fs::write(&b, "two").unwrap();
+        let first = fingerprint(&a, std::slice::from_ref(&b));
+        assert_eq!(first, fingerprint(&a, std::slice::from_ref(&b)));
+        std::fs::write(&b, "three").unwrap();
+        assert_ne!(first, fingerprint(&a, std::slice::from_ref(&b)));
+        std::fs::remove_file(&b).unwrap();
+        assert_ne!(first, fingerprint(&a, &[b]));
+    }
+
+    #[tokio::test]
+    async fn file_events_matter_for_watched_files_and_kubernetes_links_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("harbormaster.toml");
+        std::fs::write(&cfg, BASE).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut w = FileWatch::new(tx).unwrap();
+        w.set(std::slice::from_ref(&cfg));
+        let ev = |kind: EventKind, name: &str| Ok(notify::Event::new(kind).add_path(dir.path().join(name)));
+        let modify = EventKind::Modify(notify::event::ModifyKind::Any);
+        assert!(w.relevant(&ev(modify, "harbormaster.toml")));
+        assert!(w.relevant(&ev(EventKind::Create(notify::event::CreateKind::Any), "..data")));
+        assert!(!w.relevant(&ev(modify, "harbormaster.log")), "a log file beside the config");
+        assert!(!w.relevant(&ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), "harbormaster.toml")));
+        assert!(w.relevant(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), "harbormaster.toml")));
+    }
+}

@@ -1,0 +1,214 @@
+//! The registry of live client connections. Each connection registers a small handle at
+//! accept (an id, a cancellation token, later the broker it was routed to), so the control
+//! plane can close one connection at a time — the paced drain after SIGTERM, the clients of a
+//! broker that left its pool — without ever touching a socket: the connection's own task sees
+//! its token cancelled, ends its relay and logs the cause.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use tokio_util::sync::CancellationToken;
+
+use super::balance::BackendStats;
+
+/// Shards of the map: registering and unregistering contend on one of these, not on one lock.
+const SHARDS: usize = 16;
+
+/// Why the control plane closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCause {
+    /// Shutting down: the paced drain, or whatever is left when `drain_timeout` ends.
+    Drain,
+    /// Its broker left the pool and the pool has `on_backend_removed = "close"`.
+    BrokerRemoved,
+}
+
+/// One live connection as the control plane sees it.
+#[derive(Debug)]
+pub struct ConnHandle {
+    id: u64,
+    token: CancellationToken,
+    /// 0 until closed by [`ConnHandle::close`], then a [`CloseCause`] + 1.
+    cause: AtomicU8,
+    /// The broker's shared counters, once the connection is relayed to one.
+    backend: OnceLock<Arc<BackendStats>>,
+}
+
+impl ConnHandle {
+    /// Registration order: lower is older.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks the connection's task to end; the first cause given wins.
+    pub fn close(&self, cause: CloseCause) {
+        let code = match cause {
+            CloseCause::Drain => 1,
+            CloseCause::BrokerRemoved => 2,
+        };
+        let _ = self.cause.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+        self.token.cancel();
+    }
+
+    /// Resolves once the connection is to end, with why. A cancelled parent (the process's
+    /// hard stop) counts as [`CloseCause::Drain`].
+    pub async fn closed(&self) -> CloseCause {
+        self.token.cancelled().await;
+        match self.cause.load(Ordering::Relaxed) {
+            2 => CloseCause::BrokerRemoved,
+            _ => CloseCause::Drain,
+        }
+    }
+
+    /// Records the broker the connection was relayed to (once).
+    pub fn set_backend(&self, stats: &Arc<BackendStats>) {
+        let _ = self.backend.set(stats.clone());
+    }
+
+    /// Whether the connection is relayed to the broker whose counters are `stats`.
+    pub fn is_relayed_to(&self, stats: &Arc<BackendStats>) -> bool {
+        self.backend.get().is_some_and(|b| Arc::ptr_eq(b, stats))
+    }
+}
+
+/// One shard: connection id to handle.
+type Shard = HashMap<u64, Arc<ConnHandle>>;
+
+/// Every live connection of the process.
+#[derive(Debug)]
+pub struct Registry {
+    shards: Box<[Mutex<Shard>]>,
+    next: AtomicU64,
+    len: AtomicUsize,
+    /// Parent of every connection's token: cancelling it closes them all at once.
+    root: CancellationToken,
+}
+
+impl Registry {
+    /// A registry whose connections all close when `root` is cancelled.
+    pub fn new(root: CancellationToken) -> Registry {
+        Registry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next: AtomicU64::new(1),
+            len: AtomicUsize::new(0),
+            root,
+        }
+    }
+
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[(id % SHARDS as u64) as usize].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new connection; it is unregistered when the returned value is dropped.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(ConnHandle {
+            id,
+            token: self.root.child_token(),
+            cause: AtomicU8::new(0),
+            backend: OnceLock::new(),
+        });
+        self.shard(id).insert(id, handle.clone());
+        self.len.fetch_add(1, Ordering::Relaxed);
+        Registration { registry: self.clone(), handle }
+    }
+
+    /// Connections registered and not yet ended.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether connection `id` is still live.
+    pub fn is_live(&self, id: u64) -> bool {
+        self.shard(id).contains_key(&id)
+    }
+
+    /// Every live connection, oldest first.
+    pub fn oldest_first(&self) -> Vec<Arc<ConnHandle>> {
+        self.select(|_| true)
+    }
+
+    /// The live connections relayed to the broker whose counters are `stats`, oldest first.
+    pub fn relayed_to(&self, stats: &Arc<BackendStats>) -> Vec<Arc<ConnHandle>> {
+        self.select(|h| h.is_relayed_to(stats))
+    }
+
+    fn select(&self, keep: impl Fn(&ConnHandle) -> bool) -> Vec<Arc<ConnHandle>> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            all.extend(shard.values().filter(|h| keep(h)).cloned());
+        }
+        all.sort_unstable_by_key(|h| h.id);
+        all
+    }
+}
+
+/// A connection's registration: dereferences to its handle, unregisters on drop.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    handle: Arc<ConnHandle>,
+}
+
+impl Deref for Registration {
+    type Target = ConnHandle;
+    fn deref(&self) -> &ConnHandle {
+        &self.handle
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.registry.shard(self.handle.id).remove(&self.handle.id).is_some() {
+            self.registry.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn registers_closes_and_unregisters() {
+        let root = CancellationToken::new();
+        let r = Arc::new(Registry::new(root.clone()));
+        let a = r.register();
+        let b = r.register();
+        let c = r.register();
+        assert_eq!(r.len(), 3);
+        assert!(a.id() < b.id() && b.id() < c.id());
+
+        let stats = Arc::new(BackendStats::default());
+        b.set_backend(&stats);
+        let to_b: Vec<u64> = r.relayed_to(&stats).iter().map(|h| h.id()).collect();
+        assert_eq!(to_b, [b.id()]);
+        assert!(r.relayed_to(&Arc::new(BackendStats::default())).is_empty(), "by identity of the counters");
+
+        b.close(CloseCause::BrokerRemoved);
+        b.close(CloseCause::Drain);
+        assert_eq!(b.closed().await, CloseCause::BrokerRemoved, "the first cause wins");
+
+        let order: Vec<u64> = r.oldest_first().iter().map(|h| h.id()).collect();
+        assert_eq!(order, [a.id(), b.id(), c.id()]);
+        let b_id = b.id();
+        drop(b);
+        assert!(!r.is_live(b_id));
+        assert_eq!(r.len(), 2);
+
+        root.cancel();
+        assert_eq!(a.closed().await, CloseCause::Drain, "the hard stop closes everything");
+        assert_eq!(c.closed().await, CloseCause::Drain);
+        let late = r.register();
+        assert_eq!(late.closed().await, CloseCause::Drain, "registered after the hard stop: closed at once");
+        drop((a, c, late));
+        assert!(r.is_empty());
+    }
+}
