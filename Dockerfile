@@ -6,7 +6,7 @@
 # you build: resolving a digest needs a registry, and this repository's CI has none, so the
 # digest cannot be written and checked here. scripts/test lints this file with hadolint.
 
-# ---- build: the same `cargo build --release --locked` as a developer's machine ----
+# ---- build: `cargo build --release --locked`, as on a developer's machine ----
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -19,8 +19,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # ---- run: glibc, libgcc, CA certificates and a non-root user; no shell, no package manager ----
 FROM gcr.io/distroless/cc-debian12:nonroot
-# The CA bundle is the image's own /etc/ssl/certs/ca-certificates.crt (for the Kubernetes API
-# server, which presents the cluster CA via the ServiceAccount mount anyway).
+# Added: the binary. The CA bundle for outbound TLS is the base image's own
+# /etc/ssl/certs/ca-certificates.crt; clients are verified against the config's client_ca.
 COPY --from=build /out/harbormaster /usr/local/bin/harbormaster
 # 65532 is distroless's `nonroot`; numeric so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532

@@ -145,11 +145,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let result = app::run_with(loaded, shutdown, on_started).await;
     table.abort();
     result.map_err(|e| {
-        anyhow::anyhow!(
-            "{e:#}\n(is port {} or {} taken? choose others with --port and --admin-port)",
-            args.port,
-            args.admin_port
-        )
+        let e = format!("{e:#}");
+        if e.contains("in use") {
+            anyhow::anyhow!("{e}\n(choose other ports with --port and --admin-port; 0 picks a free one)")
+        } else {
+            anyhow::anyhow!(e)
+        }
     })?;
     println!("stopped; removing {}", dir.path().display());
     drop(dir);
@@ -489,7 +490,7 @@ impl Intro<'_> {
         };
         let mut out = String::new();
         out.push_str(&format!(
-            "harbormaster demo: {} MQTT brokers (rumqttd, in this process) behind harbormaster\n\n",
+            "harbormaster demo: {} MQTT 3.1.1 brokers (rumqttd, in this process) behind harbormaster\n\n",
             self.brokers.len()
         ));
         for b in self.brokers {
@@ -516,8 +517,10 @@ impl Intro<'_> {
         if let Some(admin) = h.admin {
             out.push_str(&format!("  curl -s 'http://{admin}/route?client_id=truck-42'\n"));
         }
+        let me = std::env::current_exe().map_or_else(|_| "harbormaster".to_string(), |p| p.display().to_string());
         out.push_str(&format!(
-            "  harbormaster route --config {} --client-id truck-42\n",
+            "  {} route --config {} --client-id truck-42\n",
+            shell_word(&me),
             shell_word(&self.config.display().to_string())
         ));
         if !in_path("mosquitto_sub") {

@@ -11,10 +11,12 @@
 //!   is built from. Reads only an immutable [`proxy::snapshot::Snapshot`]; never files, DNS or
 //!   Kubernetes.
 //! - [`control`]: the control plane. Config parsing and validation, building snapshots
-//!   (certificates, resolved broker addresses). Never touches a client socket.
+//!   (certificates, resolved broker addresses), hot reload, discovery, health checks, paced
+//!   closing of connections on drain. Never touches a client socket.
 //! - [`admin`]: the operator's view: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
 //!   `/backends`, `/route`), the readiness latch, route lookup, logging setup, every metric.
-//! - [`app`]: wiring: config → snapshot → admin server → listeners → signals → drain.
+//! - [`app`]: wiring: config → snapshot → admin server → listeners → reload loop → signals →
+//!   drain.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 use harbormaster::admin::{log, metrics, route};
 use harbormaster::control::config::{self, LogFormat};
 
+/// mimalloc instead of glibc malloc: measured in benches/compare (docs/benchmarks.md, M1).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "harbormaster", version, about = "MQTT-aware, TLS-terminating load balancer")]
 struct Cli {

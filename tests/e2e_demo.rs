@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -125,6 +125,16 @@ fn field(line: &str, label: &str) -> String {
         .to_string()
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One GET over a fresh connection; the body.
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -169,22 +179,40 @@ fn demo_runs_printed_commands_shows_the_table_and_stops_on_sigint() {
     let route_pub: serde_json::Value =
         serde_json::from_str(&http_get(&admin, &format!("/route?client_id={pub_id}"))).expect("/route is JSON");
     assert_eq!(route_pub["broker"], route["broker"], "the printed client-ids must share a broker");
+    // The printed `harbormaster route` agrees with the running process.
+    let route_line = demo.wait_line(" route --config ");
+    let out = run_with_timeout(&mut shell(&route_line), CMD_TIMEOUT);
+    assert!(out.status.success(), "{route_line}: {}", String::from_utf8_lossy(&out.stderr));
+    let order: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let truck: serde_json::Value =
+        serde_json::from_str(&http_get(&admin, "/route?client_id=truck-42")).expect("/route is JSON");
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(truck["broker"].as_str(), Some(order[0].as_str()), "{route_line}");
 
     // The printed subscriber, exactly as printed, plus "stop after one message".
-    let mut sub = shell(&format!("{sub_line} -C 1 -W 60"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mosquitto_sub");
+    let mut sub = Killed(
+        shell(&format!("exec {sub_line} -C 1 -W 60"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mosquitto_sub"),
+    );
     let row = demo.wait_row("demo-sub connected", |r| r.3.contains("demo-sub [CN demo-device]") && r.1 >= 1);
     assert_eq!(row.0, broker, "the table shows demo-sub on another broker than /route: {row:?}");
 
-    // The printed publisher, exactly as printed.
-    let out = run_with_timeout(&mut shell(&pub_line), CMD_TIMEOUT);
-    assert!(out.status.success(), "{pub_line}: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
-    let status = wait_child(&mut sub, CMD_TIMEOUT).expect("mosquitto_sub got no message");
+    // The printed publisher, exactly as printed; again until the subscriber has it (its
+    // SUBSCRIBE may still be on its way when the table shows it connected).
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let out = run_with_timeout(&mut shell(&pub_line), CMD_TIMEOUT);
+        assert!(out.status.success(), "{pub_line}: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        if let Some(status) = wait_child(&mut sub.0, Duration::from_millis(500)) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_sub got no message");
+    };
     let mut received = String::new();
-    sub.stdout.take().unwrap().read_to_string(&mut received).unwrap();
+    sub.0.stdout.take().unwrap().read_to_string(&mut received).unwrap();
     assert!(status.success(), "mosquitto_sub: {status:?} {received}");
     assert_eq!(received.trim(), "demo/hello hello through harbormaster");
 

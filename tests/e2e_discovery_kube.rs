@@ -237,3 +237,15 @@ async fn endpoints_without_a_pod_are_named_by_address() {
     wait_for(&mut d.rx, &["10.0.0.30:1883@10.0.0.30:1883", "hivemq-0@10.0.0.10:1883"]).await;
     stop.cancel();
 }
+
+/// The real client's TLS stack (rustls with aws-lc-rs, no ring) builds and fails cleanly
+/// against an https URL where nothing listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_client_builds_on_aws_lc_rs() {
+    let port = support::free_port();
+    let config = kube::Config::new(format!("https://127.0.0.1:{port}").parse().unwrap());
+    let client = kube::Client::try_from(config).expect("TLS client");
+    let api: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> = kube::Api::namespaced(client, NS);
+    let err = api.list(&Default::default()).await.expect_err("nothing listens there");
+    assert!(format!("{err:?}").to_lowercase().contains("connect"), "{err:?}");
+}

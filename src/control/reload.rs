@@ -229,6 +229,8 @@ impl Reloader {
                 // Unchanged since applied, and nothing rejected since: not a reload.
                 if trigger == Trigger::Files && self.applied_print == Some(print) && self.rejected_print.is_none() {
                     tracing::debug!(target: "harbormaster::reload", config = %path.display(), "files unchanged; nothing to reload");
+                    // Symlink targets may have moved (Kubernetes' `..data` swap).
+                    self.rewatch(&path);
                     return;
                 }
                 match self.apply(loaded).await {
@@ -307,16 +309,21 @@ impl Reloader {
             changes.push("[log] changed (needs a restart)".into());
         }
         self.resize_limit(next.max_connections);
+        // A pool that is gone entirely: its brokers leave under the policy it had.
+        let mut policies = next.on_removed.clone();
+        for (pool, policy) in &self.applied.on_removed {
+            policies.entry(pool.clone()).or_insert(*policy);
+        }
         self.applied = next;
-        let snap = self.swap(&old, snap);
+        let snap = self.swap(&old, snap, &policies);
         self.listeners.commit(&snap, prepared).await;
         self.reconcile_discovery();
         Ok(changes)
     }
 
     /// Carries state over from `old`, makes `new` current, closes removed brokers'
-    /// connections where the pool says so.
-    fn swap(&mut self, old: &Snapshot, new: Snapshot) -> Arc<Snapshot> {
+    /// connections where the pool's policy (in `policies`) says so.
+    fn swap(&mut self, old: &Snapshot, new: Snapshot, policies: &BTreeMap<String, OnRemoved>) -> Arc<Snapshot> {
         health::carry_over_health(old, &new);
         let new = Arc::new(new);
         self.current.store(new.clone());
@@ -327,7 +334,7 @@ impl Reloader {
             if removed.is_empty() {
                 continue;
             }
-            match self.applied.on_removed.get(&p.name).copied().unwrap_or(OnRemoved::Keep) {
+            match policies.get(&p.name).copied().unwrap_or(OnRemoved::Keep) {
                 OnRemoved::Keep => {}
                 OnRemoved::Close { rate } => self.evict(&p.name, &removed, rate),
             }
@@ -407,7 +414,8 @@ impl Reloader {
         let rebuilt = Arc::new(rebuilt);
         let mut snap = Snapshot::clone(&old);
         snap.pools = old.pools.iter().map(|p| if p.name == pool { rebuilt.clone() } else { p.clone() }).collect();
-        self.swap(&old, snap);
+        let policies = self.applied.on_removed.clone();
+        self.swap(&old, snap, &policies);
         self.metrics.discovery_updates.with_label_values(&[pool]).inc();
     }
 
@@ -636,6 +644,9 @@ impl FileWatch {
     /// (our own included) are not.
     fn relevant(&self, event: &notify::Result<notify::Event>) -> bool {
         let Ok(event) = event else { return true };
+        if event.need_rescan() {
+            return true;
+        }
         match event.kind {
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
             EventKind::Access(_) => return false,
@@ -665,6 +676,108 @@ pool = "p"
 [pool.p]
 backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
 "#;
+
+    /// A reloader on `text` (no file behind it), its snapshot and its connection registry.
+    async fn reloader(text: &str) -> (Reloader, Arc<ArcSwap<Snapshot>>, Arc<Registry>) {
+        let loaded = config::load_str(text, Path::new(".")).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(crate::proxy::connection::Shared::new(metrics.clone(), CancellationToken::new()));
+        let limit = Arc::new(Semaphore::new(loaded.snapshot.limits.max_connections));
+        let applied = Applied::of(&loaded);
+        let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut listeners =
+            ListenerSet::new(current.clone(), shared.clone(), limit.clone(), tracker, CancellationToken::new());
+        let snap = current.load_full();
+        let prepared = listeners.prepare(&snap).await.unwrap();
+        listeners.commit(&snap, prepared).await;
+        let r = Reloader::new(applied, current.clone(), metrics, shared.conns.clone(), listeners, limit);
+        (r, current, shared.conns.clone())
+    }
+
+    fn broker(snap: &Snapshot, name: &str) -> Arc<Backend> {
+        snap.pool("p").unwrap().backends.iter().find(|b| b.name == name).unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_reload_continues_counters_and_health_by_identity() {
+        let text = format!("{BASE}health = {{ check = \"tcp\" }}\n");
+        let (mut r, current, _) = reloader(&text).await;
+        let before = current.load_full();
+        let b2 = broker(&before, "b2");
+        // A connection relayed to b2 is in flight; b2 was marked down.
+        b2.stats.active.fetch_add(1, Ordering::Relaxed);
+        b2.stats.total.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..3 {
+            b2.record_failure(3);
+        }
+        assert!(!b2.is_healthy());
+
+        // b2 moves to another address under the same name; 127.0.0.1:1 leaves; b3 arrives.
+        let next = text.replace("\"127.0.0.1:1\", ", "").replace(
+            "address = \"127.0.0.1:2\" }",
+            "address = \"127.0.0.1:5\" }, { name = \"b3\", address = \"127.0.0.1:3\" }",
+        );
+        let changes = r.apply(config::load_str(&next, Path::new(".")).unwrap()).await.unwrap();
+        assert!(changes.iter().any(|c| c.contains("brokers removed 127.0.0.1:1")), "{changes:?}");
+        let after = current.load_full();
+        let b2_now = broker(&after, "b2");
+        assert!(!Arc::ptr_eq(&b2, &b2_now), "a new snapshot has new brokers");
+        assert_eq!(b2_now.addr, "127.0.0.1:5".parse().unwrap());
+        assert!(Arc::ptr_eq(&b2.stats, &b2_now.stats), "same identity, same counters");
+        assert!(!b2_now.is_healthy(), "health carried over");
+        assert!(broker(&after, "b3").is_healthy());
+        // The in-flight connection's guard ends: least-connections sees it on the new broker.
+        b2.stats.active.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(b2_now.stats.active.load(Ordering::Relaxed), 0);
+        assert_eq!(b2_now.stats.total.load(Ordering::Relaxed), 1);
+        assert_eq!(r.listeners.addrs().len(), 1, "the unchanged listener kept its socket");
+    }
+
+    #[tokio::test]
+    async fn discovery_updates_rebuild_the_pool_and_close_removed_brokers_connections() {
+        let text = BASE.replace(
+            "backends = [\"127.0.0.1:1\", { name = \"b2\", address = \"127.0.0.1:2\" }]",
+            "backends = [\"127.0.0.1:1\"]\non_backend_removed = \"close\"\nclose_rate = 1000",
+        );
+        let (mut r, current, conns) = reloader(&text).await;
+        let spec =
+            DiscoverySpec::Dns { name: "x".into(), port: Some(1), interval: Duration::from_secs(1), resolver: None };
+        let (tx, rx) = watch::channel(None);
+        r.discoveries.insert("p".into(), RunningDiscovery { spec, generation: 7, stop: CancellationToken::new(), rx });
+        let member = |name: &str, port: u16, draining: bool| discovery::Member {
+            name: name.into(),
+            addr: ([127, 0, 0, 1], port).into(),
+            draining,
+        };
+
+        tx.send_replace(Some(Arc::new(vec![member("pod-0", 10, false), member("pod-1", 11, false)])));
+        r.discovered("p", 7);
+        let snap = current.load_full();
+        let names: Vec<&str> = snap.pool("p").unwrap().backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["pod-0", "pod-1"]);
+        let pod1 = broker(&snap, "pod-1");
+        let on_pod1 = conns.register();
+        on_pod1.set_backend(&pod1.stats);
+        let on_pod0 = conns.register();
+        on_pod0.set_backend(&broker(&snap, "pod-0").stats);
+
+        // A stale generation is ignored.
+        tx.send_replace(Some(Arc::new(vec![])));
+        r.discovered("p", 6);
+        assert!(Arc::ptr_eq(&current.load_full(), &snap));
+
+        // pod-0 terminating (draining), pod-1 gone: its connection is closed, pod-0's stays.
+        tx.send_replace(Some(Arc::new(vec![member("pod-0", 10, true)])));
+        r.discovered("p", 7);
+        let snap = current.load_full();
+        assert!(broker(&snap, "pod-0").is_draining());
+        let cause = tokio::time::timeout(Duration::from_secs(10), on_pod1.closed()).await.expect("closed");
+        assert_eq!(cause, crate::proxy::registry::CloseCause::BrokerRemoved);
+        tokio::task::yield_now().await;
+        assert!(tokio::time::timeout(Duration::from_millis(50), on_pod0.closed()).await.is_err());
+        assert_eq!(r.metrics.discovery_updates.with_label_values(&["p"]).get(), 2);
+    }
 
     #[test]
     fn describe_names_listeners_and_brokers_that_changed() {

@@ -221,6 +221,12 @@ struct Established {
     _active: ActiveGuard,
 }
 
+impl Established {
+    fn backend(&self) -> &Arc<Backend> {
+        &self._active.0
+    }
+}
+
 /// Handle one accepted connection to its end, then log it. `conn` is its entry in
 /// `shared.conns`, through which the control plane may close it.
 pub async fn handle(
@@ -244,7 +250,7 @@ pub async fn handle(
             // instead of staying part of this task for its whole life.
             match Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts)).await {
                 Ok(est) => {
-                    conn.set_backend(&est._active.0.stats);
+                    conn.set_backend(&est.backend().stats);
                     relay_phase(&shared, &spec.name, est, snapshot.limits.half_close_timeout, &mut facts).await
                 }
                 Err(reason) => reason,

@@ -114,3 +114,31 @@ fn print_summary(v: &Value, indent: usize) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use harbormaster::admin::metrics::Metrics;
+    use harbormaster::proxy::connection::{handle, Shared};
+    use tokio_util::sync::CancellationToken;
+
+    /// What one connection's task holds for its whole life beyond its sockets and TLS state:
+    /// the future of `connection::handle` (setup is boxed, so this is mostly the relay phase).
+    #[tokio::test]
+    async fn connection_task_size() {
+        let cfg = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:1\"]\n[admin]\nenabled = false\n";
+        let loaded = harbormaster::control::config::load_str(cfg, std::path::Path::new(".")).expect("config");
+        let snapshot = Arc::new(loaded.snapshot);
+        let spec = snapshot.listeners[0].clone();
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::new()), CancellationToken::new()));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        let conn = shared.conns.register();
+        let fut = handle(shared.clone(), snapshot, spec, c, peer, conn);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size < 4096, "{size}");
+    }
+}

@@ -35,7 +35,7 @@ pub(super) struct Target {
     pub port: String,
 }
 
-/// Builds a client (in-cluster ServiceAccount, else the kubeconfig) and follows the slices
+/// Builds a client (a kubeconfig, else the pod's ServiceAccount) and follows the slices
 /// until `stop` is cancelled or nobody listens.
 pub(super) async fn run(t: Target, tx: watch::Sender<Option<Members>>, stop: CancellationToken) {
     let client = loop {
