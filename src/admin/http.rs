@@ -166,7 +166,7 @@ fn backends(state: &AdminState) -> Response<Full<Bytes>> {
                         "identity": b.name,
                         "address": b.addr.to_string(),
                         "healthy": b.healthy.load(Relaxed),
-                        "draining": false,
+                        "draining": b.is_draining(),
                         "active": b.stats.active.load(Relaxed),
                         "total": b.stats.total.load(Relaxed),
                         "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
@@ -203,8 +203,8 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
                     "client_id": String::from_utf8_lossy(&key),
                     "pool": r.pool.name,
                     "hash_key": route::hash_key_name(r.pool.hash_key),
-                    "broker": now.name,
-                    "address": now.addr.to_string(),
+                    "broker": now.map(|b| b.name.as_str()),
+                    "address": now.map(|b| b.addr.to_string()),
                     "preference": r.preference.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
                     "candidates": r.candidates.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
                 }),
@@ -214,6 +214,7 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             let status = match e {
                 RouteError::NoPool(_) | RouteError::NoDefaultPool => StatusCode::NOT_FOUND,
                 RouteError::EmptyKey { .. } => StatusCode::BAD_REQUEST,
+                RouteError::NoBrokers(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             json_response(status, &json!({ "error": e.to_string() }))
         }

@@ -21,9 +21,10 @@ pub struct Route<'a> {
 }
 
 impl Route<'_> {
-    /// The broker the key lands on now, when it is up.
-    pub fn now(&self) -> &Arc<Backend> {
-        self.candidates.first().unwrap_or(&self.preference[0])
+    /// The broker the key lands on now, when it is up; `None` when every broker is draining
+    /// (the data plane then refuses the client with "server unavailable").
+    pub fn now(&self) -> Option<&Arc<Backend>> {
+        self.candidates.first().copied()
     }
 }
 
@@ -35,6 +36,9 @@ pub enum RouteError {
     NoDefaultPool,
     /// Empty keys are not hashed; such clients follow the pool's `empty_client_id`.
     EmptyKey { pool: String, policy: &'static str },
+    /// The pool has no brokers (yet): a discovered pool before its first answer, or when
+    /// asked offline by `harbormaster route`, which runs no discovery.
+    NoBrokers(String),
 }
 
 impl fmt::Display for RouteError {
@@ -45,6 +49,11 @@ impl fmt::Display for RouteError {
             RouteError::EmptyKey { pool, policy } => write!(
                 f,
                 "an empty key is not hashed: pool {pool:?} routes clients without one by empty_client_id = {policy}"
+            ),
+            RouteError::NoBrokers(pool) => write!(
+                f,
+                "pool {pool:?} has no brokers: a pool discovered by DNS or Kubernetes has none until discovery \
+                 answers (ask the running process: GET /route on the admin server)"
             ),
         }
     }
@@ -71,7 +80,7 @@ pub fn lookup<'a>(snap: &'a Snapshot, key: &[u8], pool: Option<&str>) -> Result<
     }
     let preference = pool.ranking(key);
     if preference.is_empty() {
-        return Err(RouteError::NoPool(pool.name.clone()));
+        return Err(RouteError::NoBrokers(pool.name.clone()));
     }
     Ok(Route { pool, preference, candidates: pool.candidates(key, pool.backend_attempts) })
 }
@@ -139,11 +148,11 @@ backend_attempts = 1
         let snap = snapshot();
         let r = lookup(&snap, b"truck-7", Some("second")).unwrap();
         let first = r.preference[0].clone();
-        assert_eq!(r.now().name, first.name);
+        assert_eq!(r.now().unwrap().name, first.name);
         first.healthy.store(false, Ordering::Relaxed);
         let r = lookup(&snap, b"truck-7", Some("second")).unwrap();
         assert_eq!(r.preference[0].name, first.name, "preference ignores health");
-        assert_eq!(r.now().name, r.preference[1].name, "the data plane skips the down broker");
+        assert_eq!(r.now().unwrap().name, r.preference[1].name, "the data plane skips the down broker");
         assert_eq!(r.candidates.len(), 1);
     }
 
