@@ -339,6 +339,7 @@ pub fn connack_label(code: Option<u8>) -> &'static str {
         Some(0x85) => "0x85",
         Some(0x88) => "0x88",
         Some(0x95) => "0x95",
+        Some(0x9F) => "0x9f",
         Some(_) => "other",
     }
 }

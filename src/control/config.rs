@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use super::discovery::DiscoverySpec;
+use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
@@ -80,6 +81,8 @@ pub struct RawListener {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub tls: Option<RawTls>,
+    /// Connections held at once on this listener (within `limits.max_connections`).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,6 +332,41 @@ pub struct RawLimits {
     pub max_connections: usize,
     #[serde(deserialize_with = "duration")]
     pub half_close_timeout: Duration,
+    /// New TLS handshakes per second (token bucket); 0: unlimited.
+    pub handshake_rate: u32,
+    /// Default: `handshake_rate`.
+    pub handshake_burst: Option<u32>,
+    pub handshake_queue: usize,
+    #[serde(deserialize_with = "duration")]
+    pub handshake_queue_timeout: Duration,
+    /// New connections per second per client address; 0: unlimited.
+    pub per_source_rate: u32,
+    /// Default: `per_source_rate`.
+    pub per_source_burst: Option<u32>,
+    /// Absent: off.
+    pub flapping: Option<RawFlapping>,
+}
+
+/// `flapping = { max_connects = 15, window = "1m", ban = "5m" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlapping {
+    #[serde(default = "default_flapping_max")]
+    pub max_connects: u32,
+    #[serde(default = "default_flapping_window", deserialize_with = "duration")]
+    pub window: Duration,
+    #[serde(default = "default_flapping_ban", deserialize_with = "duration")]
+    pub ban: Duration,
+}
+
+fn default_flapping_max() -> u32 {
+    15
+}
+fn default_flapping_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_flapping_ban() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl Default for RawLimits {
@@ -340,6 +378,13 @@ impl Default for RawLimits {
             drain_delay: Duration::ZERO,
             max_connections: 100_000,
             half_close_timeout: Duration::from_secs(60),
+            handshake_rate: 0,
+            handshake_burst: None,
+            handshake_queue: 1024,
+            handshake_queue_timeout: Duration::from_secs(2),
+            per_source_rate: 0,
+            per_source_burst: None,
+            flapping: None,
         }
     }
 }
@@ -663,6 +708,9 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         if !raw.pool.contains_key(&l.pool) {
             c.add(format!("{at}.pool"), format!("no pool named {:?}", l.pool));
         }
+        if l.max_connections == Some(0) {
+            c.add(format!("{at}.max_connections"), "must be greater than 0");
+        }
         let mut trusted = Vec::new();
         for (j, t) in l.trusted_proxies.iter().enumerate() {
             match t.parse::<IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from)) {
@@ -696,6 +744,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 accept_proxy: l.accept_proxy,
                 trusted_proxies: trusted,
                 tls,
+                max_connections: l.max_connections,
             }));
         }
     }
@@ -722,6 +771,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if lim.max_connections == 0 {
         c.add("limits.max_connections", "must be greater than 0");
     }
+    let admission = check_admission(&mut c, lim);
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
     }
@@ -754,6 +804,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 drain_delay: lim.drain_delay,
                 half_close_timeout: lim.half_close_timeout,
                 max_connections: lim.max_connections,
+                admission,
             },
         },
         log: raw.log,
@@ -763,6 +814,46 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         discovery,
         on_removed,
     })
+}
+
+/// Validates the admission limits of `[limits]`; burst sizes default to their rate.
+fn check_admission(c: &mut Check, lim: &RawLimits) -> AdmissionLimits {
+    if lim.handshake_burst == Some(0) {
+        c.add("limits.handshake_burst", "must be greater than 0");
+    }
+    if lim.handshake_burst.is_some() && lim.handshake_rate == 0 {
+        c.add("limits.handshake_burst", "set but handshake_rate is 0 (unlimited)");
+    }
+    if lim.handshake_rate > 0 && lim.handshake_queue_timeout.is_zero() && lim.handshake_queue > 0 {
+        c.add("limits.handshake_queue_timeout", "must be greater than 0 when handshake_queue is");
+    }
+    if lim.per_source_burst == Some(0) {
+        c.add("limits.per_source_burst", "must be greater than 0");
+    }
+    if lim.per_source_burst.is_some() && lim.per_source_rate == 0 {
+        c.add("limits.per_source_burst", "set but per_source_rate is 0 (unlimited)");
+    }
+    let flapping = lim.flapping.as_ref().map(|f| {
+        if f.max_connects == 0 {
+            c.add("limits.flapping.max_connects", "must be greater than 0");
+        }
+        if f.window.is_zero() {
+            c.add("limits.flapping.window", "must be greater than 0");
+        }
+        if f.ban.is_zero() {
+            c.add("limits.flapping.ban", "must be greater than 0");
+        }
+        Flapping { max_connects: f.max_connects, window: f.window, ban: f.ban }
+    });
+    AdmissionLimits {
+        handshake_rate: lim.handshake_rate,
+        handshake_burst: lim.handshake_burst.unwrap_or(lim.handshake_rate).max(1),
+        handshake_queue: lim.handshake_queue,
+        handshake_queue_timeout: lim.handshake_queue_timeout,
+        per_source_rate: lim.per_source_rate,
+        per_source_burst: lim.per_source_burst.unwrap_or(lim.per_source_rate).max(1),
+        flapping,
+    }
 }
 
 /// Smallest PROXY v2 header with IPv6 addresses (16 + 36) and no TLVs: nothing fits below it.
@@ -975,6 +1066,52 @@ connect_timeout = "0s"
         ] {
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
+    }
+
+    #[test]
+    fn admission_limits_default_off_and_bursts_default_to_their_rate() {
+        let s = load_str(MINIMAL, Path::new(".")).unwrap().snapshot;
+        assert_eq!(
+            s.limits.admission,
+            AdmissionLimits { handshake_burst: 1, per_source_burst: 1, ..Default::default() }
+        );
+        assert_eq!(s.listeners[0].max_connections, None);
+        let text = MINIMAL.replacen("pool = \"brokers\"", "pool = \"brokers\"\nmax_connections = 500", 1)
+            + "\n[limits]\nhandshake_rate = 200\nhandshake_queue = 50\nhandshake_queue_timeout = \"3s\"\n\
+               per_source_rate = 5\nper_source_burst = 20\nflapping = { max_connects = 10 }\n";
+        let s = load_str(&text, Path::new(".")).unwrap().snapshot;
+        assert_eq!(s.listeners[0].max_connections, Some(500));
+        let a = &s.limits.admission;
+        assert_eq!((a.handshake_rate, a.handshake_burst, a.handshake_queue), (200, 200, 50));
+        assert_eq!(a.handshake_queue_timeout, Duration::from_secs(3));
+        assert_eq!((a.per_source_rate, a.per_source_burst), (5, 20));
+        assert_eq!(
+            a.flapping,
+            Some(Flapping { max_connects: 10, window: Duration::from_secs(60), ban: Duration::from_secs(300) })
+        );
+    }
+
+    #[test]
+    fn bad_admission_limits_are_reported_with_their_paths() {
+        let text = MINIMAL.replacen("pool = \"brokers\"", "pool = \"brokers\"\nmax_connections = 0", 1)
+            + "\n[limits]\nhandshake_burst = 0\nhandshake_queue_timeout = \"0s\"\nper_source_rate = 1\n\
+               per_source_burst = 0\nflapping = { max_connects = 0, window = \"0s\", ban = \"0s\" }\n";
+        let got = problems(&text);
+        for path in [
+            "listener[0].max_connections:",
+            "limits.handshake_burst: must be greater than 0",
+            "limits.handshake_burst: set but handshake_rate is 0",
+            "limits.per_source_burst: must be greater than 0",
+            "limits.flapping.max_connects:",
+            "limits.flapping.window:",
+            "limits.flapping.ban:",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(path)), "{path} missing from {got:?}");
+        }
+        let text = format!("{MINIMAL}\n[limits]\nhandshake_rate = 10\nhandshake_queue_timeout = \"0s\"\n");
+        assert!(problems(&text).iter().any(|g| g.starts_with("limits.handshake_queue_timeout:")));
+        let text = format!("{MINIMAL}\n[limits]\nflapping = {{ max = 3 }}\n");
+        assert!(problems(&text).iter().any(|g| g.starts_with("limits.flapping")), "{:?}", problems(&text));
     }
 
     #[test]

@@ -308,6 +308,7 @@ mod tests {
                 drain_delay: Duration::ZERO,
                 max_connections: 1,
                 half_close_timeout: Duration::from_secs(1),
+                admission: Default::default(),
             },
         }
     }

@@ -1,6 +1,6 @@
 //! The life of one client connection, top to bottom:
-//! PROXY header from an outer load balancer (optional) → TLS handshake (optional) → CONNECT
-//! peek → broker choice → dial with failover → PROXY header to the broker → CONNECT and
+//! PROXY header from an outer load balancer (optional) → admission (per-source rate, a
+//! handshake token) → TLS handshake (optional) → CONNECT peek → flapping check → broker choice → dial with failover → PROXY header to the broker → CONNECT and
 //! pipelined bytes → relay → one log line. Refusals answer with an MQTT-correct CONNACK where
 //! the protocol allows and never write anything to a broker.
 
@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{self, Admission};
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
 use super::identity::TlsInfo;
 use super::inbound;
@@ -24,6 +25,7 @@ use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Registration, Registry};
 use super::relay::{self, Ended};
 use super::snapshot::{ListenerSpec, Snapshot};
+use super::tls_stream::TlsServerStream;
 use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
 
 /// State shared by every connection of the process.
@@ -34,6 +36,8 @@ pub struct Shared {
     /// Every live connection, for the control plane to close one at a time (children of
     /// `hard_stop`).
     pub conns: Arc<Registry>,
+    /// Handshake token bucket, per-source buckets, flapping client-ids.
+    pub admission: Admission,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -49,7 +53,7 @@ impl Shared {
         let prefix =
             xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
         let conns = Arc::new(Registry::new(hard_stop.clone()));
-        Shared { metrics, hard_stop, conns, prefix, next_id: AtomicU64::new(1) }
+        Shared { metrics, hard_stop, conns, admission: Admission::default(), prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {
@@ -75,6 +79,16 @@ pub enum Reason {
     BrokerWrite,
     Drained,
     BrokerRemoved,
+    /// `limits.max_connections` reached: closed at accept.
+    MaxConnections,
+    /// The listener's `max_connections` reached: closed at accept.
+    ListenerMaxConnections,
+    HandshakeQueueFull,
+    HandshakeQueueTimeout,
+    /// `per_source_rate` exceeded by the client's address: closed before TLS.
+    SourceRate,
+    /// The client-id reconnects too often: CONNACK "connection rate exceeded".
+    Flapping,
     Relayed(Ended),
 }
 
@@ -96,6 +110,12 @@ impl Reason {
             Reason::BrokerWrite => "broker_write_failed",
             Reason::Drained => "drained",
             Reason::BrokerRemoved => "broker_removed",
+            Reason::MaxConnections => "max_connections",
+            Reason::ListenerMaxConnections => "listener_max_connections",
+            Reason::HandshakeQueueFull => "handshake_queue_full",
+            Reason::HandshakeQueueTimeout => "handshake_queue_timeout",
+            Reason::SourceRate => "per_source_rate",
+            Reason::Flapping => "flapping",
             Reason::Relayed(Ended::Clean) => "closed",
             Reason::Relayed(Ended::ClientError) => "client_error",
             Reason::Relayed(Ended::BrokerError) => "broker_error",
@@ -180,7 +200,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 /// and plain connections should not carry room for it).
 pub enum Client {
     Plain(Prefixed<TcpStream>),
-    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+    Tls(Box<TlsServerStream<Prefixed<TcpStream>>>),
 }
 
 impl AsyncRead for Client {
@@ -286,6 +306,24 @@ pub async fn handle(
     );
 }
 
+/// A connection closed at accept (a connection limit), before any other work: counted and
+/// logged like every other connection end.
+pub fn refused_at_accept(shared: &Shared, listener: &str, peer: SocketAddr, reason: Reason) {
+    let m = &shared.metrics;
+    m.refused.with_label_values(&[listener, reason.as_str(), connack_label(None)]).inc();
+    m.closed.with_label_values(&[listener, reason.as_str()]).inc();
+    tracing::info!(
+        target: "harbormaster::connection",
+        conn_id = %shared.conn_id(),
+        client_addr = %peer,
+        listener = %listener,
+        bytes_in = 0u64,
+        bytes_out = 0u64,
+        close_reason = reason.as_str(),
+        "connection closed"
+    );
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn setup(
     shared: &Shared,
@@ -301,8 +339,13 @@ async fn setup(
     let Some(pool) = snap.pool(&spec.pool) else {
         return Err(Reason::NoPool);
     };
-    let _ = tcp.set_nodelay(true);
-    let mut dst = tcp.local_addr().unwrap_or(spec.bind);
+    // TCP_NODELAY comes from the listening socket (listener::bind). The listener's own
+    // address is the destination unless it was bound to a wildcard or port 0: no system call.
+    let mut dst = if spec.bind.port() != 0 && !spec.bind.ip().is_unspecified() {
+        spec.bind
+    } else {
+        tcp.local_addr().unwrap_or(spec.bind)
+    };
     let mut src = peer;
 
     // 1. PROXY header from an outer load balancer.
@@ -330,16 +373,31 @@ async fn setup(
     }
     let stream = Prefixed::new(pre, tcp);
 
-    // 2. TLS.
+    // 2. Admission: the client's address (after PROXY decoding) within its rate, then a
+    // handshake token; both refusals close before any TLS work.
+    let lim = &snap.limits.admission;
+    if !shared.admission.source_allowed(lim, super::snapshot::canonical_ip(src.ip()), Instant::now()) {
+        facts.detail = Some(format!("more than {} new connections per second from {}", lim.per_source_rate, src.ip()));
+        return Err(Reason::SourceRate);
+    }
+    if spec.tls.is_some() {
+        match tokio::time::timeout_at(deadline, shared.admission.handshake(lim)).await {
+            Err(_) => return Err(Reason::Timeout),
+            Ok(Err(admission::Refused::HandshakeQueueFull)) => return Err(Reason::HandshakeQueueFull),
+            Ok(Err(admission::Refused::HandshakeQueueTimeout)) => return Err(Reason::HandshakeQueueTimeout),
+            Ok(Ok(())) => {}
+        }
+    }
+
+    // 3. TLS.
     match &spec.tls {
         None => {
             let client = Client::Plain(stream);
             serve(shared, &spec.name, pool, snap, client, None, src, dst, conn_id, deadline, started, facts).await
         }
         Some(cfg) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             let handshake = Instant::now();
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout_at(deadline, TlsServerStream::accept(cfg.clone(), stream)).await {
                 Err(_) => {
                     shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "timeout", "none"]).inc();
                     return Err(Reason::Timeout);
@@ -353,7 +411,7 @@ async fn setup(
             };
             let elapsed = handshake.elapsed().as_secs_f64();
             shared.metrics.tls_handshake_seconds.with_label_values(&[&spec.name]).observe(elapsed);
-            let info = TlsInfo::from_connection(tls.get_ref().1);
+            let info = TlsInfo::from_common(tls.common(), tls.server_name());
             shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "ok", info.version]).inc();
             facts.sni = info.sni.clone();
             facts.tls_version = Some(info.version);
@@ -481,7 +539,7 @@ async fn serve(
     started: Instant,
     facts: &mut Facts,
 ) -> Result<Established, Reason> {
-    // 3. CONNECT.
+    // 4. CONNECT.
     let buf = match tokio::time::timeout_at(deadline, read_connect(&mut stream, snap.limits.max_connect_packet)).await {
         Err(_) => return Err(Reason::Timeout),
         Ok(Ok(buf)) => buf,
@@ -510,7 +568,14 @@ async fn serve(
     let elapsed = started.elapsed().as_secs_f64();
     shared.metrics.accept_to_connect_seconds.with_label_values(&[listener]).observe(elapsed);
 
-    // 4. Choose brokers.
+    // 5. A client-id that reconnects in a loop is refused for a while.
+    if !shared.admission.connect_allowed(&snap.limits.admission, connect.client_id, Instant::now()) {
+        facts.detail = Some("client-id reconnecting too often (flapping)".into());
+        facts.connack = refuse(&mut stream, Some(version), Refusal::RateExceeded).await;
+        return Err(Reason::Flapping);
+    }
+
+    // 6. Choose brokers.
     let key: Option<&[u8]> = match pool.hash_key {
         HashKey::ClientId => Some(connect.client_id),
         HashKey::Username => connect.username,
@@ -536,7 +601,7 @@ async fn serve(
         },
     };
 
-    // 5. Dial, in preference order.
+    // 7. Dial, in preference order.
     let mut broker = None;
     let mut errors = Vec::new();
     for b in candidates {
@@ -577,7 +642,7 @@ async fn serve(
     facts.broker = Some(backend.name.clone());
     shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
 
-    // 6. PROXY header, then the CONNECT and whatever was pipelined, in one write.
+    // 8. PROXY header, then the CONNECT and whatever was pipelined, in one write.
     let mut first = match pool.proxy_protocol {
         ProxyProtocol::None => Vec::with_capacity(buf.len()),
         ProxyProtocol::V1 => proxy_header::encode_v1(src, dst),

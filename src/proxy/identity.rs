@@ -53,10 +53,16 @@ pub struct ClientCert {
 impl TlsInfo {
     /// Read the facts off a finished server-side rustls connection.
     pub fn from_connection(conn: &rustls::ServerConnection) -> TlsInfo {
+        TlsInfo::from_common(conn, conn.server_name())
+    }
+
+    /// Read the facts off a finished connection's common state and the SNI it was given (what
+    /// the unbuffered API, [`super::tls_stream`], exposes).
+    pub fn from_common(conn: &rustls::CommonState, sni: Option<&str>) -> TlsInfo {
         TlsInfo {
             version: conn.protocol_version().map_or("", openssl_version_name),
             cipher: conn.negotiated_cipher_suite().map_or("", |s| openssl_cipher_name(s.suite())),
-            sni: conn.server_name().map(str::to_owned),
+            sni: sni.map(str::to_owned),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             client_cert: conn
                 .peer_certificates()

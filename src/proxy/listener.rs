@@ -1,9 +1,12 @@
 //! Accept loops: bind a listener, accept connections and spawn each into its own task, where
 //! the TLS handshake and everything after it run. Accept errors (EMFILE under a reconnect
-//! storm) back off and never end the loop; a semaphore caps connections held at once.
+//! storm) back off and never end the loop. Over a connection limit (the process's semaphore,
+//! the listener's own count) a new connection is closed at once, before any TLS work: under a
+//! storm the backlog then holds only connections that will be served.
 //! [`ListenerSet`] keeps the running listeners in line with the current snapshot (reloads).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connection::{self, Shared};
+use super::connection::{self, Reason, Shared};
 use super::snapshot::{ListenerSpec, Snapshot};
 
 /// Pending connections the kernel queues while the process is busy: a reconnecting fleet
@@ -39,6 +42,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
     socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive)?;
+    // Accepted sockets inherit TCP_NODELAY too: one system call fewer per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
@@ -58,14 +63,9 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let accepted = shared.metrics.accepted.with_label_values(&[&name]);
+    // Connections of this listener alive now, for its own `max_connections`.
+    let held = Arc::new(AtomicUsize::new(0));
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = stop.cancelled() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -82,12 +82,34 @@ pub async fn serve(
         let snapshot = current.load_full();
         // Only between a reload's swap and this loop being stopped: the listener is gone.
         let Some(spec) = snapshot.listener(&name).cloned() else { continue };
+        if spec.max_connections.is_some_and(|max| held.load(Ordering::Relaxed) >= max) {
+            drop(tcp);
+            connection::refused_at_accept(&shared, &name, peer, Reason::ListenerMaxConnections);
+            continue;
+        }
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            drop(tcp);
+            connection::refused_at_accept(&shared, &name, peer, Reason::MaxConnections);
+            continue;
+        };
+        held.fetch_add(1, Ordering::Relaxed);
+        let held = Held(held.clone());
         let conn = shared.conns.register();
         let shared = shared.clone();
         tracker.spawn(async move {
             connection::handle(shared, snapshot, spec, tcp, peer, conn).await;
             drop(permit);
+            drop(held);
         });
+    }
+}
+
+/// One connection counted against its listener's `max_connections`, until dropped.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

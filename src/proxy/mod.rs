@@ -1,6 +1,7 @@
 //! The data plane: listeners and the per-connection pipeline, written top to bottom in
 //! [`connection`]. Everything here reads only the current immutable [`snapshot::Snapshot`].
 
+pub mod admission;
 pub mod balance;
 pub mod connection;
 pub mod identity;
@@ -11,3 +12,4 @@ pub mod proxy_header;
 pub mod registry;
 pub mod relay;
 pub mod snapshot;
+pub mod tls_stream;

@@ -330,6 +330,8 @@ pub enum Refusal {
     Malformed,
     /// 5.0 only: reason 0x95.
     PacketTooLarge,
+    /// 3.x return code 3 (server unavailable), 5.0 reason 0x9F (connection rate exceeded).
+    RateExceeded,
 }
 
 /// The CONNACK for `refusal` in the client's `version`, or `None` where that version has no
@@ -338,7 +340,9 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
     // 3.x: type 2, remaining length 2, session-present 0, return code.
     // 5.0: type 2, remaining length 3, session-present 0, reason code, empty property list.
     match (version, refusal) {
-        (MqttVersion::V31 | MqttVersion::V311, Refusal::ServerUnavailable) => Some(&[0x20, 0x02, 0x00, 0x03]),
+        (MqttVersion::V31 | MqttVersion::V311, Refusal::ServerUnavailable | Refusal::RateExceeded) => {
+            Some(&[0x20, 0x02, 0x00, 0x03])
+        }
         (MqttVersion::V31 | MqttVersion::V311, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x02, 0x00, 0x01]),
         (MqttVersion::V31 | MqttVersion::V311, Refusal::ClientIdRejected) => Some(&[0x20, 0x02, 0x00, 0x02]),
         (MqttVersion::V31 | MqttVersion::V311, Refusal::Malformed | Refusal::PacketTooLarge) => None,
@@ -347,6 +351,7 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
         (MqttVersion::V5, Refusal::ClientIdRejected) => Some(&[0x20, 0x03, 0x00, 0x85, 0x00]),
         (MqttVersion::V5, Refusal::Malformed) => Some(&[0x20, 0x03, 0x00, 0x81, 0x00]),
         (MqttVersion::V5, Refusal::PacketTooLarge) => Some(&[0x20, 0x03, 0x00, 0x95, 0x00]),
+        (MqttVersion::V5, Refusal::RateExceeded) => Some(&[0x20, 0x03, 0x00, 0x9F, 0x00]),
     }
 }
 
@@ -974,7 +979,9 @@ mod tests {
             assert_eq!(connack(v, ClientIdRejected), Some(&[0x20, 2, 0, 2][..]));
             assert_eq!(connack(v, Malformed), None);
             assert_eq!(connack(v, PacketTooLarge), None);
+            assert_eq!(connack(v, RateExceeded), Some(&[0x20, 2, 0, 3][..]));
         }
+        assert_eq!(connack(V5, RateExceeded), Some(&[0x20, 3, 0, 0x9F, 0][..]));
         assert_eq!(connack(V5, ServerUnavailable), Some(&[0x20, 3, 0, 0x88, 0][..]));
         assert_eq!(connack(V5, UnsupportedProtocol), Some(&[0x20, 3, 0, 0x84, 0][..]));
         assert_eq!(connack(V5, ClientIdRejected), Some(&[0x20, 3, 0, 0x85, 0][..]));
@@ -990,6 +997,7 @@ mod tests {
             (Refusal::ServerUnavailable, Rc::ServerUnavailable),
             (Refusal::UnsupportedProtocol, Rc::UnacceptableProtocolVersion),
             (Refusal::ClientIdRejected, Rc::IdentifierRejected),
+            (Refusal::RateExceeded, Rc::ServerUnavailable),
         ] {
             let bytes = connack(MqttVersion::V311, refusal).unwrap();
             match P3::decode(bytes).unwrap() {
@@ -1003,6 +1011,7 @@ mod tests {
             (Refusal::ClientIdRejected, Rc5::ClientIdentifierNotValid),
             (Refusal::Malformed, Rc5::MalformedPacket),
             (Refusal::PacketTooLarge, Rc5::PacketTooLarge),
+            (Refusal::RateExceeded, Rc5::ConnectionRateExceeded),
         ] {
             let bytes = connack(MqttVersion::V5, refusal).unwrap();
             match P5::decode(bytes).unwrap() {

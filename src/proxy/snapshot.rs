@@ -39,6 +39,8 @@ pub struct ListenerSpec {
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections held at once on this listener; beyond it new ones are closed at accept.
+    pub max_connections: Option<usize>,
 }
 
 impl ListenerSpec {
@@ -69,6 +71,9 @@ pub struct Limits {
     pub drain_delay: Duration,
     /// Once one side of a relayed connection has closed, how long the other may stay silent.
     pub half_close_timeout: Duration,
-    /// Connections held at once across all listeners; beyond it new ones wait in the backlog.
+    /// Connections held at once across all listeners; beyond it new ones are closed at
+    /// accept, before any TLS work.
     pub max_connections: usize,
+    /// Handshake rate, per-source rate and flapping detection.
+    pub admission: super::admission::AdmissionLimits,
 }

@@ -1,0 +1,566 @@
+//! The server side of TLS over rustls' unbuffered API, as a tokio `AsyncRead + AsyncWrite`
+//! stream. Unlike `tokio_rustls::server::TlsStream` (rustls' buffered API keeps a 4 KiB
+//! receive buffer for the connection's whole life), this stream owns its buffers and holds
+//! them only while bytes are in flight: an idle connection keeps its rustls state and nothing
+//! else. Socket reads go through one per-thread scratch buffer; only an incomplete record is
+//! kept between reads.
+//!
+//! Behaviour matches tokio-rustls where the relay can tell: a close_notify reads as EOF, a
+//! TCP EOF without one is `UnexpectedEof`, shutdown sends close_notify and then a FIN, and a
+//! failed handshake sends its alert before the error is returned.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError};
+use rustls::{CommonState, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One socket read at most: a full TLS record with its header and tag, rounded up.
+const READ_SIZE: usize = 18 * 1024;
+/// Plaintext encrypted per `poll_write` at most (four full records).
+const WRITE_CHUNK: usize = 4 * 16 * 1024;
+/// Encrypted bytes waiting for the socket beyond which `poll_write` waits.
+const TX_HIGH: usize = 64 * 1024;
+/// Received bytes buffered while a handshake message is incomplete, at most (rustls allows
+/// handshake messages up to 64 KiB).
+const RX_MAX: usize = 80 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_SIZE].into_boxed_slice());
+}
+
+fn invalid(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// A server-side TLS stream over `IO` whose buffers exist only while bytes are in flight.
+pub struct TlsServerStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    /// Received TLS bytes not processed yet (an incomplete record).
+    rx: Vec<u8>,
+    /// Encrypted bytes not written to `io` yet, from `tx_pos`.
+    tx: Vec<u8>,
+    tx_pos: usize,
+    /// Decrypted bytes not read by the caller yet, from `plain_pos`.
+    plain: Vec<u8>,
+    plain_pos: usize,
+    /// The peer sent close_notify.
+    peer_closed: bool,
+    /// `io` reached EOF.
+    io_eof: bool,
+    /// close_notify queued.
+    close_sent: bool,
+    /// The SNI of the ClientHello (rustls' unbuffered API does not expose it); `None` until
+    /// read, `Some(None)` without one.
+    sni: Option<Option<String>>,
+}
+
+/// Frees a buffer's memory once it has nothing left in it.
+fn release(v: &mut Vec<u8>) {
+    if v.is_empty() && v.capacity() > 0 {
+        *v = Vec::new();
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
+    /// Runs the server handshake over `io`.
+    pub async fn accept(config: Arc<ServerConfig>, io: IO) -> io::Result<Self> {
+        let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
+        let mut s = TlsServerStream {
+            io,
+            conn,
+            rx: Vec::new(),
+            tx: Vec::new(),
+            tx_pos: 0,
+            plain: Vec::new(),
+            plain_pos: 0,
+            peer_closed: false,
+            io_eof: false,
+            close_sent: false,
+            sni: None,
+        };
+        poll_fn(|cx| s.poll_handshake(cx)).await?;
+        Ok(s)
+    }
+
+    /// The negotiated connection: version, cipher suite, ALPN, client certificates.
+    pub fn common(&self) -> &CommonState {
+        &self.conn
+    }
+
+    /// The server name the client asked for (SNI), lowercased.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_ref().and_then(|s| s.as_deref())
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.sni.is_none() && !self.rx.is_empty() {
+                self.sni = client_hello_sni(&self.rx);
+            }
+            if let Err(e) = self.process(None) {
+                // Last gasp: the alert that describes the failure.
+                let _ = self.poll_write_tx(cx);
+                return Poll::Ready(Err(e));
+            }
+            // What does not fit in the socket now (the session tickets after the handshake)
+            // goes out with the next read, write or flush.
+            ready_or_pending(self.poll_write_tx(cx))?;
+            if !self.conn.is_handshaking() {
+                return Poll::Ready(Ok(()));
+            }
+            if self.peer_closed || self.io_eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed during the TLS handshake",
+                )));
+            }
+            match self.poll_read_io(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r?,
+            }
+        }
+    }
+
+    fn tx_pending(&self) -> bool {
+        self.tx_pos < self.tx.len()
+    }
+
+    /// Drives rustls over the received bytes until it needs more input; decrypted records go
+    /// to `plain`, TLS output to `tx`. With `data`, encrypts a first part of it once the
+    /// connection may send application data and returns how much; with `close`, queues
+    /// close_notify.
+    fn process_io(&mut self, data: Option<&[u8]>, close: bool) -> Result<usize, rustls::Error> {
+        let mut result = None;
+        while result.is_none() {
+            let status = self.conn.process_tls_records(&mut self.rx);
+            let discard = status.discard;
+            match status.state? {
+                ConnectionState::ReadTraffic(mut rt) => {
+                    while let Some(rec) = rt.next_record() {
+                        self.plain.extend_from_slice(rec?.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut enc) => encode(&mut self.tx, &mut enc)?,
+                ConnectionState::TransmitTlsData(t) => t.done(),
+                ConnectionState::PeerClosed => self.peer_closed = true,
+                ConnectionState::Closed => {
+                    self.peer_closed = true;
+                    result = Some(0);
+                }
+                ConnectionState::BlockedHandshake => result = Some(0),
+                ConnectionState::WriteTraffic(mut w) => {
+                    let mut n = 0;
+                    if let Some(d) = data {
+                        let d = &d[..d.len().min(WRITE_CHUNK)];
+                        let start = self.tx.len();
+                        // Each record adds a 5-byte header, a content type byte and a 16-byte tag.
+                        self.tx.resize(start + d.len() + (d.len() / 16384 + 1) * 64, 0);
+                        let written = match w.encrypt(d, &mut self.tx[start..]) {
+                            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                                self.tx.resize(start + required_size, 0);
+                                w.encrypt(d, &mut self.tx[start..])
+                            }
+                            r => r,
+                        };
+                        match written {
+                            Ok(k) => {
+                                self.tx.truncate(start + k);
+                                n = d.len();
+                            }
+                            Err(e) => {
+                                self.tx.truncate(start);
+                                return Err(rustls::Error::General(e.to_string()));
+                            }
+                        }
+                    } else if close && !self.close_sent {
+                        let start = self.tx.len();
+                        self.tx.resize(start + 64, 0);
+                        match w.queue_close_notify(&mut self.tx[start..]) {
+                            Ok(k) => self.tx.truncate(start + k),
+                            Err(e) => {
+                                self.tx.truncate(start);
+                                return Err(rustls::Error::General(e.to_string()));
+                            }
+                        }
+                        self.close_sent = true;
+                    }
+                    result = Some(n);
+                }
+                _ => return Err(rustls::Error::General("unexpected TLS state (early data)".into())),
+            }
+            self.rx.drain(..discard);
+        }
+        release(&mut self.rx);
+        Ok(result.unwrap_or(0))
+    }
+
+    fn process(&mut self, data: Option<&[u8]>) -> io::Result<usize> {
+        self.process_io(data, false).map_err(|e| {
+            self.fetch_alert();
+            invalid(e)
+        })
+    }
+
+    /// After an error: encode the alert rustls queued for it, if any. No input is given, so
+    /// the bytes that caused the error are not looked at again.
+    fn fetch_alert(&mut self) {
+        for _ in 0..4 {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    if encode(&mut self.tx, &mut enc).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// Reads once from `io` into `rx`. `Ok` after some bytes or EOF.
+    fn poll_read_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.rx.len() >= RX_MAX {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS message too large")));
+        }
+        let io = &mut self.io;
+        let rx = &mut self.rx;
+        let r = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let mut rb = ReadBuf::new(&mut s[..]);
+            match Pin::new(io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    rx.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        match r {
+            Poll::Ready(Ok(0)) => {
+                self.io_eof = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Writes `tx` to `io` until it is empty (then frees it) or `io` is not ready.
+    fn poll_write_tx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.tx_pending() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.tx[self.tx_pos..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.tx_pos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.tx.clear();
+        self.tx_pos = 0;
+        release(&mut self.tx);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Appends one encoded handshake or alert record to `tx`.
+fn encode(tx: &mut Vec<u8>, enc: &mut EncodeTlsData<'_, ServerConnectionData>) -> Result<(), rustls::Error> {
+    let start = tx.len();
+    tx.resize(start + 1024, 0);
+    let r = match enc.encode(&mut tx[start..]) {
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            tx.resize(start + required_size, 0);
+            enc.encode(&mut tx[start..])
+        }
+        r => r,
+    };
+    match r {
+        Ok(n) => {
+            tx.truncate(start + n);
+            Ok(())
+        }
+        Err(e) => {
+            tx.truncate(start);
+            Err(rustls::Error::General(e.to_string()))
+        }
+    }
+}
+
+/// The SNI host name of a ClientHello at the start of `b`: `None` while the first record is
+/// incomplete, `Some(None)` without a (usable) one. A ClientHello spread over several records
+/// (never seen in practice) counts as having none.
+fn client_hello_sni(b: &[u8]) -> Option<Option<String>> {
+    if b.len() < 5 {
+        return None;
+    }
+    let rec_len = usize::from(u16::from_be_bytes([b[3], b[4]]));
+    if b[0] != 22 {
+        return Some(None);
+    }
+    if b.len() < 5 + rec_len {
+        return None;
+    }
+    Some(parse_sni(&b[5..5 + rec_len]))
+}
+
+fn parse_sni(h: &[u8]) -> Option<String> {
+    struct Cur<'a>(&'a [u8]);
+    impl<'a> Cur<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let (a, b) = (self.0.get(..n)?, self.0.get(n..)?);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|x| usize::from(x[0]))
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2).map(|x| usize::from(u16::from_be_bytes([x[0], x[1]])))
+        }
+    }
+    let mut c = Cur(h);
+    if c.u8()? != 1 {
+        return None;
+    }
+    let len = c.take(3).map(|x| (usize::from(x[0]) << 16) | (usize::from(x[1]) << 8) | usize::from(x[2]))?;
+    let mut c = Cur(c.take(len)?);
+    c.take(2 + 32)?;
+    let n = c.u8()?;
+    c.take(n)?;
+    let n = c.u16()?;
+    c.take(n)?;
+    let n = c.u8()?;
+    c.take(n)?;
+    let n = c.u16()?;
+    let mut exts = Cur(c.take(n)?);
+    while !exts.0.is_empty() {
+        let (ty, n) = (exts.u16()?, exts.u16()?);
+        let mut data = Cur(exts.take(n)?);
+        if ty != 0 {
+            continue;
+        }
+        let n = data.u16()?;
+        let mut list = Cur(data.take(n)?);
+        while !list.0.is_empty() {
+            let (kind, n) = (list.u8()?, list.u16()?);
+            let name = list.take(n)?;
+            if kind == 0 {
+                let name = std::str::from_utf8(name).ok()?;
+                // rustls ignores an IP address sent as SNI, and so do we.
+                if name.is_empty() || name.parse::<std::net::IpAddr>().is_ok() {
+                    return None;
+                }
+                return Some(name.to_ascii_lowercase());
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// `Pending` from a best-effort write is not an error: the waker is registered.
+fn ready_or_pending(p: Poll<io::Result<()>>) -> io::Result<()> {
+    match p {
+        Poll::Ready(r) => r,
+        Poll::Pending => Ok(()),
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready_or_pending(this.poll_write_tx(cx))?;
+        loop {
+            if this.plain_pos < this.plain.len() {
+                let n = buf.remaining().min(this.plain.len() - this.plain_pos);
+                buf.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
+                this.plain_pos += n;
+                if this.plain_pos == this.plain.len() {
+                    this.plain.clear();
+                    this.plain_pos = 0;
+                    release(&mut this.plain);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.io_eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )));
+            }
+            if !this.rx.is_empty() {
+                if let Err(e) = this.process(None) {
+                    let _ = this.poll_write_tx(cx);
+                    return Poll::Ready(Err(e));
+                }
+                // Answers rustls may owe (a key update) go out best effort.
+                ready_or_pending(this.poll_write_tx(cx))?;
+                if this.plain_pos < this.plain.len() || this.peer_closed {
+                    continue;
+                }
+            }
+            match this.poll_read_io(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if this.io_eof && !this.rx.is_empty() {
+                        // Process what arrived before the EOF first.
+                        this.process(None)?;
+                        ready_or_pending(this.poll_write_tx(cx))?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.tx.len() - this.tx_pos >= TX_HIGH {
+            match this.poll_write_tx(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if this.tx.len() - this.tx_pos >= TX_HIGH => return Poll::Pending,
+                _ => {}
+            }
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = this.process(Some(buf))?;
+        // Send at once; what the socket does not take now goes out on flush or the next write.
+        ready_or_pending(this.poll_write_tx(cx))?;
+        if n == 0 {
+            // Not writable yet (cannot happen after the handshake): wait for the socket.
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_write_tx(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            this.process_io(None, true).map_err(invalid)?;
+            this.close_sent = true;
+        }
+        std::task::ready!(this.poll_write_tx(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    async fn pair(
+        small: bool,
+    ) -> (TlsServerStream<tokio::io::DuplexStream>, tokio_rustls::client::TlsStream<tokio::io::DuplexStream>) {
+        let (server_cfg, client_cfg) = configs();
+        let (a, b) = tokio::io::duplex(if small { 64 } else { 1 << 16 });
+        let connector = tokio_rustls::TlsConnector::from(client_cfg);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a), connector.connect(name, b));
+        (s.unwrap(), c.unwrap())
+    }
+
+    #[tokio::test]
+    async fn both_ways_with_half_close_and_nothing_held_when_idle() {
+        for small in [false, true] {
+            let (mut s, mut c) = pair(small).await;
+            // (Through the 64-byte pipe the session tickets may still wait in `tx`.)
+            assert!(s.rx.capacity() == 0 && s.plain.capacity() == 0);
+            let up: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let down: Vec<u8> = (0..150_000u32).map(|i| (i * 13 % 253) as u8).collect();
+            let up2 = up.clone();
+            let client = tokio::spawn(async move {
+                c.write_all(&up2).await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).await.unwrap();
+                got
+            });
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, up, "small={small}");
+            // The client has half-closed; the other direction still flows.
+            s.write_all(&down).await.unwrap();
+            s.shutdown().await.unwrap();
+            assert_eq!(client.await.unwrap(), down);
+            assert!(s.rx.capacity() == 0 && s.tx.capacity() == 0 && s.plain.capacity() == 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn sni_is_read_from_the_client_hello() {
+        let (s, _c) = pair(false).await;
+        assert_eq!(s.server_name(), Some("localhost"));
+        assert!(s.common().protocol_version().is_some());
+        assert_eq!(client_hello_sni(&[22, 3, 1, 0, 10]), None, "incomplete record");
+        assert_eq!(client_hello_sni(&[23, 3, 3, 0, 0]), Some(None), "not a handshake");
+    }
+
+    #[tokio::test]
+    async fn tcp_eof_without_close_notify_is_unexpected_eof() {
+        let (mut s, c) = pair(false).await;
+        let (io, _) = c.into_inner();
+        drop(io);
+        let mut buf = [0u8; 16];
+        let e = s.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn handshake_failure_is_an_error() {
+        let (server_cfg, _) = configs();
+        let (a, mut b) = tokio::io::duplex(4096);
+        b.write_all(b"not a TLS client hello at all....").await.unwrap();
+        let r = TlsServerStream::accept(server_cfg, a).await;
+        assert!(r.is_err());
+    }
+}

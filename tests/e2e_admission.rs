@@ -1,0 +1,294 @@
+//! Admission control against the real binary: connection limits (global and per listener)
+//! close new connections at accept, the handshake queue and the per-source rate close them
+//! before any TLS work, and a flapping client-id gets a CONNACK "connection rate exceeded".
+//! Every refusal shows in `connections_refused_total` and in the connection's log line, and
+//! the accept loop keeps serving afterwards. The backend is a test-owned recording server.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::mqtt::{self, MqttVersion};
+use support::*;
+
+/// `GET /metrics` on the admin server: the sum of `harbormaster_connections_refused_total` samples whose
+/// `reason` label is `reason`.
+fn refused(admin: u16, reason: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("harbormaster_connections_refused_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether harbormaster closes `s` without a byte (EOF or reset) within the wait.
+fn closed_without_a_byte(s: &mut TcpStream) -> bool {
+    let (got, closed) = mqtt::read_until_close(s, WAIT);
+    closed && got.is_empty()
+}
+
+/// Whether `s` is still open after a short look (nothing to read, no EOF).
+fn still_open(s: &mut TcpStream) -> bool {
+    let (got, closed) = mqtt::read_until_close(s, Duration::from_millis(300));
+    !closed && got.is_empty()
+}
+
+fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+#[test]
+fn connection_limits_close_new_connections_at_accept_and_the_loop_keeps_serving() {
+    let backend = RecordingBackend::start();
+    let (a, b, admin) = (free_port(), free_port(), free_port());
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "a"
+bind = "127.0.0.1:{a}"
+pool = "brokers"
+max_connections = 2
+
+[[listener]]
+name = "b"
+bind = "127.0.0.1:{b}"
+pool = "brokers"
+
+[pool.brokers]
+backends = ["{backend}"]
+proxy_protocol = "none"
+
+[limits]
+connect_timeout = "60s"
+max_connections = 3
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        backend = backend.addr()
+    ));
+    // Let the start-up probes' connections end: they count against the limits until then.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Listener a holds 2: the third is closed at once, the first two stay.
+    let mut held_a: Vec<TcpStream> = (0..2).map(|_| connect(a)).collect();
+    let mut over_a = connect(a);
+    assert!(closed_without_a_byte(&mut over_a), "the third connection on listener a was not closed");
+    for s in &mut held_a {
+        assert!(still_open(s), "a connection within the limit was closed");
+    }
+    let line = hm.wait_connection_log("close_reason", "listener_max_connections").expect("no log line");
+    assert_eq!(line.get("listener").map(String::as_str), Some("a"), "{line:?}");
+
+    // The process holds 3: one more on b fits, the next does not.
+    let mut held_b = connect(b);
+    let mut over_b = connect(b);
+    assert!(closed_without_a_byte(&mut over_b), "the fourth connection of the process was not closed");
+    assert!(still_open(&mut held_b));
+    hm.wait_connection_log("close_reason", "max_connections").expect("no log line");
+    assert!(
+        wait_until(WAIT, || refused(admin, "listener_max_connections") >= 1.0),
+        "listener_max_connections: {}",
+        refused(admin, "listener_max_connections")
+    );
+    assert!(
+        wait_until(WAIT, || refused(admin, "max_connections") >= 1.0),
+        "max_connections: {}",
+        refused(admin, "max_connections")
+    );
+
+    // Room again once one ends: a valid CONNECT then reaches the broker.
+    drop(held_a.pop());
+    let connect_packet = mqtt::connect(MqttVersion::V311, "after-the-limit");
+    let reached = wait_until(WAIT, || {
+        let mut s = connect(a);
+        write_ignoring_errors(&mut s, &connect_packet);
+        let before = backend.total_bytes();
+        let ok = wait_until(Duration::from_secs(2), || backend.total_bytes() > before);
+        ok && still_open(&mut s)
+    });
+    assert!(reached, "after a connection ended, a new one was never served:\n{}", hm.log());
+}
+
+#[test]
+fn per_source_rate_closes_the_excess_of_one_address() {
+    let backend = RecordingBackend::start();
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = ["{backend}"]
+proxy_protocol = "none"
+
+[limits]
+connect_timeout = "60s"
+per_source_rate = 1
+per_source_burst = 2
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        backend = backend.addr()
+    ));
+    // A burst of 2 then 1 per second: of 10 back-to-back connections, most are closed.
+    let mut conns: Vec<TcpStream> = (0..10).map(|_| connect(port)).collect();
+    let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
+    // The start-up probe of the port took a token too.
+    assert!((5..=9).contains(&closed), "{closed} of 10 closed");
+    let line = hm.wait_connection_log("close_reason", "per_source_rate").expect("no log line");
+    assert_eq!(line.get("client_addr").map(|a| a.starts_with("127.0.0.1:")), Some(true), "{line:?}");
+    assert!(
+        wait_until(WAIT, || refused(admin, "per_source_rate") >= 5.0),
+        "per_source_rate: {}",
+        refused(admin, "per_source_rate")
+    );
+}
+
+/// Closed within a short look (the refused ones are closed at once).
+fn closed_without_a_byte_quickly(s: &mut TcpStream) -> bool {
+    let (got, closed) = mqtt::read_until_close(s, Duration::from_millis(500));
+    closed && got.is_empty()
+}
+
+#[test]
+fn handshakes_over_the_rate_wait_in_a_bounded_queue_and_the_rest_is_closed_before_tls() {
+    let backend = RecordingBackend::start();
+    let certs = Certs::new();
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+{tls}
+[pool.brokers]
+backends = ["{backend}"]
+proxy_protocol = "none"
+
+[limits]
+connect_timeout = "60s"
+handshake_rate = 1
+handshake_queue = 1
+handshake_queue_timeout = "30s"
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        tls = certs.listener_tls_toml("none"),
+        backend = backend.addr()
+    ));
+    // One gets a token at once (unless the start-up probe's handshake took it), one waits
+    // about a second in the queue, and for the rest the queue (of 1) is full: closed at once
+    // without a TLS byte. Which is which is up to the order the runtime runs their tasks in.
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port)).collect();
+    let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
+    assert!((1..=2).contains(&closed), "{closed} closed\n{}", hm.log());
+    hm.wait_connection_log("close_reason", "handshake_queue_full").expect("no log line");
+    assert!(
+        wait_until(WAIT, || refused(admin, "handshake_queue_full") >= 1.0),
+        "handshake_queue_full: {}",
+        refused(admin, "handshake_queue_full")
+    );
+
+    // With a queue deadline shorter than the wait, excess is closed at once too.
+    let (port2, admin2) = (free_port(), free_port());
+    let hm2 = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{port2}"
+pool = "brokers"
+{tls}
+[pool.brokers]
+backends = ["{backend}"]
+
+[limits]
+handshake_rate = 1
+handshake_queue = 100
+handshake_queue_timeout = "100ms"
+
+[admin]
+bind = "127.0.0.1:{admin2}"
+"#,
+        tls = certs.listener_tls_toml("none"),
+        backend = backend.addr()
+    ));
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port2)).collect();
+    let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
+    assert!((2..=3).contains(&closed), "{closed} closed\n{}", hm2.log());
+    hm2.wait_connection_log("close_reason", "handshake_queue_timeout").expect("no log line");
+    assert!(
+        wait_until(WAIT, || refused(admin2, "handshake_queue_timeout") >= 1.0),
+        "handshake_queue_timeout: {}",
+        refused(admin2, "handshake_queue_timeout")
+    );
+}
+
+#[test]
+fn a_flapping_client_id_gets_connection_rate_exceeded() {
+    let backend = RecordingBackend::start();
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = ["{backend}"]
+proxy_protocol = "none"
+
+[limits]
+flapping = {{ max_connects = 2, window = "10m", ban = "10m" }}
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        backend = backend.addr()
+    ));
+    for (version, id, want) in [
+        (MqttVersion::V311, "flappy-311", vec![0x20, 2, 0, 3]),
+        (MqttVersion::V31, "flappy-31", vec![0x20, 2, 0, 3]),
+        (MqttVersion::V5, "flappy-5", vec![0x20, 3, 0, 0x9F, 0]),
+    ] {
+        let packet = mqtt::connect(version, id);
+        for _ in 0..2 {
+            let before = backend.total_bytes();
+            let mut s = connect(port);
+            s.write_all(&packet).unwrap();
+            assert!(wait_until(WAIT, || backend.total_bytes() >= before + packet.len()), "{id}: not forwarded");
+        }
+        let mut s = connect(port);
+        let before = backend.total_bytes();
+        s.write_all(&packet).unwrap();
+        let started = Instant::now();
+        let (got, closed) = mqtt::read_until_close(&mut s, WAIT);
+        assert!(closed && started.elapsed() < WAIT, "{id}: not closed");
+        assert_eq!(got, want, "{id}: {}", hex(&got));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(backend.total_bytes(), before, "{id}: the refused CONNECT reached the broker");
+    }
+    let line = hm.wait_connection_log("close_reason", "flapping").expect("no log line");
+    assert!(line.get("client_id").is_some_and(|c| c.starts_with("flappy-")), "{line:?}");
+    assert!(wait_until(WAIT, || refused(admin, "flapping") >= 3.0), "flapping: {}", refused(admin, "flapping"));
+    // Another id is unaffected.
+    let packet = mqtt::connect(MqttVersion::V311, "steady");
+    let before = backend.total_bytes();
+    let mut s = connect(port);
+    s.write_all(&packet).unwrap();
+    assert!(wait_until(WAIT, || backend.total_bytes() >= before + packet.len()));
+}
