@@ -173,3 +173,224 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<rustls::ServerConfig, Tl
     }
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::config::RawCert;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    use rustls::{ClientConfig, ClientConnection, ServerConnection};
+    use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+
+    /// A CA, server pairs written to `dir`, and a client certificate, all from rcgen.
+    struct Files {
+        dir: tempfile::TempDir,
+        ca: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, "test CA");
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+            Files { dir, ca: cert.der().clone(), issuer: Issuer::new(params, key) }
+        }
+
+        /// Writes NAME.pem / NAME.key for `sans`, returns the certificate.
+        fn leaf(
+            &self,
+            name: &str,
+            alg: &'static rcgen::SignatureAlgorithm,
+            sans: &[&str],
+            client: bool,
+        ) -> (CertificateDer<'static>, KeyPair) {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages =
+                vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            std::fs::write(self.dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(self.dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            (cert.der().clone(), key)
+        }
+
+        fn raw(&self, names: &[&str], auth: ClientAuth) -> RawTls {
+            RawTls {
+                certs: names.iter().map(|n| RawCert { cert: format!("{n}.pem"), key: format!("{n}.key") }).collect(),
+                client_ca: Some("ca.pem".into()),
+                client_auth: auth,
+                alpn: vec![],
+            }
+        }
+    }
+
+    /// In-memory handshake; returns the server side or the first error either side saw.
+    fn handshake(
+        server: rustls::ServerConfig,
+        files: &Files,
+        sni: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        client_cert: Option<(CertificateDer<'static>, &KeyPair)>,
+    ) -> Result<ServerConnection, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        roots.add(files.ca.clone()).unwrap();
+        let b = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots);
+        let cfg = match client_cert {
+            Some((der, key)) => {
+                b.with_client_auth_cert(vec![der], PrivatePkcs8KeyDer::from(key.serialize_der()).into()).unwrap()
+            }
+            None => b.with_no_client_auth(),
+        };
+        let mut c = ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+        let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            let server_result = s.process_new_packets().map(|_| ());
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            server_result?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                // TLS 1.3 client auth is judged by the server after the client's last flight.
+                return Ok(s);
+            }
+        }
+        panic!("handshake stalled");
+    }
+
+    /// Accepts any server certificate and remembers it: the tests ask which one was served,
+    /// including for names no certificate matches.
+    #[derive(Debug)]
+    struct Record(std::sync::Mutex<Option<CertificateDer<'static>>>, Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for Record {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.1.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.1.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.1.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    #[test]
+    fn the_certificate_is_chosen_by_sni_with_a_fallback_to_the_first() {
+        let f = Files::new();
+        let (a, _) = f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let (b, _) = f.leaf("b", &rcgen::PKCS_RSA_SHA256, &["b.example", "*.fleet.example"], false);
+        let raw = f.raw(&["a", "b"], ClientAuth::None);
+        let served = |sni: &str| -> CertificateDer<'static> {
+            let record = Arc::new(Record(std::sync::Mutex::new(None), provider()));
+            let cfg = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(record.clone())
+                .with_no_client_auth();
+            let mut c = ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+            let mut s = ServerConnection::new(Arc::new(server_config(&raw, f.dir.path()).unwrap())).unwrap();
+            while c.is_handshaking() || s.is_handshaking() {
+                let mut buf = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut buf).unwrap();
+                }
+                s.read_tls(&mut buf.as_slice()).unwrap();
+                s.process_new_packets().unwrap();
+                let mut buf = Vec::new();
+                while s.wants_write() {
+                    s.write_tls(&mut buf).unwrap();
+                }
+                c.read_tls(&mut buf.as_slice()).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            let got = record.0.lock().unwrap().clone();
+            got.expect("the server sent a certificate")
+        };
+        assert_eq!(served("a.example"), a);
+        assert_eq!(served("b.example"), b, "RSA pair chosen by its exact name");
+        assert_eq!(served("truck-1.fleet.example"), b, "wildcard");
+        assert_eq!(served("unknown.example"), a, "unknown names get the first pair");
+    }
+
+    #[test]
+    fn tls_1_2_and_1_3_are_both_offered() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let raw = f.raw(&["a"], ClientAuth::None);
+        for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let s = handshake(server_config(&raw, f.dir.path()).unwrap(), &f, "a.example", &[v], None).unwrap();
+            assert_eq!(s.protocol_version(), Some(v.version));
+        }
+    }
+
+    #[test]
+    fn client_auth_modes() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let (dev, dev_key) = f.leaf("device-1", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
+        let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let with = |auth, cert: bool| {
+            let cfg = server_config(&f.raw(&["a"], auth), f.dir.path()).unwrap();
+            handshake(cfg, &f, "a.example", v13, cert.then(|| (dev.clone(), &dev_key)))
+        };
+        // required: no certificate, no session.
+        assert!(with(ClientAuth::Required, false).is_err());
+        let s = with(ClientAuth::Required, true).unwrap();
+        assert!(s.peer_certificates().is_some());
+        // optional: both work; the certificate is seen when sent.
+        assert!(with(ClientAuth::Optional, false).unwrap().peer_certificates().is_none());
+        assert!(with(ClientAuth::Optional, true).unwrap().peer_certificates().is_some());
+        // none: the server never asks, so a client certificate is never sent.
+        assert!(with(ClientAuth::None, true).unwrap().peer_certificates().is_none());
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let other = Files::new();
+        let (dev, dev_key) = other.leaf("intruder", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
+        let cfg = server_config(&f.raw(&["a"], ClientAuth::Optional), f.dir.path()).unwrap();
+        let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        assert!(handshake(cfg, &f, "a.example", v13, Some((dev, &dev_key))).is_err());
+    }
+}
