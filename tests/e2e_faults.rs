@@ -1,0 +1,243 @@
+//! Faults against the real binary and real mosquitto brokers: a broker killed under its
+//! clients, a black-hole broker address, harbormaster killed with SIGKILL and restarted, and
+//! two instances listing the same brokers in different orders.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::mqtt::{self, MqttVersion};
+use support::*;
+
+fn broker_list(brokers: &[(&str, String)]) -> String {
+    brokers
+        .iter()
+        .map(|(name, addr)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(addr)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn config(port: u16, admin: u16, brokers: &[(&str, String)], pool_extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{list}]
+proxy_protocol = "none"
+{pool_extra}
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        list = broker_list(brokers)
+    )
+}
+
+/// A keep-alive HTTP/1.1 client for many `/route` lookups over one connection.
+struct RouteClient {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RouteClient {
+    fn new(admin: u16) -> RouteClient {
+        let s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        RouteClient { reader: BufReader::new(s.try_clone().unwrap()), writer: s }
+    }
+
+    /// `preference` of `/route?client_id=ID`.
+    fn preference(&mut self, client_id: &str) -> Vec<String> {
+        write!(self.writer, "GET /route?client_id={client_id} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // The server writes head and body as two segments: acknowledge at once rather than
+        // after the delayed-ACK timer, or each lookup takes 40 ms.
+        socket2::SockRef::from(&self.writer).set_tcp_quickack(true).unwrap();
+        let mut status = String::new();
+        self.reader.read_line(&mut status).unwrap();
+        assert!(status.contains(" 200 "), "{client_id}: {status}");
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["preference"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()).collect()
+    }
+}
+
+/// Connects `client_id` through harbormaster and reads its CONNACK.
+fn mqtt_connect(port: u16, client_id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, client_id).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{client_id}");
+    s
+}
+
+fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'a str {
+    let mut found = Vec::new();
+    wait_until(WAIT, || {
+        found = brokers.iter().filter(|(_, m)| m.has_client(client_id)).map(|(n, _)| *n).collect();
+        !found.is_empty()
+    });
+    assert_eq!(found.len(), 1, "{client_id:?} connected to {found:?}");
+    found[0]
+}
+
+#[test]
+fn a_killed_broker_closes_its_clients_and_they_reconnect_to_their_next_broker() {
+    let (mut m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
+    let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&config(port, admin, &brokers, ""));
+    let mut routes = RouteClient::new(admin);
+    // Client-ids whose first choice is m0, with their second choices.
+    let ids: Vec<(String, String)> = (0..200)
+        .map(|i| format!("victim-{i}"))
+        .filter_map(|id| {
+            let p = routes.preference(&id);
+            (p[0] == "m0").then(|| (id, p[1].clone()))
+        })
+        .take(4)
+        .collect();
+    assert_eq!(ids.len(), 4);
+    let mut conns: Vec<TcpStream> = ids.iter().map(|(id, _)| mqtt_connect(port, id)).collect();
+    for (id, _) in &ids {
+        assert!(m0.wait_for_client(id, 1));
+    }
+
+    m0.stop();
+    // Closed promptly towards the client: EOF (or reset), no hang until a keep-alive.
+    for (s, (id, _)) in conns.iter_mut().zip(&ids) {
+        let (_, closed) = mqtt::read_until_close(s, WAIT);
+        assert!(closed, "{id}: still open after its broker died");
+    }
+    // The client, having seen the close, closes its side (as MQTT clients do).
+    drop(conns);
+    // ... and towards the broker: each connection logged its end.
+    for (id, _) in &ids {
+        let done = wait_until(WAIT, || {
+            hm.connection_logs().iter().any(|m| m.get("client_id") == Some(id) && m.get("broker").is_some())
+        });
+        assert!(done, "{id}: no end-of-connection line\n{}", hm.log());
+    }
+    // Reconnecting, each lands on its own next broker.
+    let live = [("m1", &m1), ("m2", &m2)];
+    for (id, next) in &ids {
+        let _s = mqtt_connect(port, id);
+        assert_eq!(landed_on(&live, id), next, "{id}");
+    }
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+/// never completes.
+fn black_hole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(c) => fill.push(c),
+            Err(_) => return (s, fill, addr),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+#[test]
+fn a_black_hole_broker_times_out_and_clients_fail_over() {
+    let m1 = Mosquitto::start();
+    let (_hole, _fill, hole_addr) = black_hole();
+    let brokers = [("hole", hole_addr.to_string()), ("m1", m1.addr())];
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connect_timeout = \"300ms\""));
+    let mut routes = RouteClient::new(admin);
+    let id = (0..100).map(|i| format!("hole-{i}")).find(|id| routes.preference(id)[0] == "hole").unwrap();
+    let s = mqtt_connect(port, &id);
+    assert!(m1.wait_for_client(&id, 1));
+    // Its line is written when it ends.
+    drop(s);
+    let line = hm.wait_connection_log("client_id", &id).expect("no log line");
+    assert_eq!(line.get("broker").map(String::as_str), Some("m1"), "{line:?}");
+    let detail = line.get("detail").cloned().unwrap_or_default();
+    assert!(detail.contains("failed over") && detail.contains("hole: timed out"), "{detail}");
+}
+
+#[test]
+fn after_sigkill_and_restart_clients_land_on_the_same_brokers() {
+    let (m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
+    let all = [("m0", &m0), ("m1", &m1), ("m2", &m2)];
+    let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
+    let (port, admin) = (free_port(), free_port());
+    let text = config(port, admin, &brokers, "");
+    let ids: Vec<String> = (0..12).map(|i| format!("sticky-{i}")).collect();
+
+    let hm = Harbormaster::start(&text);
+    let mut before = Vec::new();
+    for id in &ids {
+        let s = mqtt_connect(port, id);
+        before.push(landed_on(&all, id).to_string());
+        drop(s);
+    }
+    send_signal(i64::from(hm.pid()), "KILL");
+    assert!(wait_until(WAIT, || !port_accepts(port)), "still accepting after SIGKILL");
+    drop(hm);
+
+    let _hm = Harbormaster::start(&text);
+    for (id, was) in ids.iter().zip(&before) {
+        let n = all.iter().map(|(_, m)| m.connection_count(id)).sum::<usize>();
+        let s = mqtt_connect(port, id);
+        let now = wait_until(WAIT, || all.iter().map(|(_, m)| m.connection_count(id)).sum::<usize>() > n);
+        assert!(now, "{id}: reconnect not seen by any broker");
+        let on: Vec<&str> = all.iter().filter(|(_, m)| m.connection_count(id) >= 2).map(|(n, _)| *n).collect();
+        assert_eq!(on, [was.as_str()], "{id}");
+        drop(s);
+    }
+    assert_eq!(before.iter().collect::<std::collections::HashSet<_>>().len(), 3, "ids spread: {before:?}");
+}
+
+#[test]
+fn two_instances_with_brokers_in_different_orders_route_10000_ids_identically() {
+    let n: usize = std::env::var("HM_ROUTE_IDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    // Routing never dials: these addresses need no broker behind them.
+    let brokers: Vec<(String, String)> =
+        (0..10).map(|i| (format!("b{i}"), format!("127.0.0.1:{}", 20_000 + i))).collect();
+    let forward: Vec<(&str, String)> = brokers.iter().map(|(n, a)| (n.as_str(), a.clone())).collect();
+    let mut shuffled = forward.clone();
+    shuffled.reverse();
+    shuffled.swap(2, 7);
+    let (p1, a1, p2, a2) = (free_port(), free_port(), free_port(), free_port());
+    let _one = Harbormaster::start(&config(p1, a1, &forward, ""));
+    let _two = Harbormaster::start(&config(p2, a2, &shuffled, ""));
+    let (mut r1, mut r2) = (RouteClient::new(a1), RouteClient::new(a2));
+    let mut firsts = std::collections::HashMap::new();
+    for i in 0..n {
+        let id = format!("device-{i:05}");
+        let (x, y) = (r1.preference(&id), r2.preference(&id));
+        assert_eq!(x, y, "{id}");
+        *firsts.entry(x[0].clone()).or_insert(0usize) += 1;
+    }
+    assert_eq!(firsts.len(), 10, "every broker gets ids: {firsts:?}");
+}
