@@ -127,7 +127,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
                     "closed during the TLS handshake",
                 )));
             }
-            match self.poll_read_io(cx) {
+            match self.poll_read_io(cx, None) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(r) => r?,
             }
@@ -143,14 +143,45 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
     /// connection may send application data and returns how much; with `close`, queues
     /// close_notify.
     fn process_io(&mut self, data: Option<&[u8]>, close: bool) -> Result<usize, rustls::Error> {
+        let mut rx = std::mem::take(&mut self.rx);
+        let r = self.process_buf(&mut rx, data, close, None);
+        if let Ok((consumed, _)) = r {
+            rx.drain(..consumed);
+        }
+        self.rx = rx;
+        release(&mut self.rx);
+        r.map(|(_, n)| n)
+    }
+
+    /// [`Self::process_io`] over `input`; returns the input bytes consumed and the plaintext
+    /// encrypted. Decrypted records go straight into `out` while it has room and nothing is
+    /// waiting in `plain` (one copy fewer on the bulk path).
+    fn process_buf(
+        &mut self,
+        input: &mut [u8],
+        data: Option<&[u8]>,
+        close: bool,
+        mut out: Option<&mut ReadBuf<'_>>,
+    ) -> Result<(usize, usize), rustls::Error> {
+        let mut consumed = 0;
         let mut result = None;
         while result.is_none() {
-            let status = self.conn.process_tls_records(&mut self.rx);
+            // Slicing off what was discarded is rustls' "remove from the front", without
+            // moving the rest.
+            let status = self.conn.process_tls_records(&mut input[consumed..]);
             let discard = status.discard;
             match status.state? {
                 ConnectionState::ReadTraffic(mut rt) => {
                     while let Some(rec) = rt.next_record() {
-                        self.plain.extend_from_slice(rec?.payload);
+                        let p = rec?.payload;
+                        match out.as_deref_mut() {
+                            Some(o) if self.plain.is_empty() => {
+                                let k = o.remaining().min(p.len());
+                                o.put_slice(&p[..k]);
+                                self.plain.extend_from_slice(&p[k..]);
+                            }
+                            _ => self.plain.extend_from_slice(p),
+                        }
                     }
                 }
                 ConnectionState::EncodeTlsData(mut enc) => encode(&mut self.tx, &mut enc)?,
@@ -201,10 +232,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
                 }
                 _ => return Err(rustls::Error::General("unexpected TLS state (early data)".into())),
             }
-            self.rx.drain(..discard);
+            consumed += discard;
         }
-        release(&mut self.rx);
-        Ok(result.unwrap_or(0))
+        Ok((consumed, result.unwrap_or(0)))
     }
 
     fn process(&mut self, data: Option<&[u8]>) -> io::Result<usize> {
@@ -231,34 +261,41 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
         }
     }
 
-    /// Reads once from `io` into `rx`. `Ok` after some bytes or EOF.
-    fn poll_read_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Reads once from `io`. `Ok` after some bytes or EOF. With `out` and nothing buffered in
+    /// `rx`, the bytes are processed where they were read and records are decrypted straight
+    /// into `out`; only an incomplete record is kept in `rx`. Otherwise they go to `rx`.
+    fn poll_read_io(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> Poll<io::Result<()>> {
         if self.rx.len() >= RX_MAX {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS message too large")));
         }
-        let io = &mut self.io;
-        let rx = &mut self.rx;
         let r = SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let mut rb = ReadBuf::new(&mut s[..]);
-            match Pin::new(io).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    rx.extend_from_slice(rb.filled());
-                    Poll::Ready(Ok(rb.filled().len()))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
-        });
-        match r {
-            Poll::Ready(Ok(0)) => {
+            let n = rb.filled().len();
+            if n == 0 {
                 self.io_eof = true;
-                Poll::Ready(Ok(()))
+            } else if self.rx.is_empty() && out.is_some() {
+                match self.process_buf(&mut s[..n], None, false, out) {
+                    Ok((consumed, _)) => self.rx.extend_from_slice(&s[consumed..n]),
+                    Err(e) => {
+                        self.fetch_alert();
+                        return Poll::Ready(Err(invalid(e)));
+                    }
+                }
+            } else {
+                self.rx.extend_from_slice(&s[..n]);
             }
-            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(()))
+        });
+        if r.is_ready() {
+            release(&mut self.rx);
         }
+        r
     }
 
     /// Writes `tx` to `io` until it is empty (then frees it) or `io` is not ready.
@@ -417,10 +454,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<IO> {
                     continue;
                 }
             }
-            match this.poll_read_io(cx) {
+            let before = buf.filled().len();
+            match this.poll_read_io(cx, Some(buf)) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => {
+                    let _ = this.poll_write_tx(cx);
+                    return Poll::Ready(Err(e));
+                }
                 Poll::Ready(Ok(())) => {
+                    // Answers rustls may owe go out best effort.
+                    ready_or_pending(this.poll_write_tx(cx))?;
+                    if buf.filled().len() > before {
+                        return Poll::Ready(Ok(()));
+                    }
                     if this.io_eof && !this.rx.is_empty() {
                         // Process what arrived before the EOF first.
                         this.process(None)?;
@@ -449,8 +495,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<IO> {
         // Send at once; what the socket does not take now goes out on flush or the next write.
         ready_or_pending(this.poll_write_tx(cx))?;
         if n == 0 {
-            // Not writable yet (cannot happen after the handshake): wait for the socket.
-            return Poll::Pending;
+            // rustls would not take application data: the connection is closed both ways.
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         Poll::Ready(Ok(n))
     }
@@ -553,6 +599,22 @@ mod tests {
         let mut buf = [0u8; 16];
         let e = s.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_refused_handshake_sends_its_alert() {
+        let (server_cfg, client_cfg) = configs();
+        let mut server_cfg = (*server_cfg).clone();
+        server_cfg.alpn_protocols = vec![b"mqtt".to_vec()];
+        let mut client_cfg = (*client_cfg).clone();
+        client_cfg.alpn_protocols = vec![b"other".to_vec()];
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (s, c) = tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a), connector.connect(name, b));
+        assert!(s.is_err());
+        let e = c.expect_err("client handshake fails");
+        assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
     }
 
     #[tokio::test]
