@@ -22,6 +22,7 @@ fn pool(n: usize) -> Pool {
         tlvs: vec![],
         max_header_bytes: 500,
         backend_connect_timeout: Duration::from_secs(2),
+        backend_connack_timeout: Duration::from_secs(10),
         backend_attempts: 3,
         health: None,
     }

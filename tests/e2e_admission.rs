@@ -112,7 +112,9 @@ bind = "127.0.0.1:{admin}"
         write_ignoring_errors(&mut s, &connect_packet);
         let before = backend.total_bytes();
         let ok = wait_until(Duration::from_secs(2), || backend.total_bytes() > before);
-        ok && still_open(&mut s)
+        // The backend's CONNACK came back through, and the connection stays.
+        let (got, closed) = mqtt::read_until_close(&mut s, Duration::from_millis(300));
+        ok && got == [0x20, 2, 0, 0] && !closed
     });
     assert!(reached, "after a connection ended, a new one was never served:\n{}", hm.log());
 }

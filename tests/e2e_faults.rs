@@ -1,6 +1,7 @@
 //! Faults against the real binary and real mosquitto brokers: a broker killed under its
-//! clients, a black-hole broker address, harbormaster killed with SIGKILL and restarted, and
-//! two instances listing the same brokers in different orders.
+//! clients (and restarted), a black-hole broker address, a broker that never answers the
+//! CONNECT, harbormaster killed with SIGKILL and restarted, and two instances listing the same
+//! brokers in different orders.
 
 mod support;
 
@@ -104,7 +105,7 @@ fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'
 }
 
 #[test]
-fn a_killed_broker_closes_its_clients_and_they_reconnect_to_their_next_broker() {
+fn a_killed_broker_closes_its_clients_they_reconnect_to_their_next_broker_and_come_back() {
     let (mut m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
     let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
     let (port, admin) = (free_port(), free_port());
@@ -146,6 +147,13 @@ fn a_killed_broker_closes_its_clients_and_they_reconnect_to_their_next_broker() 
         let _s = mqtt_connect(port, id);
         assert_eq!(landed_on(&live, id), next, "{id}");
     }
+    // When it returns (same address), new connections go back to it.
+    m0.restart();
+    for (id, _) in &ids {
+        let before = m0.connection_count(id);
+        let _s = mqtt_connect(port, id);
+        assert!(m0.wait_for_client(id, before + 1), "{id} did not go back to m0\n{}", hm.log());
+    }
 }
 
 /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
@@ -183,6 +191,80 @@ fn a_black_hole_broker_times_out_and_clients_fail_over() {
     assert_eq!(line.get("broker").map(String::as_str), Some("m1"), "{line:?}");
     let detail = line.get("detail").cloned().unwrap_or_default();
     assert!(detail.contains("failed over") && detail.contains("hole: timed out"), "{detail}");
+}
+
+/// The body of `GET path` on the admin server.
+fn http_get(admin: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A broker that accepts TCP and reads, but never answers: a hung process.
+fn hung_broker() -> (SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut got = vec![0u8; 4096];
+                let n = s.read(&mut got).unwrap_or(0);
+                got.truncate(n);
+                let _ = tx.send(got);
+                // Hold the connection open, silent, until harbormaster gives up on it.
+                let _ = s.read(&mut [0u8; 1]);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn a_broker_that_never_answers_the_connect_times_out_and_clients_fail_over() {
+    let m1 = Mosquitto::start();
+    let (hung_addr, got) = hung_broker();
+    let brokers = [("hung", hung_addr.to_string()), ("m1", m1.addr())];
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connack_timeout = \"400ms\""));
+    let mut routes = RouteClient::new(admin);
+    let id = (0..100).map(|i| format!("hung-{i}")).find(|id| routes.preference(id)[0] == "hung").unwrap();
+    // The client gets m1's CONNACK, only m1's: the hung broker's connection gave nothing back.
+    let s = mqtt_connect(port, &id);
+    assert!(m1.wait_for_client(&id, 1));
+    // The hung broker did get the CONNECT first.
+    let first = got.recv_timeout(WAIT).expect("the hung broker got nothing");
+    assert_eq!(first.first(), Some(&0x10), "{first:?}");
+    assert!(first.windows(id.len()).any(|w| w == id.as_bytes()), "{first:?}");
+    drop(s);
+    let line = hm.wait_connection_log("client_id", &id).expect("no log line");
+    assert_eq!(line.get("broker").map(String::as_str), Some("m1"), "{line:?}");
+    let detail = line.get("detail").cloned().unwrap_or_default();
+    assert!(detail.contains("failed over") && detail.contains("hung: no answer to CONNECT within 400ms"), "{detail}");
+    let metrics = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains(
+            r#"harbormaster_broker_connect_attempts_total{broker="hung",outcome="connack_timeout",pool="brokers"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_hung_only_broker_gets_its_client_a_server_unavailable_connack() {
+    let (hung_addr, _got) = hung_broker();
+    let brokers = [("hung", hung_addr.to_string())];
+    let (port, admin) = (free_port(), free_port());
+    let _hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connack_timeout = \"300ms\""));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "alone").unwrap();
+    assert_eq!(connack, [0x20, 3, 0, 0x88, 0], "CONNACK 5.0 server unavailable");
 }
 
 #[test]

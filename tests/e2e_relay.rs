@@ -14,12 +14,21 @@ use support::tls::{self, ClientTlsChoice};
 use support::*;
 
 const TEN_MB: usize = 10 * 1024 * 1024;
+/// 3.1.1 CONNACK "accepted": harbormaster relays once the broker has answered the CONNECT.
+const CONNACK: [u8; 4] = [0x20, 2, 0, 0];
+
+/// What the client must receive when the backend answers `CONNACK` and then `download`.
+fn after_connack(download: &[u8]) -> Vec<u8> {
+    let mut v = CONNACK.to_vec();
+    v.extend_from_slice(download);
+    v
+}
 
 /// Which side half-closes first.
 #[derive(Clone, Copy, Debug)]
 enum Order {
-    /// client sends CONNECT + 10 MB, shuts down its write side; the backend reads to EOF,
-    /// then sends 10 MB and closes.
+    /// client sends CONNECT + 10 MB, shuts down its write side; the backend answers the
+    /// CONNECT with a CONNACK, reads to EOF, then sends 10 MB and closes.
     ClientFirst,
     /// the backend reads the CONNECT, sends 10 MB and shuts down its write side while the
     /// client is still sending; the client reads to EOF, then sends 10 MB and shuts down.
@@ -52,6 +61,7 @@ fn backend(
             }
             match order {
                 Order::ClientFirst => {
+                    s.write_all(&CONNACK).map_err(|e| format!("writing the CONNACK: {e}"))?;
                     read_and_check(&mut s, &upload, "client→backend")?;
                     s.write_all(&download).map_err(|e| format!("writing after the client's half-close: {e}"))?;
                     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
@@ -141,7 +151,8 @@ fn plain_10mb_each_way_client_half_closes_first() {
     c.write_all(&p.connect).unwrap();
     c.write_all(&p.upload).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
-    read_and_check(&mut c, &p.download, "backend→client after client half-close").unwrap_or_else(|e| panic!("{e}"));
+    read_and_check(&mut c, &after_connack(&p.download), "backend→client after client half-close")
+        .unwrap_or_else(|e| panic!("{e}"));
     verdict(rx);
     let log =
         hm.wait_connection_log("client_id", "relay-plain-1").unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
@@ -189,8 +200,9 @@ async fn tls_10mb_each_way_client_half_closes_first() {
         Ok::<_, std::io::Error>((got, r))
     };
     let (got, r) = tokio::time::timeout(CMD_TIMEOUT, io).await.expect("TLS relay timed out").expect("TLS I/O");
-    assert_eq!(got.len(), p.download.len(), "bytes received over TLS ({r:?})");
-    assert_eq!(sha256_hex(&got), sha256_hex(&p.download));
+    let want = after_connack(&p.download);
+    assert_eq!(got.len(), want.len(), "bytes received over TLS ({r:?})");
+    assert_eq!(sha256_hex(&got), sha256_hex(&want));
     // harbormaster ends the TLS stream with close_notify, not a bare FIN
     r.expect("TLS stream ended without close_notify");
     tokio::task::block_in_place(|| {

@@ -193,6 +193,9 @@ pub struct RawPool {
     pub max_header_bytes: usize,
     #[serde(default = "default_backend_connect_timeout", deserialize_with = "duration")]
     pub backend_connect_timeout: Duration,
+    /// Time allowed for a broker's first answer (CONNACK, or AUTH) to the CONNECT.
+    #[serde(default = "default_backend_connack_timeout", deserialize_with = "duration")]
+    pub backend_connack_timeout: Duration,
     #[serde(default = "default_backend_attempts")]
     pub backend_attempts: usize,
     /// Active health checks; absent: none.
@@ -302,6 +305,9 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_backend_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+fn default_backend_connack_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_backend_attempts() -> usize {
     3
@@ -891,6 +897,9 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     if p.backend_connect_timeout.is_zero() {
         c.add(format!("{at}.backend_connect_timeout"), "must be greater than 0");
     }
+    if p.backend_connack_timeout.is_zero() {
+        c.add(format!("{at}.backend_connack_timeout"), "must be greater than 0");
+    }
     let mut seen = HashSet::new();
     for (i, t) in p.tlvs.iter().enumerate() {
         if !seen.insert(format!("{t:?}")) {
@@ -949,6 +958,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             .collect(),
         max_header_bytes: p.max_header_bytes,
         backend_connect_timeout: p.backend_connect_timeout,
+        backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
         health: p.health.as_ref().map(|h| HealthSpec {
             check: match h.check {
@@ -1023,6 +1033,7 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(p.max_header_bytes, 500);
         assert_eq!(p.backend_attempts, 3);
         assert_eq!(p.backend_connect_timeout, Duration::from_secs(2));
+        assert_eq!(p.backend_connack_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.connect_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.max_connect_packet, 262_144);
         assert_eq!(s.limits.drain_timeout, Duration::from_secs(30));

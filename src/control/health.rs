@@ -292,6 +292,7 @@ mod tests {
             tlvs: vec![Tlv::UniqueId, Tlv::Crc32c, Tlv::ClientId],
             max_header_bytes: 500,
             backend_connect_timeout: Duration::from_secs(1),
+            backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
             health,
         }

@@ -202,6 +202,8 @@ pub struct Pool {
     pub tlvs: Vec<Tlv>,
     pub max_header_bytes: usize,
     pub backend_connect_timeout: Duration,
+    /// Time allowed for a broker's first bytes after the CONNECT; past it, the next broker.
+    pub backend_connack_timeout: Duration,
     pub backend_attempts: usize,
     /// Active health checks; `None`: none, and brokers are only ever skipped per connection.
     pub health: Option<HealthSpec>,
@@ -290,6 +292,7 @@ mod tests {
             tlvs: vec![],
             max_header_bytes: 500,
             backend_connect_timeout: Duration::from_secs(1),
+            backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
             health: None,
         }

@@ -76,7 +76,6 @@ pub enum Reason {
     EmptyClientId,
     NoBroker,
     NoPool,
-    BrokerWrite,
     Drained,
     BrokerRemoved,
     /// `limits.max_connections` reached: closed at accept.
@@ -107,7 +106,6 @@ impl Reason {
             Reason::EmptyClientId => "empty_client_id_rejected",
             Reason::NoBroker => "no_broker_available",
             Reason::NoPool => "no_pool",
-            Reason::BrokerWrite => "broker_write_failed",
             Reason::Drained => "drained",
             Reason::BrokerRemoved => "broker_removed",
             Reason::MaxConnections => "max_connections",
@@ -601,48 +599,8 @@ async fn serve(
         },
     };
 
-    // 7. Dial, in preference order.
-    let mut broker = None;
-    let mut errors = Vec::new();
-    for b in candidates {
-        let dial = Instant::now();
-        let (outcome, error) =
-            match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
-                Ok(Ok(s)) => {
-                    shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, "ok"]).inc();
-                    let elapsed = dial.elapsed().as_secs_f64();
-                    shared.metrics.broker_connect_seconds.with_label_values(&[&pool.name, &b.name]).observe(elapsed);
-                    b.record_dial(true, pool.passive_fall());
-                    broker = Some((b.clone(), s));
-                    break;
-                }
-                Ok(Err(e)) => (dial_error_outcome(&e), e.to_string()),
-                Err(_) => ("timeout", "timed out".to_string()),
-            };
-        shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, outcome]).inc();
-        b.set_last_error(&error);
-        if b.record_dial(false, pool.passive_fall()) {
-            marked_down(&shared.metrics, pool, b, &error);
-        }
-        errors.push(format!("{}: {error}", b.name));
-    }
-    let Some((backend, mut upstream)) = broker else {
-        facts.detail = Some(errors.join("; "));
-        facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
-        return Err(Reason::NoBroker);
-    };
-    if !errors.is_empty() {
-        facts.detail = Some(format!("failed over: {}", errors.join("; ")));
-        shared.metrics.failovers.with_label_values(&[&pool.name]).inc();
-    }
-    let _ = upstream.set_nodelay(true);
-    backend.stats.active.fetch_add(1, Ordering::Relaxed);
-    backend.stats.total.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard(backend.clone());
-    facts.broker = Some(backend.name.clone());
-    shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
-
-    // 8. PROXY header, then the CONNECT and whatever was pipelined, in one write.
+    // 7. PROXY header, then the CONNECT and whatever was pipelined, in one write: the same
+    // bytes for every broker tried.
     let mut first = match pool.proxy_protocol {
         ProxyProtocol::None => Vec::with_capacity(buf.len()),
         ProxyProtocol::V1 => proxy_header::encode_v1(src, dst),
@@ -665,12 +623,43 @@ async fn serve(
     facts.up = buf.len() as u64;
     drop(buf);
     drop(tls);
-    if let Err(e) = upstream.write_all(&first).await {
-        facts.detail = Some(format!("writing CONNECT to {}: {e}", backend.name));
-        facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
-        return Err(Reason::BrokerWrite);
+
+    // 8. Dial, in preference order, until a broker answers.
+    let mut broker = None;
+    let mut errors = Vec::new();
+    for b in candidates {
+        match attempt(shared, pool, b, &first).await {
+            Ok(s) => {
+                shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, "ok"]).inc();
+                b.record_dial(true, pool.passive_fall());
+                broker = Some((b.clone(), s));
+                break;
+            }
+            Err((outcome, error)) => {
+                shared.metrics.broker_attempts.with_label_values(&[&pool.name, &b.name, outcome]).inc();
+                b.set_last_error(&error);
+                if b.record_dial(false, pool.passive_fall()) {
+                    marked_down(&shared.metrics, pool, b, &error);
+                }
+                errors.push(format!("{}: {error}", b.name));
+            }
+        }
     }
     drop(first);
+    let Some((backend, upstream)) = broker else {
+        facts.detail = Some(errors.join("; "));
+        facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;
+        return Err(Reason::NoBroker);
+    };
+    if !errors.is_empty() {
+        facts.detail = Some(format!("failed over: {}", errors.join("; ")));
+        shared.metrics.failovers.with_label_values(&[&pool.name]).inc();
+    }
+    backend.stats.active.fetch_add(1, Ordering::Relaxed);
+    backend.stats.total.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(backend.clone());
+    facts.broker = Some(backend.name.clone());
+    shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
     match pool.proxy_protocol {
         ProxyProtocol::None => {}
         ProxyProtocol::V1 => shared.metrics.proxy_headers.with_label_values(&[&pool.name, "v1"]).inc(),
@@ -679,6 +668,34 @@ async fn serve(
     shared.metrics.setup_seconds.observe(started.elapsed().as_secs_f64());
 
     Ok(Established { client: stream, upstream, _active })
+}
+
+/// One broker: TCP connect within `backend_connect_timeout`, then `first` (PROXY header and
+/// CONNECT), then its first answer within `backend_connack_timeout`. Waiting for readiness,
+/// not reading, leaves the answer (CONNACK, or an AUTH exchange, or a close) to the relay, so
+/// the broker's bytes reach the client untouched. Nothing has been sent to the client yet, so
+/// a broker that fails any step can be replaced by the next. The error is an outcome label of
+/// `broker_connect_attempts_total` and a text for logs.
+async fn attempt(shared: &Shared, pool: &Pool, b: &Backend, first: &[u8]) -> Result<TcpStream, (&'static str, String)> {
+    let dial = Instant::now();
+    let mut s = match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err((dial_error_outcome(&e), e.to_string())),
+        Err(_) => return Err(("timeout", "timed out".to_string())),
+    };
+    let elapsed = dial.elapsed().as_secs_f64();
+    shared.metrics.broker_connect_seconds.with_label_values(&[&pool.name, &b.name]).observe(elapsed);
+    let _ = s.set_nodelay(true);
+    let answered = tokio::time::timeout(pool.backend_connack_timeout, async {
+        s.write_all(first).await?;
+        s.readable().await
+    })
+    .await;
+    match answered {
+        Ok(Ok(())) => Ok(s),
+        Ok(Err(e)) => Err(("error", format!("writing CONNECT: {e}"))),
+        Err(_) => Err(("connack_timeout", format!("no answer to CONNECT within {:?}", pool.backend_connack_timeout))),
+    }
 }
 
 /// Relay until both sides are done, counting bytes as they flow so long-lived connections

@@ -369,46 +369,97 @@ pub struct Mosquitto {
     pub port: u16,
     dir: TempDir,
     log_path: PathBuf,
+    conf_path: PathBuf,
     proc: Option<Proc>,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
-        let bin = require_program("mosquitto");
+        Mosquitto::start_with("persistence false\n")
+    }
+
+    /// Sessions and queued QoS 1/2 messages survive a [`Mosquitto::restart`]: saved to disk
+    /// when it stops (SIGTERM), loaded when it starts. No limit on queued messages, so a
+    /// subscriber that is away loses nothing.
+    pub fn start_persistent() -> Mosquitto {
+        Mosquitto::start_with("persistence true\npersistence_location ./\nmax_queued_messages 0\n")
+    }
+
+    fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::Builder::new().prefix("hm-mosq-").tempdir().unwrap();
         let log_path = dir.path().join("mosquitto.log");
+        let conf_path = dir.path().join("mosquitto.conf");
+        let mut m = Mosquitto { port: 0, dir, log_path, conf_path, proc: None };
         let mut last_err = String::new();
         for _attempt in 0..3 {
-            let port = free_port();
-            let _ = fs::remove_file(&log_path);
+            m.port = free_port();
+            let _ = fs::remove_file(&m.log_path);
             // `user root`: as root, mosquitto would otherwise drop privileges to the user
             // `mosquitto` and could no longer write its log file in our tempdir.
             let conf = format!(
                 "user root\n\
                  listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
-                 persistence false\n\
+                 {extra}\
                  log_dest file {log}\n\
                  log_type all\n\
                  connection_messages true\n\
                  log_timestamp true\n",
-                log = log_path.display()
+                port = m.port,
+                log = m.log_path.display()
             );
-            let conf_path = dir.path().join("mosquitto.conf");
-            fs::write(&conf_path, conf).unwrap();
-            let mut cmd = Command::new(&bin);
-            cmd.arg("-c").arg(&conf_path).current_dir(dir.path());
-            let mut proc = Proc::spawn("mosquitto", cmd, &dir.path().join("stdout.log"));
-            let up = wait_until(WAIT, || {
-                proc.exited().is_none() && read_file_lossy(&log_path).contains("running") && port_accepts(port)
-            });
-            if up {
-                return Mosquitto { port, dir, log_path, proc: Some(proc) };
+            fs::write(&m.conf_path, conf).unwrap();
+            match m.spawn() {
+                Ok(()) => return m,
+                Err(e) => last_err = e,
             }
-            last_err = format!("{}\n{}", read_file_lossy(&dir.path().join("stdout.log")), read_file_lossy(&log_path));
-            proc.kill();
         }
         panic!("mosquitto did not start:\n{last_err}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let bin = require_program("mosquitto");
+        let runs_before = self.log().matches(" running\n").count();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&self.conf_path).current_dir(self.dir.path());
+        let stdout = self.dir.path().join("stdout.log");
+        let mut proc = Proc::spawn("mosquitto", cmd, &stdout);
+        let up = wait_until(WAIT, || {
+            proc.exited().is_none() && self.log().matches(" running\n").count() > runs_before && port_accepts(self.port)
+        });
+        if up {
+            self.proc = Some(proc);
+            return Ok(());
+        }
+        proc.kill();
+        Err(format!("{}\n{}", read_file_lossy(&stdout), self.log()))
+    }
+
+    /// Stops it with SIGTERM, as a rolling update does: a persistent broker saves its state.
+    pub fn stop_graceful(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            send_signal(p.pid() as i64, "TERM");
+            if wait_child(&mut p.child, WAIT).is_none() {
+                panic!("mosquitto :{} ignored SIGTERM", self.port);
+            }
+            p.done = true;
+        }
+    }
+
+    /// Starts it again, same port and config, after [`Mosquitto::stop`] or
+    /// [`Mosquitto::stop_graceful`].
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "mosquitto :{} is still running", self.port);
+        // The port may be briefly held by the old process's sockets; a few tries.
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) => last_err = e,
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("mosquitto :{} did not restart:\n{last_err}", self.port);
     }
 
     pub fn addr(&self) -> String {
@@ -1262,8 +1313,10 @@ impl Drop for Subscriber {
 // A test-owned TCP backend that records what it receives
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP server that accepts every connection and records the bytes each one sent (it never
-/// writes anything). For refusal tests: "nothing reached the backend".
+/// A TCP server that accepts every connection and records the bytes each one sent. For refusal
+/// tests ("nothing reached the backend") and exact PROXY header checks. Its only answer is one
+/// 3.1.1 CONNACK "accepted" once the first bytes arrived, so harbormaster, which waits for a
+/// broker's first answer (`backend_connack_timeout`), takes it for a live broker.
 type Recording = Arc<Mutex<Vec<u8>>>;
 
 pub struct RecordingBackend {
@@ -1291,10 +1344,17 @@ impl RecordingBackend {
                         thread::spawn(move || {
                             stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
                             let mut buf = [0u8; 65536];
+                            let mut answered = false;
                             while !s2.load(Ordering::SeqCst) {
                                 match stream.read(&mut buf) {
                                     Ok(0) => return,
-                                    Ok(n) => rec.lock().unwrap().extend_from_slice(&buf[..n]),
+                                    Ok(n) => {
+                                        rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                                        if !answered {
+                                            answered = true;
+                                            let _ = stream.write_all(&[0x20, 2, 0, 0]);
+                                        }
+                                    }
                                     Err(e)
                                         if e.kind() == io::ErrorKind::WouldBlock
                                             || e.kind() == io::ErrorKind::TimedOut => {}
