@@ -70,12 +70,12 @@ fn server(alg: &'static rcgen::SignatureAlgorithm) -> Arc<ServerConfig> {
     fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
     fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     let raw = RawTls {
-        certs: vec![RawCert { cert: "server.pem".into(), key: "server.key".into() }],
+        certs: vec![RawCert { cert: "server.pem".into(), key: "server.key".into(), ocsp: None }],
         client_ca: Some("ca.pem".into()),
         client_auth: ClientAuth::Optional,
         alpn: vec![],
     };
-    Arc::new(server_config(&raw, dir.path()).expect("server config"))
+    Arc::new(server_config(&raw, dir.path()).expect("server config").config)
 }
 
 fn client() -> Arc<ClientConfig> {

@@ -54,6 +54,9 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     on_started: impl FnOnce(&Handles),
 ) -> anyhow::Result<()> {
+    for w in &loaded.warnings {
+        tracing::warn!(key = %w.path, "{}", w.message);
+    }
     let metrics = Arc::new(Metrics::new());
     let hard_stop = CancellationToken::new();
     let stop_accepting = CancellationToken::new();

@@ -63,7 +63,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => demo::main(args),
         Command::Check { config } => match config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }

@@ -75,6 +75,9 @@ pub struct Metrics {
     /// Connections relayed to each broker right now, by pool and broker; read from the
     /// snapshot at scrape time.
     pub broker_active: IntGaugeVec,
+    /// Expiry (Unix seconds) of each listener's certificates, by listener and certificate file;
+    /// read from the snapshot at scrape time.
+    pub cert_expiry: IntGaugeVec,
     /// 1 while a broker is considered healthy, 0 while it is marked down; by pool and broker. Only
     /// brokers of pools with `health` checks have it.
     pub broker_healthy: IntGaugeVec,
@@ -209,6 +212,12 @@ impl Metrics {
                 "Connections relayed to a later candidate because earlier brokers failed",
                 &["pool"],
             ),
+            cert_expiry: gauge_vec(
+                &r,
+                "tls_certificate_expiry_seconds",
+                "Unix time at which the listener's certificate expires",
+                &["listener", "cert"],
+            ),
             broker_active: gauge_vec(
                 &r,
                 "broker_connections_active",
@@ -303,7 +312,8 @@ impl Metrics {
     }
 
     /// [`render`](Self::render) after setting the gauges that are read at scrape time: active
-    /// connections per broker of `snapshot` (brokers no longer in it disappear) and readiness.
+    /// connections per broker of `snapshot` (brokers no longer in it disappear), certificate
+    /// expiry and readiness.
     pub fn scrape(&self, snapshot: &Snapshot, ready: bool) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.broker_active.reset();
@@ -311,6 +321,12 @@ impl Metrics {
             for b in &pool.backends {
                 let n = i64::try_from(b.stats.active.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
                 self.broker_active.with_label_values(&[&pool.name, &b.name]).set(n);
+            }
+        }
+        self.cert_expiry.reset();
+        for l in &snapshot.listeners {
+            for (cert, not_after) in &l.cert_expiry {
+                self.cert_expiry.with_label_values(&[&l.name, cert]).set(*not_after);
             }
         }
         self.ready.set(i64::from(ready));

@@ -101,6 +101,8 @@ pub struct RawTls {
 pub struct RawCert {
     pub cert: String,
     pub key: String,
+    /// A DER OCSP response for `cert`, stapled as is to every handshake that asks for one.
+    pub ocsp: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -502,6 +504,9 @@ pub struct Loaded {
     pub discovery: Vec<(String, DiscoverySpec)>,
     /// Per pool: what happens to a removed broker's connections.
     pub on_removed: BTreeMap<String, OnRemoved>,
+    /// Not problems, but worth an operator's attention (a certificate close to its expiry):
+    /// printed by `check`, logged at start and at every reload.
+    pub warnings: Vec<Problem>,
 }
 
 /// Read, parse, validate and build. Relative file paths are relative to the config's folder.
@@ -669,16 +674,21 @@ fn key_path_at(text: &str, offset: usize) -> String {
 
 struct Check {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Check {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem { path: path.into(), message: message.into() });
     }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem { path: path.into(), message: message.into() });
+    }
 }
 
 fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
-    let mut c = Check { problems: Vec::new() };
+    let mut c = Check { problems: Vec::new(), warnings: Vec::new() };
 
     let pools: Vec<Arc<Pool>> =
         raw.pool.iter().filter_map(|(name, p)| build_pool(&mut c, name, p).map(Arc::new)).collect();
@@ -733,8 +743,15 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         if !l.accept_proxy && !l.trusted_proxies.is_empty() {
             c.add(format!("{at}.trusted_proxies"), "set but accept_proxy is false");
         }
+        let mut cert_expiry = Vec::new();
         let tls = l.tls.as_ref().and_then(|t| match super::tls::server_config(t, base) {
-            Ok(cfg) => Some(Arc::new(cfg)),
+            Ok(built) => {
+                cert_expiry = built.cert_expiry;
+                for (k, m) in built.warnings {
+                    c.warn(format!("{at}.tls.{k}"), m);
+                }
+                Some(Arc::new(built.config))
+            }
             Err(errs) => {
                 for (k, m) in errs {
                     c.add(format!("{at}.tls{}{k}", if k.is_empty() { "" } else { "." }), m);
@@ -750,6 +767,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 accept_proxy: l.accept_proxy,
                 trusted_proxies: trusted,
                 tls,
+                cert_expiry,
                 max_connections: l.max_connections,
             }));
         }
@@ -819,6 +837,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         files,
         discovery,
         on_removed,
+        warnings: c.warnings,
     })
 }
 

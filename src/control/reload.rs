@@ -233,6 +233,9 @@ impl Reloader {
                     self.rewatch(&path);
                     return;
                 }
+                for w in &loaded.warnings {
+                    tracing::warn!(target: "harbormaster::reload", key = %w.path, "{}", w.message);
+                }
                 match self.apply(loaded).await {
                     Ok(changes) => {
                         self.applied_print = Some(print);

@@ -1,10 +1,14 @@
 //! Builds the rustls server configuration of a TLS listener from its config section: loads the
-//! cert/key pairs and the client CA bundle, picks a certificate by SNI (names taken from each
-//! certificate's subject alternative names), and sets client authentication.
+//! cert/key pairs (with an optional OCSP response to staple) and the client CA bundle, picks a
+//! certificate by SNI (names taken from each certificate's subject alternative names), and sets
+//! client authentication. Every file problem, a key that does not fit its certificate and an
+//! expired certificate are load errors (a reload keeps the running config); a certificate close
+//! to its expiry is a warning at every load.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -65,11 +69,92 @@ fn dns_names(der: &CertificateDer<'_>) -> Vec<String> {
         .collect()
 }
 
+/// A certificate expiring within this many days is logged as a warning at every load.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+const DAY: i64 = 86_400;
+
+/// Where a certificate stands on its validity period at `now` (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    Valid,
+    /// Valid, but for fewer than [`EXPIRY_WARNING_DAYS`] more days (rounded down).
+    ExpiresSoon {
+        days_left: i64,
+    },
+    Expired {
+        days_ago: i64,
+    },
+    NotYetValid {
+        days: i64,
+    },
+}
+
+pub fn validity(not_before: i64, not_after: i64, now: i64) -> Validity {
+    if now > not_after {
+        Validity::Expired { days_ago: (now - not_after) / DAY }
+    } else if now < not_before {
+        Validity::NotYetValid { days: (not_before - now) / DAY }
+    } else if not_after - now < EXPIRY_WARNING_DAYS * DAY {
+        Validity::ExpiresSoon { days_left: (not_after - now) / DAY }
+    } else {
+        Validity::Valid
+    }
+}
+
+/// A listener's TLS: the rustls config, for each certificate file its leaf's expiry, and
+/// warnings (key path below `tls`, message) for the operator.
+pub struct Built {
+    pub config: rustls::ServerConfig,
+    pub cert_expiry: Vec<(String, i64)>,
+    pub warnings: TlsProblems,
+}
+
+/// Checks the leaf's validity period: an expired certificate is a problem, one close to its
+/// end or not valid yet a warning. Returns its `notAfter` (Unix seconds).
+fn check_validity(
+    der: &CertificateDer<'_>,
+    path: &Path,
+    at: &str,
+    problems: &mut TlsProblems,
+    warnings: &mut TlsProblems,
+) -> Option<i64> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        problems.push((at.to_string(), format!("{}: the first certificate cannot be parsed", path.display())));
+        return None;
+    };
+    let v = cert.validity();
+    let (not_before, not_after) = (v.not_before.timestamp(), v.not_after.timestamp());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    match validity(not_before, not_after, now) {
+        Validity::Valid => {}
+        Validity::Expired { days_ago } => problems.push((
+            at.to_string(),
+            format!("{}: certificate expired on {} ({days_ago} days ago)", path.display(), v.not_after),
+        )),
+        Validity::ExpiresSoon { days_left } => warnings.push((
+            at.to_string(),
+            format!("{}: certificate expires in {days_left} days, on {}", path.display(), v.not_after),
+        )),
+        Validity::NotYetValid { days } => warnings.push((
+            at.to_string(),
+            format!(
+                "{}: certificate is not valid before {} ({days} days from now): check the clock",
+                path.display(),
+                v.not_before
+            ),
+        )),
+    }
+    Some(not_after)
+}
+
 /// Build the server config, or every problem found.
-pub fn server_config(t: &RawTls, base: &Path) -> Result<rustls::ServerConfig, TlsProblems> {
+pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
     let mut problems = TlsProblems::new();
     let provider = provider();
     let mut keys = Vec::new();
+    let mut cert_expiry = Vec::new();
+    let mut warnings = TlsProblems::new();
     if t.certs.is_empty() {
         problems.push(("certs".into(), "at least one { cert, key } pair is required".into()));
     }
@@ -89,6 +174,11 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<rustls::ServerConfig, Tl
                 continue;
             }
         };
+        let Some(not_after) =
+            check_validity(&chain[0], &cert_path, &format!("certs[{i}].cert"), &mut problems, &mut warnings)
+        else {
+            continue;
+        };
         let key = match PrivateKeyDer::from_pem_file(&key_path) {
             Ok(k) => k,
             Err(e) => {
@@ -96,9 +186,35 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<rustls::ServerConfig, Tl
                 continue;
             }
         };
+        // An OCSP response is stapled as is: rustls does not look into it, so an empty file is
+        // the one mistake caught here. Refreshing the file and reloading staples the new one.
+        let ocsp = match &pair.ocsp {
+            None => None,
+            Some(p) => {
+                let ocsp_path = relative(base, p);
+                match std::fs::read(&ocsp_path) {
+                    Ok(b) if b.is_empty() => {
+                        problems.push((format!("certs[{i}].ocsp"), format!("{} is empty", ocsp_path.display())));
+                        continue;
+                    }
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        problems.push((format!("certs[{i}].ocsp"), format!("{}: {e}", ocsp_path.display())));
+                        continue;
+                    }
+                }
+            }
+        };
         match CertifiedKey::from_der(chain, key, &provider) {
-            Ok(ck) => keys.push(Arc::new(ck)),
-            Err(e) => problems.push((format!("certs[{i}]"), format!("key does not fit the certificate: {e}"))),
+            Ok(mut ck) => {
+                ck.ocsp = ocsp;
+                keys.push(Arc::new(ck));
+                cert_expiry.push((pair.cert.clone(), not_after));
+            }
+            Err(e) => problems.push((
+                format!("certs[{i}]"),
+                format!("the key in {} does not fit the certificate: {e}", key_path.display()),
+            )),
         }
     }
 
@@ -171,7 +287,7 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<rustls::ServerConfig, Tl
         Ok(t) => cfg.ticketer = t,
         Err(e) => return Err(vec![(String::new(), format!("session tickets: {e}"))]),
     }
-    Ok(cfg)
+    Ok(Built { config: cfg, cert_expiry, warnings })
 }
 
 #[cfg(test)]
@@ -220,9 +336,23 @@ mod tests {
             (cert.der().clone(), key)
         }
 
+        /// Writes NAME.pem / NAME.key, a server certificate valid over the given period.
+        fn leaf_dated(&self, name: &str, not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::new(vec![format!("{name}.example")]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            (params.not_before, params.not_after) = (not_before, not_after);
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            std::fs::write(self.dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(self.dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+
         fn raw(&self, names: &[&str], auth: ClientAuth) -> RawTls {
             RawTls {
-                certs: names.iter().map(|n| RawCert { cert: format!("{n}.pem"), key: format!("{n}.key") }).collect(),
+                certs: names
+                    .iter()
+                    .map(|n| RawCert { cert: format!("{n}.pem"), key: format!("{n}.key"), ocsp: None })
+                    .collect(),
                 client_ca: Some("ca.pem".into()),
                 client_auth: auth,
                 alpn: vec![],
@@ -277,7 +407,12 @@ mod tests {
     /// Accepts any server certificate and remembers it: the tests ask which one was served,
     /// including for names no certificate matches.
     #[derive(Debug)]
-    struct Record(std::sync::Mutex<Option<CertificateDer<'static>>>, Arc<rustls::crypto::CryptoProvider>);
+    struct Record(
+        std::sync::Mutex<Option<CertificateDer<'static>>>,
+        Arc<rustls::crypto::CryptoProvider>,
+        /// The stapled OCSP response, empty without one.
+        std::sync::Mutex<Vec<u8>>,
+    );
 
     impl rustls::client::danger::ServerCertVerifier for Record {
         fn verify_server_cert(
@@ -285,10 +420,11 @@ mod tests {
             end_entity: &CertificateDer<'_>,
             _: &[CertificateDer<'_>],
             _: &ServerName<'_>,
-            _: &[u8],
+            ocsp: &[u8],
             _: rustls_pki_types::UnixTime,
         ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
             *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
+            *self.2.lock().unwrap() = ocsp.to_vec();
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         }
         fn verify_tls12_signature(
@@ -312,39 +448,48 @@ mod tests {
         }
     }
 
+    /// A handshake with a client that accepts any certificate and records what the server
+    /// sent: its certificate and its stapled OCSP response (empty without one).
+    fn served(
+        server: rustls::ServerConfig,
+        sni: &str,
+        version: Option<&'static rustls::SupportedProtocolVersion>,
+    ) -> (CertificateDer<'static>, Vec<u8>) {
+        let record = Arc::new(Record(std::sync::Mutex::new(None), provider(), std::sync::Mutex::default()));
+        let b = ClientConfig::builder_with_provider(provider());
+        let b = match version {
+            Some(v) => b.with_protocol_versions(&[v]),
+            None => b.with_safe_default_protocol_versions(),
+        };
+        let cfg = b.unwrap().dangerous().with_custom_certificate_verifier(record.clone()).with_no_client_auth();
+        let mut c = ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
+        let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        let cert = record.0.lock().unwrap().clone().expect("the server sent a certificate");
+        let ocsp = record.2.lock().unwrap().clone();
+        (cert, ocsp)
+    }
+
     #[test]
     fn the_certificate_is_chosen_by_sni_with_a_fallback_to_the_first() {
         let f = Files::new();
         let (a, _) = f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let (b, _) = f.leaf("b", &rcgen::PKCS_RSA_SHA256, &["b.example", "*.fleet.example"], false);
         let raw = f.raw(&["a", "b"], ClientAuth::None);
-        let served = |sni: &str| -> CertificateDer<'static> {
-            let record = Arc::new(Record(std::sync::Mutex::new(None), provider()));
-            let cfg = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(record.clone())
-                .with_no_client_auth();
-            let mut c = ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_string()).unwrap()).unwrap();
-            let mut s = ServerConnection::new(Arc::new(server_config(&raw, f.dir.path()).unwrap())).unwrap();
-            while c.is_handshaking() || s.is_handshaking() {
-                let mut buf = Vec::new();
-                while c.wants_write() {
-                    c.write_tls(&mut buf).unwrap();
-                }
-                s.read_tls(&mut buf.as_slice()).unwrap();
-                s.process_new_packets().unwrap();
-                let mut buf = Vec::new();
-                while s.wants_write() {
-                    s.write_tls(&mut buf).unwrap();
-                }
-                c.read_tls(&mut buf.as_slice()).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            let got = record.0.lock().unwrap().clone();
-            got.expect("the server sent a certificate")
-        };
+        let served = |sni: &str| served(server_config(&raw, f.dir.path()).unwrap().config, sni, None).0;
         assert_eq!(served("a.example"), a);
         assert_eq!(served("b.example"), b, "RSA pair chosen by its exact name");
         assert_eq!(served("truck-1.fleet.example"), b, "wildcard");
@@ -357,7 +502,7 @@ mod tests {
         f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let raw = f.raw(&["a"], ClientAuth::None);
         for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
-            let s = handshake(server_config(&raw, f.dir.path()).unwrap(), &f, "a.example", &[v], None).unwrap();
+            let s = handshake(server_config(&raw, f.dir.path()).unwrap().config, &f, "a.example", &[v], None).unwrap();
             assert_eq!(s.protocol_version(), Some(v.version));
         }
     }
@@ -369,7 +514,7 @@ mod tests {
         let (dev, dev_key) = f.leaf("device-1", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
         let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         let with = |auth, cert: bool| {
-            let cfg = server_config(&f.raw(&["a"], auth), f.dir.path()).unwrap();
+            let cfg = server_config(&f.raw(&["a"], auth), f.dir.path()).unwrap().config;
             handshake(cfg, &f, "a.example", v13, cert.then(|| (dev.clone(), &dev_key)))
         };
         // required: no certificate, no session.
@@ -389,8 +534,86 @@ mod tests {
         f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let other = Files::new();
         let (dev, dev_key) = other.leaf("intruder", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
-        let cfg = server_config(&f.raw(&["a"], ClientAuth::Optional), f.dir.path()).unwrap();
+        let cfg = server_config(&f.raw(&["a"], ClientAuth::Optional), f.dir.path()).unwrap().config;
         let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         assert!(handshake(cfg, &f, "a.example", v13, Some((dev, &dev_key))).is_err());
+    }
+
+    #[test]
+    fn validity_periods() {
+        let now = 1_800_000_000;
+        assert_eq!(validity(now - DAY, now + 365 * DAY, now), Validity::Valid);
+        assert_eq!(validity(now - DAY, now + 10 * DAY + 5, now), Validity::ExpiresSoon { days_left: 10 });
+        assert_eq!(validity(now - DAY, now + 30 * DAY, now), Validity::Valid);
+        assert_eq!(validity(now - 400 * DAY, now - 3 * DAY - 1, now), Validity::Expired { days_ago: 3 });
+        assert_eq!(validity(now + 2 * DAY + 1, now + 400 * DAY, now), Validity::NotYetValid { days: 2 });
+    }
+
+    #[test]
+    fn an_expired_certificate_is_a_load_error_one_close_to_expiry_loads_with_its_date() {
+        let f = Files::new();
+        let now = time::OffsetDateTime::now_utc();
+        f.leaf_dated("old", now - time::Duration::days(400), now - time::Duration::days(3));
+        // Half a day past whole days: the count is the same however long the test takes.
+        let soon = now + time::Duration::days(10) + time::Duration::hours(12);
+        f.leaf_dated("soon", now - time::Duration::days(80), soon);
+        let errs = server_config(&f.raw(&["old"], ClientAuth::None), f.dir.path()).err().expect("expired loads");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].0, "certs[0].cert");
+        assert!(
+            errs[0].1.contains("old.pem: certificate expired on") && errs[0].1.contains("(3 days ago)"),
+            "{errs:?}"
+        );
+        let built = server_config(&f.raw(&["soon"], ClientAuth::None), f.dir.path()).unwrap();
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert_eq!(built.warnings[0].0, "certs[0].cert");
+        assert!(built.warnings[0].1.contains("soon.pem: certificate expires in 10 days, on "), "{:?}", built.warnings);
+        assert_eq!(built.cert_expiry, vec![("soon.pem".to_string(), soon.unix_timestamp())]);
+    }
+
+    #[test]
+    fn a_key_that_does_not_fit_and_unreadable_files_are_load_errors_naming_the_file() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        f.leaf("b", &rcgen::PKCS_ECDSA_P256_SHA256, &["b.example"], false);
+        let mut raw = f.raw(&["a"], ClientAuth::None);
+        raw.certs[0].key = "b.key".into();
+        let errs = server_config(&raw, f.dir.path()).err().expect("a foreign key loads");
+        assert_eq!(errs[0].0, "certs[0]");
+        assert!(errs[0].1.contains("b.key does not fit the certificate"), "{errs:?}");
+
+        let mut raw = f.raw(&["a"], ClientAuth::None);
+        raw.certs[0].key = "missing.key".into();
+        raw.certs[0].cert = "a.pem".into();
+        let errs = server_config(&raw, f.dir.path()).err().expect("a missing key loads");
+        assert_eq!(errs[0].0, "certs[0].key");
+        assert!(errs[0].1.contains("missing.key"), "{errs:?}");
+
+        let mut raw = f.raw(&["a"], ClientAuth::None);
+        raw.certs[0].ocsp = Some("missing.der".into());
+        let errs = server_config(&raw, f.dir.path()).err().expect("a missing OCSP file loads");
+        assert_eq!(errs[0].0, "certs[0].ocsp");
+        std::fs::write(f.dir.path().join("empty.der"), b"").unwrap();
+        raw.certs[0].ocsp = Some("empty.der".into());
+        let errs = server_config(&raw, f.dir.path()).err().expect("an empty OCSP file loads");
+        assert!(errs[0].1.ends_with("empty.der is empty"), "{errs:?}");
+    }
+
+    #[test]
+    fn the_ocsp_response_is_stapled_with_tls_1_2_and_1_3() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        // OCSPResponse { responseStatus: successful }: rustls staples the bytes as they are.
+        let response = [0x30, 0x03, 0x0a, 0x01, 0x00];
+        std::fs::write(f.dir.path().join("a.ocsp.der"), response).unwrap();
+        let mut raw = f.raw(&["a"], ClientAuth::None);
+        for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            assert_eq!(served(server_config(&raw, f.dir.path()).unwrap().config, "a.example", Some(v)).1, b"");
+        }
+        raw.certs[0].ocsp = Some("a.ocsp.der".into());
+        for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let (_, ocsp) = served(server_config(&raw, f.dir.path()).unwrap().config, "a.example", Some(v));
+            assert_eq!(ocsp, response, "{v:?}");
+        }
     }
 }

@@ -39,6 +39,8 @@ pub struct ListenerSpec {
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Each certificate file of `tls` with its leaf's expiry (Unix seconds), for the metrics.
+    pub cert_expiry: Vec<(String, i64)>,
     /// Connections held at once on this listener; beyond it new ones are closed at accept.
     pub max_connections: Option<usize>,
 }
