@@ -91,6 +91,8 @@ pub struct Metrics {
     /// Optional TLVs left out of a PROXY v2 header to stay within the budget, by pool and TLV.
     pub tlv_dropped: IntCounterVec,
 
+    /// Connections waiting for a TLS handshake token (`handshake_rate`) now.
+    pub handshake_queue: IntGauge,
     /// 1 while draining after SIGTERM.
     pub draining: IntGauge,
     /// 1 while `/readyz` answers 200; computed at scrape time.
@@ -134,7 +136,7 @@ impl Metrics {
         let setup_seconds = register(
             &r,
             Histogram::with_opts(
-                HistogramOpts::new("connection_setup_seconds", "Accept to CONNECT forwarded to a broker")
+                HistogramOpts::new("connection_setup_seconds", "Accept to a broker's answer to the CONNECT")
                     .buckets(SETUP_BUCKETS.to_vec()),
             )
             .expect("valid metric"),
@@ -248,6 +250,10 @@ impl Metrics {
                 "proxy_tlv_dropped_total",
                 "Optional PROXY v2 TLVs left out to fit max_header_bytes",
                 &["pool", "tlv"],
+            ),
+            handshake_queue: register(
+                &r,
+                IntGauge::new("handshake_queue", "Connections waiting for a TLS handshake token now").expect("valid"),
             ),
             draining: register(&r, IntGauge::new("draining", "1 while draining after SIGTERM").expect("valid")),
             ready: register(&r, IntGauge::new("ready", "1 while /readyz answers 200").expect("valid")),

@@ -153,15 +153,25 @@ impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
 pub struct Admission {
     handshakes: Mutex<Option<Bucket>>,
     queued: AtomicUsize,
+    /// `queued`, exported (`harbormaster_handshake_queue`).
+    queued_gauge: prometheus::IntGauge,
     sources: Mutex<Bounded<IpAddr, Bucket>>,
     flaps: Mutex<Bounded<u64, Flap>>,
 }
 
 impl Default for Admission {
     fn default() -> Self {
+        Admission::new(prometheus::IntGauge::new("handshake_queue", "unregistered").expect("valid metric"))
+    }
+}
+
+impl Admission {
+    /// `queued_gauge` follows the length of the handshake queue.
+    pub fn new(queued_gauge: prometheus::IntGauge) -> Admission {
         Admission {
             handshakes: Mutex::new(None),
             queued: AtomicUsize::new(0),
+            queued_gauge,
             sources: Mutex::new(Bounded::new()),
             flaps: Mutex::new(Bounded::new()),
         }
@@ -169,11 +179,12 @@ impl Default for Admission {
 }
 
 /// Leaves the handshake queue when dropped (the wait ended or the connection went away).
-struct Queued<'a>(&'a AtomicUsize);
+struct Queued<'a>(&'a Admission);
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.queued_gauge.dec();
     }
 }
 
@@ -210,6 +221,7 @@ impl Admission {
         // Tokens go negative: the debt is what the connections queued before this one took.
         bucket.tokens -= 1.0;
         self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queued_gauge.inc();
         Ok(wait)
     }
 
@@ -217,7 +229,7 @@ impl Admission {
     pub async fn handshake(&self, lim: &AdmissionLimits) -> Result<(), Refused> {
         let wait = self.reserve_handshake(lim, Instant::now())?;
         if !wait.is_zero() {
-            let _left = Queued(&self.queued);
+            let _left = Queued(self);
             tokio::time::sleep(wait).await;
         }
         Ok(())
@@ -336,7 +348,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
-        let a = std::sync::Arc::new(Admission::default());
+        let gauge = prometheus::IntGauge::new("q", "q").unwrap();
+        let a = std::sync::Arc::new(Admission::new(gauge.clone()));
         let l = AdmissionLimits {
             handshake_rate: 1,
             handshake_burst: 1,
@@ -353,9 +366,11 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(a.handshake(&l).await, Err(Refused::HandshakeQueueFull));
+        assert_eq!(gauge.get(), 1, "the gauge shows the waiter");
         waiter.abort();
         let _ = waiter.await;
         assert_eq!(a.queued(), 0, "a waiter that goes away leaves the queue");
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

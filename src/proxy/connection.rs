@@ -53,7 +53,8 @@ impl Shared {
         let prefix =
             xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
         let conns = Arc::new(Registry::new(hard_stop.clone()));
-        Shared { metrics, hard_stop, conns, admission: Admission::default(), prefix, next_id: AtomicU64::new(1) }
+        let admission = Admission::new(metrics.handshake_queue.clone());
+        Shared { metrics, hard_stop, conns, admission, prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {

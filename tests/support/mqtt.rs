@@ -159,14 +159,26 @@ pub fn publish_qos1(version: MqttVersion, packet_id: u16, topic: &str, payload: 
 
 /// SUBSCRIBE to one topic filter at QoS 0.
 pub fn subscribe(version: MqttVersion, packet_id: u16, filter: &str) -> Vec<u8> {
+    subscribe_qos(version, packet_id, filter, 0)
+}
+
+/// SUBSCRIBE to one topic filter at `qos` (0, 1 or 2).
+pub fn subscribe_qos(version: MqttVersion, packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&packet_id.to_be_bytes());
     if version.is_v5() {
         put_varint(&mut body, 0);
     }
     put_str(&mut body, filter.as_bytes());
-    body.push(0x00);
+    body.push(qos);
     packet(0x82, &body)
+}
+
+/// PUBACK `40 02 PID`: acknowledges a QoS 1 PUBLISH (3.x; also valid 5.0, reason "success"
+/// implied).
+pub fn puback(packet_id: u16) -> Vec<u8> {
+    let [hi, lo] = packet_id.to_be_bytes();
+    vec![0x40, 0x02, hi, lo]
 }
 
 pub fn pingreq() -> Vec<u8> {
