@@ -122,19 +122,26 @@ bind = "127.0.0.1:{admin}"
     let hm = Harbormaster::start_with_file(dir, config.clone());
     assert!(wait_until(WAIT, || days_left(&hm.log())), "no expiry warning at start:\n{}", hm.log());
 
-    // A real TLS client asks for the certificate status and verifies what it gets.
+    // A real TLS client asks for the certificate status and verifies what it gets, with TLS
+    // 1.3 and 1.2 (whose handshake ends with the server's Finished).
     let ca = config.parent().unwrap().join("ca.pem");
-    let mut s_client = Command::new(require_program("openssl"));
-    s_client
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost", "-status"])
-        .arg("-CAfile")
-        .arg(&ca)
-        .stdin(Stdio::null());
-    let out = run_with_timeout(&mut s_client, CMD_TIMEOUT);
-    let text = output_text(&out);
-    assert!(text.contains("OCSP Response Status: successful (0x0)"), "no stapled OCSP response:\n{text}");
-    assert!(text.contains("Cert Status: good"), "{text}");
-    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    for (flag, version) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let mut s_client = Command::new(require_program("openssl"));
+        s_client
+            .args(["s_client", flag, "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost", "-status"])
+            .arg("-CAfile")
+            .arg(&ca)
+            .stdin(Stdio::null());
+        let out = run_with_timeout(&mut s_client, CMD_TIMEOUT);
+        let text = output_text(&out);
+        assert!(
+            text.contains("OCSP Response Status: successful (0x0)"),
+            "{version}: no stapled OCSP response:\n{text}"
+        );
+        assert!(text.contains("Cert Status: good"), "{text}");
+        assert!(text.contains(&format!("New, {version}, Cipher is")), "{text}");
+        assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    }
 
     // The expiry is a metric: alert on it rather than on the log line.
     let metrics = http_body(admin, "/metrics");

@@ -38,6 +38,8 @@ pub struct Shared {
     pub conns: Arc<Registry>,
     /// Handshake token bucket, per-source buckets, flapping client-ids.
     pub admission: Admission,
+    /// Turns for TLS handshake steps, one per runtime worker (`tls_stream` module docs).
+    pub handshake_turns: tokio::sync::Semaphore,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -54,7 +56,9 @@ impl Shared {
             xxhash_rust::xxh3::xxh3_64(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
         let conns = Arc::new(Registry::new(hard_stop.clone()));
         let admission = Admission::new(metrics.handshake_queue.clone());
-        Shared { metrics, hard_stop, conns, admission, prefix, next_id: AtomicU64::new(1) }
+        let workers = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).unwrap_or(1);
+        let handshake_turns = tokio::sync::Semaphore::new(workers.max(1));
+        Shared { metrics, hard_stop, conns, admission, handshake_turns, prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {
@@ -396,7 +400,12 @@ async fn setup(
         }
         Some(cfg) => {
             let handshake = Instant::now();
-            let tls = match tokio::time::timeout_at(deadline, TlsServerStream::accept(cfg.clone(), stream)).await {
+            let tls = match tokio::time::timeout_at(
+                deadline,
+                TlsServerStream::accept(cfg.clone(), stream, Some(&shared.handshake_turns)),
+            )
+            .await
+            {
                 Err(_) => {
                     shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "timeout", "none"]).inc();
                     return Err(Reason::Timeout);

@@ -164,19 +164,21 @@ where
     let mut seen = (0u64, 0u64);
     let res = poll_fn(|cx| {
         // Both directions are polled on every wake-up so one blocked direction never stalls
-        // the other; an error is attributed to the side whose operation failed.
-        let u = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *broker));
-        if let Poll::Ready(Err(f)) = u {
-            return Poll::Ready(Err(match f {
-                Fail::Read(e) => (Ended::ClientError, e),
-                Fail::Write(e) => (Ended::BrokerError, e),
-            }));
-        }
+        // the other; an error is attributed to the side whose operation failed. Broker to
+        // client first: the relay starts with the broker's CONNACK waiting, and a TLS client
+        // stream sends what it owes (session tickets) with it rather than alone before it.
         let d = down.poll_copy(cx, Pin::new(&mut *broker), Pin::new(&mut *client));
         if let Poll::Ready(Err(f)) = d {
             return Poll::Ready(Err(match f {
                 Fail::Read(e) => (Ended::BrokerError, e),
                 Fail::Write(e) => (Ended::ClientError, e),
+            }));
+        }
+        let u = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *broker));
+        if let Poll::Ready(Err(f)) = u {
+            return Poll::Ready(Err(match f {
+                Fail::Read(e) => (Ended::ClientError, e),
+                Fail::Write(e) => (Ended::BrokerError, e),
             }));
         }
         if u.is_ready() && d.is_ready() {
