@@ -282,9 +282,14 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     // Session tickets make a reconnect storm's resumed TLS 1.2 handshakes several times
-    // cheaper; the ticket key rotates and lives only in this process.
+    // cheaper; the ticket key rotates and lives only in this process. TLS 1.3: one ticket per
+    // handshake rather than rustls' two — a device resumes once per reconnect and gets a fresh
+    // ticket each time — 2.5% less CPU per new session (docs/benchmarks.md).
     match rustls::crypto::aws_lc_rs::Ticketer::new() {
-        Ok(t) => cfg.ticketer = t,
+        Ok(t) => {
+            cfg.ticketer = t;
+            cfg.send_tls13_tickets = 1;
+        }
         Err(e) => return Err(vec![(String::new(), format!("session tickets: {e}"))]),
     }
     Ok(Built { config: cfg, cert_expiry, warnings })
