@@ -1235,6 +1235,8 @@ connect_timeout = "0s"
     #[test]
     fn bad_durations_and_enums_are_rejected() {
         assert!(!problems(&format!("{MINIMAL}backend_connect_timeout = \"soon\"\n")).is_empty());
+        let p = problems(&format!("{MINIMAL}backend_connack_timeout = \"0s\"\n"));
+        assert!(p.iter().any(|p| p.contains("backend_connack_timeout: must be greater than 0")), "{p:?}");
         assert!(!problems(&format!("{MINIMAL}hash_key = \"ip\"\n")).is_empty());
     }
 
