@@ -38,6 +38,10 @@ const READ_SIZE: usize = 18 * 1024;
 const WRITE_CHUNK: usize = 4 * 16 * 1024;
 /// Encrypted bytes waiting for the socket beyond which `poll_write` waits.
 const TX_HIGH: usize = 64 * 1024;
+/// TLS 1.3 handshake input after the first flight above which a step takes a turn: a client's
+/// Finished (with a compatibility ChangeCipherSpec, ~60 bytes) is well under it, a certificate
+/// well over.
+const HEAVY_INPUT: usize = 256;
 /// Received bytes buffered while a handshake message is incomplete, at most (rustls allows
 /// handshake messages up to 64 KiB).
 const RX_MAX: usize = 80 * 1024;
@@ -99,12 +103,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
             close_sent: false,
             sni: None,
         };
+        let mut first = true;
         loop {
             if s.sni.is_none() && !s.rx.is_empty() {
                 s.sni = client_hello_sni(&s.rx);
             }
+            // The steps that sign, agree on a key or verify: the ClientHello's, TLS 1.2's
+            // ClientKeyExchange, and a later TLS 1.3 one only when it carries more than a
+            // Finished (a client certificate to verify). A bare TLS 1.3 Finished is cheap and
+            // not worth a turn's poll for I/O.
+            let tls12 = s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
+            let heavy = !s.rx.is_empty() && (first || tls12 || s.rx.len() > HEAVY_INPUT);
             let turn = match turns {
-                Some(t) if !s.rx.is_empty() => {
+                Some(t) if heavy => {
                     // Never closed; without a permit the step just runs.
                     let permit = t.acquire().await.ok();
                     // Resumes once the worker has run everything else runnable and polled
@@ -116,6 +127,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
             };
             let processed = s.process(None);
             drop(turn);
+            if s.tx_pending() {
+                first = false; // the server's first flight is out
+            }
             if let Err(e) = processed {
                 // Last gasp: the alert that describes the failure.
                 let _ = poll_fn(|cx| Poll::Ready(s.poll_write_tx(cx))).await;
