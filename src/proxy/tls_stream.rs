@@ -14,10 +14,10 @@
 //! worker runs its tasks in arrival order and polls for I/O only every 61 of them, so an
 //! established connection's byte waited behind all of them (28 ms at the 99th percentile,
 //! measured). A step that signs, agrees on a key or verifies first takes a turn (one per
-//! worker, in arrival order; the others wait outside the run queue) and then yields: the worker runs everything else runnable and polls
-//! for I/O before each step. That poll per step costs about 7% more CPU per new session; a
-//! cheaper variant (yielding every 200 µs of steps) left established connections twice the
-//! median delay (docs/benchmarks.md).
+//! worker, in arrival order; the others wait outside the run queue) and then yields: the worker
+//! runs everything else runnable and polls for I/O before each such step. That poll costs about
+//! 5% more CPU per new session; a cheaper variant (yielding every 200 µs of steps) left
+//! established connections twice the median delay (docs/benchmarks.md).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
