@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -16,16 +16,7 @@ use support::*;
 /// `GET /metrics` on the admin server: the sum of `harbormaster_connections_refused_total` samples whose
 /// `reason` label is `reason`.
 fn refused(admin: u16, reason: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let label = format!("reason=\"{reason}\"");
-    text.lines()
-        .filter(|l| l.starts_with("harbormaster_connections_refused_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&addr(admin), "harbormaster_connections_refused_total", &[("reason", reason)])
 }
 
 /// Whether harbormaster closes `s` without a byte (EOF or reset) within the wait.

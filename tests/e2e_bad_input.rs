@@ -24,24 +24,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections that open and never speak.
 const IDLE: usize = 5_000;
 
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, text)
-}
-
 /// `harbormaster_connections_closed_total{reason=...}`, summed over listeners.
 fn closed_metric(admin: u16, reason: &str) -> f64 {
-    let (_, text) = http_get(admin, "/metrics");
-    let label = format!("reason=\"{reason}\"");
-    text.lines()
-        .filter(|l| l.starts_with("harbormaster_connections_closed_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&addr(admin), "harbormaster_connections_closed_total", &[("reason", reason)])
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -362,7 +347,7 @@ bind = "127.0.0.1:{admin}"
     let state = std::fs::read_to_string(format!("/proc/{}/status", b.hm.pid())).unwrap_or_default();
     let state = state.lines().find(|l| l.starts_with("State:")).unwrap_or("").to_string();
     assert!(!state.is_empty() && !state.contains('Z'), "harbormaster is not running: {state:?}");
-    assert_eq!(http_get(b.admin, "/readyz").0, 200);
+    assert_eq!(http_get(&addr(b.admin), "/readyz").0, 200);
     // Memory back near its baseline: allocators keep some, so the bound is generous.
     let mut rss = 0;
     let back = wait_until(WAIT, || {

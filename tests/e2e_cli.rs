@@ -12,10 +12,6 @@ fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
 }
 
-fn output_text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn check(path: &Path) -> std::process::Output {
     harbormaster(&["check", "--config", path.to_str().unwrap()])
 }

@@ -6,8 +6,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -135,16 +135,6 @@ impl Drop for Killed {
     }
 }
 
-/// One GET over a fresh connection; the body.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
 /// A printed command line run by a shell, as a user pastes it.
 fn shell(line: &str) -> Command {
     require_program("mosquitto_sub");
@@ -174,10 +164,10 @@ fn demo_runs_printed_commands_shows_the_table_and_stops_on_sigint() {
 
     // Where the running process routes the two client-ids.
     let route: serde_json::Value =
-        serde_json::from_str(&http_get(&admin, "/route?client_id=demo-sub")).expect("/route is JSON");
+        serde_json::from_str(&http_get(&admin, "/route?client_id=demo-sub").1).expect("/route is JSON");
     let broker = route["broker"].as_str().expect("broker").to_string();
     let route_pub: serde_json::Value =
-        serde_json::from_str(&http_get(&admin, &format!("/route?client_id={pub_id}"))).expect("/route is JSON");
+        serde_json::from_str(&http_get(&admin, &format!("/route?client_id={pub_id}")).1).expect("/route is JSON");
     assert_eq!(route_pub["broker"], route["broker"], "the printed client-ids must share a broker");
     // The printed `harbormaster route` agrees with the running process.
     let route_line = demo.wait_line(" route --config ");
@@ -185,7 +175,7 @@ fn demo_runs_printed_commands_shows_the_table_and_stops_on_sigint() {
     assert!(out.status.success(), "{route_line}: {}", String::from_utf8_lossy(&out.stderr));
     let order: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
     let truck: serde_json::Value =
-        serde_json::from_str(&http_get(&admin, "/route?client_id=truck-42")).expect("/route is JSON");
+        serde_json::from_str(&http_get(&admin, "/route?client_id=truck-42").1).expect("/route is JSON");
     assert_eq!(order.len(), 3, "{order:?}");
     assert_eq!(truck["broker"].as_str(), Some(order[0].as_str()), "{route_line}");
 

@@ -139,26 +139,6 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// A complete packet at the start of `buf`, and its length on the wire.
-fn parse_packet(buf: &[u8]) -> Option<(Packet, usize)> {
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        len += (b as usize & 0x7f) * mult;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        mult *= 128;
-        assert!(i <= 4, "malformed remaining length: {}", hex(&buf[..i]));
-    }
-    let end = i + len;
-    let body = buf.get(i..end)?.to_vec();
-    Some((Packet { first: buf[0], body }, end))
-}
-
 impl Conn {
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.s.write_all(bytes)
@@ -167,7 +147,7 @@ impl Conn {
     /// The next packet; `None` when none completed within the read timeout.
     fn next(&mut self) -> io::Result<Option<Packet>> {
         loop {
-            if let Some((p, used)) = parse_packet(&self.buf) {
+            if let Some((p, used)) = mqtt::parse_packet(&self.buf) {
                 self.buf.drain(..used);
                 return Ok(Some(p));
             }
@@ -435,13 +415,8 @@ fn ids_staying_on(before: &Path, after: &Path, broker: &str, prefix: &str, n: us
 
 /// `preference` of `GET /route?client_id=ID` on the admin server.
 fn admin_route(admin: u16, client_id: &str) -> Vec<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET /route?client_id={client_id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("/route ({e}): {out}"));
+    let (_, body) = http_get(&addr(admin), &format!("/route?client_id={client_id}"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/route ({e}): {body}"));
     v["preference"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()).collect()
 }
 

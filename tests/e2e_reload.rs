@@ -17,19 +17,10 @@ use rustls_pki_types::pem::PemObject;
 use support::mqtt::{self, MqttVersion};
 use support::*;
 
-/// GET `path` from the admin server; the body.
-fn http_get(admin: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(admin).unwrap_or_else(|e| panic!("connect {admin}: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
 /// The value of one sample line of `/metrics` (exact name and labels), 0 when absent.
 fn metric(admin: &str, series: &str) -> f64 {
     http_get(admin, "/metrics")
+        .1
         .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
         .unwrap_or(0.0)
@@ -365,7 +356,7 @@ fn an_invalid_config_is_rejected_and_the_running_one_stays() {
     let landed = if b == "b1" { &m1 } else { &m2 };
     MqttClient::plain(port, MqttVersion::V311).publish_ok("steady", "t", "x");
     assert!(landed.wait_for_client("steady", 1), "steady did not land on {b}");
-    let backends = http_get(&admin, "/backends");
+    let backends = http_get(&admin, "/backends").1;
     assert!(backends.contains("\"b1\"") && backends.contains("\"b2\""), "{backends}");
 
     // SIGHUP with the file still invalid: rejected and counted again.

@@ -14,13 +14,9 @@ use support::*;
 
 fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = run_with_timeout(Command::new(require_program("openssl")).args(args).current_dir(dir), CMD_TIMEOUT);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = output_text(&out);
     assert!(out.status.success(), "openssl {args:?}:\n{text}");
     text
-}
-
-fn output_text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// An OpenSSL-made CA, a server certificate for `localhost` valid for 5 days, and an OCSP
@@ -144,7 +140,7 @@ bind = "127.0.0.1:{admin}"
     }
 
     // The expiry is a metric: alert on it rather than on the log line.
-    let metrics = http_body(admin, "/metrics");
+    let (_, metrics) = http_get(&addr(admin), "/metrics");
     let line = metrics
         .lines()
         .find(|l| l.starts_with("harbormaster_tls_certificate_expiry_seconds{"))
@@ -153,16 +149,6 @@ bind = "127.0.0.1:{admin}"
     let value: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((4 * 86_400..=5 * 86_400).contains(&(value - now)), "{line}");
-}
-
-fn http_body(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// A self-signed certificate for `localhost`, valid over the period given (days from now).

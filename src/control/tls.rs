@@ -52,10 +52,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// DNS names a certificate is valid for (subject alternative names).
-fn dns_names(der: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
+fn dns_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
@@ -70,13 +67,13 @@ fn dns_names(der: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// A certificate expiring within this many days is logged as a warning at every load.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
+const EXPIRY_WARNING_DAYS: i64 = 30;
 
 const DAY: i64 = 86_400;
 
 /// Where a certificate stands on its validity period at `now` (Unix seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Validity {
+enum Validity {
     Valid,
     /// Valid, but for fewer than [`EXPIRY_WARNING_DAYS`] more days (rounded down).
     ExpiresSoon {
@@ -90,7 +87,7 @@ pub enum Validity {
     },
 }
 
-pub fn validity(not_before: i64, not_after: i64, now: i64) -> Validity {
+fn validity(not_before: i64, not_after: i64, now: i64) -> Validity {
     if now > not_after {
         Validity::Expired { days_ago: (now - not_after) / DAY }
     } else if now < not_before {
@@ -110,15 +107,16 @@ pub struct Built {
     pub warnings: TlsProblems,
 }
 
-/// Checks the leaf's validity period: an expired certificate is a problem, one close to its
-/// end or not valid yet a warning. Returns its `notAfter` (Unix seconds).
-fn check_validity(
+/// Reads the leaf once: checks its validity period (an expired certificate is a problem, one
+/// close to its end or not valid yet a warning) and returns its `notAfter` (Unix seconds) and
+/// the DNS names it serves.
+fn inspect_leaf(
     der: &CertificateDer<'_>,
     path: &Path,
     at: &str,
     problems: &mut TlsProblems,
     warnings: &mut TlsProblems,
-) -> Option<i64> {
+) -> Option<(i64, Vec<String>)> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         problems.push((at.to_string(), format!("{}: the first certificate cannot be parsed", path.display())));
         return None;
@@ -145,7 +143,7 @@ fn check_validity(
             ),
         )),
     }
-    Some(not_after)
+    Some((not_after, dns_names(&cert)))
 }
 
 /// Build the server config, or every problem found.
@@ -174,8 +172,8 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
                 continue;
             }
         };
-        let Some(not_after) =
-            check_validity(&chain[0], &cert_path, &format!("certs[{i}].cert"), &mut problems, &mut warnings)
+        let Some((not_after, names)) =
+            inspect_leaf(&chain[0], &cert_path, &format!("certs[{i}].cert"), &mut problems, &mut warnings)
         else {
             continue;
         };
@@ -208,7 +206,7 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
         match CertifiedKey::from_der(chain, key, &provider) {
             Ok(mut ck) => {
                 ck.ocsp = ocsp;
-                keys.push(Arc::new(ck));
+                keys.push((Arc::new(ck), names));
                 cert_expiry.push((pair.cert.clone(), not_after));
             }
             Err(e) => problems.push((
@@ -261,8 +259,8 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
 
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
-    for k in &keys {
-        for name in dns_names(&k.cert[0]) {
+    for (k, names) in &keys {
+        for name in names.iter().cloned() {
             // The first pair naming a host wins, like the order of `certs` suggests.
             match name.strip_prefix("*.") {
                 Some(parent) => wildcard.entry(parent.to_string()).or_insert_with(|| k.clone()),
@@ -270,7 +268,7 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
             };
         }
     }
-    let resolver = SniResolver { exact, wildcard, default: keys[0].clone() };
+    let resolver = SniResolver { exact, wildcard, default: keys[0].0.clone() };
 
     let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

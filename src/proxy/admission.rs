@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -152,13 +151,15 @@ impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
 #[derive(Debug)]
 pub struct Admission {
     handshakes: Mutex<Option<Bucket>>,
-    queued: AtomicUsize,
-    /// `queued`, exported (`harbormaster_handshake_queue`).
-    queued_gauge: prometheus::IntGauge,
+    /// Connections waiting for a handshake token: the exported gauge
+    /// (`harbormaster_handshake_queue`) is the count itself.
+    queued: prometheus::IntGauge,
     sources: Mutex<Bounded<IpAddr, Bucket>>,
     flaps: Mutex<Bounded<u64, Flap>>,
 }
 
+/// Tests' admission state, its queue gauge registered nowhere.
+#[cfg(test)]
 impl Default for Admission {
     fn default() -> Self {
         Admission::new(prometheus::IntGauge::new("handshake_queue", "unregistered").expect("valid metric"))
@@ -166,12 +167,11 @@ impl Default for Admission {
 }
 
 impl Admission {
-    /// `queued_gauge` follows the length of the handshake queue.
-    pub fn new(queued_gauge: prometheus::IntGauge) -> Admission {
+    /// `queued` counts the connections in the handshake queue.
+    pub fn new(queued: prometheus::IntGauge) -> Admission {
         Admission {
             handshakes: Mutex::new(None),
-            queued: AtomicUsize::new(0),
-            queued_gauge,
+            queued,
             sources: Mutex::new(Bounded::new()),
             flaps: Mutex::new(Bounded::new()),
         }
@@ -183,15 +183,14 @@ struct Queued<'a>(&'a Admission);
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
-        self.0.queued_gauge.dec();
+        self.0.queued.dec();
     }
 }
 
 impl Admission {
     /// Connections waiting for a handshake token now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        usize::try_from(self.queued.get()).unwrap_or(0)
     }
 
     /// How long to wait before this connection's TLS handshake may start, having reserved
@@ -211,7 +210,7 @@ impl Admission {
             bucket.tokens -= 1.0;
             return Ok(Duration::ZERO);
         }
-        if self.queued.load(Ordering::Relaxed) >= lim.handshake_queue {
+        if self.queued() >= lim.handshake_queue {
             return Err(Refused::HandshakeQueueFull);
         }
         let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / f64::from(rate));
@@ -220,8 +219,7 @@ impl Admission {
         }
         // Tokens go negative: the debt is what the connections queued before this one took.
         bucket.tokens -= 1.0;
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        self.queued_gauge.inc();
+        self.queued.inc();
         Ok(wait)
     }
 

@@ -617,9 +617,8 @@ mod tests {
         }
     }
 
-    /// Many handshakes at once through one turn: each completes, in a runtime with one worker
-    /// and with several, and the session tickets a finished handshake holds back go out when
-    /// the client is next waited for.
+    /// Many handshakes at once through one turn: each completes and then carries data both
+    /// ways, in a runtime with one worker and with several, and every turn is given back.
     #[test]
     fn handshakes_taking_turns_all_complete() {
         for workers in [1, 2] {

@@ -63,6 +63,42 @@ pub fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// One `GET path` over a fresh connection to `addr` (`IP:PORT`): the status and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The sum of the samples of `name` in the admin server's `/metrics` whose labels include
+/// every `(label, value)` of `labels`; 0 when there are none.
+pub fn metric_sum(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, text) = http_get(admin, "/metrics");
+    assert_eq!(status, 200, "/metrics: {text}");
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = match series.strip_prefix(name)? {
+                "" => "",
+                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
+            };
+            let have: Vec<&str> = labels.split(',').collect();
+            wanted.iter().all(|w| have.contains(&w.as_str())).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A finished command's stdout and stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 /// Polls `f` every 50 ms until it returns true or `timeout` passes. Returns the last result.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -217,24 +217,36 @@ impl Packet {
             i += 2;
         }
         if version.is_v5() {
-            let (plen, used) = get_varint(&b[i..]);
+            let (plen, used) = get_varint(&b[i..]).expect("a complete property length");
             i += used + plen;
         }
         (topic, b[i..].to_vec())
     }
 }
 
-fn get_varint(b: &[u8]) -> (usize, usize) {
+/// A variable byte integer at the start of `b`: its value and its length; `None` while it is
+/// incomplete. Panics past 4 bytes (malformed).
+fn get_varint(b: &[u8]) -> Option<(usize, usize)> {
     let mut n = 0usize;
     let mut mult = 1usize;
-    for (i, byte) in b.iter().enumerate().take(4) {
+    for (i, byte) in b.iter().enumerate() {
+        assert!(i < 4, "malformed variable byte integer: {}", super::hex(&b[..5]));
         n += (*byte as usize & 0x7f) * mult;
         if byte & 0x80 == 0 {
-            return (n, i + 1);
+            return Some((n, i + 1));
         }
         mult *= 128;
     }
-    (n, b.len().min(4))
+    None
+}
+
+/// A complete packet at the start of `buf` and its length on the wire; `None` while it is
+/// incomplete (for clients that keep their own receive buffer).
+pub fn parse_packet(buf: &[u8]) -> Option<(Packet, usize)> {
+    let (len, used) = get_varint(buf.get(1..)?)?;
+    let end = 1 + used + len;
+    let body = buf.get(1 + used..end)?.to_vec();
+    Some((Packet { first: buf[0], body }, end))
 }
 
 /// Reads one packet. `Ok(None)` on a clean EOF before its first byte.
