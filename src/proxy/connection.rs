@@ -26,6 +26,7 @@ use super::registry::{CloseCause, Registration, Registry};
 use super::relay::{self, Ended};
 use super::snapshot::{ListenerSpec, Snapshot};
 use super::tls_stream::TlsServerStream;
+use super::turns::Turns;
 use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
 
 /// State shared by every connection of the process.
@@ -38,8 +39,8 @@ pub struct Shared {
     pub conns: Arc<Registry>,
     /// Handshake token bucket, per-source buckets, flapping client-ids.
     pub admission: Admission,
-    /// Turns for TLS handshake steps, one per runtime worker (`tls_stream` module docs).
-    pub handshake_turns: tokio::sync::Semaphore,
+    /// Turns for TLS handshake steps while established connections have traffic.
+    pub turns: Turns,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -57,8 +58,8 @@ impl Shared {
         let conns = Arc::new(Registry::new(hard_stop.clone()));
         let admission = Admission::new(metrics.handshake_queue.clone());
         let workers = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).unwrap_or(1);
-        let handshake_turns = tokio::sync::Semaphore::new(workers.max(1));
-        Shared { metrics, hard_stop, conns, admission, handshake_turns, prefix, next_id: AtomicU64::new(1) }
+        let turns = Turns::new(workers);
+        Shared { metrics, hard_stop, conns, admission, turns, prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {
@@ -402,7 +403,7 @@ async fn setup(
             let handshake = Instant::now();
             let tls = match tokio::time::timeout_at(
                 deadline,
-                TlsServerStream::accept(cfg.clone(), stream, Some(&shared.handshake_turns)),
+                TlsServerStream::accept(cfg.clone(), stream, Some(&shared.turns)),
             )
             .await
             {
@@ -688,16 +689,15 @@ async fn serve(
 /// `broker_connect_attempts_total` and a text for logs.
 async fn attempt(shared: &Shared, pool: &Pool, b: &Backend, first: &[u8]) -> Result<TcpStream, (&'static str, String)> {
     let dial = Instant::now();
-    let mut s = match tokio::time::timeout(pool.backend_connect_timeout, TcpStream::connect(b.addr)).await {
+    let (mut s, sent) = match tokio::time::timeout(pool.backend_connect_timeout, connect_sending(b.addr, first)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err((dial_error_outcome(&e), e.to_string())),
         Err(_) => return Err(("timeout", "timed out".to_string())),
     };
     let elapsed = dial.elapsed().as_secs_f64();
     shared.metrics.broker_connect_seconds.with_label_values(&[&pool.name, &b.name]).observe(elapsed);
-    let _ = s.set_nodelay(true);
     let answered = tokio::time::timeout(pool.backend_connack_timeout, async {
-        s.write_all(first).await?;
+        s.write_all(&first[sent..]).await?;
         s.readable().await
     })
     .await;
@@ -706,6 +706,42 @@ async fn attempt(shared: &Shared, pool: &Pool, b: &Backend, first: &[u8]) -> Res
         Ok(Err(e)) => Err(("error", format!("writing CONNECT: {e}"))),
         Err(_) => Err(("connack_timeout", format!("no answer to CONNECT within {:?}", pool.backend_connack_timeout))),
     }
+}
+
+/// TCP connect to `addr` (no Nagle) that sends what it can of `first` at once when the
+/// connection is already up, as it is on return from `connect` for a broker on the same host:
+/// that spares a wait for writability and an `SO_ERROR` query per connection. Otherwise it
+/// waits for the connection like `TcpStream::connect`. Returns the stream and how many bytes
+/// of `first` it sent.
+async fn connect_sending(addr: SocketAddr, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    use std::io::Write;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let std = std::net::TcpStream::from(sock);
+    // A socket still connecting refuses the send with EAGAIN; a refused connection reports
+    // its error here.
+    let sent = match (&std).write(first) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(std)?;
+    if sent == 0 {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok((stream, sent))
 }
 
 /// Relay until both sides are done, counting bytes as they flow so long-lived connections
@@ -720,13 +756,74 @@ async fn relay_phase(
     let up = shared.metrics.bytes.with_label_values(&[listener, "client_to_broker"]);
     let down = shared.metrics.bytes.with_label_values(&[listener, "broker_to_client"]);
     up.inc_by(facts.up);
-    let (ended, totals, err) =
-        relay::relay(&mut CountReads::new(&mut est.client, up), &mut CountReads::new(&mut est.upstream, down), linger)
-            .await;
+    let started = std::time::Instant::now();
+    let (ended, totals, err) = relay::relay(
+        &mut CountReads::new(&mut est.client, up),
+        &mut CountReads::new(&mut est.upstream, down),
+        linger,
+        || shared.turns.note_traffic(started),
+    )
+    .await;
     facts.up += totals.up;
     facts.down = totals.down;
     if let Some(e) = err {
         facts.detail = Some(e.to_string());
     }
     Reason::Relayed(ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn listener(backlog: i32) -> TcpListener {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.listen(backlog).unwrap();
+        s.into()
+    }
+
+    #[tokio::test]
+    async fn connect_sending_sends_at_once_on_a_connection_already_up() {
+        let l = listener(16);
+        let (s, sent) = connect_sending(l.local_addr().unwrap(), b"hello").await.unwrap();
+        assert_eq!(sent, 5, "loopback connections are up when connect returns");
+        assert!(s.nodelay().unwrap());
+        let mut got = [0u8; 5];
+        l.accept().unwrap().0.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    /// With the listener's accept queue full the SYN is dropped, so the connection is still
+    /// being set up when `connect` returns: nothing is sent then, and the connection completes
+    /// once the queue has room (the SYN is sent again after a second).
+    #[tokio::test]
+    async fn connect_sending_waits_for_a_connection_still_being_set_up() {
+        let l = listener(0);
+        let addr = l.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(addr).unwrap();
+        let (mut s, sent) = {
+            let dial = tokio::spawn(async move { connect_sending(addr, b"hello").await });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(!dial.is_finished(), "the connection cannot be up while the queue is full");
+            let first = l.accept().unwrap().0;
+            let r = dial.await.unwrap().unwrap();
+            drop(first);
+            r
+        };
+        assert_eq!(sent, 0);
+        s.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        l.accept().unwrap().0.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn connect_sending_reports_a_refused_connection() {
+        let addr = listener(1).local_addr().unwrap(); // dropped: nothing listens there
+        let e = connect_sending(addr, b"hello").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
 }

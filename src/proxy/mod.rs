@@ -13,3 +13,4 @@ pub mod registry;
 pub mod relay;
 pub mod snapshot;
 pub mod tls_stream;
+pub mod turns;

@@ -150,9 +150,15 @@ pub struct Totals {
 
 /// Relay until both directions have ended or one fails. Once one direction has ended, the
 /// other must move a byte at least every `linger`, or the relay ends with
-/// [`Ended::HalfCloseTimeout`]. Returns how it ended and the bytes moved; on error, bytes
-/// already accepted on the healthy side have been written.
-pub async fn relay<C, B>(client: &mut C, broker: &mut B, linger: Duration) -> (Ended, Totals, Option<io::Error>)
+/// [`Ended::HalfCloseTimeout`]. `moved` is called after each wake-up that moved bytes.
+/// Returns how it ended and the bytes moved; on error, bytes already accepted on the healthy
+/// side have been written.
+pub async fn relay<C, B>(
+    client: &mut C,
+    broker: &mut B,
+    linger: Duration,
+    mut moved: impl FnMut(),
+) -> (Ended, Totals, Option<io::Error>)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -163,6 +169,7 @@ where
     let mut linger_timer: Option<Pin<Box<Sleep>>> = None;
     let mut seen = (0u64, 0u64);
     let res = poll_fn(|cx| {
+        let before = up.bytes + down.bytes;
         // Both directions are polled on every wake-up so one blocked direction never stalls
         // the other; an error is attributed to the side whose operation failed. Broker to
         // client first: the relay starts with the broker's CONNACK waiting, and a TLS client
@@ -180,6 +187,9 @@ where
                 Fail::Read(e) => (Ended::ClientError, e),
                 Fail::Write(e) => (Ended::BrokerError, e),
             }));
+        }
+        if up.bytes + down.bytes != before {
+            moved();
         }
         if u.is_ready() && d.is_ready() {
             return Poll::Ready(Ok(()));
@@ -226,7 +236,7 @@ mod tests {
     async fn a_half_closed_relay_ends_when_the_other_side_stays_silent() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (_broker, mut broker_end) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER).await });
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER, || {}).await });
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
         // The broker never answers nor closes: with time paused, the runtime jumps to the
@@ -241,7 +251,7 @@ mod tests {
     async fn relays_both_ways_and_forwards_half_close() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER).await });
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER, || {}).await });
 
         let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();

@@ -9,15 +9,9 @@
 //! TCP EOF without one is `UnexpectedEof`, shutdown sends close_notify and then a FIN, and a
 //! failed handshake sends its alert before the error is returned.
 //!
-//! Handshake steps take turns ([`TlsServerStream::accept`]): in a reconnect storm hundreds of
-//! handshakes are runnable at once, each step tens of microseconds of signing, and a runtime
-//! worker runs its tasks in arrival order and polls for I/O only every 61 of them, so an
-//! established connection's byte waited behind all of them (28 ms at the 99th percentile,
-//! measured). A step that signs, agrees on a key or verifies first takes a turn (one per
-//! worker, in arrival order; the others wait outside the run queue) and then yields: the worker
-//! runs everything else runnable and polls for I/O before each such step. That poll costs about
-//! 5% more CPU per new session; a cheaper variant (yielding every 200 µs of steps) left
-//! established connections twice the median delay (docs/benchmarks.md).
+//! Handshake steps that sign, agree on a key or verify take turns ([`super::turns`]) while
+//! established connections have traffic, so that traffic is not queued behind a storm of
+//! handshakes.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -30,7 +24,8 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError};
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+
+use super::turns::Turns;
 
 /// One socket read at most: a full TLS record with its header and tag, rounded up.
 const READ_SIZE: usize = 18 * 1024;
@@ -85,10 +80,9 @@ fn release(v: &mut Vec<u8>) {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
-    /// Runs the server handshake over `io`. With `turns`, each step that processes new bytes
-    /// (the ClientHello costs a signature and a key exchange) first takes a permit, in arrival
-    /// order, and yields once before using it (module docs); size it to the worker threads.
-    pub async fn accept(config: Arc<ServerConfig>, io: IO, turns: Option<&Semaphore>) -> io::Result<Self> {
+    /// Runs the server handshake over `io`. With `turns`, each expensive step (the
+    /// ClientHello costs a signature and a key exchange) first takes a turn ([`Turns::take`]).
+    pub async fn accept(config: Arc<ServerConfig>, io: IO, turns: Option<&Turns>) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
         let mut s = TlsServerStream {
             io,
@@ -115,14 +109,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
             let tls12 = s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
             let heavy = !s.rx.is_empty() && (first || tls12 || s.rx.len() > HEAVY_INPUT);
             let turn = match turns {
-                Some(t) if heavy => {
-                    // Never closed; without a permit the step just runs.
-                    let permit = t.acquire().await.ok();
-                    // Resumes once the worker has run everything else runnable and polled
-                    // for I/O.
-                    tokio::task::yield_now().await;
-                    permit
-                }
+                Some(t) if heavy => t.take().await,
                 _ => None,
             };
             let processed = s.process(None);
@@ -625,7 +612,8 @@ mod tests {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
             rt.block_on(async {
                 let (server_cfg, client_cfg) = configs();
-                let turns = Arc::new(Semaphore::new(1));
+                let turns = Arc::new(Turns::new(1));
+                turns.protect_now();
                 let mut tasks = Vec::new();
                 for _ in 0..32 {
                     let (server_cfg, client_cfg, turns) = (server_cfg.clone(), client_cfg.clone(), turns.clone());
@@ -649,7 +637,7 @@ mod tests {
                 for t in tasks {
                     t.await.unwrap();
                 }
-                assert_eq!(turns.available_permits(), 1);
+                assert_eq!(turns.available(), 1);
             });
         }
     }
