@@ -252,14 +252,16 @@ impl Established {
 }
 
 /// Handle one accepted connection to its end, then log it. `conn` is its entry in
-/// `shared.conns`, through which the control plane may close it.
-pub async fn handle(
+/// `shared.conns`, through which the control plane may close it; `held` (its place under the
+/// connection limits) is dropped at the end.
+pub async fn handle<H: Send>(
     shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
     spec: Arc<ListenerSpec>,
     tcp: TcpStream,
     peer: SocketAddr,
     conn: Registration,
+    held: H,
 ) {
     let started = Instant::now();
     let conn_id = shared.conn_id();
@@ -291,6 +293,7 @@ pub async fn handle(
         Err(reason) => reason,
     };
     drop(conn);
+    drop(held);
     active.dec();
     if reason.refused() {
         m.refused.with_label_values(&[&spec.name, reason.as_str(), connack_label(facts.connack)]).inc();

@@ -96,11 +96,9 @@ pub async fn serve(
         let held = Held(held.clone());
         let conn = shared.conns.register();
         let shared = shared.clone();
-        tracker.spawn(async move {
-            connection::handle(shared, snapshot, spec, tcp, peer, conn).await;
-            drop(permit);
-            drop(held);
-        });
+        // The connection future itself, not wrapped in another async block: a wrapper would
+        // keep a second copy of every argument for the connection's whole life.
+        tracker.spawn(connection::handle(shared, snapshot, spec, tcp, peer, conn, (permit, held)));
     }
 }
 

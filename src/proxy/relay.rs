@@ -5,7 +5,6 @@
 //! write side of the other, and the other direction keeps flowing until it ends too.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -151,59 +150,84 @@ pub struct Totals {
 /// Relay until both directions have ended or one fails. Once one direction has ended, the
 /// other must move a byte at least every `linger`, or the relay ends with
 /// [`Ended::HalfCloseTimeout`]. `moved` is called after each wake-up that moved bytes.
-/// Returns how it ended and the bytes moved; on error, bytes already accepted on the healthy
-/// side have been written.
-pub async fn relay<C, B>(
-    client: &mut C,
-    broker: &mut B,
-    linger: Duration,
-    mut moved: impl FnMut(),
-) -> (Ended, Totals, Option<io::Error>)
+/// Resolves to how it ended and the bytes moved; on error, bytes already accepted on the
+/// healthy side have been written.
+pub fn relay<'a, C, B, F>(client: &'a mut C, broker: &'a mut B, linger: Duration, moved: F) -> Relay<'a, C, B, F>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: FnMut() + Unpin,
 {
-    let mut up = Half::default();
-    let mut down = Half::default();
-    // Only exists once half-closed, so a connection relaying both ways holds no timer.
-    let mut linger_timer: Option<Pin<Box<Sleep>>> = None;
-    let mut seen = (0u64, 0u64);
-    let res = poll_fn(|cx| {
-        let before = up.bytes + down.bytes;
+    Relay {
+        client,
+        broker,
+        up: Half::default(),
+        down: Half::default(),
+        linger,
+        linger_timer: None,
+        seen: (0, 0),
+        moved,
+    }
+}
+
+/// The future of [`relay`]. Written out rather than an `async fn`: it is part of every idle
+/// connection's task, and a generator would keep its arguments and the references its
+/// closure captures besides these fields.
+pub struct Relay<'a, C: ?Sized, B: ?Sized, F> {
+    client: &'a mut C,
+    broker: &'a mut B,
+    up: Half,
+    down: Half,
+    linger: Duration,
+    /// Only exists once half-closed, so a connection relaying both ways holds no timer.
+    linger_timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes moved when the linger timer was last set.
+    seen: (u64, u64),
+    moved: F,
+}
+
+impl<C, B, F> Relay<'_, C, B, F>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: FnMut() + Unpin,
+{
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (Ended, io::Error)>> {
+        let before = self.up.bytes + self.down.bytes;
         // Both directions are polled on every wake-up so one blocked direction never stalls
         // the other; an error is attributed to the side whose operation failed. Broker to
         // client first: the relay starts with the broker's CONNACK waiting, and a TLS client
         // stream sends what it owes (session tickets) with it rather than alone before it.
-        let d = down.poll_copy(cx, Pin::new(&mut *broker), Pin::new(&mut *client));
+        let d = self.down.poll_copy(cx, Pin::new(&mut *self.broker), Pin::new(&mut *self.client));
         if let Poll::Ready(Err(f)) = d {
             return Poll::Ready(Err(match f {
                 Fail::Read(e) => (Ended::BrokerError, e),
                 Fail::Write(e) => (Ended::ClientError, e),
             }));
         }
-        let u = up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *broker));
+        let u = self.up.poll_copy(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.broker));
         if let Poll::Ready(Err(f)) = u {
             return Poll::Ready(Err(match f {
                 Fail::Read(e) => (Ended::ClientError, e),
                 Fail::Write(e) => (Ended::BrokerError, e),
             }));
         }
-        if up.bytes + down.bytes != before {
-            moved();
+        if self.up.bytes + self.down.bytes != before {
+            (self.moved)();
         }
         if u.is_ready() && d.is_ready() {
             return Poll::Ready(Ok(()));
         }
         if u.is_ready() || d.is_ready() {
-            let moved = (up.bytes, down.bytes);
-            let deadline = Instant::now() + linger;
-            match &mut linger_timer {
-                Some(t) if moved != seen => t.as_mut().reset(deadline),
+            let moved = (self.up.bytes, self.down.bytes);
+            let deadline = Instant::now() + self.linger;
+            match &mut self.linger_timer {
+                Some(t) if moved != self.seen => t.as_mut().reset(deadline),
                 Some(_) => {}
-                None => linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                None => self.linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
-            seen = moved;
-            if let Some(t) = &mut linger_timer {
+            self.seen = moved;
+            if let Some(t) = &mut self.linger_timer {
                 if t.as_mut().poll(cx).is_ready() {
                     let e = io::Error::new(io::ErrorKind::TimedOut, "half-closed connection idle too long");
                     return Poll::Ready(Err((Ended::HalfCloseTimeout, e)));
@@ -211,17 +235,30 @@ where
             }
         }
         Poll::Pending
-    })
-    .await;
-    for half in [&mut up, &mut down] {
-        if let Some(buf) = half.buf.take() {
-            give_buf(buf);
-        }
     }
-    let totals = Totals { up: up.bytes, down: down.bytes };
-    match res {
-        Ok(()) => (Ended::Clean, totals, None),
-        Err((side, e)) => (side, totals, Some(e)),
+}
+
+impl<C, B, F> Future for Relay<'_, C, B, F>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: FnMut() + Unpin,
+{
+    type Output = (Ended, Totals, Option<io::Error>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let res = ready!(this.step(cx));
+        for half in [&mut this.up, &mut this.down] {
+            if let Some(buf) = half.buf.take() {
+                give_buf(buf);
+            }
+        }
+        let totals = Totals { up: this.up.bytes, down: this.down.bytes };
+        Poll::Ready(match res {
+            Ok(()) => (Ended::Clean, totals, None),
+            Err((side, e)) => (side, totals, Some(e)),
+        })
     }
 }
 
@@ -282,7 +319,7 @@ mod tests {
         let (_broker, mut broker_end) = tokio::io::duplex(64);
         let mut up = Half::default();
         let mut down = Half::default();
-        poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
             assert!(up.poll_copy(cx, Pin::new(&mut client_end), Pin::new(&mut broker_end)).is_pending());
             assert!(down.poll_copy(cx, Pin::new(&mut broker_end), Pin::new(&mut client_end)).is_pending());
             Poll::Ready(())

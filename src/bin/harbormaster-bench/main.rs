@@ -125,6 +125,10 @@ mod tests {
 
     /// What one connection's task holds for its whole life beyond its sockets and TLS state:
     /// the future of `connection::handle` (setup is boxed, so this is mostly the relay phase).
+    /// tokio's task cell adds ~110 B of header and trailer and is 128-byte aligned, which the
+    /// allocator serves from the next size class up: a future of at most 1,280 B (with the
+    /// listener's 24 B connection-limit guard) keeps the task in the 1,536 B class; 1,408 B
+    /// would take 1,792 B, 256 B more per connection (docs/benchmarks.md, M1).
     #[tokio::test]
     async fn connection_task_size() {
         let cfg = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:1\"]\n[admin]\nenabled = false\n";
@@ -136,9 +140,12 @@ mod tests {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let peer = c.local_addr().unwrap();
         let conn = shared.conns.register();
-        let fut = handle(shared.clone(), snapshot, spec, c, peer, conn);
+        let guard = [0u8; 24];
+        let fut = handle(shared.clone(), snapshot, spec, c, peer, conn, guard);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection task future: {size} bytes");
-        assert!(size < 4096, "{size}");
+        // Unoptimized builds (the test suite's) lay futures out larger: 1,320 B for 1,248 B.
+        let limit = if cfg!(debug_assertions) { 1408 } else { 1280 };
+        assert!(size <= limit, "{size} > {limit}");
     }
 }
