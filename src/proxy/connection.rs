@@ -275,18 +275,36 @@ pub async fn handle<H: Send>(
     };
     // Setting up (PROXY header, TLS handshake, CONNECT, dialing) needs several times the state
     // relaying does; boxed, that state is freed before the connection idles instead of staying
-    // part of this task for its whole life. Two selects rather than one around both phases keep
-    // the setup's captures out of the relaying task: 128 B less, one allocator size class lower
-    // for the task (256 B per connection, docs/benchmarks.md).
+    // part of this task for its whole life. Two selects rather than one around both phases, and
+    // the relay awaited here rather than in a function of its own, keep copies of arguments and
+    // captures out of the relaying task: an idle connection's task is ~1 KB (the size test in
+    // harbormaster-bench says why every 128 B counts).
     let setup = tokio::select! {
         r = Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts)) => r,
         cause = conn.closed() => Err(closed(cause)),
     };
     let reason = match setup {
-        Ok(est) => {
+        Ok(mut est) => {
             conn.set_backend(&est.backend().stats);
+            // Relay until both sides are done, counting bytes as they flow so long-lived
+            // connections move the counters.
+            let up = m.bytes.with_label_values(&[&spec.name, "client_to_broker"]);
+            let down = m.bytes.with_label_values(&[&spec.name, "broker_to_client"]);
+            up.inc_by(facts.up);
+            let relaying = Instant::now();
+            let turns = &shared.turns;
+            let mut client = CountReads::new(&mut est.client, up);
+            let mut upstream = CountReads::new(&mut est.upstream, down);
+            let linger = snapshot.limits.half_close_timeout;
             tokio::select! {
-                r = relay_phase(&shared, &spec.name, est, snapshot.limits.half_close_timeout, &mut facts) => r,
+                (ended, totals, err) = relay::relay(&mut client, &mut upstream, linger, || turns.note_traffic(relaying)) => {
+                    facts.up += totals.up;
+                    facts.down = totals.down;
+                    if let Some(e) = err {
+                        facts.detail = Some(e.to_string());
+                    }
+                    Reason::Relayed(ended)
+                }
                 cause = conn.closed() => closed(cause),
             }
         }
@@ -750,34 +768,6 @@ async fn connect_sending(addr: SocketAddr, first: &[u8]) -> io::Result<(TcpStrea
         }
     }
     Ok((stream, sent))
-}
-
-/// Relay until both sides are done, counting bytes as they flow so long-lived connections
-/// move the counters.
-async fn relay_phase(
-    shared: &Shared,
-    listener: &str,
-    mut est: Established,
-    linger: Duration,
-    facts: &mut Facts,
-) -> Reason {
-    let up = shared.metrics.bytes.with_label_values(&[listener, "client_to_broker"]);
-    let down = shared.metrics.bytes.with_label_values(&[listener, "broker_to_client"]);
-    up.inc_by(facts.up);
-    let started = std::time::Instant::now();
-    let (ended, totals, err) = relay::relay(
-        &mut CountReads::new(&mut est.client, up),
-        &mut CountReads::new(&mut est.upstream, down),
-        linger,
-        || shared.turns.note_traffic(started),
-    )
-    .await;
-    facts.up += totals.up;
-    facts.down = totals.down;
-    if let Some(e) = err {
-        facts.detail = Some(e.to_string());
-    }
-    Reason::Relayed(ended)
 }
 
 #[cfg(test)]
