@@ -234,25 +234,6 @@ impl Drop for Spawned {
     }
 }
 
-fn broker_list(brokers: &[(&str, &Mosquitto)]) -> String {
-    brokers
-        .iter()
-        .map(|(name, m)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(m.addr())))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The broker (by name) whose mosquitto logged `client_id`, waiting for it to appear.
-fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'a str {
-    let mut found = Vec::new();
-    wait_until(WAIT, || {
-        found = brokers.iter().filter(|(_, m)| m.has_client(client_id)).map(|(n, _)| *n).collect();
-        !found.is_empty()
-    });
-    assert_eq!(found.len(), 1, "{client_id:?} connected to {found:?}");
-    found[0]
-}
-
 // ---------------------------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------------------------
@@ -288,8 +269,8 @@ drain_timeout = "60s"
 [admin]
 bind = "127.0.0.1:0"
 "#,
-        a = broker_list(&[("a0", &a0), ("a1", &a1)]),
-        b = broker_list(&[("b0", &b0)]),
+        a = named_backends(&[("a0", &a0), ("a1", &a1)]),
+        b = named_backends(&[("b0", &b0)]),
     );
     let load = || harbormaster::control::config::load_str(&config, Path::new(".")).expect("valid config");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -519,7 +500,7 @@ proxy_protocol = "v2"
 bind = "127.0.0.1:{admin_port}"
 "#,
         tls_toml = certs.listener_tls_toml("none"),
-        brokers = broker_list(&brokers),
+        brokers = named_backends(&brokers),
         recorder = toml_str(recorder.addr()),
     ));
     let admin = addr(admin_port);
@@ -681,7 +662,7 @@ backends = [{list}]
 [admin]
 bind = "127.0.0.1:{admin_port}"
 "#,
-        list = broker_list(&list),
+        list = named_backends(&list),
     ));
     let admin = addr(admin_port);
     let client = MqttClient::plain(port, MqttVersion::V311);

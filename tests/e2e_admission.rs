@@ -159,9 +159,12 @@ fn closed_without_a_byte_quickly(s: &mut TcpStream) -> bool {
 fn handshakes_over_the_rate_wait_in_a_bounded_queue_and_the_rest_is_closed_before_tls() {
     let backend = RecordingBackend::start();
     let certs = Certs::new();
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&format!(
-        r#"
+    // A TLS listener with these `[limits]`, three connections at once: how many are closed
+    // without a TLS byte, and the close reason logged and counted.
+    let run = |limits: &str, closed_range: std::ops::RangeInclusive<usize>, reason: &str| {
+        let (port, admin) = (free_port(), free_port());
+        let hm = Harbormaster::start(&format!(
+            r#"
 [[listener]]
 name = "mqtts"
 bind = "127.0.0.1:{port}"
@@ -169,64 +172,35 @@ pool = "brokers"
 {tls}
 [pool.brokers]
 backends = ["{backend}"]
-proxy_protocol = "none"
 
 [limits]
-connect_timeout = "60s"
-handshake_rate = 1
-handshake_queue = 1
-handshake_queue_timeout = "30s"
+{limits}
 
 [admin]
 bind = "127.0.0.1:{admin}"
 "#,
-        tls = certs.listener_tls_toml("none"),
-        backend = backend.addr()
-    ));
+            tls = certs.listener_tls_toml("none"),
+            backend = backend.addr()
+        ));
+        let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port)).collect();
+        let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
+        assert!(closed_range.contains(&closed), "{reason}: {closed} closed\n{}", hm.log());
+        hm.wait_connection_log("close_reason", reason).expect("no log line");
+        assert!(wait_until(WAIT, || refused(admin, reason) >= 1.0), "{reason}: {}", refused(admin, reason));
+    };
     // One gets a token at once (unless the start-up probe's handshake took it), one waits
     // about a second in the queue, and for the rest the queue (of 1) is full: closed at once
     // without a TLS byte. Which is which is up to the order the runtime runs their tasks in.
-    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port)).collect();
-    let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
-    assert!((1..=2).contains(&closed), "{closed} closed\n{}", hm.log());
-    hm.wait_connection_log("close_reason", "handshake_queue_full").expect("no log line");
-    assert!(
-        wait_until(WAIT, || refused(admin, "handshake_queue_full") >= 1.0),
-        "handshake_queue_full: {}",
-        refused(admin, "handshake_queue_full")
+    run(
+        "connect_timeout = \"60s\"\nhandshake_rate = 1\nhandshake_queue = 1\nhandshake_queue_timeout = \"30s\"",
+        1..=2,
+        "handshake_queue_full",
     );
-
     // With a queue deadline shorter than the wait, excess is closed at once too.
-    let (port2, admin2) = (free_port(), free_port());
-    let hm2 = Harbormaster::start(&format!(
-        r#"
-[[listener]]
-name = "mqtts"
-bind = "127.0.0.1:{port2}"
-pool = "brokers"
-{tls}
-[pool.brokers]
-backends = ["{backend}"]
-
-[limits]
-handshake_rate = 1
-handshake_queue = 100
-handshake_queue_timeout = "100ms"
-
-[admin]
-bind = "127.0.0.1:{admin2}"
-"#,
-        tls = certs.listener_tls_toml("none"),
-        backend = backend.addr()
-    ));
-    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port2)).collect();
-    let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
-    assert!((2..=3).contains(&closed), "{closed} closed\n{}", hm2.log());
-    hm2.wait_connection_log("close_reason", "handshake_queue_timeout").expect("no log line");
-    assert!(
-        wait_until(WAIT, || refused(admin2, "handshake_queue_timeout") >= 1.0),
-        "handshake_queue_timeout: {}",
-        refused(admin2, "handshake_queue_timeout")
+    run(
+        "handshake_rate = 1\nhandshake_queue = 100\nhandshake_queue_timeout = \"100ms\"",
+        2..=3,
+        "handshake_queue_timeout",
     );
 }
 

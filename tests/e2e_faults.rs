@@ -13,34 +13,6 @@ use serde_json::Value;
 use support::mqtt::{self, MqttVersion};
 use support::*;
 
-fn broker_list(brokers: &[(&str, String)]) -> String {
-    brokers
-        .iter()
-        .map(|(name, addr)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(addr)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn config(port: u16, admin: u16, brokers: &[(&str, String)], pool_extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = [{list}]
-proxy_protocol = "none"
-{pool_extra}
-
-[admin]
-bind = "127.0.0.1:{admin}"
-"#,
-        list = broker_list(brokers)
-    )
-}
-
 /// A keep-alive HTTP/1.1 client for many `/route` lookups over one connection.
 struct RouteClient {
     reader: BufReader<TcpStream>,
@@ -94,22 +66,12 @@ fn mqtt_connect(port: u16, client_id: &str) -> TcpStream {
     s
 }
 
-fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'a str {
-    let mut found = Vec::new();
-    wait_until(WAIT, || {
-        found = brokers.iter().filter(|(_, m)| m.has_client(client_id)).map(|(n, _)| *n).collect();
-        !found.is_empty()
-    });
-    assert_eq!(found.len(), 1, "{client_id:?} connected to {found:?}");
-    found[0]
-}
-
 #[test]
 fn a_killed_broker_closes_its_clients_they_reconnect_to_their_next_broker_and_come_back() {
     let (mut m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
     let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
     let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&config(port, admin, &brokers, ""));
+    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, ""));
     let mut routes = RouteClient::new(admin);
     // Client-ids whose first choice is m0, with their second choices.
     let ids: Vec<(String, String)> = (0..200)
@@ -180,7 +142,7 @@ fn a_black_hole_broker_times_out_and_clients_fail_over() {
     let (_hole, _fill, hole_addr) = black_hole();
     let brokers = [("hole", hole_addr.to_string()), ("m1", m1.addr())];
     let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connect_timeout = \"300ms\""));
+    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connect_timeout = \"300ms\""));
     let mut routes = RouteClient::new(admin);
     let id = (0..100).map(|i| format!("hole-{i}")).find(|id| routes.preference(id)[0] == "hole").unwrap();
     let s = mqtt_connect(port, &id);
@@ -221,7 +183,7 @@ fn a_broker_that_never_answers_the_connect_times_out_and_clients_fail_over() {
     let (hung_addr, got) = hung_broker();
     let brokers = [("hung", hung_addr.to_string()), ("m1", m1.addr())];
     let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connack_timeout = \"400ms\""));
+    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connack_timeout = \"400ms\""));
     let mut routes = RouteClient::new(admin);
     let id = (0..100).map(|i| format!("hung-{i}")).find(|id| routes.preference(id)[0] == "hung").unwrap();
     // The client gets m1's CONNACK, only m1's: the hung broker's connection gave nothing back.
@@ -249,7 +211,7 @@ fn a_hung_only_broker_gets_its_client_a_server_unavailable_connack() {
     let (hung_addr, _got) = hung_broker();
     let brokers = [("hung", hung_addr.to_string())];
     let (port, admin) = (free_port(), free_port());
-    let _hm = Harbormaster::start(&config(port, admin, &brokers, "backend_connack_timeout = \"300ms\""));
+    let _hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connack_timeout = \"300ms\""));
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "alone").unwrap();
@@ -262,7 +224,7 @@ fn after_sigkill_and_restart_clients_land_on_the_same_brokers() {
     let all = [("m0", &m0), ("m1", &m1), ("m2", &m2)];
     let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
     let (port, admin) = (free_port(), free_port());
-    let text = config(port, admin, &brokers, "");
+    let text = one_pool_config(port, admin, &brokers, "");
     let ids: Vec<String> = (0..12).map(|i| format!("sticky-{i}")).collect();
 
     let hm = Harbormaster::start(&text);
@@ -300,8 +262,8 @@ fn two_instances_with_brokers_in_different_orders_route_10000_ids_identically() 
     shuffled.reverse();
     shuffled.swap(2, 7);
     let (p1, a1, p2, a2) = (free_port(), free_port(), free_port(), free_port());
-    let _one = Harbormaster::start(&config(p1, a1, &forward, ""));
-    let _two = Harbormaster::start(&config(p2, a2, &shuffled, ""));
+    let _one = Harbormaster::start(&one_pool_config(p1, a1, &forward, ""));
+    let _two = Harbormaster::start(&one_pool_config(p2, a2, &shuffled, ""));
     let (mut r1, mut r2) = (RouteClient::new(a1), RouteClient::new(a2));
     let mut firsts = std::collections::HashMap::new();
     for i in 0..n {

@@ -372,30 +372,10 @@ fn run_publisher(port: u16, pair: &Pair, stop: &AtomicBool, deadline: Instant) {
     }
 }
 
+/// A client whose broker is down is refused and retries; it never moves to another broker,
+/// which would separate it from its partner.
 fn config(port: u16, admin: u16, brokers: &[(&str, &Mosquitto)]) -> String {
-    let list = brokers
-        .iter()
-        .map(|(name, m)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(m.addr())))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = [{list}]
-proxy_protocol = "none"
-# A client whose broker is down is refused and retries; it never moves to another broker,
-# which would separate it from its partner.
-backend_attempts = 1
-
-[admin]
-bind = "127.0.0.1:{admin}"
-"#
-    )
+    one_pool_config(port, admin, brokers, "backend_attempts = 1")
 }
 
 /// The first `n` ids `PREFIX-I` whose first broker is `broker` under both configs.

@@ -36,35 +36,6 @@ fn wait_reloads(hm: &Harbormaster, admin: &str, outcome: &str, n: usize) {
     assert!(ok, "expected {n} reloads {outcome}, got {}:\n{}", reloads(admin, outcome), hm.log());
 }
 
-fn broker_list(brokers: &[(&str, &Mosquitto)]) -> String {
-    brokers
-        .iter()
-        .map(|(name, m)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(m.addr())))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A config with one plain listener on `port`, one pool of `brokers`, `extra` pool keys and
-/// an admin server.
-fn config(port: u16, admin: u16, brokers: &[(&str, &Mosquitto)], extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = [{list}]
-{extra}
-
-[admin]
-bind = "127.0.0.1:{admin}"
-"#,
-        list = broker_list(brokers)
-    )
-}
-
 /// A raw MQTT 3.1.1 client through harbormaster, CONNACK accepted.
 fn open(port: u16, client_id: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -101,8 +72,9 @@ fn a_subscriber_keeps_receiving_while_the_config_is_reloaded() {
     let admin = addr(admin_port);
     let brokers = [("b1", &m1), ("b2", &m2)];
     // Each version differs, so every rewrite is a change.
-    let version =
-        |i: usize| config(port, admin_port, &brokers, "") + &format!("\n[limits]\nconnect_timeout = \"{}s\"\n", 10 + i);
+    let version = |i: usize| {
+        one_pool_config(port, admin_port, &brokers, "") + &format!("\n[limits]\nconnect_timeout = \"{}s\"\n", 10 + i)
+    };
     let hm = Harbormaster::start(&version(0));
 
     let sub = MqttClient::plain(port, MqttVersion::V311).subscribe("keeper", "reload/keep", 7);
@@ -141,7 +113,7 @@ fn removing_a_broker_moves_only_its_client_ids_and_keeps_its_connections() {
     let (port, admin_port) = (free_port(), free_port());
     let admin = addr(admin_port);
     let all = [("b1", &m1), ("b2", &m2), ("b3", &m3)];
-    let hm = Harbormaster::start(&config(port, admin_port, &all, ""));
+    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &all, ""));
 
     let ids: Vec<String> = (0..40).map(|i| format!("veh-{i:02}")).collect();
     let before: Vec<Vec<String>> = ids.iter().map(|id| hm.route(id)).collect();
@@ -151,7 +123,7 @@ fn removing_a_broker_moves_only_its_client_ids_and_keeps_its_connections() {
     let sub = MqttClient::plain(port, MqttVersion::V311).subscribe(&on_b3, "removed/t", 2);
     assert!(m3.wait_subscribed(&on_b3));
 
-    fs::write(&hm.config_path, config(port, admin_port, &all[..2], "")).unwrap();
+    fs::write(&hm.config_path, one_pool_config(port, admin_port, &all[..2], "")).unwrap();
     wait_reloads(&hm, &admin, "ok", 1);
 
     let mut moved = 0;
@@ -191,7 +163,7 @@ fn with_on_backend_removed_close_its_connections_are_closed() {
     let admin = addr(admin_port);
     let both = [("b1", &m1), ("b2", &m2)];
     let policy = "on_backend_removed = \"close\"\nclose_rate = 20";
-    let hm = Harbormaster::start(&config(port, admin_port, &both, policy));
+    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &both, policy));
 
     let to_b2 = ids_routed_to(&hm.config_path, "b2", 6);
     let to_b1 = ids_routed_to(&hm.config_path, "b1", 3);
@@ -201,7 +173,7 @@ fn with_on_backend_removed_close_its_connections_are_closed() {
         assert!(m2.wait_for_client(id, 1));
     }
 
-    fs::write(&hm.config_path, config(port, admin_port, &both[..1], policy)).unwrap();
+    fs::write(&hm.config_path, one_pool_config(port, admin_port, &both[..1], policy)).unwrap();
     wait_reloads(&hm, &admin, "ok", 1);
 
     for (s, id) in on_b2.iter_mut().zip(&to_b2) {
@@ -329,13 +301,13 @@ fn an_invalid_config_is_rejected_and_the_running_one_stays() {
     let (port, admin_port) = (free_port(), free_port());
     let admin = addr(admin_port);
     let both = [("b1", &m1), ("b2", &m2)];
-    let good = config(port, admin_port, &both, "");
+    let good = one_pool_config(port, admin_port, &both, "");
     let hm = Harbormaster::start(&good);
     let route_before = hm.route("steady");
     assert_eq!(reloads(&admin, "error"), 0.0);
 
     // Two problems, each with its key path; the second broker would also be dropped.
-    let bad = config(port, admin_port, &both[..1], "backend_attempts = 0\nmax_header_bytes = 10");
+    let bad = one_pool_config(port, admin_port, &both[..1], "backend_attempts = 0\nmax_header_bytes = 10");
     fs::write(&hm.config_path, &bad).unwrap();
     wait_reloads(&hm, &admin, "error", 1);
     assert_eq!(metric(&admin, "harbormaster_config_last_reload_successful"), 0.0);

@@ -313,15 +313,27 @@ pub async fn handle<H: Send>(
     drop(conn);
     drop(held);
     active.dec();
+    ended(m, &spec.name, &conn_id, &facts, reason, started.elapsed());
+}
+
+/// A connection closed at accept (a connection limit), before any other work: counted and
+/// logged like every other connection end.
+pub fn refused_at_accept(shared: &Shared, listener: &str, peer: SocketAddr, reason: Reason) {
+    let facts = Facts { client_addr: Some(peer), ..Facts::default() };
+    ended(&shared.metrics, listener, &shared.conn_id(), &facts, reason, Duration::ZERO);
+}
+
+/// Every connection's end: the refusal and close counters, and its one log line.
+fn ended(m: &Metrics, listener: &str, conn_id: &str, facts: &Facts, reason: Reason, duration: Duration) {
     if reason.refused() {
-        m.refused.with_label_values(&[&spec.name, reason.as_str(), connack_label(facts.connack)]).inc();
+        m.refused.with_label_values(&[listener, reason.as_str(), connack_label(facts.connack)]).inc();
     }
-    m.closed.with_label_values(&[&spec.name, reason.as_str()]).inc();
+    m.closed.with_label_values(&[listener, reason.as_str()]).inc();
     tracing::info!(
         target: "harbormaster::connection",
         conn_id = %conn_id,
         client_addr = %facts.client_addr.map(|a| a.to_string()).unwrap_or_default(),
-        listener = %spec.name,
+        listener = %listener,
         sni = facts.sni.as_deref().unwrap_or(""),
         tls_version = facts.tls_version.unwrap_or(""),
         client_id = facts.client_id.as_deref().unwrap_or(""),
@@ -329,27 +341,9 @@ pub async fn handle<H: Send>(
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
-        duration = ?started.elapsed(),
+        duration = ?duration,
         close_reason = reason.as_str(),
         detail = facts.detail.as_deref().unwrap_or(""),
-        "connection closed"
-    );
-}
-
-/// A connection closed at accept (a connection limit), before any other work: counted and
-/// logged like every other connection end.
-pub fn refused_at_accept(shared: &Shared, listener: &str, peer: SocketAddr, reason: Reason) {
-    let m = &shared.metrics;
-    m.refused.with_label_values(&[listener, reason.as_str(), connack_label(None)]).inc();
-    m.closed.with_label_values(&[listener, reason.as_str()]).inc();
-    tracing::info!(
-        target: "harbormaster::connection",
-        conn_id = %shared.conn_id(),
-        client_addr = %peer,
-        listener = %listener,
-        bytes_in = 0u64,
-        bytes_out = 0u64,
-        close_reason = reason.as_str(),
         "connection closed"
     );
 }

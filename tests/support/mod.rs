@@ -284,6 +284,70 @@ pub fn toml_path(p: &Path) -> String {
     toml_str(p.to_str().expect("utf-8 path"))
 }
 
+/// A broker's address for the config helpers: a mosquitto of this suite, or an address.
+pub trait BrokerAddr {
+    fn broker_addr(&self) -> String;
+}
+
+impl BrokerAddr for String {
+    fn broker_addr(&self) -> String {
+        self.clone()
+    }
+}
+
+impl BrokerAddr for Mosquitto {
+    fn broker_addr(&self) -> String {
+        self.addr()
+    }
+}
+
+impl<T: BrokerAddr + ?Sized> BrokerAddr for &T {
+    fn broker_addr(&self) -> String {
+        (**self).broker_addr()
+    }
+}
+
+/// A pool's `backends` as named entries: `{ name = "m0", address = "127.0.0.1:…" }, …`.
+pub fn named_backends<B: BrokerAddr>(brokers: &[(&str, B)]) -> String {
+    brokers
+        .iter()
+        .map(|(name, b)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(b.broker_addr())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One plain listener "mqtt" on `port` for one pool "brokers" of the named `brokers` (plus
+/// the `pool_extra` keys), and the admin server on `admin`.
+pub fn one_pool_config<B: BrokerAddr>(port: u16, admin: u16, brokers: &[(&str, B)], pool_extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{port}"
+pool = "brokers"
+
+[pool.brokers]
+backends = [{list}]
+{pool_extra}
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        list = named_backends(brokers)
+    )
+}
+
+/// The broker (by name) whose mosquitto logged `client_id`, waiting for it to appear.
+pub fn landed_on<'a>(brokers: &'a [(&'a str, &'a Mosquitto)], client_id: &str) -> &'a str {
+    let mut found = Vec::new();
+    wait_until(WAIT, || {
+        found = brokers.iter().filter(|(_, m)| m.has_client(client_id)).map(|(n, _)| *n).collect();
+        !found.is_empty()
+    });
+    assert_eq!(found.len(), 1, "{client_id:?} connected to {found:?}");
+    found[0]
+}
+
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------
