@@ -423,6 +423,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
     }
 }
 
+impl<S: crate::proxy::relay::WriteLast + Unpin> crate::proxy::relay::WriteLast for CountReads<S> {
+    fn poll_write_last(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_last(cx, buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use super::inbound;
 use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Registration, Registry};
-use super::relay::{self, Ended};
+use super::relay::{self, Ended, WriteLast};
 use super::snapshot::{ListenerSpec, Snapshot};
 use super::tls_stream::TlsServerStream;
 use super::turns::Turns;
@@ -200,6 +200,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+impl<S: WriteLast + Unpin> WriteLast for Prefixed<S> {
+    fn poll_write_last(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_last(cx, buf)
+    }
+}
+
 /// The client side of a connection once set up: plain, or TLS (boxed: rustls' state is large,
 /// and plain connections should not carry room for it).
 pub enum Client {
@@ -233,6 +239,15 @@ impl AsyncWrite for Client {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl WriteLast for Client {
+    fn poll_write_last(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => Pin::new(s).poll_write_last(cx, buf),
+            Client::Tls(s) => Pin::new(s.as_mut()).poll_write_last(cx, buf),
         }
     }
 }

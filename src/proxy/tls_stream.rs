@@ -25,6 +25,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptErr
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::relay::WriteLast;
 use super::turns::Turns;
 
 /// One socket read at most: a full TLS record with its header and tag, rounded up.
@@ -440,7 +441,7 @@ fn ready_or_pending(p: Poll<io::Result<()>>) -> io::Result<()> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<IO> {
+impl<IO: AsyncRead + WriteLast + Unpin> AsyncRead for TlsServerStream<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         // Owed TLS output (tickets, a key update answer) is written before the read waits,
@@ -500,27 +501,35 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.tx.len() - this.tx_pos >= TX_HIGH {
-            match this.poll_write_tx(cx) {
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
+    /// Encrypts what of `buf` rustls takes, and with `send` writes it out at once (what the
+    /// socket does not take now goes out on flush or the next write).
+    fn poll_encrypt(&mut self, cx: &mut Context<'_>, buf: &[u8], send: bool) -> Poll<io::Result<usize>> {
+        if self.tx.len() - self.tx_pos >= TX_HIGH {
+            match self.poll_write_tx(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if this.tx.len() - this.tx_pos >= TX_HIGH => return Poll::Pending,
+                Poll::Pending if self.tx.len() - self.tx_pos >= TX_HIGH => return Poll::Pending,
                 _ => {}
             }
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let n = this.process(Some(buf))?;
-        // Send at once; what the socket does not take now goes out on flush or the next write.
-        ready_or_pending(this.poll_write_tx(cx))?;
+        let n = self.process(Some(buf))?;
+        if send {
+            ready_or_pending(self.poll_write_tx(cx))?;
+        }
         if n == 0 {
             // rustls would not take application data: the connection is closed both ways.
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         Poll::Ready(Ok(n))
+    }
+}
+
+impl<IO: AsyncRead + WriteLast + Unpin> AsyncWrite for TlsServerStream<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_encrypt(cx, buf, true)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -529,14 +538,30 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<IO> {
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
+    /// close_notify, then the FIN: both in the segment of whatever records are still
+    /// waiting, when the socket takes them all at once.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.close_sent {
             this.process_io(None, true).map_err(invalid)?;
             this.close_sent = true;
         }
+        while this.tx_pending() {
+            match std::task::ready!(Pin::new(&mut this.io).poll_write_last(cx, &this.tx[this.tx_pos..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => this.tx_pos += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
         std::task::ready!(this.poll_write_tx(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: AsyncRead + WriteLast + Unpin> WriteLast for TlsServerStream<IO> {
+    /// Encrypts without writing: the records leave with close_notify and the FIN.
+    fn poll_write_last(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_encrypt(cx, buf, false)
     }
 }
 
@@ -602,6 +627,32 @@ mod tests {
             assert_eq!(client.await.unwrap(), down);
             assert!(s.rx.capacity() == 0 && s.tx.capacity() == 0 && s.plain.capacity() == 0);
         }
+    }
+
+    /// The last bytes, close_notify and the FIN leave in one write followed by the shutdown,
+    /// and the client reads the bytes and then a clean end.
+    #[tokio::test]
+    async fn last_bytes_and_close_notify_in_one_write() {
+        let (server_cfg, client_cfg) = configs();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let connector = tokio_rustls::TlsConnector::from(client_cfg);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let a = crate::proxy::relay::recording::Recorder::new(a);
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None), connector.connect(name, b));
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        s.flush().await.unwrap(); // the session ticket
+        s.io.log.clear();
+        let n = poll_fn(|cx| Pin::new(&mut s).poll_write_last(cx, b"bye")).await.unwrap();
+        assert_eq!(n, 3);
+        assert!(s.io.log.is_empty(), "encrypted, not written yet");
+        s.shutdown().await.unwrap();
+        use crate::proxy::relay::recording::Op;
+        // One TLS 1.3 record of 3 bytes (5 + 3 + 1 + 16) and close_notify (5 + 2 + 1 + 16).
+        assert_eq!(s.io.log, [Op::Last(25 + 24), Op::Shutdown]);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        assert!(s.tx.capacity() == 0);
     }
 
     /// Many handshakes at once through one turn: each completes and then carries data both
