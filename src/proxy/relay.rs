@@ -4,7 +4,8 @@
 //! only their sockets and TLS state. Half-close is forwarded: EOF from one side shuts down the
 //! write side of the other, and the other direction keeps flowing until it ends too. Bytes
 //! followed at once by their direction's EOF leave in one TCP segment with the FIN
-//! ([`WriteLast`]): an MQTT DISCONNECT and the close costs the broker one segment, not two.
+//! ([`WriteLast`]): an MQTT DISCONNECT and the close that follows it cost the broker one
+//! segment, not two.
 
 use std::cell::RefCell;
 use std::io;
