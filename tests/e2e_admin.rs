@@ -361,24 +361,8 @@ bind = "127.0.0.1:0"
 fn sigterm_turns_readyz_503_while_draining() {
     let m = Mosquitto::start();
     let (port, admin_port) = (free_port(), free_port());
-    let mut hm = Harbormaster::start(&format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = [{broker}]
-
-[limits]
-drain_timeout = "60s"
-
-[admin]
-bind = "127.0.0.1:{admin_port}"
-"#,
-        broker = toml_str(m.addr()),
-    ));
+    let limits = "\n[limits]\ndrain_timeout = \"60s\"\n";
+    let mut hm = Harbormaster::start(&(one_pool_config(port, admin_port, &[("m", &m)], "") + limits));
     let admin = addr(admin_port);
     wait_ready_status(&admin, 200);
 

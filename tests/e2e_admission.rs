@@ -114,27 +114,9 @@ bind = "127.0.0.1:{admin}"
 fn per_source_rate_closes_the_excess_of_one_address() {
     let backend = RecordingBackend::start();
     let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = ["{backend}"]
-proxy_protocol = "none"
-
-[limits]
-connect_timeout = "60s"
-per_source_rate = 1
-per_source_burst = 2
-
-[admin]
-bind = "127.0.0.1:{admin}"
-"#,
-        backend = backend.addr()
-    ));
+    let limits = "\n[limits]\nconnect_timeout = \"60s\"\nper_source_rate = 1\nper_source_burst = 2\n";
+    let pool = one_pool_config(port, admin, &[("b", backend.addr())], "proxy_protocol = \"none\"");
+    let hm = Harbormaster::start(&(pool + limits));
     // A burst of 2 then 1 per second: of 10 back-to-back connections, most are closed.
     let mut conns: Vec<TcpStream> = (0..10).map(|_| connect(port)).collect();
     let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
@@ -208,25 +190,9 @@ bind = "127.0.0.1:{admin}"
 fn a_flapping_client_id_gets_connection_rate_exceeded() {
     let backend = RecordingBackend::start();
     let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = ["{backend}"]
-proxy_protocol = "none"
-
-[limits]
-flapping = {{ max_connects = 2, window = "10m", ban = "10m" }}
-
-[admin]
-bind = "127.0.0.1:{admin}"
-"#,
-        backend = backend.addr()
-    ));
+    let limits = "\n[limits]\nflapping = { max_connects = 2, window = \"10m\", ban = \"10m\" }\n";
+    let pool = one_pool_config(port, admin, &[("b", backend.addr())], "proxy_protocol = \"none\"");
+    let hm = Harbormaster::start(&(pool + limits));
     for (version, id, want) in [
         (MqttVersion::V311, "flappy-311", vec![0x20, 2, 0, 3]),
         (MqttVersion::V31, "flappy-31", vec![0x20, 2, 0, 3]),

@@ -31,26 +31,8 @@ fn sigterm_closes_200_idle_connections_spread_over_the_drain_window() {
     let m = Mosquitto::start();
     let (port, admin_port) = (free_port(), free_port());
     let admin = addr(admin_port);
-    let mut hm = Harbormaster::start(&format!(
-        r#"
-[[listener]]
-name = "mqtt"
-bind = "127.0.0.1:{port}"
-pool = "brokers"
-
-[pool.brokers]
-backends = [{broker}]
-
-[limits]
-drain_delay = "3s"
-drain_timeout = "{drain}s"
-
-[admin]
-bind = "127.0.0.1:{admin_port}"
-"#,
-        broker = toml_str(m.addr()),
-        drain = DRAIN_TIMEOUT.as_secs(),
-    ));
+    let limits = format!("\n[limits]\ndrain_delay = \"3s\"\ndrain_timeout = \"{}s\"\n", DRAIN_TIMEOUT.as_secs());
+    let mut hm = Harbormaster::start(&(one_pool_config(port, admin_port, &[("m", &m)], "") + &limits));
 
     // 200 idle clients, opened in order; each thread reports when its connection is closed.
     let (tx, rx) = mpsc::channel::<(usize, Instant)>();

@@ -80,7 +80,7 @@ fn release(v: &mut Vec<u8>) {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
+impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     /// Runs the server handshake over `io`. With `turns`, each expensive step (the
     /// ClientHello costs a signature and a key exchange) first takes a turn ([`Turns::take`]).
     pub async fn accept(config: Arc<ServerConfig>, io: IO, turns: Option<&Turns>) -> io::Result<Self> {
@@ -323,8 +323,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
 
     /// Writes `tx` to `io` until it is empty (then frees it) or `io` is not ready.
     fn poll_write_tx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_send_tx(cx, false)
+    }
+
+    /// [`Self::poll_write_tx`]; with `last`, as the stream's last bytes, a shutdown following
+    /// at once ([`WriteLast`]).
+    fn poll_send_tx(&mut self, cx: &mut Context<'_>, last: bool) -> Poll<io::Result<()>> {
         while self.tx_pending() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.tx[self.tx_pos..]) {
+            let io = Pin::new(&mut self.io);
+            let rest = &self.tx[self.tx_pos..];
+            match if last { io.poll_write_last(cx, rest) } else { io.poll_write(cx, rest) } {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => self.tx_pos += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -335,6 +343,30 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
         self.tx_pos = 0;
         release(&mut self.tx);
         Poll::Ready(Ok(()))
+    }
+
+    /// Encrypts what of `buf` rustls takes, and with `send` writes it out at once (what the
+    /// socket does not take now goes out on flush or the next write).
+    fn poll_encrypt(&mut self, cx: &mut Context<'_>, buf: &[u8], send: bool) -> Poll<io::Result<usize>> {
+        if self.tx.len() - self.tx_pos >= TX_HIGH {
+            match self.poll_write_tx(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if self.tx.len() - self.tx_pos >= TX_HIGH => return Poll::Pending,
+                _ => {}
+            }
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = self.process(Some(buf))?;
+        if send {
+            ready_or_pending(self.poll_write_tx(cx))?;
+        }
+        if n == 0 {
+            // rustls would not take application data: the connection is closed both ways.
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -501,32 +533,6 @@ impl<IO: AsyncRead + WriteLast + Unpin> AsyncRead for TlsServerStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> TlsServerStream<IO> {
-    /// Encrypts what of `buf` rustls takes, and with `send` writes it out at once (what the
-    /// socket does not take now goes out on flush or the next write).
-    fn poll_encrypt(&mut self, cx: &mut Context<'_>, buf: &[u8], send: bool) -> Poll<io::Result<usize>> {
-        if self.tx.len() - self.tx_pos >= TX_HIGH {
-            match self.poll_write_tx(cx) {
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if self.tx.len() - self.tx_pos >= TX_HIGH => return Poll::Pending,
-                _ => {}
-            }
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let n = self.process(Some(buf))?;
-        if send {
-            ready_or_pending(self.poll_write_tx(cx))?;
-        }
-        if n == 0 {
-            // rustls would not take application data: the connection is closed both ways.
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        Poll::Ready(Ok(n))
-    }
-}
-
 impl<IO: AsyncRead + WriteLast + Unpin> AsyncWrite for TlsServerStream<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.get_mut().poll_encrypt(cx, buf, true)
@@ -546,14 +552,7 @@ impl<IO: AsyncRead + WriteLast + Unpin> AsyncWrite for TlsServerStream<IO> {
             this.process_io(None, true).map_err(invalid)?;
             this.close_sent = true;
         }
-        while this.tx_pending() {
-            match std::task::ready!(Pin::new(&mut this.io).poll_write_last(cx, &this.tx[this.tx_pos..])) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => this.tx_pos += n,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        std::task::ready!(this.poll_write_tx(cx))?;
+        std::task::ready!(this.poll_send_tx(cx, true))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
