@@ -74,8 +74,9 @@ fn server(alg: &'static rcgen::SignatureAlgorithm) -> Arc<ServerConfig> {
         client_ca: Some("ca.pem".into()),
         client_auth: ClientAuth::Optional,
         alpn: vec![],
+        ticket_keys: None,
     };
-    Arc::new(server_config(&raw, dir.path()).expect("server config").config)
+    Arc::new(server_config(&raw, "mqtts", dir.path()).expect("server config").config)
 }
 
 fn client() -> Arc<ClientConfig> {

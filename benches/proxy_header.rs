@@ -20,6 +20,7 @@ fn bench(c: &mut Criterion) {
             sig_alg: Some("ecdsa-with-SHA256".into()),
             key_alg: Some("EC256".into()),
         }),
+        resumed: false,
     };
     let src: SocketAddr = "[2001:db8::17]:51000".parse().unwrap();
     let dst: SocketAddr = "[2001:db8::1:5]:1883".parse().unwrap();

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     /// Duration of completed TLS handshakes, by listener.
     pub tls_handshake_seconds: HistogramVec,
+    /// Completed TLS handshakes that resumed a session from a ticket, by listener.
+    pub tls_resumed: IntCounterVec,
 
     /// CONNECT packets read, by listener and MQTT version.
     pub connects: IntCounterVec,
@@ -179,6 +181,12 @@ impl Metrics {
                 "tls_handshake_seconds",
                 "Duration of completed TLS handshakes",
                 SETUP_BUCKETS,
+                &["listener"],
+            ),
+            tls_resumed: counter_vec(
+                &r,
+                "tls_resumed_total",
+                "Completed TLS handshakes that resumed a session from a ticket (counted in tls_handshakes_total too)",
                 &["listener"],
             ),
             connects: counter_vec(
@@ -443,6 +451,7 @@ mod tests {
         m.accept_to_connect_seconds.with_label_values(&["mqtt"]).observe(0.01);
         m.tls_handshakes.with_label_values(&["mqtts", "ok", "TLSv1.3"]).inc();
         m.tls_handshake_seconds.with_label_values(&["mqtts"]).observe(0.002);
+        m.tls_resumed.with_label_values(&["mqtts"]).inc();
         m.connects.with_label_values(&["mqtt", "5.0"]).inc();
         m.connect_bytes.with_label_values(&["5.0"]).observe(40.0);
         m.routed.with_label_values(&["brokers", "b0"]).inc();

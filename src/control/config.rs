@@ -94,6 +94,8 @@ pub struct RawTls {
     pub client_auth: ClientAuth,
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// File of session ticket keys shared by replicas (src/control/tickets.rs).
+    pub ticket_keys: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,15 +624,17 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Certificate, key and CA files a config references, resolved against `base`.
+/// Certificate, key, OCSP, CA and ticket key files a config references, resolved against `base`.
 fn referenced_files(raw: &RawConfig, base: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for tls in raw.listener.iter().filter_map(|l| l.tls.as_ref()) {
         for pair in &tls.certs {
             files.push(relative(base, &pair.cert));
             files.push(relative(base, &pair.key));
+            files.extend(pair.ocsp.iter().map(|o| relative(base, o)));
         }
         files.extend(tls.client_ca.iter().map(|ca| relative(base, ca)));
+        files.extend(tls.ticket_keys.iter().map(|k| relative(base, k)));
     }
     files.sort();
     files.dedup();
@@ -744,7 +748,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
             c.add(format!("{at}.trusted_proxies"), "set but accept_proxy is false");
         }
         let mut cert_expiry = Vec::new();
-        let tls = l.tls.as_ref().and_then(|t| match super::tls::server_config(t, base) {
+        let tls = l.tls.as_ref().and_then(|t| match super::tls::server_config(t, &l.name, base) {
             Ok(built) => {
                 cert_expiry = built.cert_expiry;
                 for (k, m) in built.warnings {

@@ -9,4 +9,5 @@ pub mod discovery;
 pub mod drain;
 pub mod health;
 pub mod reload;
+pub mod tickets;
 pub mod tls;

@@ -17,6 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::config::{relative, ClientAuth, RawTls};
+use super::tickets;
 
 /// Problems as (key path below `tls`, message).
 pub type TlsProblems = Vec<(String, String)>;
@@ -146,8 +147,8 @@ fn inspect_leaf(
     Some((not_after, dns_names(&cert)))
 }
 
-/// Build the server config, or every problem found.
-pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
+/// Build the server config of listener `listener`, or every problem found.
+pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, TlsProblems> {
     let mut problems = TlsProblems::new();
     let provider = provider();
     let mut keys = Vec::new();
@@ -216,6 +217,8 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
         }
     }
 
+    // The client CAs in force, for what session tickets are bound to.
+    let mut client_cas: Vec<CertificateDer<'static>> = Vec::new();
     let verifier = match (t.client_auth, &t.client_ca) {
         (ClientAuth::None, _) => None,
         (_, None) => {
@@ -230,6 +233,7 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
                     problems.push(("client_ca".into(), format!("no certificate in {}", ca_path.display())))
                 }
                 Ok(certs) => {
+                    client_cas.clone_from(&certs);
                     for c in certs {
                         if let Err(e) = roots.add(c) {
                             problems.push(("client_ca".into(), format!("{}: {e}", ca_path.display())));
@@ -279,17 +283,18 @@ pub fn server_config(t: &RawTls, base: &Path) -> Result<Built, TlsProblems> {
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    // Session tickets make a reconnect storm's resumed TLS 1.2 handshakes several times
-    // cheaper; the ticket key rotates and lives only in this process. TLS 1.3: one ticket per
-    // handshake rather than rustls' two — a device resumes once per reconnect and gets a fresh
-    // ticket each time — 2.5% less CPU per new session (docs/benchmarks.md).
-    match rustls::crypto::aws_lc_rs::Ticketer::new() {
-        Ok(t) => {
-            cfg.ticketer = t;
-            cfg.send_tls13_tickets = 1;
-        }
-        Err(e) => return Err(vec![(String::new(), format!("session tickets: {e}"))]),
-    }
+    // Session tickets make a reconnect storm's resumed handshakes cheaper (TLS 1.2's several
+    // times: no key exchange; TLS 1.3's by the signature and the certificate). The key is
+    // this process's own, or `ticket_keys` shared by the replicas (tickets.rs). TLS 1.3: one
+    // ticket per handshake rather than rustls' two — a device resumes once per reconnect and
+    // gets a fresh ticket each time — 2.5% less CPU per new session (docs/benchmarks.md).
+    let context = tickets::context(listener, t.client_auth, client_cas.iter().map(|c| c.as_ref()));
+    let ticketer = match &t.ticket_keys {
+        None => tickets::local(context).map_err(|e| vec![(String::new(), format!("session tickets: {e}"))])?,
+        Some(p) => tickets::from_file(&relative(base, p), context).map_err(|e| vec![("ticket_keys".into(), e)])?,
+    };
+    cfg.ticketer = ticketer;
+    cfg.send_tls13_tickets = 1;
     Ok(Built { config: cfg, cert_expiry, warnings })
 }
 
@@ -359,6 +364,7 @@ mod tests {
                 client_ca: Some("ca.pem".into()),
                 client_auth: auth,
                 alpn: vec![],
+                ticket_keys: None,
             }
         }
     }
@@ -492,7 +498,7 @@ mod tests {
         let (a, _) = f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let (b, _) = f.leaf("b", &rcgen::PKCS_RSA_SHA256, &["b.example", "*.fleet.example"], false);
         let raw = f.raw(&["a", "b"], ClientAuth::None);
-        let served = |sni: &str| served(server_config(&raw, f.dir.path()).unwrap().config, sni, None).0;
+        let served = |sni: &str| served(server_config(&raw, "mqtts", f.dir.path()).unwrap().config, sni, None).0;
         assert_eq!(served("a.example"), a);
         assert_eq!(served("b.example"), b, "RSA pair chosen by its exact name");
         assert_eq!(served("truck-1.fleet.example"), b, "wildcard");
@@ -505,7 +511,8 @@ mod tests {
         f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let raw = f.raw(&["a"], ClientAuth::None);
         for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
-            let s = handshake(server_config(&raw, f.dir.path()).unwrap().config, &f, "a.example", &[v], None).unwrap();
+            let s = handshake(server_config(&raw, "mqtts", f.dir.path()).unwrap().config, &f, "a.example", &[v], None)
+                .unwrap();
             assert_eq!(s.protocol_version(), Some(v.version));
         }
     }
@@ -517,7 +524,7 @@ mod tests {
         let (dev, dev_key) = f.leaf("device-1", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
         let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         let with = |auth, cert: bool| {
-            let cfg = server_config(&f.raw(&["a"], auth), f.dir.path()).unwrap().config;
+            let cfg = server_config(&f.raw(&["a"], auth), "mqtts", f.dir.path()).unwrap().config;
             handshake(cfg, &f, "a.example", v13, cert.then(|| (dev.clone(), &dev_key)))
         };
         // required: no certificate, no session.
@@ -537,7 +544,7 @@ mod tests {
         f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
         let other = Files::new();
         let (dev, dev_key) = other.leaf("intruder", &rcgen::PKCS_ECDSA_P256_SHA256, &[], true);
-        let cfg = server_config(&f.raw(&["a"], ClientAuth::Optional), f.dir.path()).unwrap().config;
+        let cfg = server_config(&f.raw(&["a"], ClientAuth::Optional), "mqtts", f.dir.path()).unwrap().config;
         let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         assert!(handshake(cfg, &f, "a.example", v13, Some((dev, &dev_key))).is_err());
     }
@@ -560,14 +567,15 @@ mod tests {
         // Half a day past whole days: the count is the same however long the test takes.
         let soon = now + time::Duration::days(10) + time::Duration::hours(12);
         f.leaf_dated("soon", now - time::Duration::days(80), soon);
-        let errs = server_config(&f.raw(&["old"], ClientAuth::None), f.dir.path()).err().expect("expired loads");
+        let errs =
+            server_config(&f.raw(&["old"], ClientAuth::None), "mqtts", f.dir.path()).err().expect("expired loads");
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].0, "certs[0].cert");
         assert!(
             errs[0].1.contains("old.pem: certificate expired on") && errs[0].1.contains("(3 days ago)"),
             "{errs:?}"
         );
-        let built = server_config(&f.raw(&["soon"], ClientAuth::None), f.dir.path()).unwrap();
+        let built = server_config(&f.raw(&["soon"], ClientAuth::None), "mqtts", f.dir.path()).unwrap();
         assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
         assert_eq!(built.warnings[0].0, "certs[0].cert");
         assert!(built.warnings[0].1.contains("soon.pem: certificate expires in 10 days, on "), "{:?}", built.warnings);
@@ -581,24 +589,24 @@ mod tests {
         f.leaf("b", &rcgen::PKCS_ECDSA_P256_SHA256, &["b.example"], false);
         let mut raw = f.raw(&["a"], ClientAuth::None);
         raw.certs[0].key = "b.key".into();
-        let errs = server_config(&raw, f.dir.path()).err().expect("a foreign key loads");
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("a foreign key loads");
         assert_eq!(errs[0].0, "certs[0]");
         assert!(errs[0].1.contains("b.key does not fit the certificate"), "{errs:?}");
 
         let mut raw = f.raw(&["a"], ClientAuth::None);
         raw.certs[0].key = "missing.key".into();
         raw.certs[0].cert = "a.pem".into();
-        let errs = server_config(&raw, f.dir.path()).err().expect("a missing key loads");
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("a missing key loads");
         assert_eq!(errs[0].0, "certs[0].key");
         assert!(errs[0].1.contains("missing.key"), "{errs:?}");
 
         let mut raw = f.raw(&["a"], ClientAuth::None);
         raw.certs[0].ocsp = Some("missing.der".into());
-        let errs = server_config(&raw, f.dir.path()).err().expect("a missing OCSP file loads");
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("a missing OCSP file loads");
         assert_eq!(errs[0].0, "certs[0].ocsp");
         std::fs::write(f.dir.path().join("empty.der"), b"").unwrap();
         raw.certs[0].ocsp = Some("empty.der".into());
-        let errs = server_config(&raw, f.dir.path()).err().expect("an empty OCSP file loads");
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("an empty OCSP file loads");
         assert!(errs[0].1.ends_with("empty.der is empty"), "{errs:?}");
     }
 
@@ -611,11 +619,11 @@ mod tests {
         std::fs::write(f.dir.path().join("a.ocsp.der"), response).unwrap();
         let mut raw = f.raw(&["a"], ClientAuth::None);
         for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
-            assert_eq!(served(server_config(&raw, f.dir.path()).unwrap().config, "a.example", Some(v)).1, b"");
+            assert_eq!(served(server_config(&raw, "mqtts", f.dir.path()).unwrap().config, "a.example", Some(v)).1, b"");
         }
         raw.certs[0].ocsp = Some("a.ocsp.der".into());
         for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
-            let (_, ocsp) = served(server_config(&raw, f.dir.path()).unwrap().config, "a.example", Some(v));
+            let (_, ocsp) = served(server_config(&raw, "mqtts", f.dir.path()).unwrap().config, "a.example", Some(v));
             assert_eq!(ocsp, response, "{v:?}");
         }
     }

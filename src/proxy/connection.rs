@@ -138,6 +138,7 @@ struct Facts {
     client_addr: Option<SocketAddr>,
     sni: Option<String>,
     tls_version: Option<&'static str>,
+    tls_resumed: bool,
     client_id: Option<String>,
     mqtt_version: Option<MqttVersion>,
     broker: Option<String>,
@@ -351,6 +352,7 @@ fn ended(m: &Metrics, listener: &str, conn_id: &str, facts: &Facts, reason: Reas
         listener = %listener,
         sni = facts.sni.as_deref().unwrap_or(""),
         tls_version = facts.tls_version.unwrap_or(""),
+        tls_resumed = facts.tls_resumed,
         client_id = facts.client_id.as_deref().unwrap_or(""),
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
         broker = facts.broker.as_deref().unwrap_or(""),
@@ -457,6 +459,10 @@ async fn setup(
             shared.metrics.tls_handshake_seconds.with_label_values(&[&spec.name]).observe(elapsed);
             let info = TlsInfo::from_common(tls.common(), tls.server_name());
             shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "ok", info.version]).inc();
+            if info.resumed {
+                shared.metrics.tls_resumed.with_label_values(&[&spec.name]).inc();
+            }
+            facts.tls_resumed = info.resumed;
             facts.sni = info.sni.clone();
             facts.tls_version = Some(info.version);
             let client = Client::Tls(Box::new(tls));

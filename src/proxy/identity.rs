@@ -33,8 +33,11 @@ pub struct TlsInfo {
     /// Negotiated ALPN protocol.
     pub alpn: Option<Vec<u8>>,
     /// The client certificate, when one was presented (and so verified: rustls refuses the
-    /// handshake otherwise).
+    /// handshake otherwise), on this connection or, when `resumed`, on the one that made the
+    /// session ticket.
     pub client_cert: Option<ClientCert>,
+    /// The handshake resumed a session (a ticket) instead of authenticating afresh.
+    pub resumed: bool,
 }
 
 /// Facts from the client's end-entity certificate.
@@ -68,6 +71,7 @@ impl TlsInfo {
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|der| ClientCert::from_der(der.as_ref())),
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
 }

@@ -13,8 +13,9 @@
 //!   rejects.
 //! - `UNIQUE_ID` 0x05: the connection id; left out (and reported dropped) over 128 bytes, the
 //!   spec's limit, which HAProxy enforces. Truncating would make a different id.
-//! - `SSL` 0x20: client flags `PP2_CLIENT_SSL`, plus `CERT_CONN | CERT_SESS` with a client
-//!   certificate; `verify` 0 with a certificate (rustls only finishes a handshake whose
+//! - `SSL` 0x20: client flags `PP2_CLIENT_SSL`, plus `CERT_SESS` with a client certificate and
+//!   `CERT_CONN` when it was presented on this connection rather than on the one that made
+//!   the resumed session (HAProxy's meaning of the two); `verify` 0 with a certificate (rustls only finishes a handshake whose
 //!   certificate verified), else [`VERIFY_NO_CLIENT_CERT`]; sub-TLVs VERSION 0x21, CN 0x22 (with
 //!   a certificate CN), CIPHER 0x23, SIG_ALG 0x24 and KEY_ALG 0x25 (with a certificate).
 //! - custom 0xE0: SHA-256 of the client certificate (32 raw bytes).
@@ -159,10 +160,10 @@ impl<'a> Ssl<'a> {
     fn new(tls: &'a TlsInfo) -> Self {
         let cert = tls.client_cert.as_ref();
         Ssl {
-            client: if cert.is_some() {
-                PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
-            } else {
-                PP2_CLIENT_SSL
+            client: match (cert.is_some(), tls.resumed) {
+                (false, _) => PP2_CLIENT_SSL,
+                (true, false) => PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS,
+                (true, true) => PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS,
             },
             verify: if cert.is_some() { VERIFY_OK } else { VERIFY_NO_CLIENT_CERT },
             version: non_empty(tls.version),
@@ -399,6 +400,7 @@ mod tests {
                 sig_alg: Some("ecdsa-with-SHA256".into()),
                 key_alg: Some("EC256".into()),
             }),
+            resumed: false,
         }
     }
 
@@ -519,6 +521,24 @@ mod tests {
         assert_eq!(find(&tlvs, 0xE0), None);
         assert!(enc.dropped.is_empty());
         assert_crc_ok(&enc.bytes);
+    }
+
+    #[test]
+    fn resumed_session_says_certificate_of_the_session_not_of_this_connection() {
+        let mut tls = tls_with_cert();
+        tls.resumed = true;
+        let enc = encode_v2(&input(Some(&tls)), &ALL, 500);
+        let tlvs = tlvs_of(&enc.bytes);
+        let (client, verify, subs) = parse_ssl(&find(&tlvs, PP2_TYPE_SSL).unwrap());
+        assert_eq!(client, PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS);
+        assert_eq!(verify, VERIFY_OK);
+        assert_eq!(find(&subs, PP2_SUBTYPE_SSL_CN).unwrap(), b"device-42");
+        assert_eq!(find(&tlvs, 0xE0).unwrap(), [0xAB; 32]);
+        // Without a certificate a resumed session looks like a new one.
+        tls.client_cert = None;
+        let enc = encode_v2(&input(Some(&tls)), &ALL, 500);
+        let (client, verify, _) = parse_ssl(&find(&tlvs_of(&enc.bytes), PP2_TYPE_SSL).unwrap());
+        assert_eq!((client, verify), (PP2_CLIENT_SSL, VERIFY_NO_CLIENT_CERT));
     }
 
     #[test]
