@@ -237,7 +237,7 @@ fn openssl_resumes_across_replicas_in_front_of_mosquitto() {
 }
 
 #[test]
-fn a_bad_key_file_stops_check_with_the_file_and_line() {
+fn check_names_a_bad_key_file_and_warns_about_an_exposed_one() {
     let certs = Certs::new();
     let keys = certs.dir.path().join("ticket-keys");
     std::fs::write(&keys, "# too short\nc2hvcnQ=\n").unwrap();
@@ -260,4 +260,17 @@ fn a_bad_key_file_stops_check_with_the_file_and_line() {
     let out = harbormaster(&["check", "--config", config.to_str().unwrap()]);
     let text = output_text(&out);
     assert!(!out.status.success() && text.contains("ticket-keys"), "{text}");
+
+    // A good file passes; readable by every user, with a warning.
+    use std::os::unix::fs::PermissionsExt;
+    write_keys(&keys, 1);
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = harbormaster(&["check", "--config", config.to_str().unwrap()]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("warning: listener[0].tls.ticket_keys:") && text.contains("(mode 644)"), "{text}");
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = harbormaster(&["check", "--config", config.to_str().unwrap()]);
+    let text = output_text(&out);
+    assert!(out.status.success() && !text.contains("warning"), "{text}");
 }

@@ -53,6 +53,20 @@ pub fn from_file(path: &Path, context: [u8; 16]) -> Result<Arc<dyn ProducesTicke
     Ok(Arc::new(Bound { inner: Arc::new(keys), context }))
 }
 
+/// A warning when every user of the machine may read the key file: with the keys, a recorded
+/// ticket gives its session's secrets, so one can resume as the device that held it.
+pub fn exposed(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{} can be read by every user of the machine (mode {mode:o}); whoever reads it can resume \
+             as any device holding a ticket: chmod o-r",
+            path.display()
+        )
+    })
+}
+
 /// One key per line, base64 of at least [`MIN_SECRET_LEN`] random bytes; blank lines and
 /// `#` comments are skipped. The first key encrypts, every key decrypts.
 fn parse_keys(text: &str) -> Result<FileKeys, String> {
@@ -261,6 +275,19 @@ mod tests {
         assert_ne!(base, context("mqtts", ClientAuth::Required, [b"ca1".as_slice()].into_iter()));
         assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca2".as_slice()].into_iter()));
         assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice(), b"ca2"].into_iter()));
+    }
+
+    #[test]
+    fn a_key_file_every_user_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys");
+        std::fs::write(&p, key_line(1)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(exposed(&p).unwrap().contains("(mode 644)"), "{:?}", exposed(&p));
+        // What a Kubernetes projected volume with defaultMode 0440 gives.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert_eq!(exposed(&p), None);
     }
 
     #[test]

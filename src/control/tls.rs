@@ -291,7 +291,11 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
     let context = tickets::context(listener, t.client_auth, client_cas.iter().map(|c| c.as_ref()));
     let ticketer = match &t.ticket_keys {
         None => tickets::local(context).map_err(|e| vec![(String::new(), format!("session tickets: {e}"))])?,
-        Some(p) => tickets::from_file(&relative(base, p), context).map_err(|e| vec![("ticket_keys".into(), e)])?,
+        Some(p) => {
+            let path = relative(base, p);
+            warnings.extend(tickets::exposed(&path).map(|w| ("ticket_keys".to_string(), w)));
+            tickets::from_file(&path, context).map_err(|e| vec![("ticket_keys".into(), e)])?
+        }
     };
     cfg.ticketer = ticketer;
     cfg.send_tls13_tickets = 1;
