@@ -184,6 +184,41 @@ fn a_ticket_resumes_on_every_replica_sharing_the_key_file_and_nowhere_else() {
     assert_eq!(session(&a, &client, "rot-5"), HandshakeKind::Resumed, "the new key alone");
 }
 
+/// `harbormaster-bench storm --resume` against one replica: the generator's count of resumed
+/// sessions and the replica's `tls_resumed_total` agree, and are most of the sessions.
+#[test]
+fn the_load_generator_counts_resumed_sessions_as_harbormaster_does() {
+    let certs = Certs::new();
+    let backend = RecordingBackend::start();
+    let keys = certs.dir.path().join("ticket-keys");
+    write_keys(&keys, 1);
+    let r = replica(&certs, "mqtts", Some(&keys), &backend.addr(), "v2");
+    let storm = |resume: bool| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbormaster-bench"));
+        cmd.args(["storm", "--target", &format!("127.0.0.1:{}", r.port), "--tls", "--sni", "localhost"])
+            .args(["--concurrency", "2", "--duration", "300ms", "--json"])
+            .arg("--ca")
+            .arg(&certs.ca);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = run_with_timeout(&mut cmd, CMD_TIMEOUT);
+        assert!(out.status.success(), "{}", output_text(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)))
+    };
+    let full = storm(false);
+    assert_eq!(full["failed"], 0, "{full}");
+    assert_eq!(full["tls_resumed"], 0, "{full}");
+    assert_eq!(resumed_count(&r, "mqtts"), 0.0);
+    let resumed = storm(true);
+    assert_eq!(resumed["failed"], 0, "{resumed}");
+    let (ok, n) = (resumed["ok"].as_u64().unwrap(), resumed["tls_resumed"].as_u64().unwrap());
+    // Each of the two loops' first session is a full handshake; every later one offers the
+    // ticket the one before it got.
+    assert!(ok >= 4 && n + 2 >= ok, "{resumed}");
+    assert_eq!(resumed_count(&r, "mqtts"), n as f64, "{resumed}");
+}
+
 /// `openssl s_client` with a session file: CONNECT and DISCONNECT on stdin; the output says
 /// "New," or "Reused,".
 fn s_client(port: u16, certs: &Certs, version: &str, sess: &Path, first: bool, client_id: &str) -> String {

@@ -315,18 +315,22 @@ struct StormStats {
     failed: Failures,
     shed: Count,
     inflight: Count,
+    /// Sessions whose TLS handshake resumed a session (with `--resume`).
+    resumed: Count,
     latency: Latencies,
 }
 
-/// One full session: connect, TLS, CONNECT → CONNACK, DISCONNECT, close.
-async fn full_session(c: &Client, id: u64) -> Result<(), client::Fail> {
+/// One full session: connect, TLS, CONNECT → CONNACK, DISCONNECT, close. Whether its TLS
+/// handshake resumed a session.
+async fn full_session(c: &Client, id: u64) -> Result<bool, client::Fail> {
     let mut s = c.open(id).await?;
+    let resumed = s.resumed();
     let _ = timeout(Duration::from_secs(2), async {
         s.write_all(&mqtt::DISCONNECT).await?;
         s.shutdown().await
     })
     .await;
-    Ok(())
+    Ok(resumed)
 }
 
 pub async fn storm(o: StormOpts) -> anyhow::Result<Value> {
@@ -361,9 +365,12 @@ pub async fn storm(o: StormOpts) -> anyhow::Result<Value> {
             }
         })
     };
-    let record = move |st: &StormStats, t0: Instant, r: Result<(), client::Fail>| match r {
-        Ok(()) => {
+    let record = move |st: &StormStats, t0: Instant, r: Result<bool, client::Fail>| match r {
+        Ok(resumed) => {
             let now = Instant::now();
+            if resumed {
+                st.resumed.inc();
+            }
             st.latency.record(now - t0);
             st.ok.inc();
             if now <= end {
@@ -433,6 +440,7 @@ pub async fn storm(o: StormOpts) -> anyhow::Result<Value> {
         "failed": st.failed.total(),
         "failures": st.failed.to_json(),
         "shed_by_generator": st.shed.get(),
+        "tls_resumed": st.resumed.get(),
         "connack_latency": st.latency.summary(0),
         "generator_cpu": phase.cpu_utilisation(),
     }))
