@@ -15,9 +15,10 @@
 //!   spec's limit, which HAProxy enforces. Truncating would make a different id.
 //! - `SSL` 0x20: client flags `PP2_CLIENT_SSL`, plus `CERT_SESS` with a client certificate and
 //!   `CERT_CONN` when it was presented on this connection rather than on the one that made
-//!   the resumed session (HAProxy's meaning of the two); `verify` 0 with a certificate (rustls only finishes a handshake whose
-//!   certificate verified), else [`VERIFY_NO_CLIENT_CERT`]; sub-TLVs VERSION 0x21, CN 0x22 (with
-//!   a certificate CN), CIPHER 0x23, SIG_ALG 0x24 and KEY_ALG 0x25 (with a certificate).
+//!   the resumed session (HAProxy's meaning of the two); `verify` 0 with a certificate (rustls
+//!   only finishes a handshake whose certificate verified), else [`VERIFY_NO_CLIENT_CERT`];
+//!   sub-TLVs VERSION 0x21, CN 0x22 (with a certificate CN), CIPHER 0x23, SIG_ALG 0x24 and
+//!   KEY_ALG 0x25 (with a certificate).
 //! - custom 0xE0: SHA-256 of the client certificate (32 raw bytes).
 //! - custom 0xE1: the MQTT client-id (left out when empty).
 //! - `CRC32C` 0x03, last: CRC32C of the whole header computed with this field zeroed.
