@@ -173,15 +173,19 @@ fn a_ticket_resumes_on_every_replica_sharing_the_key_file_and_nowhere_else() {
             assert!(wait_until(WAIT, || reloads(r) > n), "no reload after the key file changed:\n{}", r.hm.log());
         }
     };
+    // A second device keeps a ticket of the old key to the end.
+    let stale = tls::client_config(&certs, true, ClientTlsChoice::Tls13Aes128);
     assert_eq!(session(&a, &client, "rot-1"), HandshakeKind::Full);
     let new_key = write_keys(&certs.dir.path().join("scratch"), 1).remove(0);
     rotate(&[written[0].clone(), new_key.clone()]);
-    assert_eq!(session(&shared, &client, "rot-2"), HandshakeKind::Resumed, "the old key still encrypts");
+    assert_eq!(session(&shared, &client, "rot-2"), HandshakeKind::Resumed, "a ticket from before opens");
+    assert_eq!(session(&shared, &stale, "stale-1"), HandshakeKind::Full);
     rotate(&[new_key.clone(), written[0].clone()]);
     assert_eq!(session(&a, &client, "rot-3"), HandshakeKind::Resumed, "an old-key ticket opens after the swap");
     assert_eq!(session(&shared, &client, "rot-4"), HandshakeKind::Resumed, "a new-key ticket opens");
     rotate(std::slice::from_ref(&new_key));
     assert_eq!(session(&a, &client, "rot-5"), HandshakeKind::Resumed, "the new key alone");
+    assert_eq!(session(&a, &stale, "stale-2"), HandshakeKind::Full, "a dropped key's ticket does not open");
 }
 
 /// `harbormaster-bench storm --resume` against one replica: the generator's count of resumed

@@ -22,6 +22,8 @@ const NAME_LEN: usize = 16;
 const TAG_LEN: usize = 16;
 /// Shortest secret accepted per line of a key file (decoded bytes).
 pub const MIN_SECRET_LEN: usize = 32;
+/// How to make a key, for the errors about a key file.
+const MAKE_ONE: &str = "make one with `openssl rand -base64 48`";
 
 /// What a ticket is bound to: the listener and who it lets in. Any change to these makes
 /// the listener's earlier tickets fail to resume.
@@ -81,8 +83,7 @@ fn parse_keys(text: &str) -> Result<FileKeys, String> {
             .map_err(|e| format!("line {}: not base64 ({e})", n + 1))?;
         if secret.len() < MIN_SECRET_LEN {
             return Err(format!(
-                "line {}: a key needs at least {MIN_SECRET_LEN} random bytes, this one has {} \
-                 (make one with `openssl rand -base64 48`)",
+                "line {}: a key needs at least {MIN_SECRET_LEN} random bytes, this one has {} ({MAKE_ONE})",
                 n + 1,
                 secret.len()
             ));
@@ -90,9 +91,7 @@ fn parse_keys(text: &str) -> Result<FileKeys, String> {
         keys.push(TicketKey::derive(&secret)?);
     }
     if keys.is_empty() {
-        return Err(format!(
-            "no key: one per line, base64 of at least {MIN_SECRET_LEN} random bytes (`openssl rand -base64 48`)"
-        ));
+        return Err(format!("no key: one per line, base64 of at least {MIN_SECRET_LEN} random bytes ({MAKE_ONE})"));
     }
     Ok(FileKeys { keys })
 }
@@ -194,8 +193,13 @@ impl ProducesTickets for Bound {
     }
 
     fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
-        let plain = self.inner.decrypt(ticket)?;
-        plain.strip_prefix(&self.context[..]).map(<[u8]>::to_vec)
+        let mut plain = self.inner.decrypt(ticket)?;
+        if !plain.starts_with(&self.context) {
+            return None;
+        }
+        // In place: a resumed handshake pays for no second copy of the session state.
+        plain.drain(..self.context.len());
+        Some(plain)
     }
 }
 

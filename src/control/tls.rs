@@ -217,8 +217,8 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
         }
     }
 
-    // The client CAs in force, for what session tickets are bound to.
-    let mut client_cas: Vec<CertificateDer<'static>> = Vec::new();
+    // What session tickets are bound to: the listener, its client_auth and its client CAs.
+    let mut context = tickets::context(listener, t.client_auth, std::iter::empty());
     let verifier = match (t.client_auth, &t.client_ca) {
         (ClientAuth::None, _) => None,
         (_, None) => {
@@ -233,7 +233,7 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
                     problems.push(("client_ca".into(), format!("no certificate in {}", ca_path.display())))
                 }
                 Ok(certs) => {
-                    client_cas.clone_from(&certs);
+                    context = tickets::context(listener, auth, certs.iter().map(|c| c.as_ref()));
                     for c in certs {
                         if let Err(e) = roots.add(c) {
                             problems.push(("client_ca".into(), format!("{}: {e}", ca_path.display())));
@@ -257,9 +257,23 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
             }
         }
     };
-    if !problems.is_empty() {
-        return Err(problems);
-    }
+    // The key file is read with the other files, so its problems are reported with theirs.
+    let ticketer = match &t.ticket_keys {
+        None => tickets::local(context).map_err(|e| (String::new(), format!("session tickets: {e}"))),
+        Some(p) => {
+            let path = relative(base, p);
+            warnings.extend(tickets::exposed(&path).map(|w| ("ticket_keys".to_string(), w)));
+            tickets::from_file(&path, context).map_err(|e| ("ticket_keys".to_string(), e))
+        }
+    };
+    let ticketer = match ticketer {
+        Ok(t) if problems.is_empty() => t,
+        Ok(_) => return Err(problems),
+        Err(p) => {
+            problems.push(p);
+            return Err(problems);
+        }
+    };
 
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
@@ -288,15 +302,6 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
     // this process's own, or `ticket_keys` shared by the replicas (tickets.rs). TLS 1.3: one
     // ticket per handshake rather than rustls' two — a device resumes once per reconnect and
     // gets a fresh ticket each time — 2.5% less CPU per new session (docs/benchmarks.md).
-    let context = tickets::context(listener, t.client_auth, client_cas.iter().map(|c| c.as_ref()));
-    let ticketer = match &t.ticket_keys {
-        None => tickets::local(context).map_err(|e| vec![(String::new(), format!("session tickets: {e}"))])?,
-        Some(p) => {
-            let path = relative(base, p);
-            warnings.extend(tickets::exposed(&path).map(|w| ("ticket_keys".to_string(), w)));
-            tickets::from_file(&path, context).map_err(|e| vec![("ticket_keys".into(), e)])?
-        }
-    };
     cfg.ticketer = ticketer;
     cfg.send_tls13_tickets = 1;
     Ok(Built { config: cfg, cert_expiry, warnings })
@@ -612,6 +617,15 @@ mod tests {
         raw.certs[0].ocsp = Some("empty.der".into());
         let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("an empty OCSP file loads");
         assert!(errs[0].1.ends_with("empty.der is empty"), "{errs:?}");
+
+        // A bad ticket key file is reported together with the other files' problems.
+        let mut raw = f.raw(&["a"], ClientAuth::None);
+        raw.certs[0].key = "missing.key".into();
+        raw.ticket_keys = Some("missing-ticket-keys".into());
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("a missing key file loads");
+        let paths: Vec<&str> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(paths, ["certs[0].key", "ticket_keys"], "{errs:?}");
+        assert!(errs[1].1.contains("missing-ticket-keys"), "{errs:?}");
     }
 
     #[test]
