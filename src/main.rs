@@ -1,5 +1,7 @@
-//! The `harbormaster` command: `run`, `check` and `route` over one TOML config file, and `demo`.
+//! The `harbormaster` command: `run`, `check` and `route` over one TOML config file, `demo`,
+//! and `certs`.
 
+mod certs;
 mod demo;
 
 use std::io::Write;
@@ -26,6 +28,9 @@ enum Command {
     /// Try it: harbormaster with TLS in front of three embedded MQTT brokers, demo
     /// certificates, ready-to-paste mosquitto commands and a live table. Ctrl-C stops.
     Demo(demo::Args),
+    /// Make certificates of your own for a TLS listener: a CA, a server certificate for the
+    /// names devices connect to and, with --device, device certificates.
+    Certs(certs::Args),
     /// Run the load balancer.
     Run {
         #[arg(long, short, default_value = "config/harbormaster.toml")]
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo::main(args),
+        Command::Certs(args) => certs::main(args),
         Command::Check { config } => match config::load(&config) {
             Ok(loaded) => {
                 for w in &loaded.warnings {

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub proxy_headers: IntCounterVec,
     /// Optional TLVs left out of a PROXY v2 header to stay within the budget, by pool and TLV.
     pub tlv_dropped: IntCounterVec,
+    /// Client certificates whose subject CN was not passed on to brokers, by listener and
+    /// reason ("control_character", "undecodable").
+    pub cn_refused: IntCounterVec,
 
     /// Connections waiting for a TLS handshake token (`handshake_rate`) now.
     pub handshake_queue: IntGauge,
@@ -258,6 +261,12 @@ impl Metrics {
                 "proxy_tlv_dropped_total",
                 "Optional PROXY v2 TLVs left out to fit max_header_bytes",
                 &["pool", "tlv"],
+            ),
+            cn_refused: counter_vec(
+                &r,
+                "tls_client_cn_refused_total",
+                "Client certificate CNs not passed on to brokers: a control character, or not decodable",
+                &["listener", "reason"],
             ),
             handshake_queue: register(
                 &r,

@@ -17,7 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::config::{relative, ClientAuth, RawTls};
-use super::tickets;
+use super::{demo_certs, tickets};
 
 /// Problems as (key path below `tls`, message).
 pub type TlsProblems = Vec<(String, String)>;
@@ -173,6 +173,9 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
                 continue;
             }
         };
+        if let Some(w) = demo_certs::served(&chain) {
+            warnings.push((format!("certs[{i}].cert"), format!("{}: {w}", cert_path.display())));
+        }
         let Some((not_after, names)) =
             inspect_leaf(&chain[0], &cert_path, &format!("certs[{i}].cert"), &mut problems, &mut warnings)
         else {
@@ -233,6 +236,9 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
                     problems.push(("client_ca".into(), format!("no certificate in {}", ca_path.display())))
                 }
                 Ok(certs) => {
+                    if let Some(w) = demo_certs::trusted(&certs) {
+                        warnings.push(("client_ca".into(), format!("{}: {w}", ca_path.display())));
+                    }
                     context = tickets::context(listener, auth, certs.iter().map(|c| c.as_ref()));
                     for c in certs {
                         if let Err(e) = roots.add(c) {

@@ -462,6 +462,18 @@ async fn setup(
             if info.resumed {
                 shared.metrics.tls_resumed.with_label_values(&[&spec.name]).inc();
             }
+            if let Some(refused) = info.client_cert.as_ref().and_then(|c| c.cn_refused.as_ref()) {
+                shared.metrics.cn_refused.with_label_values(&[&spec.name, refused.reason.as_str()]).inc();
+                // Escaped and bounded: the CN is the client's text, and must not forge log lines.
+                tracing::warn!(
+                    target: "harbormaster::connection",
+                    conn_id = %conn_id,
+                    listener = %spec.name,
+                    reason = refused.reason.as_str(),
+                    cn = %refused.shown,
+                    "client certificate CN not passed on to the broker"
+                );
+            }
             facts.tls_resumed = info.resumed;
             facts.sni = info.sni.clone();
             facts.tls_version = Some(info.version);

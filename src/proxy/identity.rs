@@ -16,7 +16,8 @@
 
 use rustls::{CipherSuite, ProtocolVersion};
 use sha2::{Digest, Sha256};
-use x509_parser::asn1_rs::Oid;
+use std::fmt::Write as _;
+use x509_parser::asn1_rs::{Oid, Tag};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -43,8 +44,11 @@ pub struct TlsInfo {
 /// Facts from the client's end-entity certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
-    /// Subject common name, when the subject has one.
+    /// Subject common name (the first, as OpenSSL-based brokers read it) in UTF-8, when the
+    /// subject has one that is safe to pass on.
     pub cn: Option<String>,
+    /// The subject's CN when it is not passed on, and why.
+    pub cn_refused: Option<RefusedCn>,
     /// SHA-256 of the DER certificate.
     pub sha256: [u8; 32],
     /// Signature algorithm in OpenSSL spelling, e.g. "ecdsa-with-SHA256", "sha256WithRSAEncryption".
@@ -52,6 +56,38 @@ pub struct ClientCert {
     /// Key algorithm as HAProxy spells it, e.g. "EC256", "RSA2048".
     pub key_alg: Option<String>,
 }
+
+/// Why a certificate's CN is not passed on to brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CnRefusal {
+    /// It holds a control character (C0, DEL, C1) or a line/paragraph separator.
+    ControlCharacter,
+    /// Its bytes are not a valid string of its ASN.1 type, or the type is not one a CN can
+    /// have.
+    Undecodable,
+}
+
+impl CnRefusal {
+    /// The metric label and log field value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CnRefusal::ControlCharacter => "control_character",
+            CnRefusal::Undecodable => "undecodable",
+        }
+    }
+}
+
+/// A CN that is not passed on: why, and what it was, escaped and bounded for a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedCn {
+    pub reason: CnRefusal,
+    /// The decoded text with every control character escaped (`admin\0.attacker`), or for
+    /// an undecodable CN its ASN.1 tag and bytes in hex; at most [`SHOWN_CN_MAX`] characters.
+    pub shown: String,
+}
+
+/// Longest rendering of a refused CN in a log line.
+pub const SHOWN_CN_MAX: usize = 200;
 
 impl TlsInfo {
     /// Read the facts off a finished server-side rustls connection.
@@ -133,18 +169,78 @@ impl ClientCert {
     /// Parse a DER end-entity certificate; never fails: unknown fields are left `None`.
     pub fn from_der(der: &[u8]) -> ClientCert {
         let sha256: [u8; 32] = Sha256::digest(der).into();
-        let mut out = ClientCert { cn: None, sha256, sig_alg: None, key_alg: None };
+        let mut out = ClientCert { cn: None, cn_refused: None, sha256, sig_alg: None, key_alg: None };
         // Trailing bytes after the certificate are ignored: the fingerprint still covers them,
         // which is what a peer hashing the same bytes would get.
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
             return out;
         };
-        out.cn = cert.subject().iter_common_name().next().and_then(|attr| attr.as_str().ok()).map(str::to_owned);
+        if let Some(attr) = cert.subject().iter_common_name().next() {
+            let value = attr.attr_value();
+            match decode_cn(value.tag(), value.data) {
+                Ok(cn) => out.cn = Some(cn),
+                Err(refused) => out.cn_refused = Some(refused),
+            }
+        }
         // The TBS copy of the algorithm, as HAProxy reads it (X509_get0_tbs_sigalg).
         out.sig_alg = sig_alg_name(&cert.tbs_certificate.signature.algorithm).map(str::to_owned);
         out.key_alg = key_alg_name(&cert);
         out
     }
+}
+
+/// A CN attribute's value (its ASN.1 tag and content bytes) as UTF-8, or why it must not be
+/// passed on.
+pub fn decode_cn(tag: Tag, data: &[u8]) -> Result<String, RefusedCn> {
+    let undecodable = || RefusedCn { reason: CnRefusal::Undecodable, shown: shown_bytes(tag, data) };
+    let text = match tag {
+        Tag::Utf8String => String::from_utf8(data.to_vec()).map_err(|_| undecodable())?,
+        // 7-bit types. OpenSSL does not hold PrintableString to its small alphabet on reading,
+        // and neither do we: a broker would see the same bytes.
+        Tag::PrintableString | Tag::Ia5String | Tag::VisibleString | Tag::NumericString => {
+            if !data.is_ascii() {
+                return Err(undecodable());
+            }
+            data.iter().map(|&b| char::from(b)).collect()
+        }
+        // T.61 as Latin-1, as OpenSSL's ASN1_STRING_to_UTF8 does.
+        Tag::TeletexString => data.iter().map(|&b| char::from(b)).collect(),
+        Tag::BmpString => {
+            if data.len() % 2 != 0 {
+                return Err(undecodable());
+            }
+            let units = data.chunks_exact(2).map(|u| u16::from_be_bytes([u[0], u[1]]));
+            char::decode_utf16(units).collect::<Result<String, _>>().map_err(|_| undecodable())?
+        }
+        Tag::UniversalString => {
+            if data.len() % 4 != 0 {
+                return Err(undecodable());
+            }
+            data.chunks_exact(4)
+                .map(|u| char::from_u32(u32::from_be_bytes([u[0], u[1], u[2], u[3]])))
+                .collect::<Option<String>>()
+                .ok_or_else(undecodable)?
+        }
+        _ => return Err(undecodable()),
+    };
+    if text.chars().any(unsafe_in_cn) {
+        let shown: String = text.chars().flat_map(char::escape_debug).take(SHOWN_CN_MAX).collect();
+        return Err(RefusedCn { reason: CnRefusal::ControlCharacter, shown });
+    }
+    Ok(text)
+}
+
+/// Characters that end or break a string, a line or a log record in what reads the CN.
+fn unsafe_in_cn(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+fn shown_bytes(tag: Tag, data: &[u8]) -> String {
+    let mut s = format!("{tag} ");
+    for b in data.iter().take((SHOWN_CN_MAX - s.len()) / 2) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 /// OpenSSL long name (`OBJ_nid2ln`) of a certificate signature algorithm, except where OpenSSL's
@@ -514,6 +610,108 @@ pub(crate) mod tests {
             let cert = ClientCert::from_der(&leaf.der[..n]);
             assert_eq!(cert.cn, None, "truncated at {n}");
         }
+    }
+
+    /// Every string type a CN can have, decoded to the same UTF-8.
+    #[test]
+    fn cn_of_every_string_type_is_decoded_to_utf8() {
+        let utf16 = |s: &str| s.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>();
+        let utf32 = |s: &str| s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect::<Vec<u8>>();
+        let cases: Vec<(Tag, Vec<u8>, &str)> = vec![
+            (Tag::Utf8String, "Gerät-7 ✓".as_bytes().to_vec(), "Gerät-7 ✓"),
+            (Tag::PrintableString, b"device-001".to_vec(), "device-001"),
+            (Tag::Ia5String, b"dev@example.com".to_vec(), "dev@example.com"),
+            (Tag::VisibleString, b"visible~device".to_vec(), "visible~device"),
+            (Tag::NumericString, b"0042 17".to_vec(), "0042 17"),
+            // T.61 as Latin-1: 0xE4 is ä, 0xDF is ß.
+            (Tag::TeletexString, b"Stra\xdfe-\xe4".to_vec(), "Straße-ä"),
+            (Tag::BmpString, utf16("Gerät-Ω"), "Gerät-Ω"),
+            // Outside the BMP: a surrogate pair.
+            (Tag::BmpString, utf16("truck-🚚"), "truck-🚚"),
+            (Tag::UniversalString, utf32("Gerät-🚚"), "Gerät-🚚"),
+        ];
+        for (tag, bytes, want) in cases {
+            assert_eq!(decode_cn(tag, &bytes).as_deref(), Ok(want), "{tag}");
+        }
+    }
+
+    #[test]
+    fn cn_with_a_control_character_is_refused_in_every_string_type() {
+        let utf16 = |s: &str| s.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>();
+        let utf32 = |s: &str| s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect::<Vec<u8>>();
+        let evil = ["admin\0.attacker", "admin\r\nuser=root", "a\tb", "del\x7f", "c1\u{85}", "ls\u{2028}x"];
+        for text in evil {
+            let mut encodings = vec![
+                (Tag::Utf8String, text.as_bytes().to_vec()),
+                (Tag::BmpString, utf16(text)),
+                (Tag::UniversalString, utf32(text)),
+            ];
+            if text.is_ascii() {
+                for tag in [Tag::PrintableString, Tag::Ia5String, Tag::VisibleString, Tag::TeletexString] {
+                    encodings.push((tag, text.as_bytes().to_vec()));
+                }
+            }
+            for (tag, bytes) in encodings {
+                let refused = decode_cn(tag, &bytes).expect_err(text);
+                assert_eq!(refused.reason, CnRefusal::ControlCharacter, "{tag} {text:?}");
+                assert!(!refused.shown.chars().any(char::is_control), "{:?}", refused.shown);
+            }
+        }
+        // Latin-1 bytes 0x80..0x9F are C1 controls.
+        let refused = decode_cn(Tag::TeletexString, b"a\x9bb").unwrap_err();
+        assert_eq!(refused.reason, CnRefusal::ControlCharacter);
+        assert_eq!(decode_cn(Tag::Utf8String, b"admin\0.attacker").unwrap_err().shown, "admin\\0.attacker");
+    }
+
+    #[test]
+    fn undecodable_cn_is_refused() {
+        let cases: [(Tag, &[u8]); 8] = [
+            (Tag::Utf8String, b"\xff\xfe"),
+            (Tag::PrintableString, b"caf\xc3\xa9"),
+            (Tag::Ia5String, b"\x80"),
+            (Tag::BmpString, b"\x00a\x00"),
+            // A lone high surrogate.
+            (Tag::BmpString, b"\xd8\x00\x00a"),
+            (Tag::UniversalString, b"\x00\x00\x00a\x00"),
+            (Tag::UniversalString, b"\x00\x11\x00\x00"),
+            (Tag::OctetString, b"device"),
+        ];
+        for (tag, bytes) in cases {
+            let refused = decode_cn(tag, bytes).expect_err("undecodable");
+            assert_eq!(refused.reason, CnRefusal::Undecodable, "{tag}");
+            assert!(refused.shown.len() <= SHOWN_CN_MAX);
+        }
+        // Long garbage is shown bounded.
+        let long = vec![0xffu8; 10_000];
+        assert!(decode_cn(Tag::Utf8String, &long).unwrap_err().shown.len() <= SHOWN_CN_MAX);
+        let long = "\0".repeat(10_000);
+        assert!(decode_cn(Tag::Utf8String, long.as_bytes()).unwrap_err().shown.chars().count() <= SHOWN_CN_MAX);
+    }
+
+    /// Through a whole certificate: the string types rcgen can write, and a NUL.
+    #[test]
+    fn from_der_decodes_cn_string_types_and_refuses_controls() {
+        use rcgen::string::{BmpString, TeletexString, UniversalString};
+        use rcgen::DnValue;
+        let pki = Pki::new();
+        let with_cn = |value: DnValue| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, value);
+            ClientCert::from_der(params.signed_by(&key, &pki.issuer).unwrap().der())
+        };
+        let cert = with_cn(DnValue::BmpString(BmpString::try_from("Gerät-Ω").unwrap()));
+        assert_eq!((cert.cn.as_deref(), cert.cn_refused), (Some("Gerät-Ω"), None));
+        let cert = with_cn(DnValue::UniversalString(UniversalString::try_from("truck-🚚").unwrap()));
+        assert_eq!(cert.cn.as_deref(), Some("truck-🚚"));
+        let cert = with_cn(DnValue::TeletexString(TeletexString::try_from("teletex-1").unwrap()));
+        assert_eq!(cert.cn.as_deref(), Some("teletex-1"));
+        let cert = with_cn(DnValue::Utf8String("admin\0.attacker".into()));
+        assert_eq!(cert.cn, None);
+        let refused = cert.cn_refused.expect("refused");
+        assert_eq!(refused.reason, CnRefusal::ControlCharacter);
+        assert_eq!(refused.shown, "admin\\0.attacker");
     }
 
     #[test]

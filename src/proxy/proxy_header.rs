@@ -27,16 +27,23 @@
 //! left out.
 //!
 //! # Budget
-//! Receivers cap the header (Mosquitto 2.1: 500 bytes, nginx: ~107). When the header would
-//! exceed `max_header_bytes`, optional parts are dropped in this order until it fits:
-//! 1. [`Tlv::ClientId`]
-//! 2. [`Tlv::CertSha256`]
-//! 3. [`Tlv::UniqueId`]
-//! 4. [`Tlv::Alpn`]
-//! 5. the SIG_ALG and KEY_ALG sub-TLVs of [`Tlv::Ssl`] (reported as `Tlv::Ssl`)
-//! 6. [`Tlv::Authority`]
-//! 7. the whole [`Tlv::Ssl`]
-//! 8. [`Tlv::Crc32c`]
+//! Receivers cap the header (Mosquitto 2.1: 500 bytes, nginx: ~107). Within
+//! `max_header_bytes`, the parts of the header are kept in this order of importance, each one
+//! when it fits in the room the parts before it left; a part that does not fit is dropped
+//! alone and the walk goes on, so smaller parts after it still go out:
+//! 1. [`Tlv::Crc32c`]
+//! 2. [`Tlv::Ssl`]: client flags, verify, VERSION and CIPHER
+//! 3. the CN sub-TLV of [`Tlv::Ssl`] (whole or not at all: a CN is never cut)
+//! 4. [`Tlv::Authority`]
+//! 5. the SIG_ALG and KEY_ALG sub-TLVs of [`Tlv::Ssl`]
+//! 6. [`Tlv::Alpn`]
+//! 7. [`Tlv::UniqueId`]
+//! 8. [`Tlv::CertSha256`]
+//! 9. [`Tlv::ClientId`]
+//!
+//! Parts of the SSL TLV left out are reported as `Tlv::Ssl`, once. The CN sub-TLV goes only
+//! with the rest of the SSL TLV, which then still says a certificate was verified: a broker
+//! that takes the CN for the user sees no name rather than a wrong one.
 //!
 //! The address block is never dropped: a budget below 28 (IPv4) / 52 (IPv6) bytes yields the
 //! bare header, over budget. The budget is also capped at the format's own limit, 16 + 65535.
@@ -82,9 +89,10 @@ pub struct HeaderInput<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     pub bytes: Vec<u8>,
-    /// Chosen TLVs that were not sent (in full), in the order they were left out: first those
-    /// over a receiver's per-TLV limit (AUTHORITY > 255, UNIQUE_ID > 128 bytes), then the budget
-    /// drops. A TLV with nothing to say (no SNI, no certificate...) is absent, not dropped.
+    /// Chosen TLVs that were not sent (in full): first those over a receiver's per-TLV limit
+    /// (AUTHORITY > 255, UNIQUE_ID > 128 bytes), then those the budget left out, least
+    /// important first. A TLV with nothing to say (no SNI, no certificate...) is absent, not
+    /// dropped.
     pub dropped: Vec<Tlv>,
 }
 
@@ -177,7 +185,12 @@ impl<'a> Ssl<'a> {
 
     /// Length of the SSL value (client + verify + sub-TLVs).
     fn value_len(&self) -> usize {
-        5 + opt_tlv_len(self.version) + opt_tlv_len(self.cn) + opt_tlv_len(self.cipher) + self.sig_key_len()
+        self.core_len() + opt_tlv_len(self.cn) + self.sig_key_len()
+    }
+
+    /// Length of the SSL value without CN, SIG_ALG and KEY_ALG.
+    fn core_len(&self) -> usize {
+        5 + opt_tlv_len(self.version) + opt_tlv_len(self.cipher)
     }
 
     fn sig_key_len(&self) -> usize {
@@ -266,57 +279,63 @@ pub fn encode_v2(input: &HeaderInput<'_>, tlvs: &[Tlv], max_header_bytes: usize)
     let mut client_id = Some(input.client_id).filter(|c| chosen(Tlv::ClientId) && !c.is_empty());
     let mut crc = chosen(Tlv::Crc32c);
 
-    let mut total = base
-        + opt_tlv_len(alpn)
-        + opt_tlv_len(authority)
-        + opt_tlv_len(unique_id)
-        + ssl.as_ref().map_or(0, |s| tlv_len(s.value_len()))
-        + opt_tlv_len(cert_sha)
-        + opt_tlv_len(client_id)
-        + if crc { tlv_len(4) } else { 0 };
-
-    // The budget, in the documented order.
-    fn drop_value(total: &mut usize, v: &mut Option<&[u8]>, t: Tlv, dropped: &mut Vec<Tlv>) {
-        if let Some(value) = v.take() {
-            *total -= tlv_len(value.len());
+    // The budget: every part, most important first, is kept when it fits in the room the
+    // parts before it left, and dropped alone when it does not; a long CN costs the CN, not
+    // the client-id, fingerprint and SNI behind it.
+    let room_at_start = budget.saturating_sub(base);
+    let mut room = room_at_start;
+    let mut take = |len: usize| {
+        let fits = len <= room;
+        if fits {
+            room -= len;
+        }
+        fits
+    };
+    let mut budget_dropped = Vec::new();
+    fn keep(v: &mut Option<&[u8]>, t: Tlv, take: &mut impl FnMut(usize) -> bool, dropped: &mut Vec<Tlv>) {
+        if v.is_some_and(|value| !take(tlv_len(value.len()))) {
+            *v = None;
             dropped.push(t);
         }
     }
-    if total > budget {
-        drop_value(&mut total, &mut client_id, Tlv::ClientId, &mut dropped);
+    // 1. CRC32C.
+    if crc && !take(tlv_len(4)) {
+        crc = false;
+        budget_dropped.push(Tlv::Crc32c);
     }
-    if total > budget {
-        drop_value(&mut total, &mut cert_sha, Tlv::CertSha256, &mut dropped);
+    // 2. SSL: client flags, verify, VERSION and CIPHER.
+    if ssl.as_ref().is_some_and(|s| !take(tlv_len(s.core_len()))) {
+        ssl = None;
+        budget_dropped.push(Tlv::Ssl);
     }
-    if total > budget {
-        drop_value(&mut total, &mut unique_id, Tlv::UniqueId, &mut dropped);
+    // 3. The CN sub-TLV: sent whole or not at all, never cut.
+    if let Some(s) = ssl.as_mut() {
+        if s.cn.is_some_and(|cn| !take(tlv_len(cn.len()))) {
+            s.cn = None;
+            budget_dropped.push(Tlv::Ssl);
+        }
     }
-    if total > budget {
-        drop_value(&mut total, &mut alpn, Tlv::Alpn, &mut dropped);
-    }
-    if total > budget {
-        if let Some(s) = ssl.as_mut().filter(|s| s.sig_key_len() > 0) {
-            total -= s.sig_key_len();
+    // 4. AUTHORITY.
+    keep(&mut authority, Tlv::Authority, &mut take, &mut budget_dropped);
+    // 5. SIG_ALG and KEY_ALG, together.
+    if let Some(s) = ssl.as_mut() {
+        if s.sig_key_len() > 0 && !take(s.sig_key_len()) {
             s.sig_alg = None;
             s.key_alg = None;
-            dropped.push(Tlv::Ssl);
+            budget_dropped.push(Tlv::Ssl);
         }
     }
-    if total > budget {
-        drop_value(&mut total, &mut authority, Tlv::Authority, &mut dropped);
-    }
-    if total > budget {
-        if let Some(s) = ssl.take() {
-            total -= tlv_len(s.value_len());
-            if !dropped.contains(&Tlv::Ssl) {
-                dropped.push(Tlv::Ssl);
-            }
+    // 6.-9.
+    keep(&mut alpn, Tlv::Alpn, &mut take, &mut budget_dropped);
+    keep(&mut unique_id, Tlv::UniqueId, &mut take, &mut budget_dropped);
+    keep(&mut cert_sha, Tlv::CertSha256, &mut take, &mut budget_dropped);
+    keep(&mut client_id, Tlv::ClientId, &mut take, &mut budget_dropped);
+    let total = base + (room_at_start - room);
+    // Reported least important first, the SSL TLV once however many of its parts went.
+    for t in budget_dropped.into_iter().rev() {
+        if !dropped.contains(&t) {
+            dropped.push(t);
         }
-    }
-    if total > budget && crc {
-        total -= tlv_len(4);
-        crc = false;
-        dropped.push(Tlv::Crc32c);
     }
 
     let build = || -> io::Result<Vec<u8>> {
@@ -397,6 +416,7 @@ mod tests {
             alpn: Some(b"mqtt".to_vec()),
             client_cert: Some(ClientCert {
                 cn: Some("device-42".into()),
+                cn_refused: None,
                 sha256: [0xAB; 32],
                 sig_alg: Some("ecdsa-with-SHA256".into()),
                 key_alg: Some("EC256".into()),
@@ -612,27 +632,96 @@ mod tests {
         assert_eq!(enc.dropped, [Tlv::ClientId]);
         assert_crc_ok(&enc.bytes);
 
-        // Tighter budgets walk further down the list, always a prefix of the order.
-        let order = [Tlv::ClientId, Tlv::CertSha256, Tlv::UniqueId, Tlv::Alpn, Tlv::Ssl, Tlv::Authority, Tlv::Crc32c];
-        let mut seen_lengths = Vec::new();
+        // Every budget: each part kept exactly when it fits after the more important ones.
+        let mut most_dropped = 0;
         for budget in (0..=520).rev() {
             let enc = encode_v2(&inp, &ALL, budget);
             let header = Header::try_from(enc.bytes.as_slice()).expect("valid header");
             assert_eq!(header.len(), enc.bytes.len());
             assert!(enc.bytes.len() <= budget.max(28), "budget {budget}");
-            assert!(order.starts_with(&enc.dropped), "budget {budget}: {:?}", enc.dropped);
-            for t in tlvs_of(&enc.bytes) {
-                if t.0 == PP2_TYPE_SSL {
-                    parse_ssl(&t.1);
-                }
-            }
+            assert_kept_greedily(&inp, &ALL, budget, &enc);
             if find(&tlvs_of(&enc.bytes), PP2_TYPE_CRC32C).is_some() {
                 assert_crc_ok(&enc.bytes);
             }
-            seen_lengths.push(enc.dropped.len());
+            most_dropped = most_dropped.max(enc.dropped.len());
         }
-        // Every step of the order was reached at some budget.
-        assert!(seen_lengths.contains(&order.len()));
+        // Down to the bare header.
+        assert_eq!(most_dropped, 7);
+    }
+
+    /// The parts of a header in the budget's order of importance, with their encoded sizes.
+    fn parts(bytes: &[u8]) -> Vec<(&'static str, usize)> {
+        let tlvs = tlvs_of(bytes);
+        let size = |kind: u8| find(&tlvs, kind).map(|v| tlv_len(v.len()));
+        let ssl = find(&tlvs, PP2_TYPE_SSL).map(|v| parse_ssl(&v).2);
+        let sub = |kinds: &[u8]| {
+            ssl.as_ref().map(|subs| {
+                subs.iter().filter(|(k, _)| kinds.contains(k)).map(|(_, v)| tlv_len(v.len())).sum::<usize>()
+            })
+        };
+        let all = [
+            ("crc32c", size(PP2_TYPE_CRC32C)),
+            ("ssl", sub(&[PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CIPHER]).map(|n: usize| tlv_len(5 + n))),
+            ("cn", sub(&[PP2_SUBTYPE_SSL_CN]).filter(|n| *n > 0)),
+            ("authority", size(PP2_TYPE_AUTHORITY)),
+            ("sig_key", sub(&[PP2_SUBTYPE_SSL_SIG_ALG, PP2_SUBTYPE_SSL_KEY_ALG]).filter(|n| *n > 0)),
+            ("alpn", size(PP2_TYPE_ALPN)),
+            ("unique_id", size(PP2_TYPE_UNIQUE_ID)),
+            ("cert_sha256", size(PP2_TYPE_CERT_SHA256)),
+            ("client_id", size(PP2_TYPE_CLIENT_ID)),
+        ];
+        all.into_iter().filter_map(|(name, n)| n.map(|n| (name, n))).collect()
+    }
+
+    /// Drop only what does not fit: walking the parts of the unbounded header in order of
+    /// importance, each is in `enc` exactly when it fits beside the ones kept before it (the
+    /// CN and SIG/KEY only with the rest of the SSL TLV).
+    fn assert_kept_greedily(inp: &HeaderInput<'_>, chosen: &[Tlv], budget: usize, enc: &Encoded) {
+        let full = encode_v2(inp, chosen, V2_MAX_LEN);
+        let kept = parts(&enc.bytes);
+        let base = V2_FIXED_LEN + v2_addresses(inp.src, inp.dst).len();
+        let mut used = base;
+        let mut ssl_kept = false;
+        for (name, n) in parts(&full.bytes) {
+            if matches!(name, "cn" | "sig_key") && !ssl_kept {
+                assert!(!kept.iter().any(|(k, _)| *k == name), "{name} without SSL, budget {budget}");
+                continue;
+            }
+            let fits = used + n <= budget;
+            let is_kept = kept.iter().any(|(k, m)| *k == name && *m == n);
+            assert_eq!(is_kept, fits, "{name} ({n} bytes, {used} used), budget {budget}: kept {kept:?}");
+            if is_kept {
+                used += n;
+                ssl_kept |= name == "ssl";
+            }
+        }
+        assert_eq!(used.max(base), enc.bytes.len().max(base), "budget {budget}");
+    }
+
+    /// A CN longer than the whole budget costs the CN alone: every other TLV still fits and
+    /// goes out.
+    #[test]
+    fn a_long_cn_costs_only_the_cn() {
+        let mut tls = tls_with_cert();
+        tls.client_cert.as_mut().unwrap().cn = Some("c".repeat(1000));
+        let inp = input(Some(&tls));
+        let enc = encode_v2(&inp, &ALL, 500);
+        assert_eq!(enc.dropped, [Tlv::Ssl]);
+        let tlvs = tlvs_of(&enc.bytes);
+        let kinds: Vec<u8> = tlvs.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [0x01, 0x02, 0x05, 0x20, 0xE0, 0xE1, 0x03]);
+        assert_eq!(find(&tlvs, PP2_TYPE_AUTHORITY).unwrap(), b"broker.example");
+        assert_eq!(find(&tlvs, PP2_TYPE_UNIQUE_ID).unwrap(), b"conn-0001");
+        assert_eq!(find(&tlvs, PP2_TYPE_CERT_SHA256).unwrap(), [0xAB; 32]);
+        assert_eq!(find(&tlvs, PP2_TYPE_CLIENT_ID).unwrap(), b"sensor/17");
+        let (client, verify, subs) = parse_ssl(&find(&tlvs, PP2_TYPE_SSL).unwrap());
+        assert_eq!((client, verify), (0x07, VERIFY_OK));
+        let sub_kinds: Vec<u8> = subs.iter().map(|(k, _)| *k).collect();
+        assert_eq!(sub_kinds, [0x21, 0x23, 0x24, 0x25]);
+        // 28 + ALPN 7 + AUTHORITY 17 + UNIQUE_ID 12 + SSL (3+5+10+25+20+8) + E0 35 + E1 12 + CRC 7.
+        assert_eq!(enc.bytes.len(), 189);
+        assert_crc_ok(&enc.bytes);
+        assert_kept_greedily(&inp, &ALL, 500, &enc);
     }
 
     #[test]
@@ -672,9 +761,9 @@ mod tests {
         assert_eq!(header.len(), enc.bytes.len());
         assert!(matches!(header.addresses, Addresses::IPv6(_)));
         // 52 + ALPN 7 + AUTHORITY 17 + UNIQUE_ID 12 + SSL 83 + E0 35 + E1 12 + CRC 7 = 225.
-        // Dropping in order: E1, E0, UNIQUE_ID, ALPN, SIG/KEY (-28) -> 131, AUTHORITY -> 114,
-        // then the whole SSL -> 59 fits; CRC32C, last in the order, survives.
-        assert_eq!(enc.bytes.len(), 59);
+        // Kept in order of importance while they fit in 107: CRC32C (59), the SSL TLV's flags,
+        // verify, version and cipher (102); nothing else fits in the 5 bytes left.
+        assert_eq!(enc.bytes.len(), 102);
         assert_eq!(enc.dropped, [Tlv::ClientId, Tlv::CertSha256, Tlv::UniqueId, Tlv::Alpn, Tlv::Ssl, Tlv::Authority,]);
         assert_crc_ok(&enc.bytes);
 
@@ -814,6 +903,7 @@ mod tests {
             for d in &enc.dropped {
                 proptest::prop_assert!(chosen.contains(d));
             }
+            assert_kept_greedily(&inp, &chosen, budget, &enc);
         }
     }
 }

@@ -1580,3 +1580,95 @@ pub fn publish_until_received(client: &MqttClient, client_id: &str, topic: &str,
     }
     false
 }
+
+// ---------------------------------------------------------------------------------------------
+// tshark: an independent decoder of the PROXY v2 headers on the wire
+// ---------------------------------------------------------------------------------------------
+
+/// `tshark` capturing on loopback the TCP segments sent to `port`, decoding PROXY v2 headers
+/// with its own dissector (heuristic, so nothing to configure). Neither RabbitMQ 3.10 nor
+/// HAProxy 2.6 shows the SSL sub-TLVs (CN, algorithms) of a header they accepted; tshark does.
+/// Killed on drop.
+pub struct Tshark {
+    proc: Option<Proc>,
+    out_path: PathBuf,
+    _dir: TempDir,
+}
+
+/// One PROXY v2 header as tshark decoded it: every TLV it listed, sub-TLVs of the SSL TLV
+/// included, in wire order (tshark 4.0 stops listing after the 0xE0 TLV).
+#[derive(Debug, Clone)]
+pub struct DecodedHeader {
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+impl DecodedHeader {
+    pub fn get(&self, kind: u8) -> Option<&[u8]> {
+        self.tlvs.iter().find(|(k, _)| *k == kind).map(|(_, v)| v.as_slice())
+    }
+
+    pub fn kinds(&self) -> Vec<u8> {
+        self.tlvs.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+impl Tshark {
+    pub fn start(port: u16) -> Tshark {
+        let bin = require_program("tshark");
+        let dir = tempfile::Builder::new().prefix("hm-tshark-").tempdir().unwrap();
+        let out_path = dir.path().join("fields.txt");
+        let err_path = dir.path().join("stderr.txt");
+        let mut cmd = Command::new(bin);
+        cmd.args(["-i", "lo", "-f", &format!("tcp dst port {port}"), "-l", "-n", "-T", "fields"])
+            .args(["-e", "proxy.v2.tlv.type", "-e", "proxy.v2.tlv.value"])
+            .args(["-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"])
+            .stdout(Stdio::from(File::create(&out_path).unwrap()))
+            .stderr(Stdio::from(File::create(&err_path).unwrap()))
+            .stdin(Stdio::null())
+            .process_group(0);
+        let child = cmd.spawn().expect("spawn tshark");
+        let mut proc = Proc { name: "tshark".into(), child, log_path: err_path.clone(), done: false };
+        let up = wait_until(WAIT, || proc.exited().is_none() && read_file_lossy(&err_path).contains("Capturing on"));
+        assert!(up, "tshark did not start capturing:\n{}", read_file_lossy(&err_path));
+        Tshark { proc: Some(proc), out_path, _dir: dir }
+    }
+
+    /// Every PROXY v2 header captured so far.
+    pub fn headers(&self) -> Vec<DecodedHeader> {
+        let text = read_file_lossy(&self.out_path);
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let Some((types, values)) = line.split_once('|') else { continue };
+            if types.trim().is_empty() {
+                continue;
+            }
+            let kinds = types.split(',').map(|t| u8::from_str_radix(t.trim().trim_start_matches("0x"), 16));
+            let values = values.split(',').map(|v| {
+                (0..v.len() / 2).map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16)).collect::<Result<Vec<u8>, _>>()
+            });
+            let tlvs: Option<Vec<(u8, Vec<u8>)>> = kinds.zip(values).map(|(k, v)| Some((k.ok()?, v.ok()?))).collect();
+            if let Some(tlvs) = tlvs {
+                out.push(DecodedHeader { tlvs });
+            }
+        }
+        out
+    }
+
+    /// Waits for the header whose UNIQUE_ID TLV is `unique_id` (harbormaster's `conn_id`).
+    pub fn wait_for_unique_id(&self, unique_id: &str) -> Option<DecodedHeader> {
+        let mut found = None;
+        wait_until(WAIT, || {
+            found = self.headers().into_iter().find(|h| h.get(0x05) == Some(unique_id.as_bytes()));
+            found.is_some()
+        });
+        found
+    }
+}
+
+impl Drop for Tshark {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
