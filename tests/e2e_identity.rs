@@ -232,7 +232,9 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
     let (hm, port) = start(&certs, &d.join("ca.pem"), &h, admin);
 
     // (spec, ASN.1 type as OpenSSL reads it back, what the broker must get)
-    let good: [(CnSpec, &str, &str); 7] = [
+    // VisibleString is left to the unit tests: OpenSSL 3.0 refuses to load a certificate whose
+    // CN is one (`openssl x509` and mosquitto_pub alike), so no OpenSSL client presents it.
+    let good: [(CnSpec, &str, &str); 6] = [
         (
             CnSpec { name: "printable", subj: "device-printable", mask: "default", patch: None },
             "PRINTABLESTRING",
@@ -243,16 +245,11 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
         (CnSpec { name: "t61", subj: "Gerät-t61", mask: "default", patch: None }, "T61STRING", "Gerät-t61"),
         (CnSpec { name: "bmp", subj: "Gerät-Ω-bmp", mask: "default", patch: None }, "BMPSTRING", "Gerät-Ω-bmp"),
         // OpenSSL writes a CN only as one of the four DirectoryString types; the others are
-        // re-tagged. IA5 and Visible share UTF-8's bytes for ASCII text.
+        // re-tagged. IA5String shares UTF-8's bytes for ASCII text.
         (
             CnSpec { name: "ia5", subj: "dev@ia5", mask: "utf8only", patch: Some((Some(0x16), &[])) },
             "IA5STRING",
             "dev@ia5",
-        ),
-        (
-            CnSpec { name: "visible", subj: "visible~cn", mask: "utf8only", patch: Some((Some(0x1a), &[])) },
-            "VISIBLESTRING",
-            "visible~cn",
         ),
         // UTF-32BE of U+1F69A U+1F69B is the BMPString of U+0001 U+F69A U+0001 U+F69B.
         (
@@ -352,8 +349,9 @@ fn a_long_cn_costs_only_the_cn() {
     assert_eq!(line.authority, "localhost", "{line:?}");
     let header = wire.wait_for_unique_id(conn_id).unwrap_or_else(|| panic!("not on the wire: {:?}", wire.headers()));
     eprintln!("long CN header on the wire: {:?}", header.kinds());
-    assert_eq!(header.kinds(), [0x02, 0x05, 0x20, 0x21, 0x23, 0x24, 0x25, 0xE0], "{header:?}");
+    assert_eq!(header.kinds(), [0x02, 0x05, 0x20, 0x21, 0x23, 0x24, 0x25, 0xE0, 0xE1], "{header:?}");
     assert_eq!(header.get(0xE0).map(hex), Some(hex(&sha256_bytes(&certs.client_cert_der))));
+    assert_eq!(header.get(0xE1), Some(&b"long-cn"[..]));
     assert_eq!(metric_sum(&addr(admin), "harbormaster_proxy_tlv_dropped_total", &[("tlv", "ssl")]), 1.0);
     for tlv in ["clientid", "certsha256", "uniqueid", "authority", "alpn", "crc32c"] {
         assert_eq!(metric_sum(&addr(admin), "harbormaster_proxy_tlv_dropped_total", &[("tlv", tlv)]), 0.0, "{tlv}");

@@ -1596,7 +1596,7 @@ pub struct Tshark {
 }
 
 /// One PROXY v2 header as tshark decoded it: every TLV it listed, sub-TLVs of the SSL TLV
-/// included, in wire order (tshark 4.0 stops listing after the 0xE0 TLV).
+/// included, in wire order (tshark 4.0 lists no TLV after the custom ones: no CRC32C).
 #[derive(Debug, Clone)]
 pub struct DecodedHeader {
     pub tlvs: Vec<(u8, Vec<u8>)>,
