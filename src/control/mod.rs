@@ -5,6 +5,7 @@
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
 pub mod config;
+pub mod crl;
 pub mod discovery;
 pub mod drain;
 pub mod health;
