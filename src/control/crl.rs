@@ -94,10 +94,8 @@ pub fn load(
 ) -> Crls {
     let mut crls = Crls::default();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     // Issuers with a list covering all their certificates, and the file it came from.
     let mut whole: BTreeMap<Vec<u8>, String> = BTreeMap::new();
     for (i, file) in files.files.iter().enumerate() {
@@ -111,7 +109,8 @@ pub fn load(
             }
         };
         for (n, der) in lists.into_iter().enumerate() {
-            let which = if n == 0 { path.display().to_string() } else { format!("{} (list {})", path.display(), n + 1) };
+            let which =
+                if n == 0 { path.display().to_string() } else { format!("{} (list {})", path.display(), n + 1) };
             // rustls' own parser decides what it accepts; a list it would refuse at every
             // start is named here with its file.
             let accepted = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

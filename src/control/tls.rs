@@ -825,11 +825,10 @@ mod tests {
             }
         }
         // The server's own error is what the connection log and metric tell apart.
-        let cfg = server_config(&with_crls(&f, ClientAuth::Required, &["ca.crl.pem"]), "mqtts", f.dir.path())
-            .unwrap()
-            .config;
-        let mut c = ClientConnection::new(device_client(&f, &d1, &k1), ServerName::try_from("a.example").unwrap())
-            .unwrap();
+        let cfg =
+            server_config(&with_crls(&f, ClientAuth::Required, &["ca.crl.pem"]), "mqtts", f.dir.path()).unwrap().config;
+        let mut c =
+            ClientConnection::new(device_client(&f, &d1, &k1), ServerName::try_from("a.example").unwrap()).unwrap();
         let mut s = ServerConnection::new(Arc::new(cfg)).unwrap();
         let mut server_error = None;
         for _ in 0..5 {
@@ -915,8 +914,8 @@ mod tests {
         let (d1, k1) = f.device("device-1", 1);
         let (d2, k2) = f.device("device-2", 2);
         f.crl("overdue.crl", &[1], -3, 1, true);
-        let built = server_config(&with_crls(&f, ClientAuth::Required, &["overdue.crl"]), "mqtts", f.dir.path())
-            .unwrap();
+        let built =
+            server_config(&with_crls(&f, ClientAuth::Required, &["overdue.crl"]), "mqtts", f.dir.path()).unwrap();
         assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
         assert_eq!(built.warnings[0].0, "client_crl[0]");
         assert!(built.warnings[0].1.contains("overdue.crl: the list from CN=test CA was due to be replaced on"));
@@ -942,7 +941,9 @@ mod tests {
         assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
         assert_eq!(built.warnings[0].0, "client_crl");
         assert!(
-            built.warnings[0].1.starts_with("no list from client CA CN=other CA: every certificate it signs is refused"),
+            built.warnings[0]
+                .1
+                .starts_with("no list from client CA CN=other CA: every certificate it signs is refused"),
             "{:?}",
             built.warnings
         );
@@ -951,8 +952,7 @@ mod tests {
         assert!(unknown.is_err(), "a device of a CA without a list got in");
 
         // Lists on a listener that asks for no certificate do nothing: said so.
-        let built =
-            server_config(&with_crls(&f, ClientAuth::None, &["current.crl"]), "mqtts", f.dir.path()).unwrap();
+        let built = server_config(&with_crls(&f, ClientAuth::None, &["current.crl"]), "mqtts", f.dir.path()).unwrap();
         assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
         assert!(built.warnings[0].1.contains("client_auth is \"none\""), "{:?}", built.warnings);
     }
