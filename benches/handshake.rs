@@ -72,6 +72,7 @@ fn server(alg: &'static rcgen::SignatureAlgorithm) -> Arc<ServerConfig> {
     let raw = RawTls {
         certs: vec![RawCert { cert: "server.pem".into(), key: "server.key".into(), ocsp: None }],
         client_ca: Some("ca.pem".into()),
+        client_crl: Default::default(),
         client_auth: ClientAuth::Optional,
         alpn: vec![],
         ticket_keys: None,

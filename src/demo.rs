@@ -202,6 +202,12 @@ impl DemoCerts {
         let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
             let p = dir.join(name);
             std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+            if name.ends_with(".key") {
+                // Private keys readable by their owner alone, as the config check expects.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("chmod 600 {}", p.display()))?;
+            }
             Ok(p)
         };
         Ok(DemoCerts {

@@ -176,7 +176,7 @@ impl Metrics {
             tls_handshakes: counter_vec(
                 &r,
                 "tls_handshakes_total",
-                "TLS handshakes by outcome and negotiated version",
+                "TLS handshakes by outcome (ok, error, timeout, revoked: a client certificate in a revocation list) and negotiated version",
                 &["listener", "outcome", "version"],
             ),
             tls_handshake_seconds: histogram_vec(

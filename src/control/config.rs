@@ -90,12 +90,57 @@ pub struct RawListener {
 pub struct RawTls {
     pub certs: Vec<RawCert>,
     pub client_ca: Option<String>,
+    /// Certificate revocation lists for client certificates: one file or a list, PEM or DER.
+    #[serde(default)]
+    pub client_crl: OneOrMany,
     #[serde(default)]
     pub client_auth: ClientAuth,
     #[serde(default)]
     pub alpn: Vec<String>,
     /// File of session ticket keys shared by replicas (src/control/tickets.rs).
     pub ticket_keys: Option<String>,
+}
+
+/// A key that takes one file (`"a.crl"`) or a list (`["a.crl", "b.crl"]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OneOrMany {
+    pub files: Vec<String>,
+    /// Written as a list: its problems are reported at `key[i]`.
+    pub is_list: bool,
+}
+
+impl OneOrMany {
+    /// The key path of the `i`th file below `key`.
+    pub fn key(&self, key: &str, i: usize) -> String {
+        if self.is_list {
+            format!("{key}[{i}]")
+        } else {
+            key.to_string()
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Files;
+        impl<'de> serde::de::Visitor<'de> for Files {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a file name or a list of file names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany { files: vec![v.to_string()], is_list: false })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut files = Vec::new();
+                while let Some(f) = seq.next_element::<String>()? {
+                    files.push(f);
+                }
+                Ok(OneOrMany { files, is_list: true })
+            }
+        }
+        d.deserialize_any(Files)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -624,7 +669,7 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Certificate, key, OCSP, CA and ticket key files a config references, resolved against `base`.
+/// Certificate, key, OCSP, CA, CRL and ticket key files a config references, resolved against `base`.
 fn referenced_files(raw: &RawConfig, base: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for tls in raw.listener.iter().filter_map(|l| l.tls.as_ref()) {
@@ -634,6 +679,7 @@ fn referenced_files(raw: &RawConfig, base: &Path) -> Vec<PathBuf> {
             files.extend(pair.ocsp.iter().map(|o| relative(base, o)));
         }
         files.extend(tls.client_ca.iter().map(|ca| relative(base, ca)));
+        files.extend(tls.client_crl.files.iter().map(|crl| relative(base, crl)));
         files.extend(tls.ticket_keys.iter().map(|k| relative(base, k)));
     }
     files.sort();

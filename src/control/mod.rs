@@ -5,6 +5,7 @@
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
 pub mod config;
+pub mod crl;
 pub mod demo_certs;
 pub mod discovery;
 pub mod drain;

@@ -25,9 +25,15 @@ pub const MIN_SECRET_LEN: usize = 32;
 /// How to make a key, for the errors about a key file.
 const MAKE_ONE: &str = "make one with `openssl rand -base64 48`";
 
-/// What a ticket is bound to: the listener and who it lets in. Any change to these makes
-/// the listener's earlier tickets fail to resume.
-pub fn context<'a>(listener: &str, auth: ClientAuth, client_cas: impl Iterator<Item = &'a [u8]>) -> [u8; 16] {
+/// What a ticket is bound to: the listener and who it lets in (its client CAs, and a digest
+/// of the certificates its revocation lists revoke). Any change to these makes the listener's
+/// earlier tickets fail to resume.
+pub fn context<'a>(
+    listener: &str,
+    auth: ClientAuth,
+    client_cas: impl Iterator<Item = &'a [u8]>,
+    revoked: &[u8],
+) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(b"harbormaster ticket context\0");
     h.update(listener.as_bytes());
@@ -35,6 +41,12 @@ pub fn context<'a>(listener: &str, auth: ClientAuth, client_cas: impl Iterator<I
     for ca in client_cas {
         h.update((ca.len() as u64).to_be_bytes());
         h.update(ca);
+    }
+    // Only with lists: without, the context is what it was before lists existed, so replicas
+    // of either version resume each other's tickets during a rolling upgrade.
+    if !revoked.is_empty() {
+        h.update(b"\0revoked\0");
+        h.update(revoked);
     }
     let mut out = [0; 16];
     out.copy_from_slice(&h.finalize()[..16]);
@@ -55,15 +67,14 @@ pub fn from_file(path: &Path, context: [u8; 16]) -> Result<Arc<dyn ProducesTicke
     Ok(Arc::new(Bound { inner: Arc::new(keys), context }))
 }
 
-/// A warning when every user of the machine may read the key file: with the keys, a recorded
-/// ticket gives its session's secrets, so one can resume as the device that held it.
+/// A warning when others than this process may read the key file (`tls::readers`): with
+/// the keys, a recorded ticket gives its session's secrets, so one can resume as the device
+/// that held it.
 pub fn exposed(path: &Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o004 != 0).then(|| {
+    super::tls::readers(path).map(|(mode, who, fix)| {
         format!(
-            "{} can be read by every user of the machine (mode {mode:o}); whoever reads it can resume \
-             as any device holding a ticket: chmod o-r",
+            "{} can be read by {who} (mode {mode:o}); whoever reads it can resume as any device holding a \
+             ticket: chmod {fix}",
             path.display()
         )
     })
@@ -273,24 +284,27 @@ mod tests {
 
     #[test]
     fn the_context_changes_with_listener_auth_and_cas() {
-        let base = context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter());
-        assert_eq!(base, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter()));
-        assert_ne!(base, context("other", ClientAuth::Optional, [b"ca1".as_slice()].into_iter()));
-        assert_ne!(base, context("mqtts", ClientAuth::Required, [b"ca1".as_slice()].into_iter()));
-        assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca2".as_slice()].into_iter()));
-        assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice(), b"ca2"].into_iter()));
+        let base = context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter(), &[]);
+        assert_eq!(base, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter(), &[]));
+        assert_ne!(base, context("other", ClientAuth::Optional, [b"ca1".as_slice()].into_iter(), &[]));
+        assert_ne!(base, context("mqtts", ClientAuth::Required, [b"ca1".as_slice()].into_iter(), &[]));
+        assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca2".as_slice()].into_iter(), &[]));
+        assert_ne!(base, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice(), b"ca2"].into_iter(), &[]));
+        let revoked = context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter(), &[1; 32]);
+        assert_ne!(base, revoked);
+        assert_ne!(revoked, context("mqtts", ClientAuth::Optional, [b"ca1".as_slice()].into_iter(), &[2; 32]));
     }
 
     #[test]
-    fn a_key_file_every_user_can_read_is_warned_about() {
+    fn a_key_file_others_can_read_is_warned_about() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys");
         std::fs::write(&p, key_line(1)).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(exposed(&p).unwrap().contains("(mode 644)"), "{:?}", exposed(&p));
-        // What a Kubernetes projected volume with defaultMode 0440 gives.
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o440)).unwrap();
+        let w = exposed(&p).unwrap();
+        assert!(w.contains("every user of the machine (mode 644)") && w.ends_with("chmod go-r"), "{w}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(exposed(&p), None);
     }
 

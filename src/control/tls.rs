@@ -1,7 +1,7 @@
 //! Builds the rustls server configuration of a TLS listener from its config section: loads the
 //! cert/key pairs (with an optional OCSP response to staple) and the client CA bundle, picks a
 //! certificate by SNI (names taken from each certificate's subject alternative names), and sets
-//! client authentication. Every file problem, a key that does not fit its certificate and an
+//! client authentication, with revocation lists (crl.rs). Every file problem, a key that does not fit its certificate and an
 //! expired certificate are load errors (a reload keeps the running config); a certificate close
 //! to its expiry is a warning at every load.
 
@@ -147,6 +147,41 @@ fn inspect_leaf(
     Some((not_after, dns_names(&cert)))
 }
 
+/// Who besides this process can read a secret file, as (mode, who, chmod to fix it); `None`
+/// when no one. The others' read bit always counts. The group's counts when this process owns
+/// the file, so that the group can only be other users; not when the process reads it
+/// through that group (a Kubernetes Secret mounted root:fsGroup with mode 0440, a key
+/// root:harbormaster 0640 on a host).
+pub fn readers(path: &Path) -> Option<(u32, &'static str, &'static str)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o777;
+    exposure(mode, meta.uid() == rustix::process::geteuid().as_raw()).map(|(who, fix)| (mode, who, fix))
+}
+
+/// [`readers`] on a mode: who can read the file and the chmod that stops it.
+fn exposure(mode: u32, owned_by_us: bool) -> Option<(&'static str, &'static str)> {
+    let group = owned_by_us && mode & 0o040 != 0;
+    match (mode & 0o004 != 0, group) {
+        (true, true) => Some(("every user of the machine", "go-r")),
+        (true, false) => Some(("every user of the machine", "o-r")),
+        (false, true) => Some(("the users of its group", "g-r")),
+        (false, false) => None,
+    }
+}
+
+/// A warning when others than this process can read a private key: whoever reads it can
+/// pose as this server to every device.
+fn exposed_key(path: &Path) -> Option<String> {
+    readers(path).map(|(mode, who, fix)| {
+        format!(
+            "{} can be read by {who} (mode {mode:o}); whoever reads this private key can pose as this \
+             server: chmod {fix}",
+            path.display()
+        )
+    })
+}
+
 /// Build the server config of listener `listener`, or every problem found.
 pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, TlsProblems> {
     let mut problems = TlsProblems::new();
@@ -182,7 +217,10 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
             continue;
         };
         let key = match PrivateKeyDer::from_pem_file(&key_path) {
-            Ok(k) => k,
+            Ok(k) => {
+                warnings.extend(exposed_key(&key_path).map(|w| (format!("certs[{i}].key"), w)));
+                k
+            }
             Err(e) => {
                 problems.push((format!("certs[{i}].key"), format!("{}: {e}", key_path.display())));
                 continue;
@@ -220,8 +258,15 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
         }
     }
 
-    // What session tickets are bound to: the listener, its client_auth and its client CAs.
-    let mut context = tickets::context(listener, t.client_auth, std::iter::empty());
+    // What session tickets are bound to: the listener, its client_auth, its client CAs and
+    // the certificates its revocation lists revoke.
+    let mut context = tickets::context(listener, t.client_auth, std::iter::empty(), &[]);
+    if t.client_auth == ClientAuth::None && !t.client_crl.files.is_empty() {
+        warnings.push((
+            "client_crl".into(),
+            "set but client_auth is \"none\": no client certificate is asked for, so none is checked".into(),
+        ));
+    }
     let verifier = match (t.client_auth, &t.client_ca) {
         (ClientAuth::None, _) => None,
         (_, None) => {
@@ -231,6 +276,7 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
         (auth, Some(ca)) => {
             let ca_path = relative(base, ca);
             let mut roots = RootCertStore::empty();
+            let mut cas = Vec::new();
             match CertificateDer::pem_file_iter(&ca_path).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
                 Ok(certs) if certs.is_empty() => {
                     problems.push(("client_ca".into(), format!("no certificate in {}", ca_path.display())))
@@ -239,19 +285,28 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
                     if let Some(w) = demo_certs::trusted(&certs) {
                         warnings.push(("client_ca".into(), format!("{}: {w}", ca_path.display())));
                     }
-                    context = tickets::context(listener, auth, certs.iter().map(|c| c.as_ref()));
-                    for c in certs {
-                        if let Err(e) = roots.add(c) {
+                    for c in &certs {
+                        if let Err(e) = roots.add(c.clone()) {
                             problems.push(("client_ca".into(), format!("{}: {e}", ca_path.display())));
                         }
                     }
+                    cas = certs;
                 }
                 Err(e) => problems.push(("client_ca".into(), format!("{}: {e}", ca_path.display()))),
+            }
+            let roots = Arc::new(roots);
+            let crls = super::crl::load(&t.client_crl, base, &cas, &roots, &mut problems, &mut warnings);
+            if !cas.is_empty() {
+                let revoked = crls.revoked_digest();
+                context = tickets::context(listener, auth, cas.iter().map(|c| c.as_ref()), &revoked);
             }
             if roots.is_empty() {
                 None
             } else {
-                let b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                // With lists, rustls' defaults are the policy (crl.rs, docs/configuration.md):
+                // the whole chain is checked, a certificate whose issuer has no list is
+                // refused, and a list past its nextUpdate still counts.
+                let b = WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).with_crls(crls.lists);
                 let b = if auth == ClientAuth::Optional { b.allow_unauthenticated() } else { b };
                 match b.build() {
                     Ok(v) => Some(v),
@@ -316,10 +371,17 @@ pub fn server_config(t: &RawTls, listener: &str, base: &Path) -> Result<Built, T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::config::RawCert;
+    use crate::control::config::{OneOrMany, RawCert};
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
     use rustls::{ClientConfig, ClientConnection, ServerConnection};
     use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+
+    /// A private key as key tools write it: readable by its owner alone.
+    fn write_key(path: &Path, key: &KeyPair) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 
     /// A CA, server pairs written to `dir`, and a client certificate, all from rcgen.
     struct Files {
@@ -330,9 +392,13 @@ mod tests {
 
     impl Files {
         fn new() -> Files {
+            Files::with_ca("test CA")
+        }
+
+        fn with_ca(ca_name: &str) -> Files {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, "test CA");
+            params.distinguished_name.push(DnType::CommonName, ca_name);
             let key = KeyPair::generate().unwrap();
             let cert = params.self_signed(&key).unwrap();
             let dir = tempfile::tempdir().unwrap();
@@ -355,7 +421,7 @@ mod tests {
                 vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
             let cert = params.signed_by(&key, &self.issuer).unwrap();
             std::fs::write(self.dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(self.dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            write_key(&self.dir.path().join(format!("{name}.key")), &key);
             (cert.der().clone(), key)
         }
 
@@ -367,7 +433,48 @@ mod tests {
             (params.not_before, params.not_after) = (not_before, not_after);
             let cert = params.signed_by(&key, &self.issuer).unwrap();
             std::fs::write(self.dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(self.dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            write_key(&self.dir.path().join(format!("{name}.key")), &key);
+        }
+
+        /// Writes NAME.pem / NAME.key, a client certificate with serial number `serial`.
+        fn device(&self, name: &str, serial: u64) -> (CertificateDer<'static>, KeyPair) {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.serial_number = Some(rcgen::SerialNumber::from(serial));
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            std::fs::write(self.dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            (cert.der().clone(), key)
+        }
+
+        /// Writes `file`, a list of this CA revoking `serials` (PEM or DER), due for renewal
+        /// `next_days` from now (negative: overdue); `number` is its CRL number.
+        fn crl(&self, file: &str, serials: &[u64], next_days: i64, number: u64, pem: bool) {
+            let now = time::OffsetDateTime::now_utc();
+            let params = rcgen::CertificateRevocationListParams {
+                this_update: now - time::Duration::days(60),
+                next_update: now + time::Duration::days(next_days),
+                crl_number: rcgen::SerialNumber::from(number),
+                issuing_distribution_point: None,
+                revoked_certs: serials
+                    .iter()
+                    .map(|s| rcgen::RevokedCertParams {
+                        serial_number: rcgen::SerialNumber::from(*s),
+                        revocation_time: now - time::Duration::days(1),
+                        reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            };
+            let crl = params.signed_by(&self.issuer).unwrap();
+            let path = self.dir.path().join(file);
+            if pem {
+                std::fs::write(path, crl.pem().unwrap()).unwrap();
+            } else {
+                std::fs::write(path, crl.der()).unwrap();
+            }
         }
 
         fn raw(&self, names: &[&str], auth: ClientAuth) -> RawTls {
@@ -377,6 +484,7 @@ mod tests {
                     .map(|n| RawCert { cert: format!("{n}.pem"), key: format!("{n}.key"), ocsp: None })
                     .collect(),
                 client_ca: Some("ca.pem".into()),
+                client_crl: Default::default(),
                 client_auth: auth,
                 alpn: vec![],
                 ticket_keys: None,
@@ -650,5 +758,246 @@ mod tests {
             let (_, ocsp) = served(server_config(&raw, "mqtts", f.dir.path()).unwrap().config, "a.example", Some(v));
             assert_eq!(ocsp, response, "{v:?}");
         }
+    }
+
+    /// A full handshake with `client` (its session cache keeps the ticket the server sends),
+    /// then the server's ticket delivered; the client's error, or whether it resumed.
+    fn session(
+        server: rustls::ServerConfig,
+        client: &Arc<ClientConfig>,
+    ) -> Result<rustls::HandshakeKind, rustls::Error> {
+        let mut c = ClientConnection::new(client.clone(), ServerName::try_from("a.example").unwrap()).unwrap();
+        let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            let server_result = s.process_new_packets().map(|_| ());
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            server_result?;
+            if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
+                return Ok(s.handshake_kind().unwrap());
+            }
+        }
+        panic!("handshake stalled");
+    }
+
+    fn device_client(f: &Files, dev: &CertificateDer<'static>, key: &KeyPair) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(f.ca.clone()).unwrap();
+        let cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![dev.clone()], PrivatePkcs8KeyDer::from(key.serialize_der()).into())
+            .unwrap();
+        Arc::new(cfg)
+    }
+
+    fn with_crls(f: &Files, auth: ClientAuth, files: &[&str]) -> RawTls {
+        let mut raw = f.raw(&["a"], auth);
+        raw.client_crl = OneOrMany { files: files.iter().map(|s| s.to_string()).collect(), is_list: true };
+        raw
+    }
+
+    fn revoked_alert(e: &rustls::Error) -> bool {
+        matches!(e, rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked))
+    }
+
+    #[test]
+    fn a_revoked_client_certificate_is_refused_the_others_pass_pem_or_der() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let (d1, k1) = f.device("device-1", 1);
+        let (d2, k2) = f.device("device-2", 2);
+        f.crl("ca.crl.pem", &[1], 30, 1, true);
+        f.crl("ca.crl.der", &[1], 30, 1, false);
+        let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        for file in ["ca.crl.pem", "ca.crl.der"] {
+            for auth in [ClientAuth::Required, ClientAuth::Optional] {
+                let built = server_config(&with_crls(&f, auth, &[file]), "mqtts", f.dir.path()).unwrap();
+                assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+                let refused = handshake(built.config.clone(), &f, "a.example", v13, Some((d1.clone(), &k1)));
+                assert!(refused.as_ref().is_err_and(revoked_alert), "{file} {auth:?}: {:?}", refused.err());
+                let ok = handshake(built.config.clone(), &f, "a.example", v13, Some((d2.clone(), &k2))).unwrap();
+                assert!(ok.peer_certificates().is_some(), "{file} {auth:?}");
+            }
+        }
+        // The server's own error is what the connection log and metric tell apart.
+        let cfg =
+            server_config(&with_crls(&f, ClientAuth::Required, &["ca.crl.pem"]), "mqtts", f.dir.path()).unwrap().config;
+        let mut c =
+            ClientConnection::new(device_client(&f, &d1, &k1), ServerName::try_from("a.example").unwrap()).unwrap();
+        let mut s = ServerConnection::new(Arc::new(cfg)).unwrap();
+        let mut server_error = None;
+        for _ in 0..5 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            if let Err(e) = s.process_new_packets() {
+                server_error = Some(e);
+                break;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert_eq!(server_error, Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)));
+    }
+
+    #[test]
+    fn a_ticket_from_before_a_revocation_does_not_resume_a_reissued_list_keeps_tickets() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let (d1, k1) = f.device("device-1", 1);
+        f.crl("none-revoked.crl", &[], 30, 1, true);
+        f.crl("none-revoked-again.crl", &[], 45, 2, true);
+        f.crl("one-revoked.crl", &[1], 30, 3, true);
+        let cfg = |file: &str| {
+            server_config(&with_crls(&f, ClientAuth::Required, &[file]), "mqtts", f.dir.path()).unwrap().config
+        };
+        let client = device_client(&f, &d1, &k1);
+        assert_eq!(session(cfg("none-revoked.crl"), &client).unwrap(), rustls::HandshakeKind::Full);
+        // The same revocations in a list issued later (another number, another date): a
+        // reload of it leaves the tickets as they were.
+        assert_eq!(session(cfg("none-revoked-again.crl"), &client).unwrap(), rustls::HandshakeKind::Resumed);
+        // Revoked since its ticket was issued: no resumption, a full handshake, refused.
+        let refused = session(cfg("one-revoked.crl"), &client);
+        assert!(refused.as_ref().is_err_and(revoked_alert), "{refused:?}");
+    }
+
+    #[test]
+    fn bad_revocation_lists_are_load_errors_naming_the_file() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        f.crl("good.crl", &[1], 30, 1, true);
+        f.crl("same-issuer.crl", &[2], 30, 2, false);
+        std::fs::write(f.dir.path().join("garbage.crl"), b"\x30\x03\x02\x01\x01").unwrap();
+        std::fs::write(f.dir.path().join("empty.crl"), b"").unwrap();
+        std::fs::write(f.dir.path().join("cert-not-crl.pem"), std::fs::read(f.dir.path().join("a.pem")).unwrap())
+            .unwrap();
+        let raw = with_crls(
+            &f,
+            ClientAuth::Required,
+            &["good.crl", "missing.crl", "garbage.crl", "empty.crl", "cert-not-crl.pem", "same-issuer.crl"],
+        );
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("bad lists load");
+        let got: Vec<String> = errs.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+        for (i, want) in [
+            (1, "missing.crl: No such file"),
+            (2, "garbage.crl: not a usable certificate revocation list"),
+            (3, "empty.crl is empty"),
+            (4, "cert-not-crl.pem: no X509 CRL in it"),
+            (5, "same-issuer.crl: a second list from CN=test CA (the first is in"),
+        ] {
+            let key = format!("client_crl[{i}]: ");
+            assert!(got.iter().any(|g| g.starts_with(&key) && g.contains(want)), "{key}{want} not in {got:#?}");
+        }
+        assert_eq!(got.len(), 5, "{got:#?}");
+        // One file, written as a string: the problem is at `client_crl` itself.
+        let mut raw = f.raw(&["a"], ClientAuth::Required);
+        raw.client_crl = OneOrMany { files: vec!["garbage.crl".into()], is_list: false };
+        let errs = server_config(&raw, "mqtts", f.dir.path()).err().expect("a bad list loads");
+        assert_eq!(errs[0].0, "client_crl", "{errs:?}");
+    }
+
+    #[test]
+    fn an_overdue_list_still_revokes_and_is_warned_about_so_is_a_ca_without_a_list() {
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let (d1, k1) = f.device("device-1", 1);
+        let (d2, k2) = f.device("device-2", 2);
+        f.crl("overdue.crl", &[1], -3, 1, true);
+        let built =
+            server_config(&with_crls(&f, ClientAuth::Required, &["overdue.crl"]), "mqtts", f.dir.path()).unwrap();
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert_eq!(built.warnings[0].0, "client_crl[0]");
+        assert!(built.warnings[0].1.contains("overdue.crl: the list from CN=test CA was due to be replaced on"));
+        assert!(built.warnings[0].1.contains("(3 days ago)"), "{:?}", built.warnings);
+        let v13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let refused = handshake(built.config.clone(), &f, "a.example", v13, Some((d1, &k1)));
+        assert!(refused.as_ref().is_err_and(revoked_alert), "{:?}", refused.err());
+        assert!(handshake(built.config, &f, "a.example", v13, Some((d2.clone(), &k2))).is_ok());
+
+        // A second client CA without a list: its devices cannot be checked, so they are refused.
+        let other = Files::with_ca("other CA");
+        let (od, ok) = other.device("other-device", 1);
+        let bundle = format!(
+            "{}{}",
+            std::fs::read_to_string(f.dir.path().join("ca.pem")).unwrap(),
+            std::fs::read_to_string(other.dir.path().join("ca.pem")).unwrap()
+        );
+        std::fs::write(f.dir.path().join("two-cas.pem"), bundle).unwrap();
+        f.crl("current.crl", &[], 30, 2, true);
+        let mut raw = with_crls(&f, ClientAuth::Required, &["current.crl"]);
+        raw.client_ca = Some("two-cas.pem".into());
+        let built = server_config(&raw, "mqtts", f.dir.path()).unwrap();
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert_eq!(built.warnings[0].0, "client_crl");
+        assert!(
+            built.warnings[0]
+                .1
+                .starts_with("no list from client CA CN=other CA: every certificate it signs is refused"),
+            "{:?}",
+            built.warnings
+        );
+        assert!(handshake(built.config.clone(), &f, "a.example", v13, Some((d2, &k2))).is_ok());
+        let unknown = handshake(built.config, &f, "a.example", v13, Some((od, &ok)));
+        assert!(unknown.is_err(), "a device of a CA without a list got in");
+
+        // Lists on a listener that asks for no certificate do nothing: said so.
+        let built = server_config(&with_crls(&f, ClientAuth::None, &["current.crl"]), "mqtts", f.dir.path()).unwrap();
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert!(built.warnings[0].1.contains("client_auth is \"none\""), "{:?}", built.warnings);
+    }
+
+    #[test]
+    fn a_private_key_others_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Files::new();
+        f.leaf("a", &rcgen::PKCS_ECDSA_P256_SHA256, &["a.example"], false);
+        let key = f.dir.path().join("a.key");
+        let raw = f.raw(&["a"], ClientAuth::None);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let built = server_config(&raw, "mqtts", f.dir.path()).unwrap();
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert_eq!(built.warnings[0].0, "certs[0].key");
+        assert!(
+            built.warnings[0].1.contains("a.key can be read by every user of the machine (mode 644)")
+                && built.warnings[0].1.ends_with("chmod go-r"),
+            "{:?}",
+            built.warnings
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(server_config(&raw, "mqtts", f.dir.path()).unwrap().warnings.is_empty());
+        // The CA bundle is public: no warning however readable.
+        std::fs::set_permissions(f.dir.path().join("ca.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let raw = f.raw(&["a"], ClientAuth::Required);
+        assert!(server_config(&raw, "mqtts", f.dir.path()).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn who_can_read_a_secret() {
+        assert_eq!(exposure(0o600, true), None);
+        assert_eq!(exposure(0o400, false), None);
+        assert_eq!(exposure(0o644, true), Some(("every user of the machine", "go-r")));
+        assert_eq!(exposure(0o604, false), Some(("every user of the machine", "o-r")));
+        assert_eq!(exposure(0o640, true), Some(("the users of its group", "g-r")));
+        // Read through its group: a Kubernetes Secret (root:fsGroup, defaultMode 0440), or a
+        // host's root:harbormaster 0640.
+        assert_eq!(exposure(0o440, false), None);
+        assert_eq!(exposure(0o640, false), None);
     }
 }

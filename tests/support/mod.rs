@@ -416,6 +416,11 @@ impl Certs {
         let write = |name: &str, text: String| {
             let p = dir.path().join(name);
             fs::write(&p, text).unwrap();
+            if name.ends_with(".key") {
+                // As key tools write them: a group- or world-readable key is warned about.
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+            }
             p
         };
         Certs {
