@@ -223,8 +223,12 @@ fn a_hung_only_broker_gets_its_client_a_server_unavailable_connack() {
 enum HangUp {
     /// A FIN at once; what harbormaster sends is read (so the close stays a FIN).
     Close,
-    /// An abortive close at once (SO_LINGER 0): a reset.
+    /// An abortive close at once (SO_LINGER 0): a reset, which may reach harbormaster before
+    /// or after it wrote the CONNECT.
     Reset,
+    /// The CONNECT read, then an abortive close: a reset while harbormaster waits for the
+    /// answer.
+    ResetAfterConnect,
 }
 
 impl HangUp {
@@ -232,7 +236,7 @@ impl HangUp {
     fn outcome(self) -> &'static str {
         match self {
             HangUp::Close => "closed",
-            HangUp::Reset => "reset",
+            HangUp::Reset | HangUp::ResetAfterConnect => "reset",
         }
     }
 }
@@ -249,6 +253,13 @@ fn hanging_up_broker(how: HangUp) -> SocketAddr {
                 HangUp::Reset => {
                     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
                     drop(s);
+                }
+                HangUp::ResetAfterConnect => {
+                    std::thread::spawn(move || {
+                        let _ = s.set_read_timeout(Some(WAIT));
+                        let _ = s.read(&mut [0u8; 4096]);
+                        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                    });
                 }
                 HangUp::Close => {
                     let _ = s.shutdown(Shutdown::Write);
@@ -267,15 +278,22 @@ fn hanging_up_broker(how: HangUp) -> SocketAddr {
 /// client fails over to its next broker (a real mosquitto) and gets that broker's CONNACK,
 /// the attempt is counted with an outcome saying what happened, and passive health counts it
 /// (`fall = 1` with hourly TCP probes, which such a broker passes: only the failed dial can
-/// mark it down).
+/// mark it down). A broker that resets at once may fail the TCP probe too, so it is tried
+/// without probes below.
 #[test]
 fn a_broker_that_closes_or_resets_before_answering_is_a_failed_dial_and_clients_fail_over() {
     let m1 = Mosquitto::start();
-    for how in [HangUp::Close, HangUp::Reset] {
+    for how in [HangUp::Close, HangUp::ResetAfterConnect] {
         let brokers = [("faulty", hanging_up_broker(how).to_string()), ("m1", m1.addr())];
         let (port, admin) = (free_port(), free_port());
         let health = "health = { check = \"tcp\", interval = \"1h\", timeout = \"1s\", rise = 1, fall = 1 }";
         let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, health));
+        // The first round of probes (at start) has passed: from now on only dials count.
+        let probed = wait_until(WAIT, || {
+            let (_, text) = http_get(&addr(admin), "/metrics");
+            text.lines().any(|l| l.starts_with("harbormaster_broker_healthy{") && l.contains("broker=\"faulty\""))
+        });
+        assert!(probed, "{how:?}: the first probe never ended\n{}", hm.log());
         let mut routes = RouteClient::new(admin);
         let prefix = format!("{how:?}-").to_lowercase();
         let id = (0..100).map(|i| format!("{prefix}{i}")).find(|id| routes.preference(id)[0] == "faulty").unwrap();
@@ -316,7 +334,7 @@ fn a_broker_that_closes_or_resets_before_answering_is_a_failed_dial_and_clients_
         let error = faulty["last_error"]["error"].as_str().unwrap_or_default();
         let said = match how {
             HangUp::Close => "closed the connection before answering CONNECT",
-            HangUp::Reset => "Connection reset by peer",
+            HangUp::Reset | HangUp::ResetAfterConnect => "Connection reset by peer",
         };
         assert!(error.contains(said), "{how:?}: {faulty}");
         assert!(hm.log().contains("1 failures in a row, last: dial: "), "{how:?}:\n{}", hm.log());
@@ -324,13 +342,14 @@ fn a_broker_that_closes_or_resets_before_answering_is_a_failed_dial_and_clients_
 }
 
 /// With only brokers that hang up before answering, the client gets CONNACK "server
-/// unavailable" (3.1.1: return code 3; 5.0: 0x88) after both were tried, and each attempt
+/// unavailable" (3.1.1: return code 3; 5.0: 0x88) after all were tried, and each attempt
 /// is counted as a failed dial.
 #[test]
 fn brokers_that_only_close_or_reset_get_their_client_a_server_unavailable_connack() {
     let brokers = [
         ("closes", hanging_up_broker(HangUp::Close).to_string()),
         ("resets", hanging_up_broker(HangUp::Reset).to_string()),
+        ("resets-late", hanging_up_broker(HangUp::ResetAfterConnect).to_string()),
     ];
     let (port, admin) = (free_port(), free_port());
     let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, ""));
@@ -343,7 +362,7 @@ fn brokers_that_only_close_or_reset_get_their_client_a_server_unavailable_connac
         let line = hm.wait_connection_log("client_id", &id).expect("no log line");
         assert_eq!(line.get("close_reason").map(String::as_str), Some("no_broker_available"), "{line:?}");
     }
-    for (broker, outcome) in [("closes", "closed"), ("resets", "reset")] {
+    for (broker, outcome) in [("closes", "closed"), ("resets", "reset"), ("resets-late", "reset")] {
         let n = metric_sum(
             &addr(admin),
             "harbormaster_broker_connect_attempts_total",
