@@ -225,3 +225,81 @@ fn a_flapping_client_id_gets_connection_rate_exceeded() {
     s.write_all(&packet).unwrap();
     assert!(wait_until(WAIT, || backend.total_bytes() >= before + packet.len()));
 }
+
+/// Flapping is counted per listener and verified client certificate: a flood of CONNECTs
+/// carrying a device's client-id on a plain listener bans only that listener's unauthenticated
+/// CONNECTs, and the device, presenting its certificate on the mTLS listener, still connects
+/// (mosquitto_pub, through to a real mosquitto). The device itself, reconnecting in a loop
+/// with its certificate, is still banned.
+#[test]
+fn unauthenticated_connects_cannot_get_a_device_with_a_certificate_refused() {
+    let broker = Mosquitto::start();
+    let certs = Certs::with_client_cn("victim");
+    let (plain, mtls, admin) = (free_port(), free_port(), free_port());
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:{plain}"
+pool = "brokers"
+
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{mtls}"
+pool = "brokers"
+{tls}
+[pool.brokers]
+backends = [{backends}]
+proxy_protocol = "none"
+
+[limits]
+flapping = {{ max_connects = 3, window = "10m", ban = "10m" }}
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"#,
+        tls = certs.listener_tls_toml("required"),
+        backends = named_backends(&[("m", &broker)])
+    ));
+
+    // 20 CONNECTs with the device's client-id, no certificate: the first 3 reach the
+    // broker, the rest are refused (their key space is banned).
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let mut s = connect(plain);
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        codes.push(mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, "victim").unwrap());
+    }
+    let accepted = [0x20, 2, 0, 0].to_vec();
+    let refused_rc3 = [0x20, 2, 0, 3].to_vec();
+    assert_eq!(codes[..3], [accepted.clone(), accepted.clone(), accepted], "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == refused_rc3), "{codes:?}");
+    assert!(wait_until(WAIT, || refused(admin, "flapping") >= 17.0), "flapping: {}", refused(admin, "flapping"));
+    let line = hm.wait_connection_log("close_reason", "flapping").expect("no log line");
+    assert_eq!(line.get("listener").map(String::as_str), Some("mqtt"), "{line:?}");
+    assert!(line.get("detail").is_some_and(|d| d.contains("without a client certificate")), "{line:?}");
+    let before = broker.connection_count("victim");
+    assert_eq!(before, 3);
+
+    // The device with its certificate: not affected. It may connect up to the limit ...
+    let device = MqttClient::tls(mtls, MqttVersion::V311, certs.client_tls(true));
+    for n in 1..=3 {
+        device.publish_ok("victim", "t", "hello");
+        assert!(broker.wait_for_client("victim", before + n), "connection {n} of the device did not reach the broker");
+    }
+    // ... and reconnecting in a loop, it is banned too: CONNACK 3 to mosquitto_pub.
+    let out = device.publish("victim", "t", "hello");
+    assert!(!out.status.success(), "the flapping device was not refused: {}", output_text(&out));
+    assert!(output_text(&out).contains("unavailable"), "{}", output_text(&out));
+    let mut line = None;
+    wait_until(WAIT, || {
+        line = hm.connection_logs().into_iter().find(|l| {
+            l.get("close_reason").map(String::as_str) == Some("flapping")
+                && l.get("listener").map(String::as_str) == Some("mqtts")
+        });
+        line.is_some()
+    });
+    let line = line.unwrap_or_else(|| panic!("no flapping line for mqtts:\n{}", hm.log()));
+    assert!(line.get("detail").is_some_and(|d| d.contains("with this client certificate")), "{line:?}");
+    assert_eq!(broker.connection_count("victim"), before + 3, "the refused CONNECT reached the broker");
+}

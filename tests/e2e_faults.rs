@@ -1,12 +1,12 @@
 //! Faults against the real binary and real mosquitto brokers: a broker killed under its
 //! clients (and restarted), a black-hole broker address, a broker that never answers the
-//! CONNECT, harbormaster killed with SIGKILL and restarted, and two instances listing the same
-//! brokers in different orders.
+//! CONNECT, brokers that accept and then close or reset before answering, harbormaster killed
+//! with SIGKILL and restarted, and two instances listing the same brokers in different orders.
 
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -216,6 +216,160 @@ fn a_hung_only_broker_gets_its_client_a_server_unavailable_connack() {
     s.set_read_timeout(Some(WAIT)).unwrap();
     let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "alone").unwrap();
     assert_eq!(connack, [0x20, 3, 0, 0x88, 0], "CONNACK 5.0 server unavailable");
+}
+
+/// How a [`hanging_up_broker`] ends each connection it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HangUp {
+    /// A FIN at once; what harbormaster sends is read (so the close stays a FIN).
+    Close,
+    /// An abortive close at once (SO_LINGER 0): a reset, which may reach harbormaster before
+    /// or after it wrote the CONNECT.
+    Reset,
+    /// The CONNECT read, then an abortive close: a reset while harbormaster waits for the
+    /// answer.
+    ResetAfterConnect,
+}
+
+impl HangUp {
+    /// The `outcome` of `broker_connect_attempts_total` for a dial to such a broker.
+    fn outcome(self) -> &'static str {
+        match self {
+            HangUp::Close => "closed",
+            HangUp::Reset | HangUp::ResetAfterConnect => "reset",
+        }
+    }
+}
+
+/// A broker that accepts TCP connections and hangs up on each before sending a byte: an
+/// overloaded broker shedding connections, or a port that is not an MQTT broker.
+fn hanging_up_broker(how: HangUp) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            match how {
+                HangUp::Reset => {
+                    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                    drop(s);
+                }
+                HangUp::ResetAfterConnect => {
+                    std::thread::spawn(move || {
+                        let _ = s.set_read_timeout(Some(WAIT));
+                        let _ = s.read(&mut [0u8; 4096]);
+                        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                    });
+                }
+                HangUp::Close => {
+                    let _ = s.shutdown(Shutdown::Write);
+                    std::thread::spawn(move || {
+                        let _ = s.set_read_timeout(Some(WAIT));
+                        let _ = std::io::copy(&mut s, &mut std::io::sink());
+                    });
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// A broker that accepts and then closes or resets before answering is a failed dial: the
+/// client fails over to its next broker (a real mosquitto) and gets that broker's CONNACK,
+/// the attempt is counted with an outcome saying what happened, and passive health counts it
+/// (`fall = 1` with hourly TCP probes, which such a broker passes: only the failed dial can
+/// mark it down). A broker that resets at once may fail the TCP probe too, so it is tried
+/// without probes below.
+#[test]
+fn a_broker_that_closes_or_resets_before_answering_is_a_failed_dial_and_clients_fail_over() {
+    let m1 = Mosquitto::start();
+    for how in [HangUp::Close, HangUp::ResetAfterConnect] {
+        let brokers = [("faulty", hanging_up_broker(how).to_string()), ("m1", m1.addr())];
+        let (port, admin) = (free_port(), free_port());
+        let health = "health = { check = \"tcp\", interval = \"1h\", timeout = \"1s\", rise = 1, fall = 1 }";
+        let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, health));
+        // The first round of probes (at start) has passed: from now on only dials count.
+        let probed = wait_until(WAIT, || {
+            let (_, text) = http_get(&addr(admin), "/metrics");
+            text.lines().any(|l| l.starts_with("harbormaster_broker_healthy{") && l.contains("broker=\"faulty\""))
+        });
+        assert!(probed, "{how:?}: the first probe never ended\n{}", hm.log());
+        let mut routes = RouteClient::new(admin);
+        let prefix = format!("{how:?}-").to_lowercase();
+        let id = (0..100).map(|i| format!("{prefix}{i}")).find(|id| routes.preference(id)[0] == "faulty").unwrap();
+        // mqtt_connect asserts the CONNACK "accepted": mosquitto's, the only broker to answer.
+        let s = mqtt_connect(port, &id);
+        assert!(m1.wait_for_client(&id, 1), "{how:?}: {id} never reached m1");
+        drop(s);
+        let line = hm.wait_connection_log("client_id", &id).expect("no log line");
+        assert_eq!(line.get("broker").map(String::as_str), Some("m1"), "{how:?}: {line:?}");
+        let detail = line.get("detail").cloned().unwrap_or_default();
+        assert!(detail.starts_with("failed over: faulty: "), "{how:?}: {detail}");
+        let attempts = |outcome: &str| {
+            metric_sum(
+                &addr(admin),
+                "harbormaster_broker_connect_attempts_total",
+                &[("pool", "brokers"), ("broker", "faulty"), ("outcome", outcome)],
+            )
+        };
+        assert_eq!((attempts(how.outcome()), attempts("ok")), (1.0, 0.0), "{how:?}: {}", hm.log());
+        let failovers = metric_sum(&addr(admin), "harbormaster_failovers_total", &[("pool", "brokers")]);
+        assert_eq!(failovers, 1.0, "{how:?}");
+        // Passive health: the failed dial marked the broker down.
+        let down = metric_sum(
+            &addr(admin),
+            "harbormaster_broker_health_transitions_total",
+            &[("pool", "brokers"), ("broker", "faulty"), ("state", "down")],
+        );
+        assert_eq!(down, 1.0, "{how:?}: not marked down\n{}", hm.log());
+        let (status, body) = http_get(&addr(admin), "/backends");
+        assert_eq!(status, 200, "{body}");
+        let pools: Value = serde_json::from_str(&body).unwrap();
+        let faulty = pools["pools"][0]["brokers"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["identity"] == "faulty"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no broker faulty in /backends: {body}"));
+        assert_eq!(faulty["healthy"], false, "{how:?}: {faulty}");
+        let error = faulty["last_error"]["error"].as_str().unwrap_or_default();
+        let said = match how {
+            HangUp::Close => "closed the connection before answering CONNECT",
+            HangUp::Reset | HangUp::ResetAfterConnect => "Connection reset by peer",
+        };
+        assert!(error.contains(said), "{how:?}: {faulty}");
+        assert!(hm.log().contains("1 failures in a row, last: dial: "), "{how:?}:\n{}", hm.log());
+    }
+}
+
+/// With only brokers that hang up before answering, the client gets CONNACK "server
+/// unavailable" (3.1.1: return code 3; 5.0: 0x88) after all were tried, and each attempt
+/// is counted as a failed dial.
+#[test]
+fn brokers_that_only_close_or_reset_get_their_client_a_server_unavailable_connack() {
+    let brokers = [
+        ("closes", hanging_up_broker(HangUp::Close).to_string()),
+        ("resets", hanging_up_broker(HangUp::Reset).to_string()),
+        ("resets-late", hanging_up_broker(HangUp::ResetAfterConnect).to_string()),
+    ];
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, ""));
+    for (version, want) in [(MqttVersion::V311, vec![0x20, 2, 0, 3]), (MqttVersion::V5, vec![0x20, 3, 0, 0x88, 0])] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let id = format!("stranded-{}", version.mosquitto_arg());
+        let connack = mqtt::connect_and_read_connack(&mut s, version, &id).unwrap();
+        assert_eq!(connack, want, "{id}\n{}", hm.log());
+        let line = hm.wait_connection_log("client_id", &id).expect("no log line");
+        assert_eq!(line.get("close_reason").map(String::as_str), Some("no_broker_available"), "{line:?}");
+    }
+    for (broker, outcome) in [("closes", "closed"), ("resets", "reset"), ("resets-late", "reset")] {
+        let n = metric_sum(
+            &addr(admin),
+            "harbormaster_broker_connect_attempts_total",
+            &[("pool", "brokers"), ("broker", broker), ("outcome", outcome)],
+        );
+        assert_eq!(n, 2.0, "{broker}: {}", hm.log());
+    }
 }
 
 #[test]

@@ -67,7 +67,7 @@ pub struct Metrics {
     /// Connections relayed to a broker, by pool and broker.
     pub routed: IntCounterVec,
     /// TCP connects to brokers, by pool, broker and outcome ("ok", "refused", "timeout",
-    /// "error").
+    /// "connack_timeout", "closed" and "reset" before the broker's first byte, "error").
     pub broker_attempts: IntCounterVec,
     /// Duration of successful TCP connects to brokers, by pool and broker.
     pub broker_connect_seconds: HistogramVec,
@@ -383,11 +383,16 @@ pub fn connack_label(code: Option<u8>) -> &'static str {
     }
 }
 
+/// The `outcome` label of a broker that closed the connection (FIN) before its first byte.
+pub const DIAL_CLOSED: &str = "closed";
+
 /// The `outcome` label of a failed broker connect.
 pub fn dial_error_outcome(e: &io::Error) -> &'static str {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "refused",
         io::ErrorKind::TimedOut => "timeout",
+        // Reset by the broker (a broken pipe is a write after the reset was received).
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => "reset",
         _ => "error",
     }
 }
@@ -526,6 +531,8 @@ mod tests {
     fn dial_errors_map_to_outcomes() {
         assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::ConnectionRefused)), "refused");
         assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::TimedOut)), "timeout");
+        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::ConnectionReset)), "reset");
+        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::BrokenPipe)), "reset");
         assert_eq!(dial_error_outcome(&io::Error::other("x")), "error");
     }
 

@@ -1,11 +1,14 @@
 //! Admission control: the cheap checks a new connection passes before the expensive work —
 //! the TLS handshake rate (a token bucket with a bounded wait queue), new connections per
-//! source address, and client-ids that reconnect in a loop (flapping). It owns only the
+//! source address, and client-ids that reconnect in a loop (flapping; counted per listener
+//! and verified client certificate, so a client without one can never get a device with one
+//! refused). It owns only the
 //! process's shared state; the limits themselves come from the snapshot at each call, so a
 //! reload applies to the next connection. Every map is bounded: when one is full, entries
 //! that no longer matter are swept, and if none can go the check admits (fails open).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -52,12 +55,26 @@ impl Default for AdmissionLimits {
 }
 
 /// More than `max_connects` CONNECTs with one client-id within `window` refuse that id
-/// for `ban`.
+/// for `ban`, within one [`Claimant`]'s key space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flapping {
     pub max_connects: u32,
     pub window: Duration,
     pub ban: Duration,
+}
+
+/// Who a CONNECT's client-id is counted for by flapping detection: the listener it arrived
+/// on and, when the client presented a certificate the listener verified, that certificate.
+/// A client-id is counted and banned only within one such key space. Anyone can send any
+/// client-id, but only the holder of a certificate's key can present it: CONNECTs without a
+/// certificate (a plain listener, or TLS without a client certificate) can ban only other
+/// CONNECTs without one on the same listener, never a device that authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Claimant<'a> {
+    /// The listener's name.
+    pub listener: &'a str,
+    /// SHA-256 of the verified client certificate; `None`: unauthenticated.
+    pub cert_sha256: Option<&'a [u8; 32]>,
 }
 
 /// Why admission refused a connection.
@@ -156,6 +173,9 @@ pub struct Admission {
     queued: prometheus::IntGauge,
     sources: Mutex<Bounded<IpAddr, Bucket>>,
     flaps: Mutex<Bounded<u64, Flap>>,
+    /// Keys the hash of flapping entries with a secret of this process (SipHash), so no
+    /// client can choose an id whose entry collides with another claimant's.
+    flap_hasher: RandomState,
 }
 
 /// Tests' admission state, its queue gauge registered nowhere.
@@ -174,6 +194,7 @@ impl Admission {
             queued,
             sources: Mutex::new(Bounded::new()),
             flaps: Mutex::new(Bounded::new()),
+            flap_hasher: RandomState::new(),
         }
     }
 }
@@ -252,14 +273,14 @@ impl Admission {
         ok
     }
 
-    /// Counts a CONNECT of `client_id`; whether it is allowed (not flapping). Empty ids
-    /// (assigned by the broker) are not tracked.
-    pub fn connect_allowed(&self, lim: &AdmissionLimits, client_id: &[u8], now: Instant) -> bool {
+    /// Counts a CONNECT of `client_id` by `who`; whether it is allowed (not flapping). Empty
+    /// ids (assigned by the broker) are not tracked.
+    pub fn connect_allowed(&self, lim: &AdmissionLimits, who: Claimant<'_>, client_id: &[u8], now: Instant) -> bool {
         let Some(cfg) = lim.flapping else { return true };
         if client_id.is_empty() {
             return true;
         }
-        let key = xxhash_rust::xxh3::xxh3_64(client_id);
+        let key = self.flap_hasher.hash_one((who, client_id));
         let mut flaps = self.flaps.lock().unwrap_or_else(PoisonError::into_inner);
         if !flaps.map.contains_key(&key) && !flaps.room(MAX_CLIENT_IDS, now, |f| f.expired(&cfg, now)) {
             return true;
@@ -303,6 +324,9 @@ mod tests {
         AdmissionLimits::default()
     }
 
+    /// A client without a certificate on listener "mqtt".
+    const ANON: Claimant<'static> = Claimant { listener: "mqtt", cert_sha256: None };
+
     #[test]
     fn unlimited_by_default() {
         let a = Admission::default();
@@ -310,7 +334,7 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(a.reserve_handshake(&lim(), t), Ok(Duration::ZERO));
             assert!(a.source_allowed(&lim(), IpAddr::from([10, 0, 0, 1]), t));
-            assert!(a.connect_allowed(&lim(), b"dev", t));
+            assert!(a.connect_allowed(&lim(), ANON, b"dev", t));
         }
         assert_eq!(a.tracked(), (0, 0));
     }
@@ -406,17 +430,47 @@ mod tests {
         let cfg = Flapping { max_connects: 3, window: secs(60.0), ban: secs(300.0) };
         let l = AdmissionLimits { flapping: Some(cfg), ..lim() };
         let t = Instant::now();
-        let got: Vec<bool> = (0..4).map(|i| a.connect_allowed(&l, b"dev-1", t + secs(f64::from(i)))).collect();
+        let got: Vec<bool> = (0..4).map(|i| a.connect_allowed(&l, ANON, b"dev-1", t + secs(f64::from(i)))).collect();
         assert_eq!(got, [true, true, true, false]);
-        assert!(a.connect_allowed(&l, b"dev-2", t), "other ids are unaffected");
-        assert!(a.connect_allowed(&l, b"", t) && a.connect_allowed(&l, b"", t), "empty ids are not tracked");
-        assert!(!a.connect_allowed(&l, b"dev-1", t + secs(200.0)), "still cooling down");
-        assert!(a.connect_allowed(&l, b"dev-1", t + secs(304.0)), "after the ban");
+        assert!(a.connect_allowed(&l, ANON, b"dev-2", t), "other ids are unaffected");
+        assert!(
+            a.connect_allowed(&l, ANON, b"", t) && a.connect_allowed(&l, ANON, b"", t),
+            "empty ids are not tracked"
+        );
+        assert!(!a.connect_allowed(&l, ANON, b"dev-1", t + secs(200.0)), "still cooling down");
+        assert!(a.connect_allowed(&l, ANON, b"dev-1", t + secs(304.0)), "after the ban");
         // A slow reconnect loop never trips it: a new window each time.
         let b = Admission::default();
         for i in 0..20 {
-            assert!(b.connect_allowed(&l, b"slow", t + secs(61.0 * f64::from(i))));
+            assert!(b.connect_allowed(&l, ANON, b"slow", t + secs(61.0 * f64::from(i))));
         }
+    }
+
+    #[test]
+    fn flapping_is_counted_per_listener_and_certificate() {
+        let a = Admission::default();
+        let cfg = Flapping { max_connects: 2, window: secs(60.0), ban: secs(300.0) };
+        let l = AdmissionLimits { flapping: Some(cfg), ..lim() };
+        let t = Instant::now();
+        let (cert_a, cert_b) = ([1u8; 32], [2u8; 32]);
+        let device = Claimant { listener: "mqtts", cert_sha256: Some(&cert_a) };
+        let other_device = Claimant { listener: "mqtts", cert_sha256: Some(&cert_b) };
+        let anon_tls = Claimant { listener: "mqtts", cert_sha256: None };
+        // Any number of CONNECTs without a certificate, on the plain listener or on the TLS
+        // one, ban only CONNECTs without a certificate on that same listener.
+        for _ in 0..100 {
+            a.connect_allowed(&l, ANON, b"victim", t);
+        }
+        assert!(!a.connect_allowed(&l, ANON, b"victim", t), "the flapping key space itself is banned");
+        assert!(a.connect_allowed(&l, anon_tls, b"victim", t), "another listener's unauthenticated clients are not");
+        assert!(a.connect_allowed(&l, device, b"victim", t), "the device with its certificate still connects");
+        // A device that flaps is banned, with its certificate; another certificate is not.
+        assert!(a.connect_allowed(&l, device, b"victim", t));
+        assert!(!a.connect_allowed(&l, device, b"victim", t), "a genuinely flapping device is banned");
+        assert!(a.connect_allowed(&l, other_device, b"victim", t));
+        let elsewhere = Claimant { listener: "mqtts-2", ..device };
+        assert!(a.connect_allowed(&l, elsewhere, b"victim", t), "counted per listener");
+        assert_eq!(a.tracked().1, 5);
     }
 
     #[test]
@@ -426,10 +480,10 @@ mod tests {
         let l = AdmissionLimits { flapping: Some(cfg), ..lim() };
         let t = Instant::now();
         for i in 0..(MAX_CLIENT_IDS + 5_000) {
-            assert!(a.connect_allowed(&l, format!("id-{i}").as_bytes(), t));
+            assert!(a.connect_allowed(&l, ANON, format!("id-{i}").as_bytes(), t));
         }
         assert_eq!(a.tracked().1, MAX_CLIENT_IDS);
-        assert!(a.connect_allowed(&l, b"late", t + secs(61.0)));
+        assert!(a.connect_allowed(&l, ANON, b"late", t + secs(61.0)));
         assert_eq!(a.tracked().1, 1, "expired windows were swept");
     }
 }

@@ -27,7 +27,7 @@ use super::relay::{self, Ended, WriteLast};
 use super::snapshot::{ListenerSpec, Snapshot};
 use super::tls_stream::TlsServerStream;
 use super::turns::Turns;
-use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics};
+use crate::admin::metrics::{connack_label, dial_error_outcome, CountReads, Metrics, DIAL_CLOSED};
 
 /// State shared by every connection of the process.
 pub struct Shared {
@@ -650,9 +650,15 @@ async fn serve(
     let elapsed = started.elapsed().as_secs_f64();
     shared.metrics.accept_to_connect_seconds.with_label_values(&[listener]).observe(elapsed);
 
-    // 5. A client-id that reconnects in a loop is refused for a while.
-    if !shared.admission.connect_allowed(&snap.limits.admission, connect.client_id, Instant::now()) {
-        facts.detail = Some("client-id reconnecting too often (flapping)".into());
+    // 5. A client-id that reconnects in a loop is refused for a while: counted per listener
+    // and verified certificate, so a client without one cannot get a device with one refused.
+    let cert_sha256 = tls.as_ref().and_then(|t| t.client_cert.as_ref()).map(|c| &c.sha256);
+    let who = admission::Claimant { listener, cert_sha256 };
+    if !shared.admission.connect_allowed(&snap.limits.admission, who, connect.client_id, Instant::now()) {
+        facts.detail = Some(match cert_sha256 {
+            Some(_) => "client-id reconnecting too often with this client certificate (flapping)".into(),
+            None => "client-id reconnecting too often without a client certificate on this listener (flapping)".into(),
+        });
         facts.connack = refuse(&mut stream, Some(version), Refusal::RateExceeded).await;
         return Err(Reason::Flapping);
     }
@@ -755,11 +761,13 @@ async fn serve(
 }
 
 /// One broker: TCP connect within `backend_connect_timeout`, then `first` (PROXY header and
-/// CONNECT), then its first answer within `backend_connack_timeout`. Waiting for readiness,
-/// not reading, leaves the answer (CONNACK, or an AUTH exchange, or a close) to the relay, so
-/// the broker's bytes reach the client untouched. Nothing has been sent to the client yet, so
-/// a broker that fails any step can be replaced by the next. The error is an outcome label of
-/// `broker_connect_attempts_total` and a text for logs.
+/// CONNECT), then its first byte within `backend_connack_timeout`. Peeking, not reading,
+/// leaves the answer (CONNACK, or an AUTH exchange) to the relay, so the broker's bytes reach
+/// the client untouched; a close or reset before any byte is a failed dial like a refused
+/// connect (a broker that accepts and drops connections: overloaded, or not speaking MQTT).
+/// Nothing has been sent to the client yet, so a broker that fails any step can be replaced
+/// by the next. The error is an outcome label of `broker_connect_attempts_total` and a text
+/// for logs.
 async fn attempt(shared: &Shared, pool: &Pool, b: &Backend, first: &[u8]) -> Result<TcpStream, (&'static str, String)> {
     let dial = Instant::now();
     let (mut s, sent) = match tokio::time::timeout(pool.backend_connect_timeout, connect_sending(b.addr, first)).await {
@@ -770,13 +778,14 @@ async fn attempt(shared: &Shared, pool: &Pool, b: &Backend, first: &[u8]) -> Res
     let elapsed = dial.elapsed().as_secs_f64();
     shared.metrics.broker_connect_seconds.with_label_values(&[&pool.name, &b.name]).observe(elapsed);
     let answered = tokio::time::timeout(pool.backend_connack_timeout, async {
-        s.write_all(&first[sent..]).await?;
-        s.readable().await
+        s.write_all(&first[sent..]).await.map_err(|e| (dial_error_outcome(&e), format!("writing CONNECT: {e}")))?;
+        s.peek(&mut [0u8; 1]).await.map_err(|e| (dial_error_outcome(&e), format!("before answering CONNECT: {e}")))
     })
     .await;
     match answered {
-        Ok(Ok(())) => Ok(s),
-        Ok(Err(e)) => Err(("error", format!("writing CONNECT: {e}"))),
+        Ok(Ok(0)) => Err((DIAL_CLOSED, "closed the connection before answering CONNECT".to_string())),
+        Ok(Ok(_)) => Ok(s),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(("connack_timeout", format!("no answer to CONNECT within {:?}", pool.backend_connack_timeout))),
     }
 }
