@@ -1,6 +1,7 @@
 //! harbormaster in front of real mosquitto 2.0 brokers (`proxy_protocol = "none"`): TLS
 //! termination with client certificates for MQTT 3.1, 3.1.1 and 5.0, client-id routing that
-//! matches `harbormaster route`, failover to the next broker, pipelined CONNECT + PUBLISH.
+//! matches `harbormaster route`, failover to the next broker, pipelined CONNECT + PUBLISH; a
+//! mosquitto bridge (`try_private`) connecting through harbormaster as a bridge.
 
 mod support;
 
@@ -302,4 +303,76 @@ fn route_spreads_client_ids_over_all_brokers() {
         *per_broker.entry(r[0].clone()).or_default() += 1;
     }
     assert_eq!(per_broker.len(), 3, "{per_broker:?}");
+}
+
+/// A mosquitto "edge" bridges to a "core" mosquitto through harbormaster, as mosquitto bridges
+/// do by default (`try_private true`: protocol level 0x84, the bridge bit on 3.1.1). The core
+/// must see a bridge at once, not an ordinary client after a refusal and a retry without the
+/// bit: only a bridge gets mosquitto's loop detection, and a topic bridged `both` ways would
+/// otherwise come back to the edge.
+#[test]
+fn a_mosquitto_bridge_connects_through_as_a_bridge() {
+    let core = Mosquitto::start();
+    let (port, admin) = (free_port(), free_port());
+    let hm = Harbormaster::start(&one_pool_config(port, admin, &[("core", &core)], "proxy_protocol = \"none\""));
+    // After a refusal mosquitto would retry within a second, without the bridge bit: the
+    // checks below see that retry.
+    let edge = Mosquitto::start_with(&format!(
+        "persistence false\n\
+         connection core\n\
+         address 127.0.0.1:{port}\n\
+         remote_clientid edge-bridge\n\
+         try_private true\n\
+         cleansession true\n\
+         restart_timeout 1\n\
+         topic up/# out 1\n\
+         topic down/# in 1\n\
+         topic both/# both 1\n"
+    ));
+
+    // The core logs a bridge, with the 3.1.1 protocol tag: the level byte arrived as sent.
+    assert!(wait_until(WAIT, || core.log().contains(" as edge-bridge (p2, ")), "the bridge never reached the core");
+    assert!(core.wait_subscribed("edge-bridge"), "the bridge never subscribed on the core");
+    let log = core.log();
+    assert!(log.contains("New bridge connected from 127.0.0.1:"), "the core took the bridge for a client:\n{log}");
+    assert_eq!(
+        core.connections().iter().filter(|c| c.client_id == "edge-bridge").count(),
+        0,
+        "the bridge connected as an ordinary client:\n{log}"
+    );
+    assert!(!hm.log().contains("unsupported_protocol"), "harbormaster refused the bridge:\n{}", hm.log());
+
+    // Out: published on the edge, received on the core.
+    let core_sub = MqttClient::plain(core.port, MqttVersion::V311).subscribe("core-sub", "#", 100);
+    assert!(core.wait_subscribed("core-sub"));
+    MqttClient::plain(edge.port, MqttVersion::V311).publish_ok("edge-pub", "up/1", "edge-to-core");
+    assert!(core_sub.wait_for_message("edge-to-core"), "edge → core did not arrive");
+
+    // In: published on the core, received on the edge.
+    let edge_sub = MqttClient::plain(edge.port, MqttVersion::V311).subscribe("edge-sub", "#", 100);
+    assert!(edge.wait_subscribed("edge-sub"));
+    MqttClient::plain(core.port, MqttVersion::V311).publish_ok("core-pub", "down/1", "core-to-edge");
+    assert!(edge_sub.wait_for_message("core-to-edge"), "core → edge did not arrive");
+
+    // Both ways: a message from the edge reaches the core once and is not sent back over the
+    // bridge. A marker published on the core after the core had the message travels the same
+    // connection behind any echo, so once the edge has the marker an echo would be there too.
+    MqttClient::plain(edge.port, MqttVersion::V311).publish_ok("edge-pub", "both/1", "round-trip");
+    assert!(core_sub.wait_for_message("round-trip"), "edge → core on a `both` topic did not arrive");
+    MqttClient::plain(core.port, MqttVersion::V311).publish_ok("core-pub", "down/2", "marker");
+    assert!(edge_sub.wait_for_message("marker"), "the marker did not arrive");
+    let on_edge = edge_sub.messages().iter().filter(|m| *m == "round-trip").count();
+    assert_eq!(on_edge, 1, "the edge got its own message back: {:?}", edge_sub.messages());
+    let on_core = core_sub.messages().iter().filter(|m| *m == "round-trip").count();
+    assert_eq!(on_core, 1, "the core got the message {on_core} times: {:?}", core_sub.messages());
+    let echoes =
+        core.log().lines().filter(|l| l.contains("Sending PUBLISH to edge-bridge") && l.contains("'both/1'")).count();
+    assert_eq!(echoes, 0, "the core sent the bridge its own message back:\n{}", core.log());
+
+    // harbormaster's connection line names the bridge once it ends.
+    drop(edge);
+    let line = hm.wait_connection_log("client_id", "edge-bridge").expect("a connection line for the bridge");
+    assert_eq!(line.get("bridge").map(String::as_str), Some("true"), "{line:?}");
+    assert_eq!(line.get("mqtt_version").map(String::as_str), Some("3.1.1"), "{line:?}");
+    assert_eq!(line.get("broker").map(String::as_str), Some("core"), "{line:?}");
 }

@@ -122,6 +122,36 @@ fn unsupported_protocol_level_gets_connack_1() {
     s.assert_valid_connect_is_forwarded();
 }
 
+/// The bridge bit (0x80) on a 3.x level is a broker's bridge: forwarded with its level byte
+/// unchanged. On levels that do not exist, or on 5.0 (which has no bridge bit), it is refused
+/// in the layout the level's client reads.
+#[test]
+fn bridge_levels_are_forwarded_unchanged_and_others_refused() {
+    let s = start("least_connections");
+    let with_level = |level: u8| {
+        mqtt::connect_with(
+            MqttVersion::V311,
+            "lvl",
+            &ConnectOptions { keep_alive: 60, clean: true, level_override: Some(level), ..Default::default() },
+        )
+    };
+    let got = s.exchange(&with_level(0x85));
+    assert_eq!(got, vec![0x20, 0x03, 0x00, 0x84, 0x00], "0x85: got {}", hex(&got));
+    let got = s.exchange(&with_level(0x82));
+    assert_eq!(got, vec![0x20, 0x02, 0x00, 0x01], "0x82: got {}", hex(&got));
+    s.assert_nothing_reached_backend("protocol levels 0x85 and 0x82");
+
+    let bridge = with_level(0x84);
+    let mut c = s.connect();
+    c.write_all(&bridge).unwrap();
+    assert!(
+        wait_until(WAIT, || s.backend.total_bytes() >= bridge.len()),
+        "the bridge's CONNECT never reached the backend: {}",
+        s.hm.log()
+    );
+    assert!(s.backend.received().contains(&bridge), "not forwarded byte for byte: {:?}", s.backend.received());
+}
+
 #[test]
 fn empty_client_id_is_rejected_when_the_pool_says_reject() {
     let s = start("reject");

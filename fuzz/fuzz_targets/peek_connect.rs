@@ -1,5 +1,5 @@
 //! The CONNECT parser on arbitrary bytes: never panics; a complete CONNECT lies within the
-//! buffer and within the size limit.
+//! buffer and within the size limit, and only a 3.x CONNECT can carry the bridge bit.
 
 // The parser module itself, not the crate: it is pure, and this keeps the instrumented build
 // to seconds.
@@ -9,8 +9,9 @@ mod mqtt;
 
 fn main() {
     afl::fuzz!(|data: &[u8]| {
-        if let Ok(mqtt::Peek::Complete { len, .. }) = mqtt::peek_connect(data, 4096) {
+        if let Ok(mqtt::Peek::Complete { len, connect }) = mqtt::peek_connect(data, 4096) {
             assert!(len <= data.len() && len <= 4096 + 5);
+            assert!(!(connect.bridge && connect.version == mqtt::MqttVersion::V5));
         }
     });
 }

@@ -141,6 +141,8 @@ struct Facts {
     tls_resumed: bool,
     client_id: Option<String>,
     mqtt_version: Option<MqttVersion>,
+    /// The CONNECT came from a broker's bridge (protocol level with the bridge bit).
+    bridge: bool,
     broker: Option<String>,
     up: u64,
     down: u64,
@@ -355,6 +357,7 @@ fn ended(m: &Metrics, listener: &str, conn_id: &str, facts: &Facts, reason: Reas
         tls_resumed = facts.tls_resumed,
         client_id = facts.client_id.as_deref().unwrap_or(""),
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
+        bridge = facts.bridge,
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
@@ -553,11 +556,11 @@ fn refusal_for(e: &ConnectError) -> (Reason, Option<(MqttVersion, Refusal)>) {
         ConnectError::NotConnect(_) => (Reason::NotConnect, None),
         ConnectError::Malformed { version, .. } => (Reason::Malformed, version.map(|v| (v, Refusal::Malformed))),
         ConnectError::TooLarge { version, .. } => (Reason::TooLarge, version.map(|v| (v, Refusal::PacketTooLarge))),
-        // A level-5 CONNECT with a wrong name reads the 5.0 CONNACK layout; every other level
-        // gets the 3.x one, as Mosquitto answers: a client of an unknown version is most
-        // likely to understand the oldest, simplest CONNACK.
+        // A level-5 CONNECT with a wrong name (or with the bridge bit, which 5.0 lacks) reads
+        // the 5.0 CONNACK layout; every other level gets the 3.x one, as Mosquitto answers: a
+        // client of an unknown version is most likely to understand the oldest, simplest CONNACK.
         ConnectError::UnsupportedProtocol { level } => {
-            let v = if level == 5 { MqttVersion::V5 } else { MqttVersion::V311 };
+            let v = if level & 0x7f == 5 { MqttVersion::V5 } else { MqttVersion::V311 };
             (Reason::UnsupportedProtocol, Some((v, Refusal::UnsupportedProtocol)))
         }
     }
@@ -644,6 +647,7 @@ async fn serve(
     };
     let version = connect.version;
     facts.mqtt_version = Some(version);
+    facts.bridge = connect.bridge;
     facts.client_id = Some(String::from_utf8_lossy(connect.client_id).into_owned());
     shared.metrics.connect_bytes.with_label_values(&[version.as_str()]).observe(len as f64);
     shared.metrics.connects.with_label_values(&[listener, version.as_str()]).inc();

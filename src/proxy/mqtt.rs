@@ -13,7 +13,8 @@
     clippy::panic
 )]
 
-/// MQTT protocol version, from the CONNECT's protocol name and level.
+/// MQTT protocol version, from the CONNECT's protocol name and level (its low seven bits: the
+/// high bit marks a bridge, see [`Connect::bridge`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MqttVersion {
     /// Protocol name "MQIsdp", level 3.
@@ -44,6 +45,11 @@ pub struct Connect<'a> {
     pub username: Option<&'a [u8]>,
     pub clean_session: bool,
     pub keep_alive: u16,
+    /// The protocol level carried the bridge bit (0x80): a broker bridging to the broker behind
+    /// us (mosquitto's `try_private`, VerneMQ's and EMQX's bridges), which 3.1 and 3.1.1 allow
+    /// as 0x83 and 0x84. The level byte is relayed as sent, so the broker sees the bridge too
+    /// and keeps its loop detection.
+    pub bridge: bool,
 }
 
 /// Result of looking at the bytes received so far.
@@ -116,15 +122,15 @@ pub fn peek_connect(buf: &[u8], max_len: usize) -> Result<Peek<'_>, ConnectError
     if len > max_len {
         // Refuse before buffering the rest; name the version only if it is already readable so a
         // 5.0 client can get a "packet too large" reason code.
-        let version = protocol(&mut cur).ok();
+        let version = protocol(&mut cur).ok().map(|(version, _)| version);
         return Err(ConnectError::TooLarge { len, max: max_len, version });
     }
 
-    let version = match protocol(&mut cur) {
-        Ok(version) => version,
+    let (version, bridge) = match protocol(&mut cur) {
+        Ok(protocol) => protocol,
         Err(stop) => return stop.into_result(None),
     };
-    match fields(&mut cur, version) {
+    match fields(&mut cur, version, bridge) {
         Ok(connect) => Ok(Peek::Complete { connect, len }),
         Err(stop) => stop.into_result(Some(version)),
     }
@@ -249,9 +255,14 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Protocol name and level. UnsupportedProtocol is decided only once both are here, so the
-/// CONNACK can carry a meaningful level; a known name with a missing level is just malformed.
-fn protocol(cur: &mut Cursor<'_>) -> Result<MqttVersion, Stop> {
+/// Bit 7 of the protocol level: set by bridges (3.1 and 3.1.1 only; 5.0 has no such bit and
+/// gives bridges subscription options instead).
+const LEVEL_BRIDGE: u8 = 0x80;
+
+/// Protocol name and level, and whether the level carries the bridge bit. UnsupportedProtocol is
+/// decided only once both are here, so the CONNACK can carry a meaningful level; a known name
+/// with a missing level is just malformed.
+fn protocol(cur: &mut Cursor<'_>) -> Result<(MqttVersion, bool), Stop> {
     let name = cur.binary("protocol name runs past the end of the packet")?;
     let level = match cur.u8("packet ends before the protocol level") {
         Ok(level) => level,
@@ -264,16 +275,19 @@ fn protocol(cur: &mut Cursor<'_>) -> Result<MqttVersion, Stop> {
         }
         Err(stop) => return Err(stop),
     };
-    match (name, level) {
-        (b"MQIsdp", 3) => Ok(MqttVersion::V31),
-        (b"MQTT", 4) => Ok(MqttVersion::V311),
-        (b"MQTT", 5) => Ok(MqttVersion::V5),
+    // As mosquitto reads it: the low seven bits are the version, the high bit a bridge. Unlike
+    // mosquitto, 0x85 is refused: no 5.0 peer sends it, and 5.0 defines no bridge bit.
+    let bridge = level & LEVEL_BRIDGE != 0;
+    match (name, level & !LEVEL_BRIDGE, bridge) {
+        (b"MQIsdp", 3, _) => Ok((MqttVersion::V31, bridge)),
+        (b"MQTT", 4, _) => Ok((MqttVersion::V311, bridge)),
+        (b"MQTT", 5, false) => Ok((MqttVersion::V5, false)),
         _ => Err(Stop::Unsupported(level)),
     }
 }
 
 /// Everything after the protocol level: flags, keep-alive, (5.0) properties, and the payload.
-fn fields<'a>(cur: &mut Cursor<'a>, version: MqttVersion) -> Result<Connect<'a>, Stop> {
+fn fields<'a>(cur: &mut Cursor<'a>, version: MqttVersion, bridge: bool) -> Result<Connect<'a>, Stop> {
     let flags = cur.u8("packet ends before the connect flags")?;
     // The flags are checked as soon as they arrive, before waiting for the payload.
     if flags & FLAG_RESERVED != 0 {
@@ -314,7 +328,7 @@ fn fields<'a>(cur: &mut Cursor<'a>, version: MqttVersion) -> Result<Connect<'a>,
         return Err(Stop::Malformed("bytes after the last CONNECT field"));
     }
 
-    Ok(Connect { version, client_id, username, clean_session: flags & FLAG_CLEAN_SESSION != 0, keep_alive })
+    Ok(Connect { version, client_id, username, clean_session: flags & FLAG_CLEAN_SESSION != 0, keep_alive, bridge })
 }
 
 /// What harbormaster refuses a connection for, when the protocol lets it say so.
@@ -458,6 +472,8 @@ mod tests {
         password: Option<Vec<u8>>,
         /// Minimum bytes for the remaining length: non-minimal encodings are accepted.
         len_bytes: usize,
+        /// The bridge bit on the protocol level (3.x only).
+        bridge: bool,
     }
 
     impl Packet {
@@ -472,6 +488,7 @@ mod tests {
                 username: None,
                 password: None,
                 len_bytes: 1,
+                bridge: false,
             }
         }
 
@@ -483,7 +500,7 @@ mod tests {
                 MqttVersion::V5 => (b"MQTT", 5),
             };
             put_bin(&mut body, name);
-            body.push(level);
+            body.push(if self.bridge { level | 0x80 } else { level });
             let mut flags = 0u8;
             if self.clean {
                 flags |= 0x02;
@@ -537,6 +554,7 @@ mod tests {
                 username: self.username.as_deref(),
                 clean_session: self.clean,
                 keep_alive: self.keep_alive,
+                bridge: self.bridge,
             }
         }
     }
@@ -565,6 +583,7 @@ mod tests {
                     username: None,
                     clean_session: true,
                     keep_alive: 60,
+                    bridge: false,
                 },
             ),
             (
@@ -591,6 +610,7 @@ mod tests {
                     username: Some(b"rumq"),
                     clean_session: true,
                     keep_alive: 10,
+                    bridge: false,
                 },
             ),
             (
@@ -612,6 +632,7 @@ mod tests {
                     username: Some(b"user"),
                     clean_session: false,
                     keep_alive: 300,
+                    bridge: false,
                 },
             ),
             (
@@ -624,6 +645,7 @@ mod tests {
                     username: None,
                     clean_session: true,
                     keep_alive: 0,
+                    bridge: false,
                 },
             ),
             (
@@ -653,6 +675,7 @@ mod tests {
                     username: Some(b"user"),
                     clean_session: true,
                     keep_alive: 30,
+                    bridge: false,
                 },
             ),
             (
@@ -664,6 +687,7 @@ mod tests {
                     username: None,
                     clean_session: false,
                     keep_alive: 5,
+                    bridge: false,
                 },
             ),
             (
@@ -675,6 +699,43 @@ mod tests {
                     username: None,
                     clean_session: false,
                     keep_alive: 1,
+                    bridge: false,
+                },
+            ),
+            (
+                // As a mosquitto bridge with `try_private true` sends it: level 0x84, a will on
+                // its state topic, no clean session.
+                "3.1.1 bridge (level 0x84)",
+                [
+                    &[0x10, 47, 0, 4][..],
+                    b"MQTT",
+                    &[0x84, 0x2c, 0, 60, 0, 15],
+                    b"edge.core-link0",
+                    &[0, 15],
+                    b"$SYS/link/state",
+                    &[0, 1],
+                    b"0",
+                ]
+                .concat(),
+                Connect {
+                    version: MqttVersion::V311,
+                    client_id: b"edge.core-link0",
+                    username: None,
+                    clean_session: false,
+                    keep_alive: 60,
+                    bridge: true,
+                },
+            ),
+            (
+                "3.1 bridge (level 0x83)",
+                [&[0x10, 18, 0, 6][..], b"MQIsdp", &[0x83, 0x02, 0, 60, 0, 4], b"edge"].concat(),
+                Connect {
+                    version: MqttVersion::V31,
+                    client_id: b"edge",
+                    username: None,
+                    clean_session: true,
+                    keep_alive: 60,
+                    bridge: true,
                 },
             ),
         ];
@@ -692,6 +753,7 @@ mod tests {
                 username: Some(b"u"),
                 clean_session: true,
                 keep_alive: 60,
+                bridge: false,
             },
         ));
         table
@@ -889,6 +951,52 @@ mod tests {
             longer.extend_from_slice(&[0u8; 64]);
             assert_eq!(peek_connect(&longer, MAX), expected, "{name} + more bytes");
         }
+    }
+
+    /// The protocol level's high bit marks a 3.x bridge: the low bits still decide the version,
+    /// and only the levels a bridge can send pass.
+    #[test]
+    fn bridge_levels() {
+        let with_level = |name: &[u8], level: u8| {
+            let mut body = [&[0, name.len() as u8][..], name, &[level, 0x02, 0, 60, 0, 2], b"id"].concat();
+            let mut bytes = vec![0x10, body.len() as u8];
+            bytes.append(&mut body);
+            bytes
+        };
+        let accepted = |bytes: &[u8]| match peek_connect(bytes, MAX) {
+            Ok(Peek::Complete { connect, len }) if len == bytes.len() => Some((connect.version, connect.bridge)),
+            _ => None,
+        };
+        assert_eq!(accepted(&with_level(b"MQTT", 0x84)), Some((MqttVersion::V311, true)));
+        assert_eq!(accepted(&with_level(b"MQIsdp", 0x83)), Some((MqttVersion::V31, true)));
+        assert_eq!(accepted(&with_level(b"MQTT", 4)), Some((MqttVersion::V311, false)));
+        assert_eq!(accepted(&with_level(b"MQIsdp", 3)), Some((MqttVersion::V31, false)));
+        // 5.0 defines no bridge bit; the other levels are unknown with or without it; the bit
+        // does not make a level fit the other protocol name.
+        for (name, level) in [
+            (&b"MQTT"[..], 0x85),
+            (b"MQTT", 0x82),
+            (b"MQTT", 0x83),
+            (b"MQTT", 0x80),
+            (b"MQTT", 0xff),
+            (b"MQIsdp", 0x84),
+            (b"MQIsdp", 0x85),
+            (b"MQIsdp", 0x82),
+        ] {
+            let bytes = with_level(name, level);
+            assert_eq!(
+                peek_connect(&bytes, MAX),
+                Err(ConnectError::UnsupportedProtocol { level }),
+                "{} level {level:#04x}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        // A bridge CONNECT too large is refused with its version known.
+        let bytes = with_level(b"MQTT", 0x84);
+        assert_eq!(
+            peek_connect(&bytes, bytes.len() - 1),
+            Err(ConnectError::TooLarge { len: bytes.len(), max: bytes.len() - 1, version: Some(MqttVersion::V311) })
+        );
     }
 
     #[test]
@@ -1118,16 +1226,31 @@ mod tests {
             prop::option::of(leaf(20, utf8)),
             prop::option::of(leaf(20, utf8)),
             prop_oneof![3 => Just(1usize), 1 => 1usize..=4],
+            prop::bool::weighted(0.2),
         )
-            .prop_map(|(version, clean, keep_alive, props, client_id, will, username, password, len_bytes)| {
-                let mut p =
-                    Packet { version, clean, keep_alive, props, client_id, will, username, password, len_bytes };
-                // 3.x has no password without a username.
-                if p.version != MqttVersion::V5 && p.username.is_none() {
-                    p.password = None;
-                }
-                p
-            })
+            .prop_map(
+                |(version, clean, keep_alive, props, client_id, will, username, password, len_bytes, bridge)| {
+                    // 5.0 has no bridge bit.
+                    let bridge = bridge && version != MqttVersion::V5;
+                    let mut p = Packet {
+                        version,
+                        clean,
+                        keep_alive,
+                        props,
+                        client_id,
+                        will,
+                        username,
+                        password,
+                        len_bytes,
+                        bridge,
+                    };
+                    // 3.x has no password without a username.
+                    if p.version != MqttVersion::V5 && p.username.is_none() {
+                        p.password = None;
+                    }
+                    p
+                },
+            )
     }
 
     fn packet_strategy() -> impl Strategy<Value = Packet> {
@@ -1417,6 +1540,7 @@ mod tests {
                 username: username.map(str::as_bytes),
                 clean_session,
                 keep_alive,
+                bridge: false,
             }
         );
         Ok(())

@@ -1,7 +1,8 @@
 //! A small fake Kubernetes API server for discovery tests: list and watch of
 //! `discovery.k8s.io/v1` EndpointSlices per namespace, with label selectors, rising
-//! resourceVersions, BOOKMARK events, and compaction (`410 Gone`) that forces a watcher to list
-//! again. HTTP/1.1 over plain TCP on an ephemeral loopback port (hyper 1), on its own thread and
+//! resourceVersions, BOOKMARK events, compaction (`410 Gone`) that forces a watcher to list
+//! again, and restarts: every connection cut, a few refused, and resumed watches expired.
+//! HTTP/1.1 over plain TCP on an ephemeral loopback port (hyper 1), on its own thread and
 //! runtime, so sync and async tests can use it alike. Every request is recorded.
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -49,6 +51,12 @@ struct Store {
     history: Vec<(u64, String, &'static str, Value)>,
     watches: Vec<Watch>,
     requests: Vec<KubeRequest>,
+    /// Connections still to be refused (closed as soon as accepted).
+    refuse: usize,
+    /// Connections refused so far.
+    refused: usize,
+    /// When each watch from a compacted resourceVersion was answered `410 Gone`.
+    expired: Vec<Instant>,
 }
 
 impl Store {
@@ -69,6 +77,8 @@ impl Store {
 pub struct FakeKube {
     pub addr: SocketAddr,
     store: Arc<Mutex<Store>>,
+    /// Cancelled to cut every connection open now; replaced for the ones after.
+    conns: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
@@ -80,12 +90,13 @@ impl FakeKube {
         let addr = listener.local_addr().unwrap();
         let store = Arc::new(Mutex::new(Store { rv: 100, ..Store::default() }));
         let stop = CancellationToken::new();
-        let (s, st) = (store.clone(), stop.clone());
+        let conns = Arc::new(Mutex::new(CancellationToken::new()));
+        let (s, c, st) = (store.clone(), conns.clone(), stop.clone());
         let thread = thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(serve(listener, s, st));
+            rt.block_on(serve(listener, s, c, st));
         });
-        FakeKube { addr, store, stop, thread: Some(thread) }
+        FakeKube { addr, store, conns, stop, thread: Some(thread) }
     }
 
     /// `http://127.0.0.1:PORT`, for `kube::Config::new`.
@@ -155,6 +166,31 @@ impl FakeKube {
         for w in s.watches.drain(..) {
             let _ = w.tx.send(line.clone());
         }
+    }
+
+    /// A restart of the API server: every connection is cut mid-stream (no clean end of a
+    /// watch), the next `refuse` connections are closed as soon as they are accepted (the
+    /// server is not up yet; as a load balancer in front of it answers), and the history is
+    /// compacted, as a restarted apiserver's watch cache starts at the current
+    /// resourceVersion: a resumed watch gets an ERROR event with a `410 Gone` Status, reason
+    /// "Expired", and the watcher must list again.
+    pub fn restart(&self, refuse: usize) {
+        let old = std::mem::take(&mut *self.conns.lock().unwrap());
+        old.cancel();
+        self.compact();
+        let mut s = self.store.lock().unwrap();
+        s.watches.clear();
+        s.refuse = refuse;
+    }
+
+    /// Connections refused so far by [`FakeKube::restart`].
+    pub fn refused(&self) -> usize {
+        self.store.lock().unwrap().refused
+    }
+
+    /// When each watch from a compacted resourceVersion was answered `410 Gone`.
+    pub fn expired(&self) -> Vec<Instant> {
+        self.store.lock().unwrap().expired.clone()
     }
 
     /// Open watch streams right now.
@@ -270,7 +306,12 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
         .unwrap()
 }
 
-async fn serve(listener: std::net::TcpListener, store: Arc<Mutex<Store>>, stop: CancellationToken) {
+async fn serve(
+    listener: std::net::TcpListener,
+    store: Arc<Mutex<Store>>,
+    conns: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+) {
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     loop {
         let accepted = tokio::select! {
@@ -278,16 +319,29 @@ async fn serve(listener: std::net::TcpListener, store: Arc<Mutex<Store>>, stop: 
             _ = stop.cancelled() => return,
         };
         let Ok((tcp, _)) = accepted else { continue };
-        let (store, stop) = (store.clone(), stop.clone());
+        {
+            let mut s = store.lock().unwrap();
+            if s.refuse > 0 {
+                s.refuse -= 1;
+                s.refused += 1;
+                drop(tcp);
+                continue;
+            }
+        }
+        let (store, stop, cut) = (store.clone(), stop.clone(), conns.lock().unwrap().clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let store = store.clone();
                 async move { Ok::<_, Infallible>(handle(req, &store)) }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            // Biased: a cut wins over a watch that ends at the same moment, so the client sees
+            // a connection lost mid-stream, not a watch that ended cleanly.
             tokio::select! {
-                _ = conn => {}
+                biased;
+                _ = cut.cancelled() => {}
                 _ = stop.cancelled() => {}
+                _ = conn => {}
             }
         });
     }
@@ -339,6 +393,7 @@ fn handle(req: Request<Incoming>, store: &Mutex<Store>) -> Response<Body> {
         s.watches.push(Watch { namespace, selector, tx });
     } else if from < s.compacted {
         // The apiserver answers an expired watch with 200 and an ERROR event.
+        s.expired.push(Instant::now());
         let _ = tx.send(event_line("ERROR", &gone()));
         drop(tx);
     } else {

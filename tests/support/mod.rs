@@ -490,7 +490,9 @@ impl Mosquitto {
         Mosquitto::start_with("persistence true\npersistence_location ./\nmax_queued_messages 0\n")
     }
 
-    fn start_with(extra: &str) -> Mosquitto {
+    /// A broker whose config also has the lines `extra` (e.g. a bridge's `connection`
+    /// section, which must come last).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::Builder::new().prefix("hm-mosq-").tempdir().unwrap();
         let log_path = dir.path().join("mosquitto.log");
         let conf_path = dir.path().join("mosquitto.conf");
@@ -505,11 +507,11 @@ impl Mosquitto {
                 "user root\n\
                  listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
-                 {extra}\
                  log_dest file {log}\n\
                  log_type all\n\
                  connection_messages true\n\
-                 log_timestamp true\n",
+                 log_timestamp true\n\
+                 {extra}",
                 port = m.port,
                 log = m.log_path.display()
             );

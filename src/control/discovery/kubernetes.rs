@@ -1,5 +1,6 @@
 //! Kubernetes discovery: watches the `discovery.k8s.io/v1` EndpointSlices of one Service
-//! (watcher + reflector, with kube's default backoff) and publishes their merged endpoints.
+//! (watcher + reflector; kube's default backoff after errors, a fresh list at once after
+//! `410 Gone`) and publishes their merged endpoints.
 //! Ready endpoints take traffic, serving-but-terminating ones drain, the rest are left out; a
 //! broker is named by its pod (`targetRef.name`) so a restarted StatefulSet pod keeps its
 //! clients. [`merge`] is the pure part. Knows nothing of snapshots or sockets.
@@ -7,11 +8,12 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Pause before trying again to build a client (no kubeconfig yet, unreadable token).
 const CLIENT_RETRY: Duration = Duration::from_secs(10);
+
+/// After a `410 Gone` the watcher lists again at once, at most once in this long; a further
+/// 410 within it waits for the backoff like any error, so an API server that expires every
+/// watch is not listed in a tight loop.
+const RELIST_AT_ONCE_EVERY: Duration = Duration::from_secs(10);
 
 /// What one Kubernetes pool watches.
 #[derive(Debug, Clone)]
@@ -88,11 +95,20 @@ pub fn start_with_client(
 
 /// The watch loop: after every complete (re)list and every change, merge the store's slices
 /// and publish the result if it changed.
+///
+/// The backoff is applied here rather than with kube's `default_backoff()`, which pauses
+/// after every error the watcher reports, `410 Gone` included. A 410 is the API server saying
+/// our resourceVersion is gone (history compacted, or the server restarted and its watch cache
+/// starts afresh): the watcher's next step is a fresh list, and pausing before it only leaves
+/// the pool on its old members longer. After an API server restart that pause came on top of
+/// the retries made while it was down, and was the longest of them (13–22 s measured).
 async fn follow(client: Client, t: Target, tx: watch::Sender<Option<Members>>, stop: CancellationToken) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &t.namespace);
     let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", t.service));
     let (store, writer) = reflector::store();
-    let mut events = pin!(reflector(writer, watcher(api, config)).default_backoff());
+    let mut events = pin!(reflector(writer, watcher(api, config)));
+    let mut backoff = watcher::DefaultBackoff::default();
+    let mut relisted_at: Option<Instant> = None;
     let port = PortRef::parse(&t.port);
     let mut last_notes = Vec::new();
     info!(pool = %t.pool, namespace = %t.namespace, service = %t.service, port = %t.port, "watching EndpointSlices");
@@ -102,30 +118,50 @@ async fn follow(client: Client, t: Target, tx: watch::Sender<Option<Members>>, s
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,
         };
-        match event {
-            Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
-                let slices = store.state();
-                let merged = merge(slices.iter().map(|s| &**s), &port);
-                if merged.notes != last_notes {
-                    for note in &merged.notes {
-                        warn!(pool = %t.pool, service = %t.service, "{note}");
+        let pause = match event {
+            Some(Ok(event)) => {
+                backoff.reset();
+                if let watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_) = event {
+                    let slices = store.state();
+                    let merged = merge(slices.iter().map(|s| &**s), &port);
+                    if merged.notes != last_notes {
+                        for note in &merged.notes {
+                            warn!(pool = %t.pool, service = %t.service, "{note}");
+                        }
+                        last_notes = merged.notes;
                     }
-                    last_notes = merged.notes;
+                    publish(&t.pool, &tx, merged.members);
                 }
-                publish(&t.pool, &tx, merged.members);
+                None
             }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            // The apiserver compacted past our resourceVersion: the watcher lists again.
             Some(Err(watcher::Error::WatchError(status))) if status.code == 410 => {
-                debug!(pool = %t.pool, "EndpointSlice watch expired (410 Gone); listing again")
+                if relisted_at.is_some_and(|at| at.elapsed() < RELIST_AT_ONCE_EVERY) {
+                    debug!(pool = %t.pool, "EndpointSlice watch expired (410 Gone) again; listing after the backoff");
+                    backoff.next()
+                } else {
+                    debug!(pool = %t.pool, "EndpointSlice watch expired (410 Gone); listing again at once");
+                    relisted_at = Some(Instant::now());
+                    None
+                }
             }
-            Some(Err(e)) => warn!(
-                pool = %t.pool, namespace = %t.namespace, service = %t.service, error = %e,
-                "EndpointSlice watch failed; keeping the last members, retrying with backoff"
-            ),
+            Some(Err(e)) => {
+                let pause = backoff.next();
+                warn!(
+                    pool = %t.pool, namespace = %t.namespace, service = %t.service, error = %e, retry_in = ?pause,
+                    "EndpointSlice watch failed; keeping the last members, retrying with backoff"
+                );
+                pause
+            }
             None => {
                 warn!(pool = %t.pool, "EndpointSlice watch ended");
                 return;
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
             }
         }
     }
