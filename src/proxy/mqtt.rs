@@ -275,8 +275,8 @@ fn protocol(cur: &mut Cursor<'_>) -> Result<(MqttVersion, bool), Stop> {
         }
         Err(stop) => return Err(stop),
     };
-    // As mosquitto reads it: the low seven bits are the version, the high bit a bridge. Unlike
-    // mosquitto, 0x85 is refused: no 5.0 peer sends it, and 5.0 defines no bridge bit.
+    // As mosquitto reads it: the low seven bits are the version, the high bit a bridge of 3.1
+    // or 3.1.1. 5.0 defines no bridge bit and no peer sends 0x85; mosquitto 2.0 refuses it too.
     let bridge = level & LEVEL_BRIDGE != 0;
     match (name, level & !LEVEL_BRIDGE, bridge) {
         (b"MQIsdp", 3, _) => Ok((MqttVersion::V31, bridge)),
