@@ -1,5 +1,5 @@
 //! Hot reload and the snapshot-rebuild loop. Triggers: SIGHUP; a change in the folder of the
-//! config file or of a certificate, key or CA file it references (folders, not files:
+//! config file or of a certificate, key, CA, CRL or ticket key file it references (folders, not files:
 //! Kubernetes swaps ConfigMap and Secret contents through a `..data` symlink), debounced; and
 //! discovery updates. Each builds a whole new snapshot from the validated config
 //! ([`config::load`], exactly what `harbormaster check` runs), carries the running state over
