@@ -32,8 +32,11 @@ struct CnSpec {
     mask: &'static str,
     /// Done to the DER of the CN value afterwards, where OpenSSL cannot be told to write it:
     /// a new ASN.1 tag, and bytes replaced (same length, so no length changes).
-    patch: Option<(Option<u8>, &'static [(u8, u8)])>,
+    patch: Option<Patch>,
 }
+
+/// A new ASN.1 tag for the CN value, and (from, to) byte replacements in it.
+type Patch = (Option<u8>, &'static [(u8, u8)]);
 
 /// An OpenSSL CA in `dir` (ca.pem, ca.key).
 fn openssl_ca(dir: &Path) {

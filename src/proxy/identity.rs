@@ -206,14 +206,14 @@ pub fn decode_cn(tag: Tag, data: &[u8]) -> Result<String, RefusedCn> {
         // T.61 as Latin-1, as OpenSSL's ASN1_STRING_to_UTF8 does.
         Tag::TeletexString => data.iter().map(|&b| char::from(b)).collect(),
         Tag::BmpString => {
-            if data.len() % 2 != 0 {
+            if !data.len().is_multiple_of(2) {
                 return Err(undecodable());
             }
             let units = data.chunks_exact(2).map(|u| u16::from_be_bytes([u[0], u[1]]));
             char::decode_utf16(units).collect::<Result<String, _>>().map_err(|_| undecodable())?
         }
         Tag::UniversalString => {
-            if data.len() % 4 != 0 {
+            if !data.len().is_multiple_of(4) {
                 return Err(undecodable());
             }
             data.chunks_exact(4)
