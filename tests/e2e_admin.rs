@@ -995,15 +995,40 @@ fn a_stderr_nobody_reads_never_stops_the_data_plane() {
 
     held.write_all(&mqtt::disconnect()).unwrap();
     drop(held);
-    // Read the pipe at last: what was queued comes out, then the drain's lines.
+    // Read the pipe at last: what was queued comes out. Sessions are made until one's line
+    // comes through (the queue has room again), so that the drain's lines are not dropped.
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = read.clone();
     let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        stderr.read_to_end(&mut all).map(|_| all)
+        let mut buf = [0u8; 65536];
+        loop {
+            match stderr.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
     });
+    let mut marker = 0;
+    let through = wait_until(WAIT, || {
+        marker += 1;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let id = format!("marker-{marker}");
+        let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, &id).unwrap();
+        assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+        s.write_all(&mqtt::disconnect()).unwrap();
+        mqtt::read_until_close(&mut s, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(200));
+        let text = String::from_utf8_lossy(&read.lock().unwrap()).into_owned();
+        text.contains("\"client_id\":\"marker-")
+    });
+    assert!(through, "no line came through the pipe after the flood");
     send_signal(i64::from(child.id()), "TERM");
     let status = wait_child(&mut child, CMD_TIMEOUT).expect("no exit after SIGTERM");
     assert!(status.success(), "{status:?}");
-    let out = reader.join().unwrap().expect("read stderr");
+    reader.join().unwrap().expect("read stderr");
+    let out = std::mem::take(&mut *read.lock().unwrap());
     let text = String::from_utf8(out).expect("UTF-8 log");
     assert!(text.ends_with('\n'), "the last line is cut: {:?}", &text[text.len().saturating_sub(200)..]);
     let lines: Vec<Value> = text
