@@ -72,7 +72,7 @@ pub fn choose_filter(
 }
 
 /// Bytes of formatted lines waiting for stderr at most; beyond it lines are dropped. About
-/// 3,000 connection lines: a burst rides out a short stall of the sink, and a sink slower
+/// 2,500 JSON connection lines: a burst rides out a short stall of the sink, and a sink slower
 /// than the log rate loses lines instead of slowing connections down.
 pub const QUEUE_BYTES: usize = 1 << 20;
 /// How long dropping the [`Flush`] guard waits for the queue to reach the sink. A sink that
