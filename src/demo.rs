@@ -74,7 +74,7 @@ pub fn main(args: Args) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-    log::init(LogFormat::Text, &filter.directive);
+    let _flush_logs = log::init(LogFormat::Text, &filter.directive);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -134,7 +134,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            log::init(format, &filter.directive);
+            // Declared before the runtime so that it is dropped after it: the queued lines,
+            // down to "drained; exiting" or "fatal", are written before the process exits.
+            let _flush_logs = log::init(format, &filter.directive);
             for ignored in &filter.ignored {
                 tracing::warn!("{ignored}");
             }

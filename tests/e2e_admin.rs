@@ -2,7 +2,8 @@
 //! readiness transitions (in process with a shutdown the test controls, and over SIGTERM with
 //! the real binary), `/metrics` parsed by an independent parser (Python's
 //! `prometheus_client`), `/backends` and `/route` against `harbormaster route` and against
-//! where clients really land (mosquitto's logs), and JSON logs parsed line by line.
+//! where clients really land (mosquitto's logs), and JSON logs parsed line by line. Also what
+//! must never take the process down: a stderr nobody reads, and idle admin connections.
 
 mod support;
 
@@ -899,4 +900,208 @@ bind = "127.0.0.1:{admin_port}"
     let out = harbormaster(&["run", "--config", path.to_str().unwrap(), "--log-level", "=nope=["]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log-level"), "{out:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging never blocks; the admin server survives idle connections
+// ---------------------------------------------------------------------------------------------
+
+/// Connections opened by [`refused_flood`] that each end in a refusal and one log line: far
+/// more lines than a pipe (64 KiB) and the log queue (1 MiB) hold together.
+const FLOOD: usize = 5000;
+
+/// `FLOOD` connections from 4 threads, each sending an HTTP request where a CONNECT belongs
+/// (refused as `not_connect`, one log line each) and waiting, bounded, for the close. Stops at
+/// the first connection harbormaster does not close within 10 s; returns how many were closed.
+fn refused_flood(port: u16) -> usize {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (done, stalled) = (done.clone(), stalled.clone());
+            std::thread::spawn(move || {
+                let sa: SocketAddr = addr(port).parse().unwrap();
+                while !stalled.load(Ordering::Relaxed) && done.fetch_add(1, Ordering::Relaxed) < FLOOD {
+                    let closed = TcpStream::connect_timeout(&sa, Duration::from_secs(10)).is_ok_and(|mut s| {
+                        s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
+                            && mqtt::read_until_close(&mut s, Duration::from_secs(10)).1
+                    });
+                    if !closed {
+                        stalled.store(true, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    if stalled.load(Ordering::Relaxed) {
+        0
+    } else {
+        FLOOD
+    }
+}
+
+/// stderr on a pipe that nobody reads: once it is full, log lines are dropped and counted, and
+/// nothing else notices. New sessions still reach mosquitto, an established session still gets
+/// its PINGRESP, /healthz answers. When the pipe is read at last, every line in it is whole
+/// JSON, down to the last line of the drain after SIGTERM.
+#[test]
+fn a_stderr_nobody_reads_never_stops_the_data_plane() {
+    let m = Mosquitto::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::Builder::new().prefix("hm-stall-").tempdir().unwrap();
+    let config_path = dir.path().join("harbormaster.toml");
+    fs::write(&config_path, one_pool_config(port, admin_port, &[("m", &m)], "")).unwrap();
+    let mut child = Command::new(harbormaster_bin())
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env_remove("HARBORMASTER_LOG")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn harbormaster");
+    let _kill = KillOnDrop(child.id());
+    // Held, not read, until the end.
+    let mut stderr = child.stderr.take().unwrap();
+    let admin = addr(admin_port);
+    wait_ready_status(&admin, 200);
+
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ack = mqtt::connect_and_read_connack(&mut held, MqttVersion::V311, "held-through-the-flood").unwrap();
+    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+
+    let closed = refused_flood(port);
+    assert_eq!(closed, FLOOD, "harbormaster stopped closing refused connections: the flood stalled");
+
+    // New sessions, through to mosquitto, by a real client.
+    for i in 0..5 {
+        MqttClient::plain(port, MqttVersion::V5).publish_ok(&format!("after-flood-{i}"), "t", "m");
+    }
+    assert!(m.wait_for_client("after-flood-4", 1), "mosquitto never saw the sessions after the flood");
+    // The established session is still relayed both ways.
+    held.write_all(&mqtt::pingreq()).unwrap();
+    let pong = mqtt::read_until_kind(&mut held, 13).expect("no PINGRESP on the established session");
+    assert_eq!(pong.bytes(), [0xd0, 0x00]);
+    let r = try_get(&admin, "/healthz").expect("/healthz");
+    assert_eq!(r.status, 200, "{r:?}");
+    let dropped = Scrape::of(&admin).sum("harbormaster_log_lines_dropped_total", &[]);
+    assert!(dropped > 0.0, "no log line was dropped, so the flood proved nothing");
+
+    held.write_all(&mqtt::disconnect()).unwrap();
+    drop(held);
+    // Read the pipe at last: what was queued comes out. Sessions are made until one's line
+    // comes through (the queue has room again), so that the drain's lines are not dropped.
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = read.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        loop {
+            match stderr.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let mut marker = 0;
+    let through = wait_until(WAIT, || {
+        marker += 1;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let id = format!("marker-{marker}");
+        let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, &id).unwrap();
+        assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+        s.write_all(&mqtt::disconnect()).unwrap();
+        mqtt::read_until_close(&mut s, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(200));
+        let text = String::from_utf8_lossy(&read.lock().unwrap()).into_owned();
+        text.contains("\"client_id\":\"marker-")
+    });
+    assert!(through, "no line came through the pipe after the flood");
+    send_signal(i64::from(child.id()), "TERM");
+    let status = wait_child(&mut child, CMD_TIMEOUT).expect("no exit after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    reader.join().unwrap().expect("read stderr");
+    let out = std::mem::take(&mut *read.lock().unwrap());
+    let text = String::from_utf8(out).expect("UTF-8 log");
+    assert!(text.ends_with('\n'), "the last line is cut: {:?}", &text[text.len().saturating_sub(200)..]);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a torn or mixed line ({e}): {l}")))
+        .collect();
+    let refused = lines.iter().filter(|l| l["close_reason"] == "not_connect").count();
+    assert!(refused > 1000 && (refused as f64) < FLOOD as f64, "{refused} refusal lines of {FLOOD}, {dropped} dropped");
+    assert_eq!(lines.last().unwrap()["msg"], "drained; exiting", "the exit did not flush the log");
+    println!("flood of {FLOOD}: {refused} refusal lines written, {dropped} lines dropped (at the scrape)");
+}
+
+/// Sends SIGKILL to a process on drop (a test that fails midway leaves nothing running).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        send_signal(i64::from(self.0), "KILL");
+    }
+}
+
+/// 1,000 TCP connections to the admin port that send nothing or half a request head: /healthz
+/// still answers every probe within the kubelet's default timeout (1 s), because at the cap
+/// the connection idle longest is closed for the new one.
+#[test]
+fn healthz_answers_with_a_thousand_idle_admin_connections_open() {
+    let m = Mosquitto::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &[("m", &m)], ""));
+    let admin = addr(admin_port);
+    let sa: SocketAddr = admin.parse().unwrap();
+    let mut idle = Vec::new();
+    let mut refused = None;
+    for i in 0..1000 {
+        match TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
+            Ok(mut s) => {
+                if i % 4 == 0 {
+                    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+                }
+                idle.push(s);
+            }
+            // The admin port takes no more: probe it like that.
+            Err(e) => {
+                refused = Some(format!("connection {i}: {e}"));
+                break;
+            }
+        }
+    }
+    let probe = || -> io::Result<u16> {
+        let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+    };
+    let mut failed = Vec::new();
+    for i in 0..20 {
+        match probe() {
+            Ok(200) => {}
+            other => failed.push((i, format!("{other:?}"))),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(failed.is_empty(), "{} of 20 /healthz probes failed: {failed:?} ({refused:?})", failed.len());
+    assert_eq!((idle.len(), refused), (1000, None), "not every idle connection was accepted");
+    let scrape = Scrape::of(&admin);
+    assert!(scrape.sum("harbormaster_admin_connections_shed_total", &[]) >= 744.0);
+    assert!(scrape.sum("harbormaster_admin_connections_active", &[]) <= 256.0);
+    assert!(
+        wait_until(WAIT, || hm.log().contains("admin connections cut short")),
+        "no warning about the shed connections:\n{}",
+        hm.log()
+    );
+    drop(idle);
 }

@@ -2,11 +2,25 @@
 //! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`. It reads the
 //! snapshot the data plane runs on, the readiness latch and the metrics registry; it never
 //! touches client connections, and nothing it serves carries secrets.
+//!
+//! Probes must be answered whatever else connects. A connection has [`HEADER_READ_TIMEOUT`]
+//! to send a complete request head (from connect, and again after each response on a kept-alive
+//! connection), and is closed after [`IDLE_TIMEOUT`] without a byte either way (a client that
+//! stopped reading its response). At most [`MAX_CONNECTIONS`] are open: every new connection
+//! is accepted at once, and at the cap the connection that has been idle longest is closed to
+//! make room. Refusing new connections instead would let whoever holds the cap shut the
+//! kubelet's probes out; shedding the stalest one keeps the newest connection, the probe that
+//! just arrived, served.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http_body_util::Full;
@@ -17,8 +31,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,12 +44,37 @@ use super::route::{self, RouteError};
 use crate::control::config::AdminSettings;
 use crate::proxy::snapshot::Snapshot;
 
-/// Admin connections served at once; more wait in the backlog. Probes and scrapes are few.
-const MAX_CONNECTIONS: usize = 64;
-/// A client has this long to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once. Probes and scrapes need a handful; the cap bounds what
+/// idle connections cost (a task and a socket each).
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send a complete request head, from connect or from the end of
+/// the previous response. The kubelet and Prometheus send theirs at once.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that moves no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning per this long about admin connections shed or timed out (each one is
+/// logged at debug and counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// What `/` and unknown paths list.
 const ENDPOINTS: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/backends", "/route?client_id=ID[&pool=NAME]"];
+
+/// The admin server's connection limits; [`Limits::default`] is what `harbormaster run` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
 
 /// What the admin server reads: the data plane's current snapshot, readiness and metrics.
 pub struct AdminState {
@@ -69,26 +108,27 @@ pub async fn start(
         Err(e) => anyhow::bail!("admin.bind: cannot bind {}: {e}", settings.bind),
     };
     let addr = listener.local_addr()?;
-    tracing::info!(addr = %addr, "admin server listening");
-    Ok(Some((addr, tokio::spawn(serve(listener, state, stop)))))
+    let limits = Limits::default();
+    tracing::info!(
+        addr = %addr,
+        max_connections = limits.max_connections,
+        header_read_timeout = ?limits.header_read_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        "admin server listening"
+    );
+    Ok(Some((addr, tokio::spawn(serve(listener, state, stop, limits)))))
 }
 
 /// Serves admin requests on `listener` until `stop` is cancelled; open admin connections are
 /// closed then too.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let conns = TaskTracker::new();
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken, limits: Limits) {
+    let table = Arc::new(Table::new(limits.max_connections.max(1)));
+    let tasks = TaskTracker::new();
+    let warn = Arc::new(Warn::default());
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.cancelled() => break,
-        };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed; backing off");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -97,25 +137,244 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             },
             _ = stop.cancelled() => break,
         };
-        let state = state.clone();
-        let stop = stop.clone();
-        conns.spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
-            });
-            let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
+        let (id, conn, shed) = table.admit(peer);
+        if let Some(victim) = shed {
+            state.metrics.admin_connections_shed.inc();
+            tracing::debug!(
+                peer = %victim.peer,
+                idle_for = ?table.idle_for(&victim),
+                "admin connection closed to make room (connection cap)"
+            );
+            warn.note(End::Shed, limits);
+            victim.shed.cancel();
+        }
+        state.metrics.admin_connections_active.inc();
+        let (state, stop, table, warn) = (state.clone(), stop.clone(), table.clone(), warn.clone());
+        tasks.spawn(async move {
+            let end = serve_connection(tcp, &state, &conn, &table, &stop, limits).await;
+            table.remove(id);
+            state.metrics.admin_connections_active.dec();
+            match end {
+                End::HeaderTimeout | End::IdleTimeout => {
+                    let label = if matches!(end, End::HeaderTimeout) { "header" } else { "idle" };
+                    state.metrics.admin_connections_timed_out.with_label_values(&[label]).inc();
+                    tracing::debug!(peer = %peer, timeout = label, "admin connection timed out");
+                    warn.note(end, limits);
+                }
+                End::Done | End::Shed | End::Stopped => {}
             }
-            drop(permit);
         });
     }
-    conns.close();
-    conns.wait().await;
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// How an admin connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed, or a request could not be parsed (hyper answered it).
+    Done,
+    HeaderTimeout,
+    IdleTimeout,
+    Shed,
+    Stopped,
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    state: &Arc<AdminState>,
+    conn: &Arc<Entry>,
+    table: &Table,
+    stop: &CancellationToken,
+    limits: Limits,
+) -> End {
+    let service_state = state.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let state = service_state.clone();
+        async move { Ok::<_, Infallible>(respond(&state, &req)) }
+    });
+    let io = Tracked { io: tcp, conn: conn.clone(), epoch: table.epoch };
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let served = builder.serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        r = served => match r {
+            Err(e) if e.is_timeout() => End::HeaderTimeout,
+            _ => End::Done,
+        },
+        _ = idle(&conn.last_active, table.epoch, limits.idle_timeout) => End::IdleTimeout,
+        _ = conn.shed.cancelled() => End::Shed,
+        _ = stop.cancelled() => End::Stopped,
+    }
+}
+
+/// Resolves once `last_active` is `timeout` old.
+async fn idle(last_active: &AtomicU64, epoch: Instant, timeout: Duration) {
+    loop {
+        let deadline = epoch + Duration::from_millis(last_active.load(Ordering::Relaxed)) + timeout;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// One open admin connection, as the accept loop sees it.
+struct Entry {
+    peer: SocketAddr,
+    /// Milliseconds from the table's epoch to the last byte read or written.
+    last_active: AtomicU64,
+    /// Cancelled to close the connection at once.
+    shed: CancellationToken,
+}
+
+/// The open admin connections, so that the accept loop can find the one idle longest.
+struct Table {
+    epoch: Instant,
+    max: usize,
+    inner: Mutex<TableInner>,
+}
+
+#[derive(Default)]
+struct TableInner {
+    next_id: u64,
+    conns: HashMap<u64, Arc<Entry>>,
+}
+
+impl Table {
+    fn new(max: usize) -> Table {
+        Table { epoch: Instant::now(), max, inner: Mutex::default() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn idle_for(&self, e: &Entry) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(e.last_active.load(Ordering::Relaxed)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Enters a new connection from `peer`: its id and entry (active now), and at the cap the
+    /// entry idle longest, taken out of the table for the caller to close.
+    fn admit(&self, peer: SocketAddr) -> (u64, Arc<Entry>, Option<Arc<Entry>>) {
+        let mut t = self.lock();
+        let shed = if t.conns.len() >= self.max {
+            let oldest = t.conns.iter().min_by_key(|(_, e)| e.last_active.load(Ordering::Relaxed)).map(|(id, _)| *id);
+            oldest.and_then(|id| t.conns.remove(&id))
+        } else {
+            None
+        };
+        t.next_id += 1;
+        let id = t.next_id;
+        let entry =
+            Arc::new(Entry { peer, last_active: AtomicU64::new(self.now_ms()), shed: CancellationToken::new() });
+        t.conns.insert(id, entry.clone());
+        (id, entry, shed)
+    }
+
+    /// A connection has ended (a shed one is gone already).
+    fn remove(&self, id: u64) {
+        self.lock().conns.remove(&id);
+    }
+}
+
+/// A TCP stream that notes when bytes last moved, for the idle timeout and for shedding.
+struct Tracked {
+    io: TcpStream,
+    conn: Arc<Entry>,
+    epoch: Instant,
+}
+
+impl Tracked {
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.conn.last_active.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, b);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The rate-limited warning about admin connections cut short: the counts since the last one.
+#[derive(Default)]
+struct Warn {
+    state: Mutex<WarnState>,
+}
+
+#[derive(Default)]
+struct WarnState {
+    last: Option<Instant>,
+    shed: u64,
+    header_timeouts: u64,
+    idle_timeouts: u64,
+}
+
+impl Warn {
+    fn note(&self, end: End, limits: Limits) {
+        let mut w = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match end {
+            End::Shed => w.shed += 1,
+            End::HeaderTimeout => w.header_timeouts += 1,
+            End::IdleTimeout => w.idle_timeouts += 1,
+            End::Done | End::Stopped => return,
+        }
+        if w.last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            return;
+        }
+        w.last = Some(Instant::now());
+        let (shed, header, idle) =
+            (std::mem::take(&mut w.shed), std::mem::take(&mut w.header_timeouts), std::mem::take(&mut w.idle_timeouts));
+        drop(w);
+        tracing::warn!(
+            shed,
+            header_timeouts = header,
+            idle_timeouts = idle,
+            max_connections = limits.max_connections,
+            "admin connections cut short (counts since the last such warning; more in debug)"
+        );
+    }
 }
 
 /// The router: one response per request, from the request line alone (bodies are ignored).
@@ -465,6 +724,99 @@ backends = ["127.0.0.1:4"]
         assert_eq!(query_param("client_id=100%&x", "client_id").unwrap(), b"100%");
         assert_eq!(query_param("client_id=%zz%4", "client_id").unwrap(), b"%zz%4");
         assert_eq!(query_param("client_id=%C3%BC", "client_id").unwrap(), "ü".as_bytes());
+    }
+
+    /// The server on 127.0.0.1:0 with `limits`, until the returned token is cancelled.
+    async fn serving(limits: Limits) -> (Arc<AdminState>, SocketAddr, CancellationToken) {
+        let s = Arc::new(state());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, s.clone(), stop.clone(), limits));
+        (s, addr, stop)
+    }
+
+    async fn healthz(addr: SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut out)).await.unwrap().unwrap();
+        out
+    }
+
+    /// Polls `f` for up to 10 s.
+    async fn eventually(f: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    /// Reads until EOF (or a reset); what was read.
+    async fn until_closed(c: &mut tokio::net::TcpStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await.expect("still open");
+        got
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_connection_idle_longest_makes_room() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits { max_connections: 4, ..Limits::default() };
+        let (s, addr, stop) = serving(limits).await;
+        let mut idle = Vec::new();
+        for i in 0..4 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if i == 1 {
+                c.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.unwrap();
+            }
+            idle.push(c);
+            // Distinct activity times, so the order of shedding is known.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = healthz(addr).await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(until_closed(&mut idle[0]).await.is_empty());
+        assert_eq!(s.metrics.admin_connections_shed.get(), 1);
+        // Full again; half a request head does not keep a connection from being next.
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(healthz(addr).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(until_closed(&mut idle[1]).await.is_empty());
+        assert_eq!(s.metrics.admin_connections_shed.get(), 2);
+        assert!(eventually(|| s.metrics.admin_connections_active.get() == 3).await);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn half_a_request_head_times_out_with_a_408() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
+        let (s, addr, stop) = serving(limits).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let got = String::from_utf8(until_closed(&mut c).await).unwrap();
+        assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+        let counted = || s.metrics.admin_connections_timed_out.with_label_values(&["header"]).get();
+        assert!(eventually(|| counted() == 1).await);
+        assert_eq!(s.metrics.admin_connections_active.get(), 0);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
+        let limits = Limits { idle_timeout: Duration::from_millis(200), ..Limits::default() };
+        let (s, addr, stop) = serving(limits).await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(until_closed(&mut c).await.is_empty());
+        let counted = || s.metrics.admin_connections_timed_out.with_label_values(&["idle"]).get();
+        assert!(eventually(|| counted() == 1).await);
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -1,4 +1,13 @@
-//! Logging setup: `key=value` text or JSON lines on stderr, and the choice of filter.
+//! Logging setup: `key=value` text or JSON lines on stderr, the choice of filter, and the
+//! writer between the two.
+//!
+//! No thread of the process ever waits for stderr. Each event is formatted on the thread that
+//! logs it and handed, whole, to a bounded in-memory queue; one thread of its own writes the
+//! queue to stderr, a line per `write`. When stderr is slow or not read at all (a pipe whose
+//! reader stalled), the queue fills and further lines are dropped and counted
+//! ([`dropped_lines`], exported as `harbormaster_log_lines_dropped_total`) rather than
+//! stopping the runtime's workers. Dropping the [`Flush`] guard that [`init`] returns writes
+//! what is queued, waiting at most [`FLUSH_TIMEOUT`] for the sink.
 //!
 //! A JSON line is one object per event with stable top-level names: `ts` (RFC 3339, UTC,
 //! microseconds), `level` (lowercase), `target`, `msg`, then every field of the event under
@@ -7,14 +16,18 @@
 //! `log` crate (rustls) get their `log.target` as `target`. Span fields are not written (the
 //! data plane logs flat events).
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -58,15 +71,186 @@ pub fn choose_filter(
     Ok(FilterChoice { directive: config.to_string(), source: "config", ignored })
 }
 
-/// Installs the global subscriber: logs go to stderr in `format`, filtered by `directive`
-/// (already validated by [`choose_filter`]).
-pub fn init(format: LogFormat, directive: &str) {
+/// Bytes of formatted lines waiting for stderr at most; beyond it lines are dropped. About
+/// 2,500 JSON connection lines: a burst rides out a short stall of the sink, and a sink slower
+/// than the log rate loses lines instead of slowing connections down.
+pub const QUEUE_BYTES: usize = 1 << 20;
+/// How long dropping the [`Flush`] guard waits for the queue to reach the sink. A sink that
+/// takes longer (a reader that stopped reading) costs the rest of the queue, not a hung exit.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The drop counter of the installed writer, read by the metrics at scrape time.
+static INSTALLED: OnceLock<Arc<AtomicU64>> = OnceLock::new();
+
+/// Log lines dropped so far because the queue to stderr was full (or stderr failed).
+pub fn dropped_lines() -> u64 {
+    INSTALLED.get().map_or(0, |d| d.load(Ordering::Relaxed))
+}
+
+/// Installs the global subscriber: logs go to stderr, through the non-blocking queue, in
+/// `format`, filtered by `directive` (already validated by [`choose_filter`]). Keep the
+/// returned guard until the end of `main`: dropping it flushes the queue.
+pub fn init(format: LogFormat, directive: &str) -> Flush {
+    let (writer, flush) = non_blocking(io::stderr(), QUEUE_BYTES);
+    let _ = INSTALLED.set(writer.dropped_counter());
     let filter = EnvFilter::try_new(directive).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.event_format(JsonLines).try_init(),
     };
+    flush
+}
+
+/// Starts the writer thread for `sink` with a queue of `capacity` bytes: the returned
+/// [`Lines`] is the subscriber's writer, the [`Flush`] guard ends the thread.
+pub fn non_blocking<W: Write + Send + 'static>(sink: W, capacity: usize) -> (Lines, Flush) {
+    let queue = Arc::new(Queue {
+        state: Mutex::new(State::default()),
+        ready: Condvar::new(),
+        capacity,
+        dropped: Arc::new(AtomicU64::new(0)),
+    });
+    let (done_tx, done) = mpsc::channel();
+    let q = queue.clone();
+    let spawned = std::thread::Builder::new().name("log-writer".into()).spawn(move || {
+        q.write_out(sink);
+        let _ = done_tx.send(());
+    });
+    if spawned.is_err() {
+        // No thread, no stderr: every line is counted as dropped.
+        queue.lock().closed = true;
+    }
+    (Lines(queue.clone()), Flush { queue, done })
+}
+
+struct Queue {
+    state: Mutex<State>,
+    /// Signalled when a line is queued or the queue is closed.
+    ready: Condvar,
+    capacity: usize,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct State {
+    lines: VecDeque<Vec<u8>>,
+    /// Bytes in `lines`.
+    bytes: usize,
+    /// No more lines are taken; the writer thread ends once `lines` is empty.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the queue consistent (push and pop only).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues one whole line, or counts it dropped. Never waits for the sink: the lock is
+    /// only ever held to push or pop.
+    fn push(&self, line: Vec<u8>) {
+        let mut s = self.lock();
+        if s.closed || s.bytes + line.len() > self.capacity {
+            drop(s);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        s.bytes += line.len();
+        s.lines.push_back(line);
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// The writer thread: each line in one `write_all` (a line of up to `PIPE_BUF` bytes
+    /// reaches a pipe whole), until the queue is closed and empty.
+    fn write_out<W: Write>(&self, mut sink: W) {
+        loop {
+            let line = {
+                let mut s = self.lock();
+                loop {
+                    if let Some(line) = s.lines.pop_front() {
+                        s.bytes -= line.len();
+                        break line;
+                    }
+                    if s.closed {
+                        let _ = sink.flush();
+                        return;
+                    }
+                    s = self.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            if sink.write_all(&line).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The subscriber's writer ([`MakeWriter`]): each event gets a [`Line`].
+#[derive(Clone)]
+pub struct Lines(Arc<Queue>);
+
+impl Lines {
+    /// The count of lines this writer dropped.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.0.dropped.clone()
+    }
+}
+
+impl<'a> MakeWriter<'a> for Lines {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line { queue: self.0.clone(), buf: Vec::new() }
+    }
+}
+
+/// One event's bytes, collected over however many `write` calls the formatter makes and
+/// queued as one piece when it is dropped, so that lines never interleave.
+pub struct Line {
+    queue: Arc<Queue>,
+    buf: Vec<u8>,
+}
+
+impl Write for Line {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            self.queue.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Flushes the log queue when dropped: no line is taken after that, the queued ones are
+/// written, waiting at most [`FLUSH_TIMEOUT`].
+#[must_use = "dropping the guard ends logging"]
+pub struct Flush {
+    queue: Arc<Queue>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Flush {
+    fn close(&self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.close();
+        let _ = self.done.recv_timeout(FLUSH_TIMEOUT);
+    }
 }
 
 /// The JSON-lines event format (see the module docs).
@@ -271,6 +455,97 @@ mod tests {
         assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
         assert_eq!(lines[1]["level"], "warn");
         assert_eq!(lines[1]["error"], "boom");
+    }
+
+    /// A sink that takes nothing until opened, like a pipe nobody reads.
+    #[derive(Clone, Default)]
+    struct Gated {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        out: Buf,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    impl io::Write for Gated {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn log_lines(lines: &Lines, n: usize) {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("info"))
+            .event_format(JsonLines)
+            .with_writer(lines.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..n {
+                tracing::info!(i, pad = "x".repeat(100), "line");
+            }
+        });
+    }
+
+    #[test]
+    fn a_stalled_sink_never_blocks_the_logger_and_drops_are_counted() {
+        let sink = Gated::default();
+        let (lines, flush) = non_blocking(sink.clone(), 16 * 1024);
+        // Would hang here if a log call waited for the sink.
+        log_lines(&lines, 1000);
+        let dropped = lines.dropped_counter().load(Ordering::Relaxed);
+        assert!(dropped > 500 && dropped < 1000, "dropped {dropped}");
+        sink.open();
+        drop(flush);
+        let text = String::from_utf8(sink.out.0.lock().unwrap().clone()).unwrap();
+        let written: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a whole JSON line")).collect();
+        assert_eq!(written.len() as u64 + dropped, 1000);
+        // What was kept is the oldest lines, in order.
+        for (n, l) in written.iter().enumerate() {
+            assert_eq!(l["i"], n as u64, "{l}");
+        }
+    }
+
+    #[test]
+    fn dropping_the_guard_writes_every_queued_line() {
+        let out = Buf::default();
+        let (lines, flush) = non_blocking(out.clone(), 1 << 20);
+        log_lines(&lines, 500);
+        drop(flush);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 500);
+        assert_eq!(lines.dropped_counter().load(Ordering::Relaxed), 0);
+        // After the flush, lines are no longer taken, and are counted.
+        log_lines(&lines, 1);
+        assert_eq!(lines.dropped_counter().load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_sink_that_fails_counts_its_lines_as_dropped() {
+        struct Broken;
+        impl io::Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (lines, flush) = non_blocking(Broken, 1 << 20);
+        log_lines(&lines, 10);
+        drop(flush);
+        assert_eq!(lines.dropped_counter().load(Ordering::Relaxed), 10);
     }
 
     #[test]

@@ -113,6 +113,18 @@ pub struct Metrics {
     /// Always 1, with the version and git commit as labels.
     pub build_info: IntGaugeVec,
 
+    /// Log lines dropped because stderr did not take them fast enough (or failed); brought
+    /// up to date from the log writer's count at scrape time.
+    pub log_lines_dropped: IntCounter,
+    /// Admin HTTP connections open now.
+    pub admin_connections_active: IntGauge,
+    /// Admin connections closed to make room for a new one at the admin connection cap (the
+    /// one idle longest goes first).
+    pub admin_connections_shed: IntCounter,
+    /// Admin connections closed by a timeout: "header" (no complete request head in time),
+    /// "idle" (no byte either way in time).
+    pub admin_connections_timed_out: IntCounterVec,
+
     /// One scrape at a time: the scrape-time gauges are reset and refilled.
     scrape: Mutex<()>,
 }
@@ -298,6 +310,29 @@ impl Metrics {
                 &["pool"],
             ),
             build_info: gauge_vec(&r, "build_info", "Always 1; the version and git commit", &["version", "commit"]),
+            log_lines_dropped: register(
+                &r,
+                IntCounter::new("log_lines_dropped_total", "Log lines dropped because stderr did not keep up")
+                    .expect("valid"),
+            ),
+            admin_connections_active: register(
+                &r,
+                IntGauge::new("admin_connections_active", "Admin HTTP connections open now").expect("valid"),
+            ),
+            admin_connections_shed: register(
+                &r,
+                IntCounter::new(
+                    "admin_connections_shed_total",
+                    "Admin connections closed, longest idle first, to make room for a new one at the cap",
+                )
+                .expect("valid"),
+            ),
+            admin_connections_timed_out: counter_vec(
+                &r,
+                "admin_connections_timed_out_total",
+                "Admin connections closed because no request head (header) or no byte (idle) came in time",
+                &["timeout"],
+            ),
             scrape: Mutex::new(()),
             registry: r,
         };
@@ -305,6 +340,9 @@ impl Metrics {
         // Series that alerts take rate() of exist from the start, at 0.
         for outcome in ["ok", "error"] {
             m.config_reloads.with_label_values(&[outcome]);
+        }
+        for timeout in ["header", "idle"] {
+            m.admin_connections_timed_out.with_label_values(&[timeout]);
         }
         m
     }
@@ -353,6 +391,8 @@ impl Metrics {
             }
         }
         self.ready.set(i64::from(ready));
+        let dropped = crate::admin::log::dropped_lines();
+        self.log_lines_dropped.inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         self.render()
     }
 }
