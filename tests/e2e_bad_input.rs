@@ -6,8 +6,9 @@
 //!
 //! Decisions this test pins down: a client-id that is not valid UTF-8, duplicated 5.0
 //! properties and a second CONNECT pipelined behind the first are forwarded — the broker
-//! decides (harbormaster only routes on the bytes); CONNECT split into 1-byte TLS records is
-//! done with a rustls client that writes one byte per record.
+//! decides (harbormaster only routes on the bytes; when the broker closes without a byte, that
+//! is a failed dial, answered with CONNACK 3 once no broker is left); CONNECT split into
+//! 1-byte TLS records is done with a rustls client that writes one byte per record.
 
 mod support;
 
@@ -325,7 +326,11 @@ bind = "127.0.0.1:{admin}"
             line.is_some()
         });
         let line = line.unwrap_or_else(|| panic!("{what}: no log line\n{}", b.hm.log()));
-        assert_eq!(line.get("broker").map(String::as_str), Some("m0"), "{what}: not forwarded: {line:?}");
+        // Mosquitto closes on a 3.1.1 client-id that is not UTF-8 without a CONNACK: a close
+        // before the broker's first byte is a failed dial (the only broker: no_broker_available).
+        let forwarded = line.get("broker").map(String::as_str) == Some("m0")
+            || line.get("detail").is_some_and(|d| d.starts_with("m0: closed the connection before answering CONNECT"));
+        assert!(forwarded, "{what}: not forwarded: {line:?}");
     }
     still_good("input the broker decides on");
 
