@@ -8,6 +8,7 @@ pub mod config;
 pub mod discovery;
 pub mod drain;
 pub mod health;
+pub mod memory;
 pub mod reload;
 pub mod tickets;
 pub mod tls;
