@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,12 @@ fn big_connect(version: MqttVersion, len: usize) -> Vec<u8> {
 /// Opens `n` connections and sends each all but the last byte of a `len`-byte CONNECT,
 /// versions alternating as `versions` lists them. Returns each socket with its version and
 /// whether harbormaster took all the bytes (false: it closed the connection first).
-fn incomplete_connects(port: u16, n: usize, len: usize, versions: &[MqttVersion]) -> Vec<(TcpStream, MqttVersion, bool)> {
+fn incomplete_connects(
+    port: u16,
+    n: usize,
+    len: usize,
+    versions: &[MqttVersion],
+) -> Vec<(TcpStream, MqttVersion, bool)> {
     let packets: Vec<Vec<u8>> = versions.iter().map(|v| big_connect(*v, len)).collect();
     let mut conns: Vec<(TcpStream, usize, usize, Option<bool>)> = (0..n)
         .map(|i| {

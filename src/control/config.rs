@@ -1078,7 +1078,8 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         let bad = format!("{MINIMAL}\n[limits]\nmax_setup_bytes = 300000\n");
         let got = problems(&bad);
         assert!(
-            got.iter().any(|g| g.starts_with("limits.max_setup_bytes: must be at least twice limits.max_connect_packet")),
+            got.iter()
+                .any(|g| g.starts_with("limits.max_setup_bytes: must be at least twice limits.max_connect_packet")),
             "{got:?}"
         );
     }

@@ -7,7 +7,8 @@
 //!
 //! A control-plane task watches the live connections and the setup bytes; when they have
 //! fallen well below their peak since it last looked, a storm has passed, and it starts a
-//! new *reclaim round*. Each worker thread, the next time it runs out of work, gives back its
+//! new *reclaim round*, and one more at each of the next few ticks for the connections still
+//! closing. Each worker thread, the next time it runs out of work, gives back its
 //! free memory once per round: the relay's spare buffers, then whatever the binary's hook
 //! does (harbormaster's `main` asks mimalloc to collect the thread's heap and return free
 //! pages to the system). Workers that sleep through a round are woken by a few empty tasks.
@@ -32,8 +33,9 @@ const CONNECTIONS_GONE: usize = 128;
 /// Setup bytes below their peak by at least this much: large CONNECTs that came and went.
 const SETUP_BYTES_GONE: usize = 1 << 20;
 
-/// Ticks after a storm's last round until the round that catches what was freed after it.
-const SETTLE_TICKS: u32 = 2;
+/// Rounds after the one a storm starts, one per tick: a storm of thousands of connections
+/// takes a few seconds to close on a busy machine.
+const SETTLE_ROUNDS: u32 = 5;
 
 /// The current reclaim round; 0: none yet.
 static ROUND: AtomicU64 = AtomicU64::new(0);
@@ -81,9 +83,9 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Ticks until a second round after a storm: connections still closing when the first
-    // one ran, and pages that only their last blocks kept in use, are given back by it.
-    let mut settle: Option<u32> = None;
+    // Rounds still to run after a storm: connections still closing when the first one ran,
+    // and pages that only their last blocks kept in use, are given back by the later ones.
+    let mut settle = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -91,13 +93,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let conns = (shared.conns.take_peak(), shared.conns.len());
         let setup = (shared.setup_bytes.take_peak(), shared.setup_bytes.used());
-        let storm = storm_passed(conns, setup);
-        settle = match settle {
-            _ if storm => Some(SETTLE_TICKS),
-            Some(n) => n.checked_sub(1),
-            None => None,
-        };
-        if storm || settle == Some(0) {
+        if storm_passed(conns, setup) {
+            settle = SETTLE_ROUNDS + 1;
+        }
+        if settle > 0 {
+            settle -= 1;
             shared.conns.shrink();
             DONE.store(0, Ordering::Release);
             let round = ROUND.fetch_add(1, Ordering::AcqRel) + 1;

@@ -376,9 +376,10 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
         }
         (MqttVersion::V31 | MqttVersion::V311, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x02, 0x00, 0x01]),
         (MqttVersion::V31 | MqttVersion::V311, Refusal::ClientIdRejected) => Some(&[0x20, 0x02, 0x00, 0x02]),
-        (MqttVersion::V31 | MqttVersion::V311, Refusal::Malformed | Refusal::PacketTooLarge | Refusal::QuotaExceeded) => {
-            None
-        }
+        (
+            MqttVersion::V31 | MqttVersion::V311,
+            Refusal::Malformed | Refusal::PacketTooLarge | Refusal::QuotaExceeded,
+        ) => None,
         (MqttVersion::V5, Refusal::ServerUnavailable) => Some(&[0x20, 0x03, 0x00, 0x88, 0x00]),
         (MqttVersion::V5, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x03, 0x00, 0x84, 0x00]),
         (MqttVersion::V5, Refusal::ClientIdRejected) => Some(&[0x20, 0x03, 0x00, 0x85, 0x00]),
