@@ -194,7 +194,7 @@ fn incomplete_connects_stay_within_max_setup_bytes() {
     let settled = wait_until(WAIT, || {
         let held = gauge(admin, "harbormaster_setup_bytes") as usize;
         let active = gauge(admin, "harbormaster_connections_active") as usize;
-        held % BIG == 0 && active == 1 + held / BIG
+        held.is_multiple_of(BIG) && active == 1 + held / BIG
     });
     let held = gauge(admin, "harbormaster_setup_bytes") as usize;
     assert!(settled, "{held} setup bytes, {} connections", gauge(admin, "harbormaster_connections_active"));
