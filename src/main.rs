@@ -36,7 +36,7 @@ fn give_back_memory() {
 /// them a storm's freed memory stays resident: a purge of part of a 2 MiB page splits it, and
 /// the kernel's khugepaged later collapses the remains into full huge pages again. Measured
 /// after 4,000 silent connections closed: 5 MB above the baseline with them, 1.4 MB without,
-/// and an 8 MB smaller baseline (architecture.md, *Memory after a storm*).
+/// and a 4 MB smaller baseline (architecture.md, *Memory after a storm*).
 fn no_transparent_huge_pages() {
     // SAFETY: prctl(PR_SET_THP_DISABLE) takes integers only and sets a flag of this process.
     let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
