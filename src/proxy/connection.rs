@@ -650,6 +650,7 @@ async fn serve(
             return Err(Reason::SetupBytes);
         }
         Ok(Err(ReadFail::Mqtt(e))) => {
+            drop(charge); // the buffer is gone
             facts.detail = Some(e.to_string());
             let (reason, answer) = refusal_for(&e);
             facts.connack = match answer {
