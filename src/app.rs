@@ -16,7 +16,7 @@ use crate::admin::metrics::Metrics;
 use crate::admin::ready::Readiness;
 use crate::control::config::Loaded;
 use crate::control::reload::{self, Reloader};
-use crate::control::{drain, health};
+use crate::control::{drain, health, memory};
 use crate::proxy::connection::Shared;
 use crate::proxy::listener::ListenerSet;
 use crate::proxy::snapshot::Snapshot;
@@ -95,6 +95,9 @@ pub async fn run_with(
     let health = tokio::spawn(health::run(current.clone(), metrics.clone(), stop_health.clone()));
     let stop_reload = CancellationToken::new();
     let reloading = tokio::spawn(reloader.run(stop_reload.clone()));
+    let stop_memory = CancellationToken::new();
+    let _stop_memory = stop_memory.clone().drop_guard();
+    tokio::spawn(memory::run(shared.clone(), stop_memory));
 
     shutdown.await;
     // Not ready from this moment on, so load balancers stop sending new clients.

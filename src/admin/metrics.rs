@@ -98,6 +98,8 @@ pub struct Metrics {
 
     /// Connections waiting for a TLS handshake token (`handshake_rate`) now.
     pub handshake_queue: IntGauge,
+    /// Bytes held for CONNECTs by connections in setup now, within `limits.max_setup_bytes`.
+    pub setup_bytes: IntGauge,
     /// 1 while draining after SIGTERM.
     pub draining: IntGauge,
     /// 1 while `/readyz` answers 200; computed at scrape time.
@@ -284,6 +286,11 @@ impl Metrics {
                 &r,
                 IntGauge::new("handshake_queue", "Connections waiting for a TLS handshake token now").expect("valid"),
             ),
+            setup_bytes: register(
+                &r,
+                IntGauge::new("setup_bytes", "Bytes held for CONNECTs by connections in setup now (max_setup_bytes)")
+                    .expect("valid"),
+            ),
             draining: register(&r, IntGauge::new("draining", "1 while draining after SIGTERM").expect("valid")),
             ready: register(&r, IntGauge::new("ready", "1 while /readyz answers 200").expect("valid")),
             config_reloads: counter_vec(&r, "config_reloads_total", "Configuration reloads by outcome", &["outcome"]),
@@ -418,6 +425,7 @@ pub fn connack_label(code: Option<u8>) -> &'static str {
         Some(0x85) => "0x85",
         Some(0x88) => "0x88",
         Some(0x95) => "0x95",
+        Some(0x97) => "0x97",
         Some(0x9F) => "0x9f",
         Some(_) => "other",
     }

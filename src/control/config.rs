@@ -380,6 +380,8 @@ pub struct RawLimits {
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     pub max_connect_packet: usize,
+    /// Bytes all connections in setup may hold together for their CONNECTs.
+    pub max_setup_bytes: usize,
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -429,6 +431,7 @@ impl Default for RawLimits {
         RawLimits {
             connect_timeout: Duration::from_secs(10),
             max_connect_packet: 262_144,
+            max_setup_bytes: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
             max_connections: 100_000,
@@ -842,6 +845,10 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if !(16..=268_435_460).contains(&lim.max_connect_packet) {
         c.add("limits.max_connect_packet", "must be between 16 and 268435460 bytes");
     }
+    // Buffers past 4 KiB may use half of it: a CONNECT of max_connect_packet must fit there.
+    if lim.max_setup_bytes / 2 < lim.max_connect_packet {
+        c.add("limits.max_setup_bytes", "must be at least twice limits.max_connect_packet");
+    }
     if lim.max_connections == 0 {
         c.add("limits.max_connections", "must be greater than 0");
     }
@@ -874,6 +881,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
             limits: Limits {
                 connect_timeout: lim.connect_timeout,
                 max_connect_packet: lim.max_connect_packet,
+                max_setup_bytes: lim.max_setup_bytes,
                 drain_timeout: lim.drain_timeout,
                 drain_delay: lim.drain_delay,
                 half_close_timeout: lim.half_close_timeout,
@@ -1105,7 +1113,21 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(p.backend_connack_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.connect_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.max_connect_packet, 262_144);
+        assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
         assert_eq!(s.limits.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn max_setup_bytes_must_hold_a_largest_connect_in_its_half() {
+        let ok = format!("{MINIMAL}\n[limits]\nmax_connect_packet = 1024\nmax_setup_bytes = 2048\n");
+        assert_eq!(load_str(&ok, Path::new(".")).unwrap().snapshot.limits.max_setup_bytes, 2048);
+        let bad = format!("{MINIMAL}\n[limits]\nmax_setup_bytes = 300000\n");
+        let got = problems(&bad);
+        assert!(
+            got.iter()
+                .any(|g| g.starts_with("limits.max_setup_bytes: must be at least twice limits.max_connect_packet")),
+            "{got:?}"
+        );
     }
 
     #[test]

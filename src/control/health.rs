@@ -305,6 +305,7 @@ mod tests {
             limits: Limits {
                 connect_timeout: Duration::from_secs(1),
                 max_connect_packet: 1024,
+                max_setup_bytes: 1 << 20,
                 drain_timeout: Duration::from_secs(1),
                 drain_delay: Duration::ZERO,
                 max_connections: 1,

@@ -10,6 +10,7 @@ pub mod demo_certs;
 pub mod discovery;
 pub mod drain;
 pub mod health;
+pub mod memory;
 pub mod reload;
 pub mod tickets;
 pub mod tls;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use super::budget::{SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
 use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub admission: Admission,
     /// Turns for TLS handshake steps while established connections have traffic.
     pub turns: Turns,
+    /// Bytes held for CONNECTs by connections in setup (`limits.max_setup_bytes`).
+    pub setup_bytes: SetupBudget,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -59,7 +62,8 @@ impl Shared {
         let admission = Admission::new(metrics.handshake_queue.clone());
         let workers = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).unwrap_or(1);
         let turns = Turns::new(workers);
-        Shared { metrics, hard_stop, conns, admission, turns, prefix, next_id: AtomicU64::new(1) }
+        let setup_bytes = SetupBudget::new(metrics.setup_bytes.clone());
+        Shared { metrics, hard_stop, conns, admission, turns, setup_bytes, prefix, next_id: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> String {
@@ -92,6 +96,8 @@ pub enum Reason {
     HandshakeQueueTimeout,
     /// `per_source_rate` exceeded by the client's address: closed before TLS.
     SourceRate,
+    /// Connections in setup hold `limits.max_setup_bytes`: no room for this one's CONNECT.
+    SetupBytes,
     /// The client-id reconnects too often: CONNACK "connection rate exceeded".
     Flapping,
     Relayed(Ended),
@@ -119,6 +125,7 @@ impl Reason {
             Reason::HandshakeQueueFull => "handshake_queue_full",
             Reason::HandshakeQueueTimeout => "handshake_queue_timeout",
             Reason::SourceRate => "per_source_rate",
+            Reason::SetupBytes => "max_setup_bytes",
             Reason::Flapping => "flapping",
             Reason::Relayed(Ended::Clean) => "closed",
             Reason::Relayed(Ended::ClientError) => "client_error",
@@ -528,19 +535,48 @@ async fn read_inbound(tcp: &mut TcpStream) -> io::Result<(inbound::Inbound, Vec<
 enum ReadFail {
     Mqtt(ConnectError),
     Closed(String),
+    /// No room in `limits.max_setup_bytes` for the buffer to grow; the version if the bytes
+    /// so far tell it.
+    Budget(Option<MqttVersion>),
+}
+
+/// The CONNECT buffer's first size: a device's whole CONNECT fits.
+const FIRST_READ: usize = 512;
+
+/// The CONNECT buffer's next size when it is full: twice the bytes received, but never past
+/// the packet's announced length, so the buffer holds at most twice what the client sent and
+/// an announced length alone reserves nothing.
+fn next_capacity(buf: &[u8]) -> usize {
+    let doubled = buf.len().saturating_mul(2).max(FIRST_READ);
+    match mqtt::announced_len(buf) {
+        Some(total) if total > buf.len() => doubled.min(total),
+        _ => doubled,
+    }
 }
 
 /// Read until a whole CONNECT is buffered. Returns the buffer (CONNECT + anything pipelined).
-async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> Result<Vec<u8>, ReadFail> {
-    let mut buf = Vec::with_capacity(512);
+/// The buffer is charged to `charge` before it is allocated or grown.
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limits: &super::snapshot::Limits,
+    charge: &mut SetupCharge<'_>,
+) -> Result<Vec<u8>, ReadFail> {
+    if !charge.grow_to(FIRST_READ, limits.max_setup_bytes) {
+        return Err(ReadFail::Budget(None));
+    }
+    let mut buf = Vec::with_capacity(FIRST_READ);
     loop {
-        match mqtt::peek_connect(&buf, max) {
+        match mqtt::peek_connect(&buf, limits.max_connect_packet) {
             Ok(Peek::Complete { .. }) => return Ok(buf),
             Ok(Peek::Incomplete) => {}
             Err(e) => return Err(ReadFail::Mqtt(e)),
         }
         if buf.len() == buf.capacity() {
-            buf.reserve(buf.capacity());
+            let to = next_capacity(&buf);
+            if !charge.grow_to(to, limits.max_setup_bytes) {
+                return Err(ReadFail::Budget(mqtt::version(&buf)));
+            }
+            buf.reserve_exact(to - buf.len());
         }
         match stream.read_buf(&mut buf).await {
             Ok(0) => return Err(ReadFail::Closed("closed before CONNECT was complete".into())),
@@ -624,15 +660,32 @@ async fn serve(
     started: Instant,
     facts: &mut Facts,
 ) -> Result<Established, Reason> {
-    // 4. CONNECT.
-    let buf = match tokio::time::timeout_at(deadline, read_connect(&mut stream, snap.limits.max_connect_packet)).await {
+    // 4. CONNECT, its buffer charged to the process's setup budget until it has been
+    // written to a broker.
+    let mut charge = shared.setup_bytes.charge();
+    let read = tokio::time::timeout_at(deadline, read_connect(&mut stream, &snap.limits, &mut charge)).await;
+    let buf = match read {
         Err(_) => return Err(Reason::Timeout),
         Ok(Ok(buf)) => buf,
         Ok(Err(ReadFail::Closed(detail))) => {
             facts.detail = Some(detail);
             return Err(Reason::ClientClosed);
         }
+        Ok(Err(ReadFail::Budget(version))) => {
+            // The buffer is gone; so is its charge before the (bounded) polite close.
+            let held = charge.held();
+            drop(charge);
+            facts.detail = Some(format!(
+                "connections in setup hold {} bytes; max_setup_bytes is {} (this one held {held})",
+                shared.setup_bytes.used(),
+                snap.limits.max_setup_bytes
+            ));
+            facts.mqtt_version = version;
+            facts.connack = refuse(&mut stream, version, Refusal::QuotaExceeded).await;
+            return Err(Reason::SetupBytes);
+        }
         Ok(Err(ReadFail::Mqtt(e))) => {
+            drop(charge); // the buffer is gone
             facts.detail = Some(e.to_string());
             let (reason, answer) = refusal_for(&e);
             facts.connack = match answer {
@@ -696,7 +749,7 @@ async fn serve(
     // 7. PROXY header, then the CONNECT and whatever was pipelined, in one write: the same
     // bytes for every broker tried.
     let mut first = match pool.proxy_protocol {
-        ProxyProtocol::None => Vec::with_capacity(buf.len()),
+        ProxyProtocol::None => Vec::new(),
         ProxyProtocol::V1 => proxy_header::encode_v1(src, dst),
         ProxyProtocol::V2 => {
             let input = HeaderInput {
@@ -713,9 +766,12 @@ async fn serve(
             enc.bytes
         }
     };
+    first.reserve_exact(buf.len());
     first.extend_from_slice(&buf);
     facts.up = buf.len() as u64;
     drop(buf);
+    // Already decided on: the copy is charged whatever the total.
+    charge.set(first.capacity());
     drop(tls);
 
     // 8. Dial, in preference order, until a broker answers.
@@ -740,6 +796,7 @@ async fn serve(
         }
     }
     drop(first);
+    drop(charge);
     let Some((backend, upstream)) = broker else {
         facts.detail = Some(errors.join("; "));
         facts.connack = refuse(&mut stream, Some(version), Refusal::ServerUnavailable).await;

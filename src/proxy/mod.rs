@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod balance;
+pub mod budget;
 pub mod connection;
 pub mod identity;
 pub mod inbound;

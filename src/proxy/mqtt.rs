@@ -136,6 +136,34 @@ pub fn peek_connect(buf: &[u8], max_len: usize) -> Result<Peek<'_>, ConnectError
     }
 }
 
+/// The length of the whole packet whose first bytes are `buf`, as its fixed header announces
+/// it; `None` until the fixed header is complete (or when it is not a valid one). The CONNECT
+/// buffer grows towards it, never past it.
+pub fn announced_len(buf: &[u8]) -> Option<usize> {
+    let (_, rest) = buf.split_first()?;
+    match var_int(rest) {
+        VarInt::Done { value, len } => usize::try_from(value).ok()?.checked_add(len)?.checked_add(1),
+        VarInt::Incomplete | VarInt::TooLong => None,
+    }
+}
+
+/// The MQTT version of the CONNECT whose first bytes are `buf`, as soon as its protocol name
+/// and level are here: a connection refused before its CONNECT is complete can still get a
+/// CONNACK its client understands.
+pub fn version(buf: &[u8]) -> Option<MqttVersion> {
+    let (&first, rest) = buf.split_first()?;
+    if first != CONNECT_FIXED_HEADER {
+        return None;
+    }
+    let VarInt::Done { value, len } = var_int(rest) else {
+        return None;
+    };
+    let remaining = usize::try_from(value).ok()?;
+    let body = rest.get(len..).unwrap_or_default();
+    let body = body.get(..remaining).unwrap_or(body);
+    protocol(&mut Cursor { bytes: body, pos: 0, end: remaining }).ok()
+}
+
 fn malformed(reason: &'static str, version: Option<MqttVersion>) -> ConnectError {
     ConnectError::Malformed { reason, version }
 }
@@ -346,10 +374,13 @@ pub enum Refusal {
     PacketTooLarge,
     /// 3.x return code 3 (server unavailable), 5.0 reason 0x9F (connection rate exceeded).
     RateExceeded,
+    /// 5.0 only: reason 0x97 (quota exceeded).
+    QuotaExceeded,
 }
 
 /// The CONNACK for `refusal` in the client's `version`, or `None` where that version has no
-/// code for it (3.x has none for Malformed/PacketTooLarge: the connection is just closed).
+/// code for it (3.x has none for Malformed/PacketTooLarge/QuotaExceeded: the connection is just
+/// closed).
 pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> {
     // 3.x: type 2, remaining length 2, session-present 0, return code.
     // 5.0: type 2, remaining length 3, session-present 0, reason code, empty property list.
@@ -359,13 +390,17 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
         }
         (MqttVersion::V31 | MqttVersion::V311, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x02, 0x00, 0x01]),
         (MqttVersion::V31 | MqttVersion::V311, Refusal::ClientIdRejected) => Some(&[0x20, 0x02, 0x00, 0x02]),
-        (MqttVersion::V31 | MqttVersion::V311, Refusal::Malformed | Refusal::PacketTooLarge) => None,
+        (
+            MqttVersion::V31 | MqttVersion::V311,
+            Refusal::Malformed | Refusal::PacketTooLarge | Refusal::QuotaExceeded,
+        ) => None,
         (MqttVersion::V5, Refusal::ServerUnavailable) => Some(&[0x20, 0x03, 0x00, 0x88, 0x00]),
         (MqttVersion::V5, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x03, 0x00, 0x84, 0x00]),
         (MqttVersion::V5, Refusal::ClientIdRejected) => Some(&[0x20, 0x03, 0x00, 0x85, 0x00]),
         (MqttVersion::V5, Refusal::Malformed) => Some(&[0x20, 0x03, 0x00, 0x81, 0x00]),
         (MqttVersion::V5, Refusal::PacketTooLarge) => Some(&[0x20, 0x03, 0x00, 0x95, 0x00]),
         (MqttVersion::V5, Refusal::RateExceeded) => Some(&[0x20, 0x03, 0x00, 0x9F, 0x00]),
+        (MqttVersion::V5, Refusal::QuotaExceeded) => Some(&[0x20, 0x03, 0x00, 0x97, 0x00]),
     }
 }
 
@@ -1070,6 +1105,29 @@ mod tests {
         assert!(matches!(peek_connect(&bytes, 0), Err(ConnectError::TooLarge { .. })));
     }
 
+    /// The version is known from the protocol level on, and the announced length from the end
+    /// of the fixed header on, at every truncation point; neither looks past them.
+    #[test]
+    fn version_and_announced_length_of_a_prefix() {
+        for v in [MqttVersion::V31, MqttVersion::V311, MqttVersion::V5] {
+            let mut p = Packet::new(v, b"prefix-client");
+            p.username = Some(vec![b'u'; 300]);
+            p.len_bytes = 2;
+            let bytes = p.encode();
+            // Fixed header (1 + 2), name (2 + 4 or 6), level (1).
+            let header = 3;
+            let level_at = header + 2 + if v == MqttVersion::V31 { 6 } else { 4 };
+            for cut in 0..=bytes.len() {
+                let prefix = &bytes[..cut];
+                assert_eq!(announced_len(prefix), (cut >= header).then_some(bytes.len()), "{v:?} cut {cut}");
+                assert_eq!(version(prefix), (cut > level_at).then_some(v), "{v:?} cut {cut}");
+            }
+        }
+        assert_eq!(version(&[0x30, 0x05, 0, 4, b'M', b'Q', b'T', b'T', 4]), None, "not a CONNECT");
+        assert_eq!(version(&[0x10, 0x07, 0, 4, b'M', b'Q', b'T', b'T', 9]), None, "unknown level");
+        assert_eq!(announced_len(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]), None, "5-byte remaining length");
+    }
+
     #[test]
     fn empty_input_is_incomplete() {
         assert_eq!(peek_connect(&[], MAX), Ok(Peek::Incomplete));
@@ -1088,7 +1146,9 @@ mod tests {
             assert_eq!(connack(v, Malformed), None);
             assert_eq!(connack(v, PacketTooLarge), None);
             assert_eq!(connack(v, RateExceeded), Some(&[0x20, 2, 0, 3][..]));
+            assert_eq!(connack(v, QuotaExceeded), None);
         }
+        assert_eq!(connack(V5, QuotaExceeded), Some(&[0x20, 3, 0, 0x97, 0][..]));
         assert_eq!(connack(V5, RateExceeded), Some(&[0x20, 3, 0, 0x9F, 0][..]));
         assert_eq!(connack(V5, ServerUnavailable), Some(&[0x20, 3, 0, 0x88, 0][..]));
         assert_eq!(connack(V5, UnsupportedProtocol), Some(&[0x20, 3, 0, 0x84, 0][..]));
@@ -1120,6 +1180,7 @@ mod tests {
             (Refusal::Malformed, Rc5::MalformedPacket),
             (Refusal::PacketTooLarge, Rc5::PacketTooLarge),
             (Refusal::RateExceeded, Rc5::ConnectionRateExceeded),
+            (Refusal::QuotaExceeded, Rc5::QuotaExceeded),
         ] {
             let bytes = connack(MqttVersion::V5, refusal).unwrap();
             match P5::decode(bytes).unwrap() {

@@ -82,6 +82,8 @@ pub struct Registry {
     shards: Box<[Mutex<Shard>]>,
     next: AtomicU64,
     len: AtomicUsize,
+    /// The most connections live at once since [`Registry::take_peak`] last looked.
+    peak: AtomicUsize,
     /// Parent of every connection's token: cancelling it closes them all at once.
     root: CancellationToken,
 }
@@ -93,6 +95,7 @@ impl Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next: AtomicU64::new(1),
             len: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             root,
         }
     }
@@ -111,7 +114,8 @@ impl Registry {
             backend: OnceLock::new(),
         });
         self.shard(id).insert(id, handle.clone());
-        self.len.fetch_add(1, Ordering::Relaxed);
+        let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(len, Ordering::Relaxed);
         Registration { registry: self.clone(), handle }
     }
 
@@ -122,6 +126,22 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The most connections live at once since the last call (at least the number live now).
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.len(), Ordering::Relaxed).max(self.len())
+    }
+
+    /// Gives back the room of the shards' maps that a storm grew and that now stand mostly
+    /// empty (a map never shrinks by itself).
+    pub fn shrink(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            if shard.capacity() > 4 * shard.len().max(16) {
+                shard.shrink_to_fit();
+            }
+        }
     }
 
     /// Whether connection `id` is still live.
@@ -210,5 +230,20 @@ mod tests {
         assert_eq!(late.closed().await, CloseCause::Drain, "registered after the hard stop: closed at once");
         drop((a, c, late));
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn peak_and_shrink_after_a_storm() {
+        let r = Arc::new(Registry::new(CancellationToken::new()));
+        let storm: Vec<Registration> = (0..5_000).map(|_| r.register()).collect();
+        let kept = r.register();
+        drop(storm);
+        assert_eq!(r.take_peak(), 5_001);
+        assert_eq!(r.take_peak(), 1, "the peak starts again from the connections live now");
+        let capacity = |r: &Registry| r.shards.iter().map(|s| s.lock().unwrap().capacity()).sum::<usize>();
+        assert!(capacity(&r) >= 5_001);
+        r.shrink();
+        assert!(capacity(&r) < 1_000, "{}", capacity(&r));
+        assert!(r.is_live(kept.id()));
     }
 }

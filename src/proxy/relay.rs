@@ -41,6 +41,12 @@ fn give_buf(buf: Box<[u8]>) {
     });
 }
 
+/// Frees this thread's spare buffers: after a storm of traffic they would otherwise stay with
+/// the thread for good (up to [`POOL_MAX`] × [`BUF_SIZE`] per worker).
+pub fn release_spare_buffers() {
+    POOL.with(|p| *p.borrow_mut() = Vec::new());
+}
+
 /// A writer whose last bytes can leave together with the end of the stream.
 pub trait WriteLast: AsyncWrite {
     /// Like `poll_write`, for bytes the caller follows at once with `poll_shutdown`, without a

@@ -67,6 +67,9 @@ pub struct Limits {
     /// TLS handshake + CONNECT must be done within this.
     pub connect_timeout: Duration,
     pub max_connect_packet: usize,
+    /// Bytes all connections in setup may hold together for their CONNECTs
+    /// ([`super::budget`]).
+    pub max_setup_bytes: usize,
     /// After SIGTERM (and `drain_delay`): the window over which live connections are closed.
     pub drain_timeout: Duration,
     /// After SIGTERM: how long listeners keep accepting while readiness is already false.
