@@ -161,7 +161,7 @@ pub fn version(buf: &[u8]) -> Option<MqttVersion> {
     let remaining = usize::try_from(value).ok()?;
     let body = rest.get(len..).unwrap_or_default();
     let body = body.get(..remaining).unwrap_or(body);
-    protocol(&mut Cursor { bytes: body, pos: 0, end: remaining }).ok()
+    protocol(&mut Cursor { bytes: body, pos: 0, end: remaining }).ok().map(|(v, _)| v)
 }
 
 fn malformed(reason: &'static str, version: Option<MqttVersion>) -> ConnectError {
