@@ -1042,7 +1042,8 @@ mod tests {
                 for (bad, problem) in BAD_STRINGS {
                     let p = with_bad_string(version, field, bad);
                     let bytes = p.encode();
-                    let expected = Err(ConnectError::BadString { field, problem, version });
+                    let error = ConnectError::BadString { field, problem, version };
+                    let expected = Err(error.clone());
                     let what = format!("{version:?} {field} {bad:02x?}");
                     assert_eq!(peek_connect(&bytes, MAX), expected, "{what}");
                     // Decided once the field is whole, and not a byte earlier.
@@ -1054,7 +1055,7 @@ mod tests {
                     longer.extend_from_slice(&PINGREQ);
                     assert_eq!(peek_connect(&longer, MAX), expected, "{what} + more");
                     // The message names the field for the log's detail.
-                    let message = expected.unwrap_err().to_string();
+                    let message = error.to_string();
                     assert!(message.contains(&field.to_string()) && message.contains(problem), "{message}");
                 }
             }
