@@ -4,11 +4,13 @@
 //! listener) keeps receiving. Afterwards the process is alive, /readyz is 200 and its memory
 //! is back near its baseline.
 //!
-//! Decisions this test pins down: a client-id that is not valid UTF-8, duplicated 5.0
-//! properties and a second CONNECT pipelined behind the first are forwarded — the broker
-//! decides (harbormaster only routes on the bytes; when the broker closes without a byte, that
-//! is a failed dial, answered with CONNACK 3 once no broker is left); CONNECT split into
-//! 1-byte TLS records is done with a rustls client that writes one byte per record.
+//! Decisions this test pins down: a client-id, will topic or username that is not a valid MQTT
+//! UTF-8 string is refused by harbormaster itself and never reaches the broker (which would
+//! close without a CONNACK: a failed dial that passive health counts against it); duplicated
+//! 5.0 properties and a second CONNECT pipelined behind the first are forwarded — the broker
+//! decides (when it closes without a byte, that is a failed dial, answered with CONNACK 0x88
+//! once no broker is left); CONNECT split into 1-byte TLS records is done with a rustls client that writes one
+//! byte per record.
 
 mod support;
 
@@ -69,6 +71,29 @@ fn connect_raw_id(client_id: &[u8]) -> Vec<u8> {
     body.extend_from_slice(&[4, 0x02, 0, 60]);
     put_bytes(&mut body, client_id);
     packet(0x10, &body)
+}
+
+/// A CONNECT of `level` (4 or 5) with a will and a username, all three strings given raw.
+fn connect_raw_strings(level: u8, client_id: &[u8], will_topic: &[u8], username: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_bytes(&mut body, b"MQTT");
+    body.extend_from_slice(&[level, 0x86, 0, 60]);
+    if level == 5 {
+        body.push(0);
+    }
+    put_bytes(&mut body, client_id);
+    if level == 5 {
+        body.push(0);
+    }
+    put_bytes(&mut body, will_topic);
+    put_bytes(&mut body, b"gone");
+    put_bytes(&mut body, username);
+    packet(0x10, &body)
+}
+
+/// Connections mosquitto accepted (its `New connection from` lines).
+fn broker_connections(broker: &Mosquitto) -> usize {
+    broker.log().matches("New connection from ").count()
 }
 
 /// Deterministic noise (xorshift) that does not start like TLS or MQTT.
@@ -302,9 +327,38 @@ bind = "127.0.0.1:{admin}"
     });
     still_good("malformed packets and PROXY headers");
 
+    // Strings that are not valid MQTT UTF-8 strings: refused by harbormaster with the
+    // version's answer, and the broker never sees a connection (no health test probes here).
+    let before = broker_connections(&broker);
+    let no_connack: &[u8] = &[];
+    for (what, bytes, answer) in [
+        ("3.1.1 client-id not UTF-8", connect_raw_id(b"bad-utf8-\xC3\x28"), &[0x20, 2, 0, 2][..]),
+        ("3.1.1 client-id with U+0000", connect_raw_id(b"nul-\0-id"), &[0x20, 2, 0, 2]),
+        ("3.1.1 will topic not UTF-8", connect_raw_strings(4, b"will-bad", b"t/\xFF", b"u"), no_connack),
+        ("3.1.1 username with U+0000", connect_raw_strings(4, b"user-bad", b"t/x", b"u\0"), no_connack),
+        ("5.0 client-id not UTF-8", connect_raw_strings(5, b"\xED\xA0\x80", b"t/x", b"u"), &[0x20, 3, 0, 0x85, 0]),
+        ("5.0 will topic with U+0000", connect_raw_strings(5, b"will-nul", b"t/\0", b"u"), &[0x20, 3, 0, 0x81, 0]),
+        ("5.0 username not UTF-8", connect_raw_strings(5, b"user-bad5", b"t/x", b"\xC0\x80"), &[0x20, 3, 0, 0x81, 0]),
+    ] {
+        b.expect(what, "malformed_connect", 1, || {
+            let got = b.exchange(b.plain, &bytes);
+            assert_eq!(got, answer, "{what}: {}", hex(&got));
+        });
+    }
+    let lines = b.hm.connection_logs();
+    for field in ["client identifier", "will topic", "username"] {
+        let named = lines.iter().any(|m| {
+            m.get("close_reason").map(String::as_str) == Some("malformed_connect")
+                && m.get("detail").is_some_and(|d| d.contains(field))
+                && m.get("broker").is_none_or(String::is_empty)
+        });
+        assert!(named, "no malformed_connect line naming the {field}\n{}", b.hm.log());
+    }
+    assert_eq!(broker_connections(&broker), before, "the broker saw a connection:\n{}", broker.log());
+    still_good("strings that are not valid MQTT UTF-8 strings");
+
     // Forwarded; the broker decides. Mosquitto closes each of these connections itself.
     for (what, bytes, id_prefix) in [
-        ("invalid UTF-8 client-id", connect_raw_id(b"bad-utf8-\xC3\x28"), "bad-utf8-"),
         (
             "duplicated 5.0 properties",
             connect_v5_props(10, &[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2], b"dup-props"),
@@ -326,8 +380,9 @@ bind = "127.0.0.1:{admin}"
             line.is_some()
         });
         let line = line.unwrap_or_else(|| panic!("{what}: no log line\n{}", b.hm.log()));
-        // Mosquitto closes on a 3.1.1 client-id that is not UTF-8 without a CONNACK: a close
-        // before the broker's first byte is a failed dial (the only broker: no_broker_available).
+        // Mosquitto closes on duplicated 5.0 properties without a CONNACK: a close before the
+        // broker's first byte is a failed dial (the only broker: no_broker_available). This is
+        // the documented limit of passive health: harbormaster does not read property lists.
         let forwarded = line.get("broker").map(String::as_str) == Some("m0")
             || line.get("detail").is_some_and(|d| d.starts_with("m0: closed the connection before answering CONNECT"));
         assert!(forwarded, "{what}: not forwarded: {line:?}");

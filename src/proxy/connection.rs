@@ -21,7 +21,7 @@ use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
 use super::budget::{SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
-use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal};
+use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal, StringField};
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Registration, Registry};
 use super::relay::{self, Ended, WriteLast};
@@ -592,6 +592,12 @@ fn refusal_for(e: &ConnectError) -> (Reason, Option<(MqttVersion, Refusal)>) {
         ConnectError::NotConnect(_) => (Reason::NotConnect, None),
         ConnectError::Malformed { version, .. } => (Reason::Malformed, version.map(|v| (v, Refusal::Malformed))),
         ConnectError::TooLarge { version, .. } => (Reason::TooLarge, version.map(|v| (v, Refusal::PacketTooLarge))),
+        // Refused before any broker is dialled: a broker may close without a CONNACK on such
+        // strings, and that close would count against it in passive health.
+        ConnectError::BadString { field: StringField::ClientId, version, .. } => {
+            (Reason::Malformed, Some((version, Refusal::ClientIdRejected)))
+        }
+        ConnectError::BadString { version, .. } => (Reason::Malformed, Some((version, Refusal::Malformed))),
         // A level-5 CONNECT with a wrong name (or with the bridge bit, which 5.0 lacks) reads
         // the 5.0 CONNACK layout; every other level gets the 3.x one, as Mosquitto answers: a
         // client of an unknown version is most likely to understand the oldest, simplest CONNACK.

@@ -40,7 +40,8 @@ impl MqttVersion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect<'a> {
     pub version: MqttVersion,
-    /// Raw client identifier bytes (MQTT says UTF-8; routing hashes the bytes as sent).
+    /// Client identifier bytes, checked to be a valid MQTT UTF-8 string; routing hashes them
+    /// as sent.
     pub client_id: &'a [u8],
     pub username: Option<&'a [u8]>,
     pub clean_session: bool,
@@ -74,6 +75,30 @@ pub enum ConnectError {
     TooLarge { len: usize, max: usize, version: Option<MqttVersion> },
     #[error("unsupported protocol (level {level})")]
     UnsupportedProtocol { level: u8 },
+    /// A UTF-8 string field is not a valid MQTT UTF-8 string (3.1.1 §1.5.3, 5.0 §1.5.4):
+    /// not well-formed UTF-8, or it contains U+0000. Brokers may close without a CONNACK on
+    /// such a CONNECT, so it is refused here rather than forwarded.
+    #[error("malformed CONNECT: {field} {problem}")]
+    BadString { field: StringField, problem: &'static str, version: MqttVersion },
+}
+
+/// The CONNECT's UTF-8 string fields that are checked. Property values are skipped unread, so
+/// they are the broker's to judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StringField {
+    ClientId,
+    WillTopic,
+    Username,
+}
+
+impl std::fmt::Display for StringField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StringField::ClientId => "client identifier",
+            StringField::WillTopic => "will topic",
+            StringField::Username => "username",
+        })
+    }
 }
 
 /// CONNECT is packet type 1, and its four flag bits are reserved and must be zero.
@@ -177,6 +202,8 @@ enum Stop {
     Malformed(&'static str),
     /// Protocol name and level are known and not one we speak; carries the level byte.
     Unsupported(u8),
+    /// A whole UTF-8 string field is here and is not a valid MQTT UTF-8 string.
+    BadString(StringField, &'static str),
 }
 
 impl Stop {
@@ -185,6 +212,11 @@ impl Stop {
             Stop::Incomplete => Ok(Peek::Incomplete),
             Stop::Malformed(reason) => Err(malformed(reason, version)),
             Stop::Unsupported(level) => Err(ConnectError::UnsupportedProtocol { level }),
+            Stop::BadString(field, problem) => match version {
+                Some(version) => Err(ConnectError::BadString { field, problem, version }),
+                // Strings are checked only after the protocol level: not reached.
+                None => Err(malformed(problem, None)),
+            },
         }
     }
 }
@@ -260,6 +292,14 @@ impl<'a> Cursor<'a> {
         self.take(usize::from(len), what)
     }
 
+    /// A UTF-8 string: checked as soon as all of it is here, so the verdict comes as early as
+    /// any other and never changes with more bytes.
+    fn string(&mut self, what: &'static str, field: StringField) -> Result<&'a [u8], Stop> {
+        let bytes = self.binary(what)?;
+        mqtt_string(bytes).map_err(|problem| Stop::BadString(field, problem))?;
+        Ok(bytes)
+    }
+
     fn var_int(&mut self, what: &'static str) -> Result<usize, Stop> {
         let rest = self.bytes.get(self.pos..).unwrap_or_default();
         match var_int(rest) {
@@ -280,6 +320,18 @@ impl<'a> Cursor<'a> {
     fn skip_properties(&mut self, what: &'static str) -> Result<(), Stop> {
         let len = self.var_int(what)?;
         self.take(len, what).map(drop)
+    }
+}
+
+/// MQTT UTF-8 string rules that a broker must enforce (3.1.1 [MQTT-1.5.3-1], [MQTT-1.5.3-2];
+/// 5.0 [MQTT-1.5.4-1], [MQTT-1.5.4-2]): well-formed UTF-8 (which excludes the surrogates
+/// U+D800..U+DFFF) and no U+0000. Control characters and non-characters are only "should not"
+/// and are left to the broker.
+fn mqtt_string(bytes: &[u8]) -> Result<(), &'static str> {
+    match std::str::from_utf8(bytes) {
+        Err(_) => Err("is not well-formed UTF-8"),
+        Ok(s) if s.contains('\0') => Err("contains U+0000"),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -339,15 +391,19 @@ fn fields<'a>(cur: &mut Cursor<'a>, version: MqttVersion, bridge: bool) -> Resul
     if version == MqttVersion::V5 {
         cur.skip_properties("CONNECT properties run past the end of the packet")?;
     }
-    let client_id = cur.binary("client identifier runs past the end of the packet")?;
+    let client_id = cur.string("client identifier runs past the end of the packet", StringField::ClientId)?;
     if will {
         if version == MqttVersion::V5 {
             cur.skip_properties("will properties run past the end of the packet")?;
         }
-        cur.binary("will topic runs past the end of the packet")?;
+        cur.string("will topic runs past the end of the packet", StringField::WillTopic)?;
         cur.binary("will payload runs past the end of the packet")?;
     }
-    let username = if username_flag { Some(cur.binary("username runs past the end of the packet")?) } else { None };
+    let username = if username_flag {
+        Some(cur.string("username runs past the end of the packet", StringField::Username)?)
+    } else {
+        None
+    };
     if password_flag {
         cur.binary("password runs past the end of the packet")?;
     }
@@ -726,11 +782,11 @@ mod tests {
                 },
             ),
             (
-                "3.1.1 non-minimal remaining length, non-UTF-8 client id",
-                [&[0x10, 0x8e, 0x80, 0x00, 0, 4][..], b"MQTT", &[4, 0, 0, 1, 0, 2, 0xff, 0xfe]].concat(),
+                "3.1.1 non-minimal remaining length, non-ASCII client id",
+                [&[0x10, 0x8e, 0x80, 0x00, 0, 4][..], b"MQTT", &[4, 0, 0, 1, 0, 2, 0xc3, 0xa9]].concat(),
                 Connect {
                     version: MqttVersion::V311,
-                    client_id: &[0xff, 0xfe],
+                    client_id: "é".as_bytes(),
                     username: None,
                     clean_session: false,
                     keep_alive: 1,
@@ -1075,6 +1131,133 @@ mod tests {
         );
     }
 
+    /// Not valid MQTT UTF-8 strings, with the problem reported.
+    const BAD_STRINGS: [(&[u8], &str); 7] = [
+        (b"bad-\xc3\x28", "is not well-formed UTF-8"),
+        (b"\x80", "is not well-formed UTF-8"),
+        (b"tail-\xe2\x82", "is not well-formed UTF-8"),
+        // An encoded surrogate (U+D800) and an overlong NUL: ill-formed UTF-8.
+        (b"\xed\xa0\x80", "is not well-formed UTF-8"),
+        (b"\xc0\x80", "is not well-formed UTF-8"),
+        (b"a\0b", "contains U+0000"),
+        (b"\0", "contains U+0000"),
+    ];
+
+    /// A CONNECT of `version` with a will and a username, one of whose strings is `bad`.
+    fn with_bad_string(version: MqttVersion, field: StringField, bad: &[u8]) -> Packet {
+        let mut p = Packet::new(version, b"id");
+        p.will = Some(Will { qos: 1, retain: false, props: vec![], topic: b"t/x".to_vec(), payload: b"bye".to_vec() });
+        p.username = Some(b"user".to_vec());
+        p.password = Some(b"pw".to_vec());
+        match field {
+            StringField::ClientId => p.client_id = bad.to_vec(),
+            StringField::WillTopic => p.will.as_mut().unwrap().topic = bad.to_vec(),
+            StringField::Username => p.username = Some(bad.to_vec()),
+        }
+        p
+    }
+
+    /// Byte offset just past `field` in `p.encode()`: where the verdict can first be given.
+    fn end_of(p: &Packet, field: StringField) -> usize {
+        let mut cut = p.clone();
+        cut.password = None;
+        if field != StringField::Username {
+            cut.username = None;
+        }
+        if field == StringField::ClientId {
+            cut.will = None;
+        } else if field == StringField::WillTopic {
+            cut.will.as_mut().unwrap().payload.clear();
+        }
+        let header = if p.encode().len() - 2 < 128 { 2 } else { 3 };
+        // The trimmed packet's body is a prefix of the whole body, up to trailing fields
+        // (and the will payload's two length bytes when the will topic is the field).
+        let trailing = usize::from(field == StringField::WillTopic) * 2;
+        let cut_bytes = cut.encode();
+        let cut_header = if cut_bytes.len() - 2 < 128 { 2 } else { 3 };
+        cut_bytes.len() - cut_header + header - trailing
+    }
+
+    #[test]
+    fn invalid_strings_are_refused_as_soon_as_they_are_complete() {
+        for version in [MqttVersion::V31, MqttVersion::V311, MqttVersion::V5] {
+            for field in [StringField::ClientId, StringField::WillTopic, StringField::Username] {
+                for (bad, problem) in BAD_STRINGS {
+                    let p = with_bad_string(version, field, bad);
+                    let bytes = p.encode();
+                    let error = ConnectError::BadString { field, problem, version };
+                    let expected = Err(error.clone());
+                    let what = format!("{version:?} {field} {bad:02x?}");
+                    assert_eq!(peek_connect(&bytes, MAX), expected, "{what}");
+                    // Decided once the field is whole, and not a byte earlier.
+                    let end = end_of(&p, field);
+                    assert_eq!(peek_connect(&bytes[..end], MAX), expected, "{what} at its end");
+                    assert_eq!(peek_connect(&bytes[..end - 1], MAX), Ok(Peek::Incomplete), "{what} before its end");
+                    // More bytes never change it.
+                    let mut longer = bytes.clone();
+                    longer.extend_from_slice(&PINGREQ);
+                    assert_eq!(peek_connect(&longer, MAX), expected, "{what} + more");
+                    // The message names the field for the log's detail.
+                    let message = error.to_string();
+                    assert!(message.contains(&field.to_string()) && message.contains(problem), "{message}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn valid_mqtt_strings_and_binary_fields_are_accepted() {
+        // Multi-byte characters, U+FFFF (a non-character: "should not", not "must not") and
+        // control characters other than U+0000 are valid MQTT strings.
+        for s in ["é", "日本", "\u{10FFFF}", "\u{FFFF}", "a\u{1}b\u{7f}"] {
+            for field in [StringField::ClientId, StringField::WillTopic, StringField::Username] {
+                let p = with_bad_string(MqttVersion::V5, field, s.as_bytes());
+                let bytes = p.encode();
+                assert_eq!(peek_connect(&bytes, MAX), complete(p.expected(), bytes.len()), "{s:?} as {field}");
+            }
+        }
+        // Password and will payload are binary data, and 5.0 property values are skipped
+        // unread: none of them is checked.
+        let mut p = Packet::new(MqttVersion::V5, b"id");
+        p.props = vec![Prop::Str(0x15, b"\xff\0".to_vec()), Prop::User(b"\0".to_vec(), b"\xc3\x28".to_vec())];
+        p.will = Some(Will {
+            qos: 0,
+            retain: false,
+            props: vec![Prop::Str(0x03, b"\xff".to_vec())],
+            topic: b"t".to_vec(),
+            payload: b"\xff\0".to_vec(),
+        });
+        p.username = Some(b"u".to_vec());
+        p.password = Some(b"\xff\0\xc3".to_vec());
+        let bytes = p.encode();
+        assert_eq!(peek_connect(&bytes, MAX), complete(p.expected(), bytes.len()));
+    }
+
+    #[test]
+    fn the_first_bad_string_is_reported() {
+        // A bad client-id and a bad username: the client-id comes first on the wire.
+        let mut p = with_bad_string(MqttVersion::V311, StringField::ClientId, b"\0");
+        p.username = Some(b"\xff".to_vec());
+        assert_eq!(
+            peek_connect(&p.encode(), MAX),
+            Err(ConnectError::BadString {
+                field: StringField::ClientId,
+                problem: "contains U+0000",
+                version: MqttVersion::V311
+            })
+        );
+        // A bad string before a field that runs past the packet: the string is reported.
+        let bytes = [&[0x10, 16, 0, 4][..], b"MQTT", &[4, 0x82, 0, 60, 0, 1, 0xff, 0, 9]].concat();
+        assert_eq!(
+            peek_connect(&bytes, MAX),
+            Err(ConnectError::BadString {
+                field: StringField::ClientId,
+                problem: "is not well-formed UTF-8",
+                version: MqttVersion::V311
+            })
+        );
+    }
+
     #[test]
     fn too_large() {
         let mut p = Packet::new(MqttVersion::V5, &[b'c'; 200]);
@@ -1215,8 +1398,24 @@ mod tests {
         "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}"
     }
 
-    /// Field contents: raw bytes (our parser must not care) or UTF-8 (so the independent
-    /// decoders accept them too).
+    /// Any valid MQTT UTF-8 string: every character but U+0000.
+    fn mqtt_text(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<char>().prop_filter("U+0000", |c| *c != '\0'), 0..=max)
+            .prop_map(|chars| chars.into_iter().collect::<String>().into_bytes())
+    }
+
+    /// A UTF-8 string field (client-id, username): any valid MQTT string, or one the
+    /// independent decoders accept too.
+    fn string_leaf(max: usize, utf8: bool) -> BoxedStrategy<Vec<u8>> {
+        if utf8 {
+            text(max).prop_map(String::into_bytes).boxed()
+        } else {
+            mqtt_text(max).boxed()
+        }
+    }
+
+    /// Binary fields and property contents: raw bytes (our parser must not care) or UTF-8 (so
+    /// the independent decoders accept them too).
     fn leaf(max: usize, utf8: bool) -> BoxedStrategy<Vec<u8>> {
         if utf8 {
             text(max).prop_map(String::into_bytes).boxed()
@@ -1270,7 +1469,7 @@ mod tests {
     }
 
     fn will_strategy(utf8: bool) -> impl Strategy<Value = Will> {
-        let topic = if utf8 { topic().prop_map(String::into_bytes).boxed() } else { small_bytes(20).boxed() };
+        let topic = if utf8 { topic().prop_map(String::into_bytes).boxed() } else { mqtt_text(20).boxed() };
         (0u8..3, any::<bool>(), will_props(utf8), topic, small_bytes(60))
             .prop_map(|(qos, retain, props, topic, payload)| Will { qos, retain, props, topic, payload })
     }
@@ -1282,9 +1481,9 @@ mod tests {
             any::<u16>(),
             connect_props(utf8),
             // Mostly short ids, sometimes long enough for a multi-byte remaining length.
-            prop_oneof![4 => leaf(30, utf8), 1 => leaf(400, utf8)],
+            prop_oneof![4 => string_leaf(30, utf8), 1 => string_leaf(400, utf8)],
             prop::option::of(will_strategy(utf8)),
-            prop::option::of(leaf(20, utf8)),
+            prop::option::of(string_leaf(20, utf8)),
             prop::option::of(leaf(20, utf8)),
             prop_oneof![3 => Just(1usize), 1 => 1usize..=4],
             prop::bool::weighted(0.2),
@@ -1467,6 +1666,8 @@ mod tests {
                 if lib.version != MqttVersion::V5 && lib.flags & 0xc0 == 0x40 => {}
             Err(ConnectError::Malformed { reason: "will QoS or retain set without a will", .. })
                 if lib.flags & 0x24 == 0x20 => {}
+            // Rust strings hold only well-formed UTF-8, but U+0000 is one of their characters.
+            Err(ConnectError::BadString { problem: "contains U+0000", .. }) if bytes.contains(&0) => {}
             other => prop_assert!(false, "library decoded {:?}, we said {:?}", lib, other),
         }
         Ok(())
