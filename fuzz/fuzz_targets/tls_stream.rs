@@ -9,8 +9,8 @@
 //! certificates (a TLS 1.2 client's Certificate message is plaintext, so the fuzzer reaches
 //! certificate parsing too).
 
-// The stream and the two modules it uses, not the crate: they need only tokio and rustls, which
-// keeps the instrumented build small.
+// The stream and the two modules it uses, not the crate: they need only tokio, rustls and
+// socket2, which keeps the instrumented build small.
 #[allow(dead_code)]
 #[path = "../../src/proxy/relay.rs"]
 mod relay;
@@ -175,8 +175,9 @@ fn after_handshake(setup: &Setup, input: &[u8], chunk: usize) {
 }
 
 fn main() {
-    let setup = setup();
+    setup();
     afl::fuzz!(|data: &[u8]| {
+        let setup = setup();
         let Some((&mode, input)) = data.split_first() else { return };
         let chunk = CHUNKS[usize::from(mode >> 1) & 7];
         if mode & 1 == 0 {
