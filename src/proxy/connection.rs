@@ -168,6 +168,7 @@ struct Accounting<'a> {
 }
 
 impl<'a> Accounting<'a> {
+    #[allow(clippy::ptr_arg)] // kept as a thin `&String`, see `listener`
     fn open(shared: &'a Shared, listener: &'a String, peer: SocketAddr) -> Accounting<'a> {
         let started = Instant::now();
         shared.metrics.active.with_label_values(&[listener]).inc();
