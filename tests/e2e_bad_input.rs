@@ -1,7 +1,9 @@
 //! Bad input against the real binary with a real mosquitto behind it: each case has its
 //! expected outcome, a `connections_closed_total{reason}` increase (scraped from /metrics) and a
 //! `connection closed` log line, while a good client (mosquitto_sub over TLS through the same
-//! listener) keeps receiving. Afterwards the process is alive, /readyz is 200 and its memory
+//! listener) keeps receiving. After each case the connection counters settle exactly:
+//! `connections_active` is back to the connections the test holds open and
+//! `accepted - closed = active`. Afterwards the process is alive, /readyz is 200 and its memory
 //! is back near its baseline.
 //!
 //! Decisions this test pins down: a client-id, will topic or username that is not a valid MQTT
@@ -126,7 +128,31 @@ impl Battery {
         self.hm.connection_logs().iter().filter(|m| m.get("close_reason").map(String::as_str) == Some(reason)).count()
     }
 
-    /// Runs `case`, then checks the close reason's log lines and metric went up by `n`.
+    /// Waits (bounded) until the connection counters of /metrics settle: `connections_active`
+    /// equals the connections the test holds open (the good subscriber), and
+    /// `connections_accepted_total - connections_closed_total = connections_active`.
+    fn settled(&self, what: &str) {
+        const HELD: f64 = 1.0;
+        let mut last = (0.0, 0.0, 0.0);
+        let ok = wait_until(WAIT, || {
+            let text = metrics_text(&addr(self.admin));
+            let accepted = metric_sum_in(&text, "harbormaster_connections_accepted_total", &[]);
+            let closed = metric_sum_in(&text, "harbormaster_connections_closed_total", &[]);
+            let active = metric_sum_in(&text, "harbormaster_connections_active", &[]);
+            last = (accepted, closed, active);
+            active == HELD && accepted - closed == active
+        });
+        let (accepted, closed, active) = last;
+        assert!(
+            ok,
+            "{what}: counters did not settle: accepted {accepted}, closed {closed}, active {active} \
+             (held open: {HELD})\n{}",
+            self.hm.log()
+        );
+    }
+
+    /// Runs `case`, then checks the close reason's log lines and metric went up by `n`, and that
+    /// the counters settle.
     fn expect(&self, what: &str, reason: &str, n: usize, case: impl FnOnce()) {
         let (logs, metric) = (self.count_logs(reason), closed_metric(self.admin, reason));
         case();
@@ -139,6 +165,7 @@ impl Battery {
             wait_until(WAIT, || closed_metric(self.admin, reason) >= metric + n as f64),
             "{what}: connections_closed_total{{reason={reason:?}}} did not go up"
         );
+        self.settled(what);
     }
 
     /// Sends `bytes` on `port`; returns what came back before harbormaster closed.
@@ -228,6 +255,19 @@ bind = "127.0.0.1:{admin}"
     });
     still_good("an HTTP request");
 
+    // One handshake record of 64 zero bytes (sixteen empty HelloRequests), five times: each
+    // gets a fatal alert and its close is counted and logged.
+    let mut zeros = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+    zeros.extend([0u8; 64]);
+    b.expect("a handshake record of zeros, TLS", "tls_handshake", 5, || {
+        for _ in 0..5 {
+            let got = b.exchange(b.tls, &zeros);
+            assert_eq!(got.len(), 7, "one alert record expected: {}", hex(&got));
+            assert_eq!(got[0], 0x15, "an alert record expected: {}", hex(&got));
+        }
+    });
+    still_good("handshake records of zeros");
+
     // A real ClientHello, cut in half: the handshake deadline closes it.
     b.expect("half a ClientHello", "connect_timeout", 1, || {
         let cfg = client_config(&b.certs, false, ClientTlsChoice::Default);
@@ -298,6 +338,7 @@ bind = "127.0.0.1:{admin}"
         assert!(broker.wait_for_client("one-byte-records", 1));
     }
     still_good("1-byte TLS records");
+    b.settled("1-byte TLS records");
 
     b.expect("remaining length over the limit", "connect_too_large", 1, || {
         assert!(b.exchange(b.plain, &[0x10, 0xFF, 0x7F]).is_empty(), "3.x/unknown version: no CONNACK");
@@ -388,6 +429,7 @@ bind = "127.0.0.1:{admin}"
         assert!(forwarded, "{what}: not forwarded: {line:?}");
     }
     still_good("input the broker decides on");
+    b.settled("input the broker decides on");
 
     // Connections that open and never speak: each ends at connect_timeout, the good client is
     // served meanwhile, and the memory they held is returned.
@@ -403,6 +445,7 @@ bind = "127.0.0.1:{admin}"
     });
     drop(idle);
     still_good("5,000 idle connections closed");
+    b.settled("5,000 idle connections closed");
 
     let state = std::fs::read_to_string(format!("/proc/{}/status", b.hm.pid())).unwrap_or_default();
     let state = state.lines().find(|l| l.starts_with("State:")).unwrap_or("").to_string();

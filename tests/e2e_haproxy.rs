@@ -1,12 +1,14 @@
 //! HAProxy 2.6 (`bind ... accept-proxy`, a strict PROXY v2 validator) in front of mosquitto,
 //! as a "PROXY-aware broker": what harbormaster's PROXY v2 header says about the client, as
 //! HAProxy parsed it. Also harbormaster itself behind a PROXY-sending load balancer
-//! (`accept_proxy = true`), played by the test client.
+//! (`accept_proxy = true`), played by the test client. And the SNI of a ClientHello that
+//! `openssl s_client` sends in two records.
 
 mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 
 use support::mqtt::{self, MqttVersion};
 use support::tls::{self, ClientTlsChoice};
@@ -193,4 +195,78 @@ tlvs = {ALL_TLVS}
     assert!(!m.has_client("edge-untrusted"), "{}", m.log());
     assert!(!m.has_client("edge-noheader"), "{}", m.log());
     assert!(!h.log_lines().iter().any(|l| l.src == "192.0.2.10"), "{}", h.log());
+}
+
+/// The ClientHello of `openssl s_client -max_send_frag 512` with a long `-alpn` list takes two
+/// TLS records. The server name is the one rustls read from the whole ClientHello (it chose
+/// the certificate by it too): the log line's `sni` and the AUTHORITY TLV that HAProxy parsed
+/// both say `localhost`.
+#[test]
+fn sni_of_a_client_hello_in_two_records_reaches_the_log_and_the_authority_tlv() {
+    let m = Mosquitto::start();
+    let h = Haproxy::start(m.port);
+    let certs = Certs::new();
+    let port = free_port();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtts"
+bind = "127.0.0.1:{port}"
+pool = "pods"
+{tls}alpn = ["mqtt"]
+
+[pool.pods]
+backends = ["{haproxy}"]
+proxy_protocol = "v2"
+tlvs = {ALL_TLVS}
+"#,
+        tls = certs.listener_tls_toml("none"),
+        haproxy = h.addr(),
+    ));
+
+    // 40 protocols before "mqtt": about 520 bytes of ALPN alone.
+    let mut alpn: Vec<String> = (0..40).map(|i| format!("mqtt-test-{i:02}")).collect();
+    alpn.push("mqtt".into());
+    let id = "sni-two-records";
+    let mut input = mqtt::connect(MqttVersion::V311, id);
+    input.extend(mqtt::disconnect());
+    let mut cmd = Command::new(require_program("openssl"));
+    cmd.args(["s_client", "-connect", &addr(port), "-servername", "localhost", "-ign_eof", "-msg"])
+        .args(["-max_send_frag", "512", "-alpn", &alpn.join(","), "-verify_return_error"])
+        .arg("-CAfile")
+        .arg(&certs.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("openssl s_client");
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    if wait_child(&mut child, CMD_TIMEOUT).is_none() {
+        let _ = child.kill();
+    }
+    let out = output_text(&child.wait_with_output().unwrap());
+
+    // What s_client wrote before the server's first record: at least two handshake records.
+    let client_records: Vec<&str> = out
+        .lines()
+        .take_while(|l| !l.starts_with("<<<"))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0].starts_with(">>>") && w[0].contains("RecordHeader"))
+        .map(|w| w[1].trim())
+        .collect();
+    assert!(
+        client_records.len() >= 2 && client_records.iter().all(|r| r.starts_with("16 03")),
+        "the ClientHello did not take two handshake records: {client_records:?}\n{out}"
+    );
+    assert!(out.contains("ALPN protocol: mqtt"), "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+
+    assert!(m.wait_for_client(id, 1), "{id} never reached mosquitto:\n{}", m.log());
+    let log = hm.wait_connection_log("client_id", id).unwrap_or_else(|| panic!("no connection log:\n{}", hm.log()));
+    assert_eq!(log.get("sni").map(String::as_str), Some("localhost"), "{log:?}");
+    let cport = log["client_addr"].rsplit_once(':').unwrap().1.to_string();
+    let line = h
+        .wait_for_line(|l| l.src_port == cport)
+        .unwrap_or_else(|| panic!("HAProxy never logged source port {cport}:\n{}", h.log()));
+    assert_eq!(line.authority, "localhost", "{line:?}");
 }

@@ -32,6 +32,9 @@ pub struct SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // The connection's SNI for its log line and the PROXY v2 AUTHORITY TLV: the name
+        // rustls read, however many records the ClientHello took.
+        crate::proxy::tls_stream::note_server_name(&hello);
         let Some(name) = hello.server_name() else {
             return Some(self.default.clone());
         };

@@ -100,6 +100,9 @@ pub enum Reason {
     SetupBytes,
     /// The client-id reconnects too often: CONNACK "connection rate exceeded".
     Flapping,
+    /// The connection's task ended without an outcome: it panicked (a bug). Counted and
+    /// logged like every other end, and other connections are unaffected.
+    Internal,
     Relayed(Ended),
 }
 
@@ -127,6 +130,7 @@ impl Reason {
             Reason::SourceRate => "per_source_rate",
             Reason::SetupBytes => "max_setup_bytes",
             Reason::Flapping => "flapping",
+            Reason::Internal => "internal_error",
             Reason::Relayed(Ended::Clean) => "closed",
             Reason::Relayed(Ended::ClientError) => "client_error",
             Reason::Relayed(Ended::BrokerError) => "broker_error",
@@ -156,6 +160,48 @@ struct Facts {
     detail: Option<String>,
     /// The CONNACK code a refusal sent, for the `connack` metric label.
     connack: Option<u8>,
+}
+
+/// A connection's place in `connections_active` and its end — the close counters and its one
+/// log line — kept in a guard, so that a connection whose task panics is still counted and
+/// logged (as `internal_error`) and leaves the gauge exact.
+struct Accounting<'a> {
+    metrics: &'a Metrics,
+    /// The listener's name (a `&String`: half the size of a `&str` in every connection's task).
+    listener: &'a String,
+    conn_id: String,
+    started: Instant,
+    facts: Facts,
+    /// Set when the connection ends normally.
+    reason: Option<Reason>,
+}
+
+impl<'a> Accounting<'a> {
+    #[allow(clippy::ptr_arg)] // kept as a thin `&String`, see `listener`
+    fn open(shared: &'a Shared, listener: &'a String, peer: SocketAddr) -> Accounting<'a> {
+        let started = Instant::now();
+        shared.metrics.active.with_label_values(&[listener]).inc();
+        Accounting {
+            metrics: &shared.metrics,
+            listener,
+            conn_id: shared.conn_id(),
+            started,
+            facts: Facts { client_addr: Some(peer), ..Facts::default() },
+            reason: None,
+        }
+    }
+}
+
+impl Drop for Accounting<'_> {
+    fn drop(&mut self) {
+        self.metrics.active.with_label_values(&[self.listener]).dec();
+        let reason = self.reason.take().unwrap_or_else(|| {
+            let what = if std::thread::panicking() { "panicked" } else { "was dropped" };
+            self.facts.detail = Some(format!("the connection's task {what}"));
+            Reason::Internal
+        });
+        ended(self.metrics, self.listener, &self.conn_id, &self.facts, reason, self.started.elapsed());
+    }
 }
 
 /// Keeps a broker's active-connection count right however the connection ends.
@@ -288,12 +334,8 @@ pub async fn handle<H: Send>(
     conn: Registration,
     held: H,
 ) {
-    let started = Instant::now();
-    let conn_id = shared.conn_id();
+    let mut acct = Accounting::open(&shared, &spec.name, peer);
     let m = &shared.metrics;
-    let active = m.active.with_label_values(&[&spec.name]);
-    active.inc();
-    let mut facts = Facts { client_addr: Some(peer), ..Facts::default() };
     let closed = |cause| match cause {
         CloseCause::Drain => Reason::Drained,
         CloseCause::BrokerRemoved => Reason::BrokerRemoved,
@@ -305,7 +347,7 @@ pub async fn handle<H: Send>(
     // captures out of the relaying task: an idle connection's task is ~1 KB (the size test in
     // harbormaster-bench says why every 128 B counts).
     let setup = tokio::select! {
-        r = Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &conn_id, started, &mut facts)) => r,
+        r = Box::pin(setup(&shared, &snapshot, &spec, tcp, peer, &acct.conn_id, acct.started, &mut acct.facts)) => r,
         cause = conn.closed() => Err(closed(cause)),
     };
     let reason = match setup {
@@ -315,7 +357,7 @@ pub async fn handle<H: Send>(
             // connections move the counters.
             let up = m.bytes.with_label_values(&[&spec.name, "client_to_broker"]);
             let down = m.bytes.with_label_values(&[&spec.name, "broker_to_client"]);
-            up.inc_by(facts.up);
+            up.inc_by(acct.facts.up);
             let relaying = Instant::now();
             let turns = &shared.turns;
             let mut client = CountReads::new(&mut est.client, up);
@@ -323,10 +365,10 @@ pub async fn handle<H: Send>(
             let linger = snapshot.limits.half_close_timeout;
             tokio::select! {
                 (ended, totals, err) = relay::relay(&mut client, &mut upstream, linger, || turns.note_traffic(relaying)) => {
-                    facts.up += totals.up;
-                    facts.down = totals.down;
+                    acct.facts.up += totals.up;
+                    acct.facts.down = totals.down;
                     if let Some(e) = err {
-                        facts.detail = Some(e.to_string());
+                        acct.facts.detail = Some(e.to_string());
                     }
                     Reason::Relayed(ended)
                 }
@@ -335,10 +377,10 @@ pub async fn handle<H: Send>(
         }
         Err(reason) => reason,
     };
+    acct.reason = Some(reason);
     drop(conn);
     drop(held);
-    active.dec();
-    ended(m, &spec.name, &conn_id, &facts, reason, started.elapsed());
+    drop(acct);
 }
 
 /// A connection closed at accept (a connection limit), before any other work: counted and
@@ -904,6 +946,27 @@ mod tests {
         s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
         s.listen(backlog).unwrap();
         s.into()
+    }
+
+    /// A connection's task that panics (a bug) leaves the gauge exact and is counted as closed,
+    /// like every other end.
+    #[tokio::test]
+    async fn a_connection_task_that_panics_is_still_counted() {
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::new()), CancellationToken::new()));
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            let name = "l".to_string();
+            let acct = Accounting::open(&s, &name, "127.0.0.1:1".parse().unwrap());
+            assert_eq!(s.metrics.active.with_label_values(&["l"]).get(), 1);
+            tokio::task::yield_now().await;
+            if acct.reason.is_none() {
+                panic!("a bug in the connection's task");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(shared.metrics.active.with_label_values(&["l"]).get(), 0);
+        assert_eq!(shared.metrics.closed.with_label_values(&["l", "internal_error"]).get(), 1);
+        assert_eq!(shared.metrics.refused.with_label_values(&["l", "internal_error", "none"]).get(), 1);
     }
 
     #[tokio::test]

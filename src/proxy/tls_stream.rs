@@ -12,6 +12,10 @@
 //! Handshake steps that sign, agree on a key or verify take turns ([`super::turns`]) while
 //! established connections have traffic, so that traffic is not queued behind a storm of
 //! handshakes.
+//!
+//! The server name (SNI) is the one rustls parsed from the ClientHello, however many records
+//! the ClientHello spans: the listener's certificate resolver hands it over
+//! ([`note_server_name`]), since rustls' unbuffered connection keeps it to itself.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -20,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::server::{ClientHello, ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError};
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -44,6 +48,19 @@ const RX_MAX: usize = 80 * 1024;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_SIZE].into_boxed_slice());
+    /// The server name of the ClientHello being processed on this thread, as rustls handed it
+    /// to the certificate resolver: `Some(None)` for a ClientHello without one.
+    static HELLO_NAME: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
+}
+
+/// For the listener's certificate resolver ([`rustls::server::ResolvesServerCert`]): records
+/// the server name rustls read from the ClientHello it is resolving (lowercased; none without
+/// SNI or for an IP address) as the SNI of the connection being set up. rustls calls the
+/// resolver for every ClientHello, resumed sessions included, from within the record
+/// processing of [`TlsServerStream::accept`] on the same thread, so the name reaches that
+/// connection and no other.
+pub fn note_server_name(hello: &ClientHello<'_>) {
+    HELLO_NAME.with(|n| *n.borrow_mut() = Some(hello.server_name().map(str::to_owned)));
 }
 
 fn invalid(e: rustls::Error) -> io::Error {
@@ -68,9 +85,11 @@ pub struct TlsServerStream<IO> {
     io_eof: bool,
     /// close_notify queued.
     close_sent: bool,
-    /// The SNI of the ClientHello (rustls' unbuffered API does not expose it); `None` until
-    /// read, `Some(None)` without one.
-    sni: Option<Option<String>>,
+    /// rustls reported an error: the connection is dead, its alert (if any) queued in `tx`,
+    /// and rustls is never called again (its state still refers to the input that failed).
+    failed: bool,
+    /// The SNI of the ClientHello, from the certificate resolver ([`note_server_name`]).
+    sni: Option<String>,
 }
 
 /// Frees a buffer's memory once it has nothing left in it.
@@ -96,13 +115,11 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
             peer_closed: false,
             io_eof: false,
             close_sent: false,
+            failed: false,
             sni: None,
         };
         let mut first = true;
         loop {
-            if s.sni.is_none() && !s.rx.is_empty() {
-                s.sni = client_hello_sni(&s.rx);
-            }
             // The steps that sign, agree on a key or verify: the ClientHello's, TLS 1.2's
             // ClientKeyExchange, and a later TLS 1.3 one only when it carries more than a
             // Finished (a client certificate to verify). A bare TLS 1.3 Finished is cheap and
@@ -113,7 +130,11 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
                 Some(t) if heavy => t.take().await,
                 _ => None,
             };
+            HELLO_NAME.with(|n| n.borrow_mut().take());
             let processed = s.process(None);
+            if let Some(name) = HELLO_NAME.with(|n| n.borrow_mut().take()) {
+                s.sni = name;
+            }
             drop(turn);
             if s.tx_pending() {
                 first = false; // the server's first flight is out
@@ -149,7 +170,7 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
 
     /// The server name the client asked for (SNI), lowercased.
     pub fn server_name(&self) -> Option<&str> {
-        self.sni.as_ref().and_then(|s| s.as_deref())
+        self.sni.as_deref()
     }
 
     /// The underlying stream.
@@ -168,18 +189,41 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     fn process_io(&mut self, data: Option<&[u8]>, close: bool) -> Result<usize, rustls::Error> {
         let mut rx = std::mem::take(&mut self.rx);
         let r = self.process_buf(&mut rx, data, close, None);
-        if let Ok((consumed, _)) = r {
-            rx.drain(..consumed);
+        match r {
+            Ok((consumed, _)) => {
+                rx.drain(..consumed);
+                self.rx = rx;
+                release(&mut self.rx);
+            }
+            // Nothing received will be looked at again.
+            Err(_) => drop(rx),
         }
-        self.rx = rx;
-        release(&mut self.rx);
         r.map(|(_, n)| n)
     }
 
     /// [`Self::process_io`] over `input`; returns the input bytes consumed and the plaintext
     /// encrypted. Decrypted records go straight into `out` while it has room and nothing is
-    /// waiting in `plain` (one copy fewer on the bulk path).
+    /// waiting in `plain` (one copy fewer on the bulk path). After an error the alert rustls
+    /// queued for it is in `tx`, and every later call fails at once.
     fn process_buf(
+        &mut self,
+        input: &mut [u8],
+        data: Option<&[u8]>,
+        close: bool,
+        out: Option<&mut ReadBuf<'_>>,
+    ) -> Result<(usize, usize), rustls::Error> {
+        if self.failed {
+            return Err(rustls::Error::General("the TLS connection has failed".into()));
+        }
+        let r = self.process_records(input, data, close, out);
+        if r.is_err() {
+            self.failed = true;
+            self.fetch_alert();
+        }
+        r
+    }
+
+    fn process_records(
         &mut self,
         input: &mut [u8],
         data: Option<&[u8]>,
@@ -261,16 +305,15 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     }
 
     fn process(&mut self, data: Option<&[u8]>) -> io::Result<usize> {
-        self.process_io(data, false).map_err(|e| {
-            self.fetch_alert();
-            invalid(e)
-        })
+        self.process_io(data, false).map_err(invalid)
     }
 
-    /// After an error: encode the alert rustls queued for it, if any. No input is given, so
-    /// the bytes that caused the error are not looked at again.
+    /// After an error: encode the alert rustls queued for it, if any. rustls hands out what it
+    /// has queued before it looks at any input, and is asked only while something is queued:
+    /// otherwise it would go on to the handshake messages it still holds from the input that
+    /// failed, which point into that buffer (given another, rustls panics).
     fn fetch_alert(&mut self) {
-        for _ in 0..4 {
+        while self.conn.wants_write() {
             let status = self.conn.process_tls_records(&mut []);
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
@@ -278,7 +321,6 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
                         return;
                     }
                 }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 _ => return,
             }
         }
@@ -305,10 +347,7 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
             } else if self.rx.is_empty() && out.is_some() {
                 match self.process_buf(&mut s[..n], None, false, out) {
                     Ok((consumed, _)) => self.rx.extend_from_slice(&s[consumed..n]),
-                    Err(e) => {
-                        self.fetch_alert();
-                        return Poll::Ready(Err(invalid(e)));
-                    }
+                    Err(e) => return Poll::Ready(Err(invalid(e))),
                 }
             } else {
                 self.rx.extend_from_slice(&s[..n]);
@@ -391,78 +430,6 @@ fn encode(tx: &mut Vec<u8>, enc: &mut EncodeTlsData<'_, ServerConnectionData>) -
             Err(rustls::Error::General(e.to_string()))
         }
     }
-}
-
-/// The SNI host name of a ClientHello at the start of `b`: `None` while the first record is
-/// incomplete, `Some(None)` without a (usable) one. A ClientHello spread over several records
-/// (never seen in practice) counts as having none.
-fn client_hello_sni(b: &[u8]) -> Option<Option<String>> {
-    if b.len() < 5 {
-        return None;
-    }
-    let rec_len = usize::from(u16::from_be_bytes([b[3], b[4]]));
-    if b[0] != 22 {
-        return Some(None);
-    }
-    if b.len() < 5 + rec_len {
-        return None;
-    }
-    Some(parse_sni(&b[5..5 + rec_len]))
-}
-
-fn parse_sni(h: &[u8]) -> Option<String> {
-    struct Cur<'a>(&'a [u8]);
-    impl<'a> Cur<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            let (a, b) = (self.0.get(..n)?, self.0.get(n..)?);
-            self.0 = b;
-            Some(a)
-        }
-        fn u8(&mut self) -> Option<usize> {
-            self.take(1).map(|x| usize::from(x[0]))
-        }
-        fn u16(&mut self) -> Option<usize> {
-            self.take(2).map(|x| usize::from(u16::from_be_bytes([x[0], x[1]])))
-        }
-    }
-    let mut c = Cur(h);
-    if c.u8()? != 1 {
-        return None;
-    }
-    let len = c.take(3).map(|x| (usize::from(x[0]) << 16) | (usize::from(x[1]) << 8) | usize::from(x[2]))?;
-    let mut c = Cur(c.take(len)?);
-    c.take(2 + 32)?;
-    let n = c.u8()?;
-    c.take(n)?;
-    let n = c.u16()?;
-    c.take(n)?;
-    let n = c.u8()?;
-    c.take(n)?;
-    let n = c.u16()?;
-    let mut exts = Cur(c.take(n)?);
-    while !exts.0.is_empty() {
-        let (ty, n) = (exts.u16()?, exts.u16()?);
-        let mut data = Cur(exts.take(n)?);
-        if ty != 0 {
-            continue;
-        }
-        let n = data.u16()?;
-        let mut list = Cur(data.take(n)?);
-        while !list.0.is_empty() {
-            let (kind, n) = (list.u8()?, list.u16()?);
-            let name = list.take(n)?;
-            if kind == 0 {
-                let name = std::str::from_utf8(name).ok()?;
-                // rustls ignores an IP address sent as SNI, and so do we.
-                if name.is_empty() || name.parse::<std::net::IpAddr>().is_ok() {
-                    return None;
-                }
-                return Some(name.to_ascii_lowercase());
-            }
-        }
-        return None;
-    }
-    None
 }
 
 /// `Pending` from a best-effort write is not an error: the waker is registered.
@@ -548,7 +515,9 @@ impl<IO: AsyncRead + WriteLast + Unpin> AsyncWrite for TlsServerStream<IO> {
     /// waiting, when the socket takes them all at once.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        // A failed connection has no close_notify to send: its alert (if still waiting) and
+        // the FIN end it.
+        if !this.close_sent && !this.failed {
             this.process_io(None, true).map_err(invalid)?;
             this.close_sent = true;
         }
@@ -569,21 +538,40 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// One certificate, resolved the way the listeners' resolver does: noting the SNI.
+    #[derive(Debug)]
+    struct Noting(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for Noting {
+        fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            note_server_name(&hello);
+            Some(self.0.clone())
+        }
+    }
+
     fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_for(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// The client offers `versions` only.
+    fn configs_for(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let signing = provider.key_provider.load_private_key(key).unwrap();
+        let certified = rustls::sign::CertifiedKey::new(vec![cert.clone()], signing);
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
+            .with_cert_resolver(Arc::new(Noting(Arc::new(certified))));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -697,8 +685,87 @@ mod tests {
         let (s, _c) = pair(false).await;
         assert_eq!(s.server_name(), Some("localhost"));
         assert!(s.common().protocol_version().is_some());
-        assert_eq!(client_hello_sni(&[22, 3, 1, 0, 10]), None, "incomplete record");
-        assert_eq!(client_hello_sni(&[23, 3, 3, 0, 0]), Some(None), "not a handshake");
+    }
+
+    /// A ClientHello in several records (a client with a small maximum fragment size, or a
+    /// long ALPN list): the server name is the one rustls read, not a guess from the first
+    /// record; for TLS 1.2 and 1.3, and for a ClientHello without SNI.
+    #[tokio::test]
+    async fn sni_of_a_client_hello_spread_over_records() {
+        for (frag, version, sni) in [
+            (None, &rustls::version::TLS13, true),
+            (Some(64), &rustls::version::TLS13, true),
+            (Some(100), &rustls::version::TLS12, true),
+            (Some(64), &rustls::version::TLS13, false),
+        ] {
+            let (server_cfg, client_cfg) = configs_for(&[version]);
+            let mut client_cfg = (*client_cfg).clone();
+            client_cfg.max_fragment_size = frag;
+            client_cfg.enable_sni = sni;
+            // The server offers no ALPN, so the client's list is ignored: it only makes the
+            // ClientHello long.
+            client_cfg.alpn_protocols = (0..40).map(|i| format!("mqtt-protocol-{i:02}").into_bytes()).collect();
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            // A TLS 1.2 client waits for the server's Finished, which leaves on the first write
+            // or flush.
+            let server = async {
+                let mut s = TlsServerStream::accept(server_cfg, a, None).await?;
+                s.flush().await?;
+                io::Result::Ok(s)
+            };
+            let (s, c) = tokio::join!(server, connector.connect(name, b));
+            let (s, _c) = (s.unwrap(), c.unwrap());
+            let want = sni.then_some("localhost");
+            assert_eq!(s.server_name(), want, "max_fragment_size {frag:?}, {version:?}");
+        }
+    }
+
+    /// Sends `input` as a client would and returns the handshake's error and what the server
+    /// answered before closing.
+    async fn refused(input: &[u8], chunk: usize) -> (io::Error, Vec<u8>) {
+        let (server_cfg, _) = configs();
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let input = input.to_vec();
+        let client = tokio::spawn(async move {
+            for part in input.chunks(chunk) {
+                if b.write_all(part).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let mut got = Vec::new();
+            let _ = b.read_to_end(&mut got).await;
+            got
+        });
+        let e = match TlsServerStream::accept(server_cfg, a, None).await {
+            Ok(_) => panic!("handshake accepted"),
+            Err(e) => e,
+        };
+        (e, client.await.unwrap())
+    }
+
+    /// Handshake records rustls refuses while it still holds handshake messages it has not
+    /// looked at (sixteen empty HelloRequests in one record): an error with its alert, never a
+    /// panic, whether the record arrives whole or a byte at a time.
+    #[tokio::test]
+    async fn a_record_of_zeros_is_refused_with_an_alert() {
+        let mut zeros = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+        zeros.extend([0u8; 64]);
+        let mut two = zeros.clone();
+        two.extend_from_slice(&zeros);
+        let mut hello_then_zeros = vec![0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04, 0x03, 0x03, 0x00, 0x00];
+        hello_then_zeros.extend_from_slice(&zeros);
+        for input in [&zeros[..], &two[..], &hello_then_zeros[..]] {
+            for chunk in [input.len(), 5, 1] {
+                let (e, answer) = refused(input, chunk).await;
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                // An alert record: content type 21, two-byte fatal alert.
+                assert_eq!(answer.first(), Some(&0x15), "chunk {chunk}: {e}: answer {answer:02x?}");
+                assert_eq!(answer.len(), 7, "{answer:02x?}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -78,8 +78,18 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// The sum of the samples of `name` in the admin server's `/metrics` whose labels include
 /// every `(label, value)` of `labels`; 0 when there are none.
 pub fn metric_sum(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum_in(&metrics_text(admin), name, labels)
+}
+
+/// The admin server's `/metrics` (`IP:PORT`), for reading several metrics of one scrape.
+pub fn metrics_text(admin: &str) -> String {
     let (status, text) = http_get(admin, "/metrics");
     assert_eq!(status, 200, "/metrics: {text}");
+    text
+}
+
+/// [`metric_sum`] over the text of one scrape.
+pub fn metric_sum_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     text.lines()
         .filter_map(|l| {
