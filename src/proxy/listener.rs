@@ -80,8 +80,13 @@ pub async fn serve(
         };
         accepted.inc();
         let snapshot = current.load_full();
-        // Only between a reload's swap and this loop being stopped: the listener is gone.
-        let Some(spec) = snapshot.listener(&name).cloned() else { continue };
+        // Only between a reload's swap and this loop being stopped: the listener is gone, and
+        // the connection it accepted ends as its listener's do, counted and logged.
+        let Some(spec) = snapshot.listener(&name).cloned() else {
+            drop(tcp);
+            connection::refused_at_accept(&shared, &name, peer, Reason::Drained);
+            continue;
+        };
         if spec.max_connections.is_some_and(|max| held.load(Ordering::Relaxed) >= max) {
             drop(tcp);
             connection::refused_at_accept(&shared, &name, peer, Reason::ListenerMaxConnections);

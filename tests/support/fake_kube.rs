@@ -175,12 +175,17 @@ impl FakeKube {
     /// resourceVersion: a resumed watch gets an ERROR event with a `410 Gone` Status, reason
     /// "Expired", and the watcher must list again.
     pub fn restart(&self, refuse: usize) {
+        // The server is down (refusing, history compacted) before the connections are cut:
+        // a watcher reconnecting at once must meet the restarted server, not the old one.
+        {
+            let mut s = self.store.lock().unwrap();
+            s.rv += 1;
+            s.compacted = s.rv;
+            s.watches.clear();
+            s.refuse = refuse;
+        }
         let old = std::mem::take(&mut *self.conns.lock().unwrap());
         old.cancel();
-        self.compact();
-        let mut s = self.store.lock().unwrap();
-        s.watches.clear();
-        s.refuse = refuse;
     }
 
     /// Connections refused so far by [`FakeKube::restart`].
