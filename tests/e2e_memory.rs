@@ -2,7 +2,8 @@
 //! still reading their CONNECT hold no more than `limits.max_setup_bytes` together (beyond it
 //! they are refused: CONNACK 0x97 for 5.0, a plain close for 3.1.1), an established session
 //! keeps working throughout, and after a storm (silent connections, or large incomplete
-//! CONNECTs) the process's resident memory comes back to within 8 MiB of its baseline.
+//! CONNECTs) the process's resident memory comes back to within 8 MiB of its baseline. On a
+//! TLS listener, incomplete handshake records count against the same budget.
 //!
 //! Memory is read from /proc/PID/status (VmRSS). Waits are bounded polls, never timing
 //! assertions.
@@ -77,18 +78,25 @@ fn incomplete_connects(
     versions: &[MqttVersion],
 ) -> Vec<(TcpStream, MqttVersion, bool)> {
     let packets: Vec<Vec<u8>> = versions.iter().map(|v| big_connect(*v, len)).collect();
+    all_but_last_bytes(port, n, &packets).into_iter().map(|(s, i, took_all)| (s, versions[i], took_all)).collect()
+}
+
+/// Opens `n` connections and sends each all but the last byte of one of `messages` (in
+/// turn). Returns each socket with the index of its message and whether harbormaster took all
+/// the bytes (false: it closed the connection first).
+fn all_but_last_bytes(port: u16, n: usize, messages: &[Vec<u8>]) -> Vec<(TcpStream, usize, bool)> {
     let mut conns: Vec<(TcpStream, usize, usize, Option<bool>)> = (0..n)
         .map(|i| {
             let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             s.set_nonblocking(true).unwrap();
-            (s, i % versions.len(), 0, None)
+            (s, i % messages.len(), 0, None)
         })
         .collect();
     let deadline = Instant::now() + WAIT;
     while conns.iter().any(|c| c.3.is_none()) {
         assert!(Instant::now() < deadline, "harbormaster neither took nor refused the bytes in time");
-        for (s, v, sent, done) in conns.iter_mut().filter(|c| c.3.is_none()) {
-            let bytes = &packets[*v][..len - 1];
+        for (s, m, sent, done) in conns.iter_mut().filter(|c| c.3.is_none()) {
+            let bytes = &messages[*m][..messages[*m].len() - 1];
             match s.write(&bytes[*sent..]) {
                 Ok(k) => *sent += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -102,24 +110,30 @@ fn incomplete_connects(
     }
     conns
         .into_iter()
-        .map(|(s, v, _, done)| {
+        .map(|(s, m, _, done)| {
             s.set_nonblocking(false).unwrap();
-            (s, versions[v], done == Some(true))
+            (s, m, done == Some(true))
         })
         .collect()
 }
 
 /// An MQTT 3.1.1 session through harbormaster, subscribed to its own topic: each round trip
 /// publishes a message and reads it back from the broker.
-struct Session {
-    s: TcpStream,
+struct Session<S = TcpStream> {
+    s: S,
     round: usize,
 }
 
 impl Session {
     fn open(port: u16, client_id: &str) -> Session {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
+        Session::over(s, client_id)
+    }
+}
+
+impl<S: io::Read + Write> Session<S> {
+    fn over(mut s: S, client_id: &str) -> Session<S> {
         let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, client_id).unwrap();
         assert!(mqtt::connack_accepted(&connack), "{connack:?}");
         s.write_all(&mqtt::subscribe(MqttVersion::V311, 1, "steady/t")).unwrap();
@@ -247,6 +261,100 @@ fn incomplete_connects_stay_within_max_setup_bytes() {
     // The charges of closed connections are given back.
     assert!(wait_until(WAIT, || gauge(admin, "harbormaster_setup_bytes") == 0.0));
     steady.round_trip("after");
+}
+
+/// On a TLS listener: connections that send a handshake record header announcing 16 KiB and
+/// all but the last byte of the record. rustls waits for the whole record, so each holds the
+/// bytes in its receive buffer: together they hold no more than `max_setup_bytes`, the others
+/// are closed, logged and counted like refused CONNECTs, while an established TLS session and a
+/// new real TLS client (mosquitto_pub with a client certificate) are served.
+#[test]
+fn incomplete_tls_records_stay_within_max_setup_bytes() {
+    const MAX_SETUP: usize = 4 * 1024 * 1024;
+    const ATTACKERS: usize = 400;
+    // A handshake record of the largest plaintext length; never completed, its content is
+    // never looked at.
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+    record.resize(5 + 16 * 1024, 0);
+    let certs = Certs::new();
+    let broker = Mosquitto::start();
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "[[listener]]\nname = \"mqtts\"\nbind = \"127.0.0.1:{port}\"\npool = \"brokers\"\n{tls}\n\
+         [pool.brokers]\nbackends = [{brokers}]\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
+         [limits]\nconnect_timeout = \"60s\"\nmax_setup_bytes = {MAX_SETUP}\n",
+        tls = certs.listener_tls_toml("optional"),
+        brokers = named_backends(&[("m0", &broker)]),
+    );
+    let hm = Harbormaster::start(&config);
+    let device = MqttClient::tls(port, MqttVersion::V311, certs.client_tls(true));
+    device.publish_ok("warm-up", "warm/t", "hello");
+    let tls = support::tls::connect_tls(
+        port,
+        "localhost",
+        support::tls::client_config(&certs, true, support::tls::ClientTlsChoice::Default),
+        None,
+    )
+    .expect("TLS session");
+    let mut steady = Session::over(tls, "steady");
+    steady.round_trip("before");
+    assert!(wait_until(WAIT, || gauge(admin, "harbormaster_connections_active") == 1.0));
+    let baseline = vm_rss_kib(hm.pid());
+
+    let conns = all_but_last_bytes(port, ATTACKERS, std::slice::from_ref(&record));
+    steady.round_trip("during");
+    let refusals = || {
+        metric_sum(&addr(admin), "harbormaster_connections_refused_total", &[("reason", "max_setup_bytes")]) as usize
+    };
+    // Settled once every attacker is either held open or refused; the setup bytes held never
+    // exceed the budget meanwhile.
+    let mut most = 0;
+    let settled = wait_until(WAIT, || {
+        let held = gauge(admin, "harbormaster_setup_bytes") as usize;
+        most = most.max(held);
+        let active = gauge(admin, "harbormaster_connections_active") as usize;
+        active.saturating_sub(1) + refusals() == ATTACKERS
+    });
+    let held = gauge(admin, "harbormaster_setup_bytes") as usize;
+    most = most.max(held);
+    let active = gauge(admin, "harbormaster_connections_active") as usize;
+    assert!(settled, "{held} setup bytes, {active} connections, {} refused", refusals());
+    let peak = vm_rss_kib(hm.pid());
+    println!(
+        "VmRSS: baseline {baseline} KiB, {ATTACKERS} incomplete TLS records {peak} KiB; setup bytes {held} \
+         (most seen {most}), {} held open, {} refused",
+        active - 1,
+        refusals()
+    );
+    assert!(most <= MAX_SETUP, "setup_bytes {most} over max_setup_bytes {MAX_SETUP}");
+    assert!(held >= (active - 1) * (record.len() - 1), "every open attacker's bytes are charged: {held}");
+    assert!(refusals() > 0, "without a budget for TLS buffers every attacker is held");
+    assert!((active - 1) * (record.len() - 1) <= MAX_SETUP / 2, "{} attackers held", active - 1);
+
+    // A device's handshake (a few KiB with its certificate) fits the half left for small
+    // buffers.
+    device.publish_ok("during-attack", "steady/other", "hi");
+
+    let mut open = 0;
+    let mut closed = 0;
+    for (mut s, _, took_all) in conns {
+        let (got, was_closed) = mqtt::read_until_close(&mut s, Duration::from_millis(200));
+        if was_closed {
+            closed += 1;
+        } else {
+            assert!(took_all && got.is_empty(), "open, yet got {got:?}");
+            open += 1;
+        }
+    }
+    println!("{open} held open, {closed} closed");
+    assert_eq!(closed, refusals());
+    let line = hm.wait_connection_log("close_reason", "max_setup_bytes").expect("a log line");
+    assert!(line.get("detail").is_some_and(|d| d.contains("TLS handshake")), "{line:?}");
+
+    // The charges of closed connections are given back.
+    assert!(wait_until(WAIT, || gauge(admin, "harbormaster_setup_bytes") == 0.0));
+    steady.round_trip("after");
+    device.publish_ok("after-attack", "steady/other", "hi");
 }
 
 /// 4,000 connections that never speak, then close: the memory comes back.

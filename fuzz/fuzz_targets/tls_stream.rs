@@ -9,8 +9,11 @@
 //! certificates (a TLS 1.2 client's Certificate message is plaintext, so the fuzzer reaches
 //! certificate parsing too).
 
-// The stream and the two modules it uses, not the crate: they need only tokio, rustls and
-// socket2, which keeps the instrumented build small.
+// The stream and the modules it uses, not the crate: they need only tokio, rustls, socket2 and
+// prometheus (the setup budget's gauge), which keeps the instrumented build small.
+#[allow(dead_code)]
+#[path = "../../src/proxy/budget.rs"]
+mod budget;
 #[allow(dead_code)]
 #[path = "../../src/proxy/relay.rs"]
 mod relay;
@@ -137,7 +140,7 @@ fn raw(setup: &Setup, input: &[u8], chunk: usize) {
     setup.rt.block_on(async {
         let io = Client { input, chunk };
         // With input this short (no Finished can be forged) a handshake never completes.
-        if let Ok(s) = TlsServerStream::accept(setup.server.clone(), io, None).await {
+        if let Ok(s) = TlsServerStream::accept(setup.server.clone(), io, None, None).await {
             assert!(s.common().protocol_version().is_some());
             serve(s).await;
         }
@@ -150,7 +153,7 @@ fn after_handshake(setup: &Setup, input: &[u8], chunk: usize) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = tokio_rustls::TlsConnector::from(setup.client.clone());
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) = tokio::join!(TlsServerStream::accept(setup.server.clone(), a, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(setup.server.clone(), a, None, None), connector.connect(name, b));
         let (s, mut c) = (s.expect("handshake"), c.expect("client handshake"));
         assert_eq!(s.server_name(), Some("localhost"));
         let io = c.get_mut().0;

@@ -98,7 +98,8 @@ pub struct Metrics {
 
     /// Connections waiting for a TLS handshake token (`handshake_rate`) now.
     pub handshake_queue: IntGauge,
-    /// Bytes held for CONNECTs by connections in setup now, within `limits.max_setup_bytes`.
+    /// Bytes held for TLS handshakes and CONNECTs by connections in setup now, within
+    /// `limits.max_setup_bytes`.
     pub setup_bytes: IntGauge,
     /// 1 while draining after SIGTERM.
     pub draining: IntGauge,
@@ -288,7 +289,7 @@ impl Metrics {
             ),
             setup_bytes: register(
                 &r,
-                IntGauge::new("setup_bytes", "Bytes held for CONNECTs by connections in setup now (max_setup_bytes)")
+                IntGauge::new("setup_bytes", "Bytes held for TLS handshakes and CONNECTs by connections in setup now (max_setup_bytes)")
                     .expect("valid"),
             ),
             draining: register(&r, IntGauge::new("draining", "1 while draining after SIGTERM").expect("valid")),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
-use super::budget::{SetupBudget, SetupCharge};
+use super::budget::{OverBudget, SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
 use super::mqtt::{self, ConnectError, MqttVersion, Peek, Refusal, StringField};
@@ -42,7 +42,8 @@ pub struct Shared {
     pub admission: Admission,
     /// Turns for TLS handshake steps while established connections have traffic.
     pub turns: Turns,
-    /// Bytes held for CONNECTs by connections in setup (`limits.max_setup_bytes`).
+    /// Bytes held for TLS handshakes and CONNECTs by connections in setup
+    /// (`limits.max_setup_bytes`).
     pub setup_bytes: SetupBudget,
     prefix: u64,
     next_id: AtomicU64,
@@ -490,15 +491,22 @@ async fn setup(
         }
         Some(cfg) => {
             let handshake = Instant::now();
+            // The receive buffer is charged to the setup budget until the CONNECT is complete.
+            let charge = Some((shared.setup_bytes.charge(), snap.limits.max_setup_bytes));
             let tls = match tokio::time::timeout_at(
                 deadline,
-                TlsServerStream::accept(cfg.clone(), stream, Some(&shared.turns)),
+                TlsServerStream::accept(cfg.clone(), stream, Some(&shared.turns), charge),
             )
             .await
             {
                 Err(_) => {
                     shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "timeout", "none"]).inc();
                     return Err(Reason::Timeout);
+                }
+                Ok(Err(e)) if OverBudget::is(&e) => {
+                    shared.metrics.tls_handshakes.with_label_values(&[&spec.name, "error", "none"]).inc();
+                    facts.detail = Some(over_budget_detail(shared, snap, "no room for the TLS handshake"));
+                    return Err(Reason::SetupBytes);
                 }
                 Ok(Err(e)) => {
                     let (outcome, detail) = handshake_failure(&e);
@@ -555,6 +563,15 @@ fn handshake_failure(e: &io::Error) -> (&'static str, String) {
     }
 }
 
+/// The log's detail of a connection closed because setup buffers hold `max_setup_bytes`.
+fn over_budget_detail(shared: &Shared, snap: &Snapshot, what: &str) -> String {
+    format!(
+        "connections in setup hold {} bytes; max_setup_bytes is {} ({what})",
+        shared.setup_bytes.used(),
+        snap.limits.max_setup_bytes
+    )
+}
+
 /// Read an inbound PROXY header; returns it and the bytes read past it.
 async fn read_inbound(tcp: &mut TcpStream) -> io::Result<(inbound::Inbound, Vec<u8>)> {
     let mut buf = Vec::with_capacity(256);
@@ -601,7 +618,7 @@ fn next_capacity(buf: &[u8]) -> usize {
 async fn read_connect<S: AsyncRead + Unpin>(
     stream: &mut S,
     limits: &super::snapshot::Limits,
-    charge: &mut SetupCharge<'_>,
+    charge: &mut SetupCharge,
 ) -> Result<Vec<u8>, ReadFail> {
     if !charge.grow_to(FIRST_READ, limits.max_setup_bytes) {
         return Err(ReadFail::Budget(None));
@@ -623,6 +640,8 @@ async fn read_connect<S: AsyncRead + Unpin>(
         match stream.read_buf(&mut buf).await {
             Ok(0) => return Err(ReadFail::Closed("closed before CONNECT was complete".into())),
             Ok(_) => {}
+            // A TLS stream's buffer (an incomplete record) had no room to grow.
+            Err(e) if OverBudget::is(&e) => return Err(ReadFail::Budget(mqtt::version(&buf))),
             Err(e) => return Err(ReadFail::Closed(e.to_string())),
         }
     }
@@ -714,7 +733,12 @@ async fn serve(
     let read = tokio::time::timeout_at(deadline, read_connect(&mut stream, &snap.limits, &mut charge)).await;
     let buf = match read {
         Err(_) => return Err(Reason::Timeout),
-        Ok(Ok(buf)) => buf,
+        Ok(Ok(buf)) => {
+            if let Client::Tls(tls) = &mut stream {
+                tls.end_setup();
+            }
+            buf
+        }
         Ok(Err(ReadFail::Closed(detail))) => {
             facts.detail = Some(detail);
             return Err(Reason::ClientClosed);
@@ -723,11 +747,7 @@ async fn serve(
             // The buffer is gone; so is its charge before the (bounded) polite close.
             let held = charge.held();
             drop(charge);
-            facts.detail = Some(format!(
-                "connections in setup hold {} bytes; max_setup_bytes is {} (this one held {held})",
-                shared.setup_bytes.used(),
-                snap.limits.max_setup_bytes
-            ));
+            facts.detail = Some(over_budget_detail(shared, snap, &format!("this one held {held}")));
             facts.mqtt_version = version;
             facts.connack = refuse(&mut stream, version, Refusal::QuotaExceeded).await;
             return Err(Reason::SetupBytes);

@@ -13,6 +13,12 @@
 //! established connections have traffic, so that traffic is not queued behind a storm of
 //! handshakes.
 //!
+//! Until the connection's setup ends (its CONNECT is complete), the receive buffer's growth is
+//! charged to the process's setup budget ([`super::budget`]) before it is allocated: clients
+//! sending all but the last byte of large handshake records cannot hold memory beyond
+//! `limits.max_setup_bytes`. A read beyond it fails with [`OverBudget`]. Established sessions
+//! charge nothing.
+//!
 //! The server name (SNI) is the one rustls parsed from the ClientHello, however many records
 //! the ClientHello spans: the listener's certificate resolver hands it over
 //! ([`note_server_name`]), since rustls' unbuffered connection keeps it to itself.
@@ -29,6 +35,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptErr
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::budget::{OverBudget, SetupCharge};
 use super::relay::WriteLast;
 use super::turns::Turns;
 
@@ -90,6 +97,8 @@ pub struct TlsServerStream<IO> {
     failed: bool,
     /// The SNI of the ClientHello, from the certificate resolver ([`note_server_name`]).
     sni: Option<String>,
+    /// In setup: what `rx` is charged, and the limit (`max_setup_bytes`) it is checked against.
+    setup: Option<(SetupCharge, usize)>,
 }
 
 /// Frees a buffer's memory once it has nothing left in it.
@@ -102,7 +111,14 @@ fn release(v: &mut Vec<u8>) {
 impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     /// Runs the server handshake over `io`. With `turns`, each expensive step (the
     /// ClientHello costs a signature and a key exchange) first takes a turn ([`Turns::take`]).
-    pub async fn accept(config: Arc<ServerConfig>, io: IO, turns: Option<&Turns>) -> io::Result<Self> {
+    /// With `setup` (a charge and its limit), the receive buffer is charged until
+    /// [`Self::end_setup`].
+    pub async fn accept(
+        config: Arc<ServerConfig>,
+        io: IO,
+        turns: Option<&Turns>,
+        setup: Option<(SetupCharge, usize)>,
+    ) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
         let mut s = TlsServerStream {
             io,
@@ -117,6 +133,7 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
             close_sent: false,
             failed: false,
             sni: None,
+            setup,
         };
         let mut first = true;
         loop {
@@ -173,6 +190,39 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
         self.sni.as_deref()
     }
 
+    /// The connection is set up: its buffers are no longer charged.
+    pub fn end_setup(&mut self) {
+        self.setup = None;
+    }
+
+    /// Makes room in `rx` for `more` bytes; in setup, the growth is charged first.
+    fn reserve_rx(&mut self, more: usize) -> io::Result<()> {
+        let need = self.rx.len() + more;
+        if need <= self.rx.capacity() {
+            return Ok(());
+        }
+        // Doubling, as `Vec` does, so that a trickle of bytes does not copy the buffer on
+        // every read; never past what a largest incomplete message can need.
+        let to = need.max((self.rx.capacity() * 2).min(RX_MAX + READ_SIZE));
+        if let Some((charge, max)) = &mut self.setup {
+            if !charge.grow_to(to, *max) {
+                return Err(OverBudget::error());
+            }
+        }
+        self.rx.reserve_exact(to - self.rx.len());
+        Ok(())
+    }
+
+    /// Frees `rx` once it is empty, and gives back its charge.
+    fn release_rx(&mut self) {
+        release(&mut self.rx);
+        if let Some((charge, _)) = &mut self.setup {
+            if self.rx.capacity() < charge.held() {
+                charge.set(self.rx.capacity());
+            }
+        }
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &IO {
         &self.io
@@ -193,10 +243,13 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
             Ok((consumed, _)) => {
                 rx.drain(..consumed);
                 self.rx = rx;
-                release(&mut self.rx);
+                self.release_rx();
             }
             // Nothing received will be looked at again.
-            Err(_) => drop(rx),
+            Err(_) => {
+                drop(rx);
+                self.release_rx();
+            }
         }
         r.map(|(_, n)| n)
     }
@@ -346,16 +399,24 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
                 self.io_eof = true;
             } else if self.rx.is_empty() && out.is_some() {
                 match self.process_buf(&mut s[..n], None, false, out) {
-                    Ok((consumed, _)) => self.rx.extend_from_slice(&s[consumed..n]),
+                    Ok((consumed, _)) => {
+                        if let Err(e) = self.reserve_rx(n - consumed) {
+                            return Poll::Ready(Err(e));
+                        }
+                        self.rx.extend_from_slice(&s[consumed..n]);
+                    }
                     Err(e) => return Poll::Ready(Err(invalid(e))),
                 }
             } else {
+                if let Err(e) = self.reserve_rx(n) {
+                    return Poll::Ready(Err(e));
+                }
                 self.rx.extend_from_slice(&s[..n]);
             }
             Poll::Ready(Ok(()))
         });
         if r.is_ready() {
-            release(&mut self.rx);
+            self.release_rx();
         }
         r
     }
@@ -585,7 +646,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(if small { 64 } else { 1 << 16 });
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None, None), connector.connect(name, b));
         (s.unwrap(), c.unwrap())
     }
 
@@ -625,7 +686,7 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let a = crate::proxy::relay::recording::Recorder::new(a);
-        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None, None), connector.connect(name, b));
         let (mut s, mut c) = (s.unwrap(), c.unwrap());
         s.flush().await.unwrap(); // the session ticket
         s.io.log.clear();
@@ -660,7 +721,7 @@ mod tests {
                         let connector = tokio_rustls::TlsConnector::from(client_cfg);
                         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
                         let (s, c) = tokio::join!(
-                            TlsServerStream::accept(server_cfg, a, Some(&turns)),
+                            TlsServerStream::accept(server_cfg, a, Some(&turns), None),
                             connector.connect(name, b)
                         );
                         let (mut s, mut c) = (s.unwrap(), c.unwrap());
@@ -711,7 +772,7 @@ mod tests {
             // A TLS 1.2 client waits for the server's Finished, which leaves on the first write
             // or flush.
             let server = async {
-                let mut s = TlsServerStream::accept(server_cfg, a, None).await?;
+                let mut s = TlsServerStream::accept(server_cfg, a, None, None).await?;
                 s.flush().await?;
                 io::Result::Ok(s)
             };
@@ -739,7 +800,7 @@ mod tests {
             let _ = b.read_to_end(&mut got).await;
             got
         });
-        let e = match TlsServerStream::accept(server_cfg, a, None).await {
+        let e = match TlsServerStream::accept(server_cfg, a, None, None).await {
             Ok(_) => panic!("handshake accepted"),
             Err(e) => e,
         };
@@ -768,6 +829,63 @@ mod tests {
         }
     }
 
+    /// In setup, an incomplete record's bytes are charged to the budget before they are
+    /// kept: one that does not fit fails the read with [`OverBudget`], and every charge is
+    /// given back when the stream ends or its setup does.
+    #[tokio::test]
+    async fn incomplete_records_are_charged_within_the_budget() {
+        use crate::proxy::budget::SetupBudget;
+        let (server_cfg, client_cfg) = configs();
+        let budget = SetupBudget::new(prometheus::IntGauge::new("setup_bytes", "test").unwrap());
+        // Half of it (what buffers past SMALL may use) holds one such record, not two.
+        let max = 48 * 1024;
+        let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        record.resize(5 + 16 * 1024, 0);
+        let held = |budget: &SetupBudget| {
+            let b = budget.clone();
+            async move {
+                for _ in 0..1000 {
+                    if b.used() > 0 {
+                        return b.used();
+                    }
+                    tokio::task::yield_now().await;
+                }
+                b.used()
+            }
+        };
+        let (a, mut first) = tokio::io::duplex(1 << 16);
+        first.write_all(&record[..record.len() - 1]).await.unwrap();
+        let cfg = server_cfg.clone();
+        let setup = Some((budget.charge(), max));
+        let held_open = tokio::spawn(async move { TlsServerStream::accept(cfg, a, None, setup).await.map(|_| ()) });
+        assert!(held(&budget).await >= record.len() - 1);
+
+        let (a, mut second) = tokio::io::duplex(1 << 16);
+        second.write_all(&record[..record.len() - 1]).await.unwrap();
+        let before = budget.used();
+        let e = TlsServerStream::accept(server_cfg.clone(), a, None, Some((budget.charge(), max))).await.err();
+        assert!(e.as_ref().is_some_and(OverBudget::is), "{e:?}");
+        assert_eq!(budget.used(), before, "a refused charge takes nothing");
+
+        drop(first);
+        assert!(held_open.await.unwrap().is_err());
+        assert_eq!(budget.used(), 0, "given back when the stream ends");
+
+        // A real handshake fits; its charge goes with its setup.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let connector = tokio_rustls::TlsConnector::from(client_cfg);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (s, c) = tokio::join!(
+            TlsServerStream::accept(server_cfg, a, None, Some((budget.charge(), max))),
+            connector.connect(name, b)
+        );
+        let (mut s, _c) = (s.unwrap(), c.unwrap());
+        assert!(s.setup.is_some());
+        assert_eq!(budget.used(), 0, "nothing buffered between records");
+        s.end_setup();
+        assert!(s.setup.is_none());
+    }
+
     #[tokio::test]
     async fn tcp_eof_without_close_notify_is_unexpected_eof() {
         let (mut s, c) = pair(false).await;
@@ -788,7 +906,8 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) = tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None), connector.connect(name, b));
+        let (s, c) =
+            tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None, None), connector.connect(name, b));
         assert!(s.is_err());
         let e = c.expect_err("client handshake fails");
         assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
@@ -799,7 +918,7 @@ mod tests {
         let (server_cfg, _) = configs();
         let (a, mut b) = tokio::io::duplex(4096);
         b.write_all(b"not a TLS client hello at all....").await.unwrap();
-        let r = TlsServerStream::accept(server_cfg, a, None).await;
+        let r = TlsServerStream::accept(server_cfg, a, None, None).await;
         assert!(r.is_err());
     }
 }
