@@ -10,11 +10,10 @@
 mod support;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use support::mqtt::{self, MqttVersion};
+use support::mqtt::MqttVersion;
 use support::*;
 
 /// A device CA as an operator runs one: `openssl ca` with its index, serial and CRL number.
@@ -171,31 +170,10 @@ fn revoked_handshakes(admin: &str) -> f64 {
     metric_sum(admin, "harbormaster_tls_handshakes_total", &[("outcome", "revoked")])
 }
 
-/// `openssl s_client -tls1_3` as device `name`, saving its session to `sess` or offering it,
-/// with CONNECT and DISCONNECT on stdin; the output says "New," or "Reused," and how it ended.
+/// `openssl s_client -tls1_3` as device `name` ([`s_client_session`]).
 fn s_client(port: u16, certs: &Certs, ca: &DeviceCa, name: &str, sess: &Path, save: bool, client_id: &str) -> String {
-    let mut cmd = Command::new(require_program("openssl"));
-    cmd.args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost"])
-        .arg("-ign_eof")
-        .arg("-CAfile")
-        .arg(&certs.ca)
-        .arg("-cert")
-        .arg(ca.path(&format!("{name}.pem")))
-        .arg("-key")
-        .arg(ca.path(&format!("{name}.key")))
-        .arg(if save { "-sess_out" } else { "-sess_in" })
-        .arg(sess)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("openssl s_client");
-    let mut input = mqtt::connect(MqttVersion::V311, client_id);
-    input.extend(mqtt::disconnect());
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    if wait_child(&mut child, CMD_TIMEOUT).is_none() {
-        let _ = child.kill();
-    }
-    output_text(&child.wait_with_output().unwrap())
+    let (cert, key) = (ca.path(&format!("{name}.pem")), ca.path(&format!("{name}.key")));
+    s_client_session(port, "-tls1_3", &certs.ca, &cert, &key, sess, save, client_id)
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use rustls::{ClientConfig, HandshakeKind};
@@ -223,32 +223,9 @@ fn the_load_generator_counts_resumed_sessions_as_harbormaster_does() {
     assert_eq!(resumed_count(&r, "mqtts"), n as f64, "{resumed}");
 }
 
-/// `openssl s_client` with a session file: CONNECT and DISCONNECT on stdin; the output says
-/// "New," or "Reused,".
+/// `openssl s_client` as the test device ([`s_client_session`]).
 fn s_client(port: u16, certs: &Certs, version: &str, sess: &Path, first: bool, client_id: &str) -> String {
-    let mut cmd = Command::new(require_program("openssl"));
-    cmd.args(["s_client", version, "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost", "-ign_eof"])
-        .arg("-CAfile")
-        .arg(&certs.ca)
-        .arg("-cert")
-        .arg(&certs.client_cert)
-        .arg("-key")
-        .arg(&certs.client_key)
-        .arg(if first { "-sess_out" } else { "-sess_in" })
-        .arg(sess)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("openssl s_client");
-    let mut input = mqtt::connect(MqttVersion::V311, client_id);
-    input.extend(mqtt::disconnect());
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let done = wait_child(&mut child, CMD_TIMEOUT);
-    if done.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    output_text(&out)
+    s_client_session(port, version, &certs.ca, &certs.client_cert, &certs.client_key, sess, first, client_id)
 }
 
 #[test]

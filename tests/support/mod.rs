@@ -201,6 +201,43 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// `openssl s_client` (`version`: `-tls1_3`, `-tls1_2`) to `port` as the client of `cert` and
+/// `key`, saving its session to `sess` (`save`) or offering it, with a CONNECT for
+/// `client_id` and a DISCONNECT on stdin; the output says "New," or "Reused," and how it ended.
+#[allow(dead_code, clippy::too_many_arguments)]
+pub fn s_client_session(
+    port: u16,
+    version: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    sess: &Path,
+    save: bool,
+    client_id: &str,
+) -> String {
+    let mut cmd = Command::new(require_program("openssl"));
+    cmd.args(["s_client", version, "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost", "-ign_eof"])
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .arg(if save { "-sess_out" } else { "-sess_in" })
+        .arg(sess)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("openssl s_client");
+    let mut input = mqtt::connect(mqtt::MqttVersion::V311, client_id);
+    input.extend(mqtt::disconnect());
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    if wait_child(&mut child, CMD_TIMEOUT).is_none() {
+        let _ = child.kill();
+    }
+    output_text(&child.wait_with_output().unwrap())
+}
+
 /// Sends a signal (`TERM`, `KILL`, ...) to a pid, or to a process group when `pid` is negative.
 pub fn send_signal(pid: i64, signal: &str) {
     let _ = Command::new("kill")
