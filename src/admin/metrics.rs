@@ -1,15 +1,14 @@
-//! Every Prometheus metric harbormaster exports, registered in one registry, with the two
-//! helpers that feed them: a stream adapter that counts relayed bytes as they flow, and the
-//! gauges read from the current snapshot at scrape time. The data plane holds an
-//! `Arc<Metrics>` and updates these handles; nothing else defines metrics. No label ever
-//! carries a client-id, a username or a client address: label values are listener, pool and
-//! broker names from the config, or small fixed vocabularies (reasons, outcomes, versions).
+//! Every Prometheus metric harbormaster exports, registered in one registry, and the methods
+//! that record them. Label names, their order and which type's vocabulary fills each one live
+//! here only: callers pass names from the config and typed values (a
+//! [`CloseReason`](crate::proxy::connection::CloseReason), a
+//! [`Direction`](crate::proxy::stream::Direction)...) whose `as_str` sits next to the type.
+//! Per-broker gauges are read from the current snapshot at scrape time. No label ever carries
+//! a client-id, a username or a client address: label values are listener, pool and broker
+//! names from the config, or small fixed vocabularies (reasons, outcomes, versions).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
@@ -17,9 +16,14 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::proxy::balance::ProxyProtocol;
+use crate::proxy::connection::{CloseReason, DialOutcome, HandshakeFailure};
+use crate::proxy::identity::CnRefusal;
+use crate::proxy::mqtt::{self, MqttVersion};
+use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::Snapshot;
+use crate::proxy::stream::Direction;
 
 /// The version in `harbormaster_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -31,6 +35,8 @@ const SETUP_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 /// Buckets for TCP connects to brokers: 0.25 ms to 5 s (the longest sensible connect timeout).
 const DIAL_BUCKETS: &[f64] = &[0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+/// The metric handles. Labelled ones are recorded through the methods below, which know their
+/// labels; the fields stay readable for tests and the scrape.
 pub struct Metrics {
     pub registry: Registry,
 
@@ -411,92 +417,151 @@ impl Default for Metrics {
     }
 }
 
-/// The `connack` label of a refusal: the CONNACK return/reason code sent, in hex as the MQTT
-/// specifications write them, or "none".
-pub fn connack_label(code: Option<u8>) -> &'static str {
-    match code {
-        None => "none",
-        Some(0x01) => "0x01",
-        Some(0x02) => "0x02",
-        Some(0x03) => "0x03",
-        Some(0x04) => "0x04",
-        Some(0x05) => "0x05",
-        Some(0x81) => "0x81",
-        Some(0x84) => "0x84",
-        Some(0x85) => "0x85",
-        Some(0x88) => "0x88",
-        Some(0x95) => "0x95",
-        Some(0x97) => "0x97",
-        Some(0x9F) => "0x9f",
-        Some(_) => "other",
+/// Connections, by listener: the data plane's recording methods.
+impl Metrics {
+    /// The accepted-connections counter of `listener`, for its accept loop to hold.
+    pub fn connections_accepted(&self, listener: &str) -> IntCounter {
+        self.accepted.with_label_values(&[listener])
     }
-}
 
-/// The `outcome` label of a broker that closed the connection (FIN) before its first byte.
-pub const DIAL_CLOSED: &str = "closed";
-
-/// The `outcome` label of a failed broker connect.
-pub fn dial_error_outcome(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "refused",
-        io::ErrorKind::TimedOut => "timeout",
-        // Reset by the broker (a broken pipe is a write after the reset was received).
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => "reset",
-        _ => "error",
+    /// A connection of `listener` is open (its task runs).
+    pub fn connection_opened(&self, listener: &str) {
+        self.active.with_label_values(&[listener]).inc();
     }
-}
 
-/// A stream that adds the bytes read from it to a counter as they arrive, so that
-/// `relayed_bytes_total` moves while long-lived connections relay, not only when they end.
-/// Writes pass through untouched.
-pub struct CountReads<S> {
-    inner: S,
-    counter: IntCounter,
-}
-
-impl<S> CountReads<S> {
-    pub fn new(inner: S, counter: IntCounter) -> Self {
-        CountReads { inner, counter }
+    /// A connection that [opened](Self::connection_opened) ended, for `reason`; `connack` is
+    /// the code of the CONNACK a refusal sent.
+    pub fn connection_closed(&self, listener: &str, reason: CloseReason, connack: Option<u8>) {
+        self.active.with_label_values(&[listener]).dec();
+        self.ended(listener, reason, connack);
     }
-}
 
-impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.counter.inc_by(n as u64);
+    /// A connection closed at accept, before its task began (a connection limit).
+    pub fn closed_at_accept(&self, listener: &str, reason: CloseReason) {
+        self.ended(listener, reason, None);
+    }
+
+    fn ended(&self, listener: &str, reason: CloseReason, connack: Option<u8>) {
+        if reason.refused() {
+            self.refused.with_label_values(&[listener, reason.as_str(), mqtt::connack_label(connack)]).inc();
         }
-        r
+        self.closed.with_label_values(&[listener, reason.as_str()]).inc();
+    }
+
+    /// A TLS handshake that did not complete.
+    pub fn tls_handshake_failed(&self, listener: &str, failure: HandshakeFailure) {
+        self.tls_handshakes.with_label_values(&[listener, failure.as_str(), "none"]).inc();
+    }
+
+    /// A completed TLS handshake: its `version` (as [`TlsInfo`](crate::proxy::identity::TlsInfo)
+    /// spells it), how long it took and whether it resumed a session.
+    pub fn tls_handshake_done(&self, listener: &str, version: &'static str, seconds: f64, resumed: bool) {
+        self.tls_handshake_seconds.with_label_values(&[listener]).observe(seconds);
+        self.tls_handshakes.with_label_values(&[listener, "ok", version]).inc();
+        if resumed {
+            self.tls_resumed.with_label_values(&[listener]).inc();
+        }
+    }
+
+    /// A client certificate's CN not passed on to brokers.
+    pub fn client_cn_refused(&self, listener: &str, reason: CnRefusal) {
+        self.cn_refused.with_label_values(&[listener, reason.as_str()]).inc();
+    }
+
+    /// A whole CONNECT of `bytes` was read, `seconds` after accept.
+    pub fn connect_read(&self, listener: &str, version: MqttVersion, bytes: usize, seconds: f64) {
+        self.connect_bytes.with_label_values(&[version.as_str()]).observe(bytes as f64);
+        self.connects.with_label_values(&[listener, version.as_str()]).inc();
+        self.accept_to_connect_seconds.with_label_values(&[listener]).observe(seconds);
+    }
+
+    /// The relayed-bytes counter of `listener` in `direction`, for a relaying connection to
+    /// hold ([`Counted`](crate::proxy::stream::Counted)).
+    pub fn relayed_bytes(&self, listener: &str, direction: Direction) -> IntCounter {
+        self.bytes.with_label_values(&[listener, direction.as_str()])
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+/// Brokers, by pool and broker.
+impl Metrics {
+    /// One attempt to dial `broker`.
+    pub fn dial_attempt(&self, pool: &str, broker: &str, outcome: DialOutcome) {
+        self.broker_attempts.with_label_values(&[pool, broker, outcome.as_str()]).inc();
     }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+
+    /// A TCP connect to `broker` succeeded after `seconds`.
+    pub fn broker_connected(&self, pool: &str, broker: &str, seconds: f64) {
+        self.broker_connect_seconds.with_label_values(&[pool, broker]).observe(seconds);
     }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+
+    /// A connection reached a later candidate of `pool` because earlier ones failed.
+    pub fn failed_over(&self, pool: &str) {
+        self.failovers.with_label_values(&[pool]).inc();
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+
+    /// A connection was routed to `broker` (its CONNECT answered), with the PROXY header
+    /// `proxy`, `setup_seconds` after accept.
+    pub fn connection_routed(&self, pool: &str, broker: &str, proxy: ProxyProtocol, setup_seconds: f64) {
+        self.routed.with_label_values(&[pool, broker]).inc();
+        let version = match proxy {
+            ProxyProtocol::None => None,
+            ProxyProtocol::V1 => Some("v1"),
+            ProxyProtocol::V2 => Some("v2"),
+        };
+        if let Some(version) = version {
+            self.proxy_headers.with_label_values(&[pool, version]).inc();
+        }
+        self.setup_seconds.observe(setup_seconds);
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+
+    /// A TLV left out of a PROXY v2 header to `pool`'s brokers.
+    pub fn proxy_tlv_dropped(&self, pool: &str, tlv: Tlv) {
+        self.tlv_dropped.with_label_values(&[pool, tlv.as_str()]).inc();
+    }
+
+    /// `broker` was marked up or down.
+    pub fn health_transition(&self, pool: &str, broker: &str, up: bool) {
+        self.health_transitions.with_label_values(&[pool, broker, if up { "up" } else { "down" }]).inc();
+    }
+
+    /// Whether a health-checked `broker` is considered healthy now.
+    pub fn set_broker_healthy(&self, pool: &str, broker: &str, healthy: bool) {
+        self.broker_healthy.with_label_values(&[pool, broker]).set(i64::from(healthy));
+    }
+
+    /// Discovery applied a membership update to `pool`.
+    pub fn discovery_updated(&self, pool: &str) {
+        self.discovery_updates.with_label_values(&[pool]).inc();
+    }
+
+    /// An admin connection closed by its `timeout` ("header" or "idle").
+    pub fn admin_connection_timed_out(&self, timeout: &'static str) {
+        self.admin_connections_timed_out.with_label_values(&[timeout]).inc();
     }
 }
 
-impl<S: crate::proxy::relay::WriteLast + Unpin> crate::proxy::relay::WriteLast for CountReads<S> {
-    fn poll_write_last(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_last(cx, buf)
+/// Reading, for tests.
+#[cfg(test)]
+impl Metrics {
+    /// The sum of the counters or gauges of the family `harbormaster_{name}` whose labels
+    /// include `labels` (by name, in any order); 0 when there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use prometheus::proto::MetricType;
+        let name = format!("harbormaster_{name}");
+        let mut sum = 0.0;
+        for f in self.registry.gather().iter().filter(|f| f.name() == name) {
+            for m in f.get_metric() {
+                let has = |(k, v): &(&str, &str)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v);
+                if labels.iter().all(has) {
+                    sum += match f.get_field_type() {
+                        MetricType::COUNTER => m.get_counter().get_value(),
+                        MetricType::GAUGE => m.get_gauge().get_value(),
+                        other => panic!("{name} is a {other:?}"),
+                    };
+                }
+            }
+        }
+        sum
     }
 }
 
@@ -510,7 +575,7 @@ mod tests {
         m.accepted.with_label_values(&["mqtt"]).inc();
         m.active.with_label_values(&["mqtt"]).inc();
         m.closed.with_label_values(&["mqtt", "closed"]).inc();
-        m.refused.with_label_values(&["mqtt", "no_broker_available", connack_label(Some(3))]).inc();
+        m.refused.with_label_values(&["mqtt", "no_broker_available", "0x03"]).inc();
         m.accept_to_connect_seconds.with_label_values(&["mqtt"]).observe(0.01);
         m.tls_handshakes.with_label_values(&["mqtts", "ok", "TLSv1.3"]).inc();
         m.tls_handshake_seconds.with_label_values(&["mqtts"]).observe(0.002);
@@ -566,41 +631,5 @@ mod tests {
         assert_eq!(m.config_last_successful.get(), 1);
         assert_eq!(m.config_reloads.with_label_values(&["ok"]).get(), 1);
         assert_eq!(m.config_reloads.with_label_values(&["error"]).get(), 1);
-    }
-
-    #[test]
-    fn connack_labels_are_a_fixed_vocabulary() {
-        assert_eq!(connack_label(None), "none");
-        assert_eq!(connack_label(Some(3)), "0x03");
-        assert_eq!(connack_label(Some(0x88)), "0x88");
-        assert_eq!(connack_label(Some(0x42)), "other");
-    }
-
-    #[test]
-    fn dial_errors_map_to_outcomes() {
-        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::ConnectionRefused)), "refused");
-        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::TimedOut)), "timeout");
-        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::ConnectionReset)), "reset");
-        assert_eq!(dial_error_outcome(&io::Error::from(io::ErrorKind::BrokenPipe)), "reset");
-        assert_eq!(dial_error_outcome(&io::Error::other("x")), "error");
-    }
-
-    #[tokio::test]
-    async fn count_reads_counts_what_is_read_as_it_is_read() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let m = Metrics::new();
-        let counter = m.bytes.with_label_values(&["l", "client_to_broker"]);
-        let (a, mut b) = tokio::io::duplex(64);
-        let mut counted = CountReads::new(a, counter.clone());
-        b.write_all(b"hello").await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = counted.read(&mut buf).await.unwrap();
-        assert_eq!((n, counter.get()), (5, 5));
-        counted.write_all(b"not counted").await.unwrap();
-        b.write_all(b"more").await.unwrap();
-        drop(b);
-        let mut rest = Vec::new();
-        counted.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(counter.get(), 9);
     }
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connection::{self, Reason, Shared};
+use super::connection::{self, CloseReason, Shared};
 use super::snapshot::{ListenerSpec, Snapshot};
 
 /// Pending connections the kernel queues while the process is busy: a reconnecting fleet
@@ -62,7 +62,7 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let accepted = shared.metrics.accepted.with_label_values(&[&name]);
+    let accepted = shared.metrics.connections_accepted(&name);
     // Connections of this listener alive now, for its own `max_connections`.
     let held = Arc::new(AtomicUsize::new(0));
     loop {
@@ -84,17 +84,17 @@ pub async fn serve(
         // the connection it accepted ends as its listener's do, counted and logged.
         let Some(spec) = snapshot.listener(&name).cloned() else {
             drop(tcp);
-            connection::refused_at_accept(&shared, &name, peer, Reason::Drained);
+            connection::refused_at_accept(&shared, &name, peer, CloseReason::Drained);
             continue;
         };
         if spec.max_connections.is_some_and(|max| held.load(Ordering::Relaxed) >= max) {
             drop(tcp);
-            connection::refused_at_accept(&shared, &name, peer, Reason::ListenerMaxConnections);
+            connection::refused_at_accept(&shared, &name, peer, CloseReason::ListenerMaxConnections);
             continue;
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             drop(tcp);
-            connection::refused_at_accept(&shared, &name, peer, Reason::MaxConnections);
+            connection::refused_at_accept(&shared, &name, peer, CloseReason::MaxConnections);
             continue;
         };
         held.fetch_add(1, Ordering::Relaxed);

@@ -13,5 +13,6 @@ pub mod proxy_header;
 pub mod registry;
 pub mod relay;
 pub mod snapshot;
+pub mod stream;
 pub mod tls_stream;
 pub mod turns;

@@ -460,6 +460,29 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
     }
 }
 
+/// The `connack` label of a refusal in `harbormaster_connections_refused_total`: the code of
+/// the CONNACK sent (return code in 3.x, reason code in 5.0: the fourth byte of either
+/// [`connack`] layout), in hex as the MQTT specifications write them, or "none" when the
+/// connection was closed without one.
+pub fn connack_label(code: Option<u8>) -> &'static str {
+    match code {
+        None => "none",
+        Some(0x01) => "0x01",
+        Some(0x02) => "0x02",
+        Some(0x03) => "0x03",
+        Some(0x04) => "0x04",
+        Some(0x05) => "0x05",
+        Some(0x81) => "0x81",
+        Some(0x84) => "0x84",
+        Some(0x85) => "0x85",
+        Some(0x88) => "0x88",
+        Some(0x95) => "0x95",
+        Some(0x97) => "0x97",
+        Some(0x9F) => "0x9f",
+        Some(_) => "other",
+    }
+}
+
 #[cfg(test)]
 #[allow(
     clippy::indexing_slicing,
@@ -1316,6 +1339,25 @@ mod tests {
         assert_eq!(peek_connect(&[], MAX), Ok(Peek::Incomplete));
         assert_eq!(peek_connect(&[0x10], MAX), Ok(Peek::Incomplete));
         assert_eq!(peek_connect(&[0x10, 0x80, 0x80, 0x80], MAX), Ok(Peek::Incomplete));
+    }
+
+    #[test]
+    fn connack_labels_are_a_fixed_vocabulary() {
+        assert_eq!(connack_label(None), "none");
+        assert_eq!(connack_label(Some(3)), "0x03");
+        assert_eq!(connack_label(Some(0x88)), "0x88");
+        assert_eq!(connack_label(Some(0x42)), "other");
+        // Every CONNACK harbormaster sends has a label of its own.
+        use MqttVersion::*;
+        use Refusal::*;
+        for v in [V31, V311, V5] {
+            let all = [ServerUnavailable, UnsupportedProtocol, ClientIdRejected, Malformed, PacketTooLarge];
+            for r in all.into_iter().chain([RateExceeded, QuotaExceeded]) {
+                if let Some(p) = connack(v, r) {
+                    assert_ne!(connack_label(p.get(3).copied()), "other", "{v:?} {r:?}");
+                }
+            }
+        }
     }
 
     #[test]

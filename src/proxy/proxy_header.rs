@@ -75,6 +75,22 @@ pub enum Tlv {
     ClientId,
 }
 
+impl Tlv {
+    /// The `tlv` label of `harbormaster_proxy_tlv_dropped_total`: the variant's name in lower
+    /// case, without the config key's underscores (`uniqueid`, `certsha256`, `clientid`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tlv::Alpn => "alpn",
+            Tlv::Authority => "authority",
+            Tlv::UniqueId => "uniqueid",
+            Tlv::Ssl => "ssl",
+            Tlv::Crc32c => "crc32c",
+            Tlv::CertSha256 => "certsha256",
+            Tlv::ClientId => "clientid",
+        }
+    }
+}
+
 /// Everything a header can carry about one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct HeaderInput<'a> {
@@ -488,6 +504,14 @@ mod tests {
         let sent = u32::from_be_bytes(zeroed[field..field + 4].try_into().unwrap());
         zeroed[field..field + 4].fill(0);
         assert_eq!(sent, crc32c::crc32c(&zeroed));
+    }
+
+    /// The metric label of each TLV is its name in lower case, as it always was.
+    #[test]
+    fn tlv_labels_are_their_names_in_lower_case() {
+        for t in ALL {
+            assert_eq!(t.as_str(), format!("{t:?}").to_lowercase());
+        }
     }
 
     #[test]
