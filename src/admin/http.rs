@@ -157,7 +157,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             match end {
                 End::HeaderTimeout | End::IdleTimeout => {
                     let label = if matches!(end, End::HeaderTimeout) { "header" } else { "idle" };
-                    state.metrics.admin_connections_timed_out.with_label_values(&[label]).inc();
+                    state.metrics.admin_connection_timed_out(label);
                     tracing::debug!(peer = %peer, timeout = label, "admin connection timed out");
                     warn.note(end, limits);
                 }
@@ -802,8 +802,8 @@ backends = ["127.0.0.1:4"]
         c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         let got = String::from_utf8(until_closed(&mut c).await).unwrap();
         assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
-        let counted = || s.metrics.admin_connections_timed_out.with_label_values(&["header"]).get();
-        assert!(eventually(|| counted() == 1).await);
+        let counted = || s.metrics.value("admin_connections_timed_out_total", &[("timeout", "header")]);
+        assert!(eventually(|| counted() == 1.0).await);
         assert_eq!(s.metrics.admin_connections_active.get(), 0);
         stop.cancel();
     }
@@ -814,8 +814,8 @@ backends = ["127.0.0.1:4"]
         let (s, addr, stop) = serving(limits).await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(until_closed(&mut c).await.is_empty());
-        let counted = || s.metrics.admin_connections_timed_out.with_label_values(&["idle"]).get();
-        assert!(eventually(|| counted() == 1).await);
+        let counted = || s.metrics.value("admin_connections_timed_out_total", &[("timeout", "idle")]);
+        assert!(eventually(|| counted() == 1.0).await);
         stop.cancel();
     }
 

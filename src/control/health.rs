@@ -135,7 +135,7 @@ fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>,
                     pool = %pool.name, broker = %b.name, addr = %b.addr, state = "up", reason = reason.as_str(),
                     "broker health changed"
                 );
-                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "up"]).inc();
+                metrics.health_transition(&pool.name, &b.name, true);
             }
         }
         Err(e) => {
@@ -147,11 +147,11 @@ fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>,
                     pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
                     "broker health changed"
                 );
-                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "down"]).inc();
+                metrics.health_transition(&pool.name, &b.name, false);
             }
         }
     }
-    metrics.broker_healthy.with_label_values(&[&pool.name, &b.name]).set(i64::from(b.is_healthy()));
+    metrics.set_broker_healthy(&pool.name, &b.name, b.is_healthy());
 }
 
 fn check_name(kind: CheckKind) -> &'static str {
@@ -526,15 +526,18 @@ mod tests {
         let backend = |i: usize| current.load().pools[0].backends[i].clone();
         assert!(eventually(|| !backend(1).is_healthy()).await, "dead broker never marked down");
         assert!(backend(0).is_healthy());
-        let gauge = |b: &str| metrics.broker_healthy.with_label_values(&["p", b]).get();
-        assert!(eventually(|| gauge("b1") == 0 && gauge("b0") == 1).await);
-        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b1", "down"]).get(), 1);
+        let gauge = |b: &str| metrics.value("broker_healthy", &[("pool", "p"), ("broker", b)]);
+        assert!(eventually(|| gauge("b1") == 0.0 && gauge("b0") == 1.0).await);
+        let transitions = |b: &str, state: &str| {
+            metrics.value("broker_health_transitions_total", &[("pool", "p"), ("broker", b), ("state", state)])
+        };
+        assert_eq!(transitions("b1", "down"), 1.0);
 
         // The broker comes back on its port.
         let back = TcpListener::bind(dead_addr).await.unwrap();
         assert!(eventually(|| backend(1).is_healthy()).await, "broker never came back");
-        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b1", "up"]).get(), 1);
-        assert_eq!(metrics.health_transitions.with_label_values(&["p", "b0", "down"]).get(), 0);
+        assert_eq!(transitions("b1", "up"), 1.0);
+        assert_eq!(transitions("b0", "down"), 0.0);
 
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();

@@ -419,7 +419,7 @@ impl Reloader {
         snap.pools = old.pools.iter().map(|p| if p.name == pool { rebuilt.clone() } else { p.clone() }).collect();
         let policies = self.applied.on_removed.clone();
         self.swap(&old, snap, &policies);
-        self.metrics.discovery_updates.with_label_values(&[pool]).inc();
+        self.metrics.discovery_updated(pool);
     }
 
     /// Brokers for discovered members, continuing the counters of the same identities.
@@ -779,7 +779,7 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         assert_eq!(cause, crate::proxy::registry::CloseCause::BrokerRemoved);
         tokio::task::yield_now().await;
         assert!(tokio::time::timeout(Duration::from_millis(50), on_pod0.closed()).await.is_err());
-        assert_eq!(r.metrics.discovery_updates.with_label_values(&["p"]).get(), 2);
+        assert_eq!(r.metrics.value("discovery_updates_total", &[("pool", "p")]), 2.0);
     }
 
     #[test]
