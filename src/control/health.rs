@@ -1,8 +1,8 @@
 //! Active health checks: each pool with `health = { ... }` has its brokers probed every
 //! `interval` (a TCP connect, or PROXY header + MQTT CONNECT expecting CONNACK 0); `rise`
 //! passes in a row bring a broker up, `fall` failures (probes and failed dials) mark it down.
-//! The state lives on the current snapshot's `Backend`s; [`carry_over_health`] moves it to a
-//! rebuilt snapshot by broker identity. Never touches a client socket or the hash order.
+//! Results land on each broker's shared state ([`crate::proxy::broker`]), which every snapshot
+//! listing the broker sees. Never touches a client socket or the hash order.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::Metrics;
 use crate::proxy::balance::{Backend, CheckKind, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::broker::{report_transition, Transition};
 use crate::proxy::proxy_header::{self, HeaderInput};
 use crate::proxy::snapshot::Snapshot;
 
@@ -76,8 +77,8 @@ pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: C
 
 /// The checker of one pool: a round of probes (all brokers at once) every `interval`, each
 /// round on the pool as it is in the snapshot current at that moment. A round in flight while
-/// a new snapshot is swapped in lands on the old snapshot's brokers; the next one counts on the
-/// new ones, which [`carry_over_health`] gave the old state.
+/// a new snapshot is swapped in still counts: the old snapshot's brokers share their state with
+/// the new one's of the same identity.
 async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let Some(interval) = current.load().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
         return;
@@ -123,31 +124,22 @@ async fn round(pool: &Arc<Pool>, spec: HealthSpec, metrics: &Metrics) {
     }
 }
 
-/// Feeds one probe result into the broker's streaks; logs and counts a transition.
+/// Feeds one probe result into the broker's state (shared with every snapshot that lists the
+/// broker, so a result is never lost to a swap); reports a transition.
 fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>, metrics: &Metrics) {
     let check = check_name(spec.check);
     match result {
         Ok(()) => {
             if b.record_success(spec.rise) {
                 let reason = format!("{} {check} checks passed in a row", spec.rise);
-                tracing::info!(
-                    target: "harbormaster::health",
-                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "up", reason = reason.as_str(),
-                    "broker health changed"
-                );
-                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "up"]).inc();
+                report_transition(metrics, &pool.name, b, Transition::Up, &reason);
             }
         }
         Err(e) => {
             tracing::debug!(target: "harbormaster::health", pool = %pool.name, broker = %b.name, error = %e, "{check} check failed");
             if b.record_failure(spec.fall) {
                 let reason = format!("{} failures in a row, last: {check} check: {e}", b.failure_streak());
-                tracing::warn!(
-                    target: "harbormaster::health",
-                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
-                    "broker health changed"
-                );
-                metrics.health_transitions.with_label_values(&[&pool.name, &b.name, "down"]).inc();
+                report_transition(metrics, &pool.name, b, Transition::Down, &reason);
             }
         }
     }
@@ -244,22 +236,6 @@ fn check_connack(ack: &[u8; 4]) -> Result<(), String> {
         4 => Err("CONNACK return code 4 (bad user name or password)".into()),
         5 => Err("CONNACK return code 5 (not authorized)".into()),
         rc => Err(format!("CONNACK return code {rc}")),
-    }
-}
-
-/// Moves health state from `old` to `new` (a rebuilt snapshot) by pool name and broker
-/// identity, so a discovery update or reload neither forgets a down broker nor sends clients
-/// back to it before `rise` probes pass. Brokers new to a pool start healthy; pools without
-/// `health` are left alone (nothing would ever bring their brokers back).
-pub fn carry_over_health(old: &Snapshot, new: &Snapshot) {
-    for pool in new.pools.iter().filter(|p| p.health.is_some()) {
-        let Some(before) = old.pool(&pool.name) else { continue };
-        let by_name: HashMap<&str, &Arc<Backend>> = before.backends.iter().map(|b| (b.name.as_str(), b)).collect();
-        for b in &pool.backends {
-            if let Some(prev) = by_name.get(b.name.as_str()) {
-                b.carry_health_from(prev);
-            }
-        }
     }
 }
 
@@ -554,7 +530,6 @@ mod tests {
 
         // A reload adds health checks to the pool.
         let new = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 1, 1)))]);
-        carry_over_health(&current.load(), &new);
         current.store(Arc::new(new));
         assert!(eventually(|| !current.load().pools[0].backends[0].is_healthy()).await);
 
@@ -563,42 +538,5 @@ mod tests {
         assert!(eventually(|| metrics.render().lines().all(|l| !l.starts_with("harbormaster_broker_healthy{"))).await);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();
-    }
-
-    #[test]
-    fn health_state_is_carried_over_by_pool_and_identity() {
-        let at = |name: &str, port: u16| (name.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
-        let health = Some(spec(CheckKind::Tcp, 2, 1));
-        let none = ProxyProtocol::None;
-        let old = snapshot(vec![
-            named_pool("p", &[at("b0", 1), at("b1", 2), at("b2", 3)], none, health),
-            named_pool("q", &[at("b0", 1)], none, health),
-        ]);
-        // p: b0 up, b1 down, b2 down and one success into its rise; q: b0 down.
-        assert!(old.pools[0].backends[1].record_failure(1));
-        assert!(old.pools[0].backends[2].record_failure(1));
-        assert!(!old.pools[0].backends[2].record_success(2));
-        assert!(old.pools[1].backends[0].record_failure(1));
-
-        // The rebuilt snapshot: in p, b1 kept its identity under a new address (a pod with a
-        // new IP), b2 is as it was, b0 is gone, b3 is new; q is gone; r is new, with a broker
-        // named like one that is down in q.
-        let new = snapshot(vec![
-            named_pool("p", &[at("b3", 4), at("b2", 3), at("b1", 20)], none, health),
-            named_pool("r", &[at("b0", 1)], none, health),
-        ]);
-        carry_over_health(&old, &new);
-
-        let get = |pool: usize, name: &str| new.pools[pool].backends.iter().find(|b| b.name == name).unwrap().clone();
-        assert!(!get(0, "b1").is_healthy(), "down state follows the identity, whatever the address");
-        assert!(!get(0, "b2").is_healthy());
-        assert!(get(0, "b2").record_success(2), "its rise streak came along too");
-        assert!(get(0, "b3").is_healthy(), "a new broker starts healthy");
-        assert!(get(1, "b0").is_healthy(), "state is per pool");
-
-        // A pool without health checks takes nothing over: nothing would bring a broker back.
-        let plain = snapshot(vec![named_pool("p", &[at("b1", 2), at("b2", 3)], none, None)]);
-        carry_over_health(&old, &plain);
-        assert!(plain.pools[0].backends.iter().all(|b| b.is_healthy()));
     }
 }

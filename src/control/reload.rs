@@ -2,8 +2,8 @@
 //! config file or of a certificate, key, CA, CRL or ticket key file it references (folders, not files:
 //! Kubernetes swaps ConfigMap and Secret contents through a `..data` symlink), debounced; and
 //! discovery updates. Each builds a whole new snapshot from the validated config
-//! ([`config::load`], exactly what `harbormaster check` runs), carries the running state over
-//! by pool and broker identity (health, connection counters) and swaps it in. An invalid
+//! ([`config::load`], exactly what `harbormaster check` runs), gives each broker the state of its
+//! pool and identity ([`BrokerStates`]: health, drain, counters) and swaps it in. An invalid
 //! config is logged with every problem and counted; the running snapshot stays. Listeners
 //! follow the snapshot through [`ListenerSet`]; the clients of removed brokers are closed at
 //! `close_rate` when their pool says `on_backend_removed = "close"`.
@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,12 +22,12 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::brokers::BrokerStates;
 use super::config::{self, AdminSettings, Loaded, LogFormat, OnRemoved};
 use super::discovery::{self, DiscoverySpec, Members};
 use super::drain;
-use super::health;
 use crate::admin::metrics::Metrics;
-use crate::proxy::balance::{Backend, BackendStats, Pool};
+use crate::proxy::balance::{Backend, Pool};
 use crate::proxy::listener::ListenerSet;
 use crate::proxy::registry::{ConnHandle, Registry};
 use crate::proxy::snapshot::Snapshot;
@@ -109,9 +109,8 @@ pub struct Reloader {
     generation: u64,
     updates: mpsc::UnboundedSender<(String, u64)>,
     updates_rx: Option<mpsc::UnboundedReceiver<(String, u64)>>,
-    /// Counters by (pool, broker identity), alive as long as a snapshot or a connection uses
-    /// them: a broker that leaves and comes back while its connections live continues them.
-    stats: HashMap<(String, String), Weak<BackendStats>>,
+    /// Each broker's state by pool and identity, for the snapshots to come.
+    brokers: BrokerStates,
     evictors: HashMap<String, Evictor>,
     watch: Option<FileWatch>,
     /// Fingerprint of the files of the applied config, and of the last rejected one: a file
@@ -140,12 +139,7 @@ impl Reloader {
             }
         };
         let (updates, updates_rx) = mpsc::unbounded_channel();
-        let mut stats = HashMap::new();
-        for p in &current.load().pools {
-            for b in &p.backends {
-                stats.insert((p.name.clone(), b.name.clone()), Arc::downgrade(&b.stats));
-            }
-        }
+        let brokers = BrokerStates::of(&current.load());
         let applied_print = applied.source.as_deref().map(|s| fingerprint(s, &applied.files));
         Reloader {
             current,
@@ -159,7 +153,7 @@ impl Reloader {
             generation: 0,
             updates,
             updates_rx: Some(updates_rx),
-            stats,
+            brokers,
             evictors: HashMap::new(),
             watch: None,
             applied_print,
@@ -290,10 +284,10 @@ impl Reloader {
                         (Some(members), _) => self.backends_from_members(&p.name, &members),
                         // Until the (new) source answers, the pool keeps the brokers it has.
                         (None, Some(before)) => before.backends.clone(),
-                        (None, None) => self.with_stats(p),
+                        (None, None) => self.continued(p),
                     }
                 }
-                None => self.with_stats(p),
+                None => self.continued(p),
             };
             let mut pool = Pool::clone(p);
             pool.backends = backends;
@@ -324,10 +318,14 @@ impl Reloader {
         Ok(changes)
     }
 
-    /// Carries state over from `old`, makes `new` current, closes removed brokers'
-    /// connections where the pool's policy (in `policies`) says so.
+    /// Makes `new` current, closes removed brokers' connections where the pool's policy (in
+    /// `policies`) says so.
     fn swap(&mut self, old: &Snapshot, new: Snapshot, policies: &BTreeMap<String, OnRemoved>) -> Arc<Snapshot> {
-        health::carry_over_health(old, &new);
+        // Nothing would bring back a broker marked down in a pool without checks (it had them
+        // before this reload): its brokers start over as up.
+        for p in new.pools.iter().filter(|p| p.health.is_none()) {
+            p.backends.iter().for_each(|b| b.forget_health());
+        }
         let new = Arc::new(new);
         self.current.store(new.clone());
         for p in &old.pools {
@@ -342,13 +340,13 @@ impl Reloader {
                 OnRemoved::Close { rate } => self.evict(&p.name, &removed, rate),
             }
         }
-        self.stats.retain(|_, s| s.strong_count() > 0);
+        self.brokers.forget_unused();
         new
     }
 
     /// Closes the connections to `removed` brokers of `pool` at `rate` per second.
     fn evict(&mut self, pool: &str, removed: &[&Arc<Backend>], rate: u32) {
-        let mut victims: Vec<Arc<ConnHandle>> = removed.iter().flat_map(|b| self.conns.relayed_to(&b.stats)).collect();
+        let mut victims: Vec<Arc<ConnHandle>> = removed.iter().flat_map(|b| self.conns.relayed_to(&b.state)).collect();
         if victims.is_empty() {
             return;
         }
@@ -422,38 +420,14 @@ impl Reloader {
         self.metrics.discovery_updates.with_label_values(&[pool]).inc();
     }
 
-    /// Brokers for discovered members, continuing the counters of the same identities.
+    /// Brokers for discovered members, continuing the state of the same identities.
     fn backends_from_members(&mut self, pool: &str, members: &Members) -> Vec<Arc<Backend>> {
-        members
-            .iter()
-            .map(|m| {
-                let b = Backend::with_stats(m.name.clone(), m.addr, self.stats_for(pool, &m.name));
-                b.draining.store(m.draining, Ordering::Relaxed);
-                Arc::new(b)
-            })
-            .collect()
+        members.iter().map(|m| self.brokers.backend(pool, &m.name, m.addr, m.draining)).collect()
     }
 
-    /// `p`'s brokers (as loaded) rebuilt to continue the counters of the same identities.
-    fn with_stats(&mut self, p: &Pool) -> Vec<Arc<Backend>> {
-        p.backends
-            .iter()
-            .map(|b| {
-                let n = Backend::with_stats(b.name.clone(), b.addr, self.stats_for(&p.name, &b.name));
-                n.draining.store(b.is_draining(), Ordering::Relaxed);
-                Arc::new(n)
-            })
-            .collect()
-    }
-
-    fn stats_for(&mut self, pool: &str, name: &str) -> Arc<BackendStats> {
-        let key = (pool.to_string(), name.to_string());
-        if let Some(s) = self.stats.get(&key).and_then(Weak::upgrade) {
-            return s;
-        }
-        let s = Arc::new(BackendStats::default());
-        self.stats.insert(key, Arc::downgrade(&s));
-        s
+    /// `p`'s brokers (as loaded) rebuilt to continue the state of the same identities.
+    fn continued(&mut self, p: &Pool) -> Vec<Arc<Backend>> {
+        p.backends.iter().map(|b| self.brokers.backend(&p.name, &b.name, b.addr, false)).collect()
     }
 
     /// Follows a changed `max_connections`: more permits at once; fewer as connections end.
@@ -519,7 +493,7 @@ async fn forward(
 
 /// Closes the connections of one pool's removed brokers, batch after batch, at the pool's
 /// `close_rate`. A connection whose broker is back in the pool (same identity, so the same
-/// counters) is left alone.
+/// state) is left alone.
 async fn evictor(
     pool: String,
     mut rx: mpsc::UnboundedReceiver<Vec<Arc<ConnHandle>>>,
@@ -538,7 +512,7 @@ async fn evictor(
         };
         let still_removed = |h: &ConnHandle| {
             let snap = current.load();
-            snap.pool(&pool).is_none_or(|p| !p.backends.iter().any(|b| h.is_relayed_to(&b.stats)))
+            snap.pool(&pool).is_none_or(|p| !p.backends.iter().any(|b| h.is_relayed_to(&b.state)))
         };
         let closed = tokio::select! {
             n = drain::close_at_rate(&conns, &batch, rate.load(Ordering::Relaxed), still_removed) => n,
@@ -709,8 +683,8 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let before = current.load_full();
         let b2 = broker(&before, "b2");
         // A connection relayed to b2 is in flight; b2 was marked down.
-        b2.stats.active.fetch_add(1, Ordering::Relaxed);
-        b2.stats.total.fetch_add(1, Ordering::Relaxed);
+        b2.active.fetch_add(1, Ordering::Relaxed);
+        b2.total.fetch_add(1, Ordering::Relaxed);
         for _ in 0..3 {
             b2.record_failure(3);
         }
@@ -727,14 +701,73 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let b2_now = broker(&after, "b2");
         assert!(!Arc::ptr_eq(&b2, &b2_now), "a new snapshot has new brokers");
         assert_eq!(b2_now.addr, "127.0.0.1:5".parse().unwrap());
-        assert!(Arc::ptr_eq(&b2.stats, &b2_now.stats), "same identity, same counters");
+        assert!(Arc::ptr_eq(&b2.state, &b2_now.state), "same identity, same state");
         assert!(!b2_now.is_healthy(), "health carried over");
         assert!(broker(&after, "b3").is_healthy());
         // The in-flight connection's guard ends: least-connections sees it on the new broker.
-        b2.stats.active.fetch_sub(1, Ordering::Relaxed);
-        assert_eq!(b2_now.stats.active.load(Ordering::Relaxed), 0);
-        assert_eq!(b2_now.stats.total.load(Ordering::Relaxed), 1);
+        b2.active.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(b2_now.active.load(Ordering::Relaxed), 0);
+        assert_eq!(b2_now.total.load(Ordering::Relaxed), 1);
         assert_eq!(r.listeners.addrs().len(), 1, "the unchanged listener kept its socket");
+    }
+
+    #[tokio::test]
+    async fn health_follows_pool_and_identity_and_resets_when_nothing_holds_it() {
+        let cfg = |p: &str, q: Option<&str>, health: &str| {
+            let mut text = format!("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pool.p]\nbackends = [{p}]\n{health}\n");
+            if let Some(q) = q {
+                text.push_str(&format!("\n[pool.q]\nbackends = [{q}]\n{health}\n"));
+            }
+            text
+        };
+        let at = |name: &str, port: u16| format!("{{ name = \"{name}\", address = \"127.0.0.1:{port}\" }}, ");
+        let health = "health = { check = \"tcp\", rise = 2, fall = 1 }";
+        let (mut r, current, _) =
+            reloader(&cfg(&(at("b0", 1) + &at("b1", 2) + &at("b2", 3)), Some(&at("b0", 1)), health)).await;
+        let get = |pool: &str, name: &str| {
+            current.load().pool(pool).unwrap().backends.iter().find(|b| b.name == name).unwrap().clone()
+        };
+        // p: b0 up, b1 down, b2 down and one success into its rise; q: b0 down.
+        assert!(get("p", "b1").record_failure(1));
+        assert!(get("p", "b2").record_failure(1));
+        assert!(!get("p", "b2").record_success(2));
+        assert!(get("q", "b0").record_failure(1));
+
+        // b1 keeps its identity under a new address (a pod with a new IP), b2 is as it was, b0
+        // is gone, b3 is new; q is gone, then back with a broker named like the one that was
+        // down in it.
+        let next = cfg(&(at("b3", 4) + &at("b2", 3) + &at("b1", 20)), None, health);
+        r.apply(config::load_str(&next, Path::new(".")).unwrap()).await.unwrap();
+        assert!(!get("p", "b1").is_healthy(), "down state follows the identity, whatever the address");
+        assert!(!get("p", "b2").is_healthy());
+        assert!(get("p", "b2").record_success(2), "its rise streak came along too");
+        assert!(get("p", "b3").is_healthy(), "a new broker starts healthy");
+        let next = cfg(&(at("b3", 4) + &at("b2", 3) + &at("b1", 20)), Some(&at("b0", 1)), health);
+        r.apply(config::load_str(&next, Path::new(".")).unwrap()).await.unwrap();
+        assert!(get("q", "b0").is_healthy(), "nothing held q's b0 in between: it starts afresh");
+
+        // A pool without health checks starts its brokers over as up: nothing would bring one
+        // back.
+        let plain = cfg(&(at("b1", 20) + &at("b2", 3)), None, "");
+        r.apply(config::load_str(&plain, Path::new(".")).unwrap()).await.unwrap();
+        assert!(current.load().pools[0].backends.iter().all(|b| b.is_healthy()));
+    }
+
+    #[tokio::test]
+    async fn a_broker_back_while_a_connection_holds_it_continues_its_state() {
+        let text = format!("{BASE}health = {{ check = \"tcp\", fall = 1 }}\n");
+        let (mut r, current, conns) = reloader(&text).await;
+        let b2 = broker(&current.load(), "b2");
+        let conn = conns.register();
+        conn.set_backend(&b2.state);
+        assert!(b2.record_failure(1));
+        drop(b2);
+        let without = text.replace(", { name = \"b2\", address = \"127.0.0.1:2\" }", "");
+        r.apply(config::load_str(&without, Path::new(".")).unwrap()).await.unwrap();
+        r.apply(config::load_str(&text, Path::new(".")).unwrap()).await.unwrap();
+        let back = broker(&current.load(), "b2");
+        assert!(conn.is_relayed_to(&back.state), "the connection kept it");
+        assert!(!back.is_healthy());
     }
 
     #[tokio::test]
@@ -761,9 +794,9 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         assert_eq!(names, ["pod-0", "pod-1"]);
         let pod1 = broker(&snap, "pod-1");
         let on_pod1 = conns.register();
-        on_pod1.set_backend(&pod1.stats);
+        on_pod1.set_backend(&pod1.state);
         let on_pod0 = conns.register();
-        on_pod0.set_backend(&broker(&snap, "pod-0").stats);
+        on_pod0.set_backend(&broker(&snap, "pod-0").state);
 
         // A stale generation is ignored.
         tx.send_replace(Some(Arc::new(vec![])));

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
@@ -210,7 +211,7 @@ struct ActiveGuard(Arc<Backend>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -353,7 +354,7 @@ pub async fn handle<H: Send>(
     };
     let reason = match setup {
         Ok(mut est) => {
-            conn.set_backend(&est.backend().stats);
+            conn.set_backend(&est.backend().state);
             // Relay until both sides are done, counting bytes as they flow so long-lived
             // connections move the counters.
             let up = m.bytes.with_label_values(&[&spec.name, "client_to_broker"]);
@@ -699,17 +700,11 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     packet.and_then(|p| p.get(3).copied())
 }
 
-/// Failed dials marked a broker down (passive health checking): log it like the checker's
-/// transitions; the checker's probes bring it back.
+/// Failed dials marked a broker down (passive health checking); the checker's probes bring
+/// it back.
 fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
     let reason = format!("{} failures in a row, last: dial: {error}", b.failure_streak());
-    tracing::warn!(
-        target: "harbormaster::health",
-        pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
-        "broker health changed"
-    );
-    m.health_transitions.with_label_values(&[&pool.name, &b.name, "down"]).inc();
-    m.broker_healthy.with_label_values(&[&pool.name, &b.name]).set(0);
+    broker::report_transition(m, &pool.name, b, Transition::Down, &reason);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -874,8 +869,8 @@ async fn serve(
         facts.detail = Some(format!("failed over: {}", errors.join("; ")));
         shared.metrics.failovers.with_label_values(&[&pool.name]).inc();
     }
-    backend.stats.active.fetch_add(1, Ordering::Relaxed);
-    backend.stats.total.fetch_add(1, Ordering::Relaxed);
+    backend.active.fetch_add(1, Ordering::Relaxed);
+    backend.total.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(backend.clone());
     facts.broker = Some(backend.name.clone());
     shared.metrics.routed.with_label_values(&[&pool.name, &backend.name]).inc();
