@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -21,10 +21,6 @@ use crate::proxy::balance::{Backend, CheckKind, HealthSpec, Pool, ProxyProtocol}
 use crate::proxy::broker::{report_transition, Transition};
 use crate::proxy::proxy_header::{self, HeaderInput};
 use crate::proxy::snapshot::Snapshot;
-
-/// How often the supervisor looks for a new snapshot (pools added, removed, or whose `health`
-/// changed). Comparing two pointers: cheap.
-const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 /// Keep-alive announced in the probe's CONNECT; the probe disconnects long before.
 const PROBE_KEEP_ALIVE_SECS: u16 = 60;
@@ -36,37 +32,37 @@ const PROBE_ID_PREFIX: &str = "hm-health-";
 /// MQTT DISCONNECT.
 const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 
-/// Probes every health-checked pool of the current snapshot until `stop` is cancelled.
-/// Follows snapshot swaps: pools that appear get a checker, pools that disappear (or lose
+/// Probes every health-checked pool of the applied snapshot until `stop` is cancelled. Told of
+/// each swap through `swaps`: pools that appear get a checker, pools that disappear (or lose
 /// `health`) lose theirs, and a changed `health` restarts the pool's checker.
-pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
+pub async fn run(mut swaps: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut checkers: HashMap<String, (HealthSpec, CancellationToken, JoinHandle<()>)> = HashMap::new();
-    let mut seen: Option<Arc<Snapshot>> = None;
     loop {
-        let snap = current.load_full();
-        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
-            let wanted: HashMap<&str, HealthSpec> =
-                snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
-            checkers.retain(|name, (spec, token, _)| {
-                let keep = wanted.get(name.as_str()) == Some(spec);
-                if !keep {
-                    token.cancel();
-                }
-                keep
-            });
-            for (name, spec) in wanted {
-                if !checkers.contains_key(name) {
-                    let token = stop.child_token();
-                    let task =
-                        tokio::spawn(check_pool(name.to_string(), current.clone(), metrics.clone(), token.clone()));
-                    checkers.insert(name.to_string(), (spec, token, task));
-                }
+        let snap = swaps.borrow_and_update().clone();
+        let wanted: HashMap<&str, HealthSpec> =
+            snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
+        checkers.retain(|name, (spec, token, _)| {
+            let keep = wanted.get(name.as_str()) == Some(spec);
+            if !keep {
+                token.cancel();
             }
-            seen = Some(snap);
+            keep
+        });
+        for (name, spec) in wanted {
+            if !checkers.contains_key(name) {
+                let token = stop.child_token();
+                let task = tokio::spawn(check_pool(name.to_string(), swaps.clone(), metrics.clone(), token.clone()));
+                checkers.insert(name.to_string(), (spec, token, task));
+            }
         }
+        drop(snap);
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(WATCH_PERIOD) => {}
+            changed = swaps.changed() => if changed.is_err() {
+                // No more swaps: keep checking the last snapshot until stopped.
+                stop.cancelled().await;
+                break;
+            },
         }
     }
     for (_, (_, token, task)) in checkers {
@@ -76,11 +72,16 @@ pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: C
 }
 
 /// The checker of one pool: a round of probes (all brokers at once) every `interval`, each
-/// round on the pool as it is in the snapshot current at that moment. A round in flight while
-/// a new snapshot is swapped in still counts: the old snapshot's brokers share their state with
-/// the new one's of the same identity.
-async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let Some(interval) = current.load().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
+/// round on the pool as it is in the latest snapshot. A round in flight while a new snapshot
+/// is swapped in still counts: the old snapshot's brokers share their state with the new
+/// one's of the same identity.
+async fn check_pool(
+    name: String,
+    swaps: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let Some(interval) = swaps.borrow().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
         return;
     };
     // Validation keeps it above 0; `interval` panics on 0.
@@ -92,8 +93,7 @@ async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<
             _ = stop.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let snap = current.load_full();
-        let Some(pool) = snap.pool(&name).cloned() else { break };
+        let Some(pool) = swaps.borrow().pool(&name).cloned() else { break };
         let Some(spec) = pool.health else { break };
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -282,9 +282,6 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 max_connect_packet: 1024,
                 max_setup_bytes: 1 << 20,
-                drain_timeout: Duration::from_secs(1),
-                drain_delay: Duration::ZERO,
-                max_connections: 1,
                 half_close_timeout: Duration::from_secs(1),
                 admission: Default::default(),
             },
@@ -494,12 +491,12 @@ mod tests {
         let dead_addr = closed_port().await;
         let s =
             snapshot(vec![pool_with(&[live_addr, dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 2, 2)))]);
-        let current = Arc::new(ArcSwap::from_pointee(s));
+        let (_swaps, current) = watch::channel(Arc::new(s));
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
 
-        let backend = |i: usize| current.load().pools[0].backends[i].clone();
+        let backend = |i: usize| current.borrow().pools[0].backends[i].clone();
         assert!(eventually(|| !backend(1).is_healthy()).await, "dead broker never marked down");
         assert!(backend(0).is_healthy());
         let gauge = |b: &str| metrics.broker_healthy.with_label_values(&["p", b]).get();
@@ -521,20 +518,20 @@ mod tests {
     async fn checker_follows_snapshot_swaps() {
         let dead_addr = closed_port().await;
         let s = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)]);
-        let current = Arc::new(ArcSwap::from_pointee(s));
+        let (swaps, current) = watch::channel(Arc::new(s));
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(current.load().pools[0].backends[0].is_healthy(), "no checks without health");
+        assert!(current.borrow().pools[0].backends[0].is_healthy(), "no checks without health");
 
         // A reload adds health checks to the pool.
         let new = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 1, 1)))]);
-        current.store(Arc::new(new));
-        assert!(eventually(|| !current.load().pools[0].backends[0].is_healthy()).await);
+        swaps.send_replace(Arc::new(new));
+        assert!(eventually(|| !current.borrow().pools[0].backends[0].is_healthy()).await);
 
         // And takes them away again: the checker of the pool ends, its gauge goes.
-        current.store(Arc::new(snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)])));
+        swaps.send_replace(Arc::new(snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)])));
         assert!(eventually(|| metrics.render().lines().all(|l| !l.starts_with("harbormaster_broker_healthy{"))).await);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();

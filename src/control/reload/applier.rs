@@ -1,58 +1,36 @@
-//! Hot reload and the snapshot-rebuild loop. Triggers: SIGHUP; a change in the folder of the
-//! config file or of a certificate, key, CA, CRL or ticket key file it references (folders, not files:
-//! Kubernetes swaps ConfigMap and Secret contents through a `..data` symlink), debounced; and
-//! discovery updates. Each builds a whole new snapshot from the validated config
-//! ([`config::load`], exactly what `harbormaster check` runs), gives each broker the state of its
-//! pool and identity ([`BrokerStates`]: health, drain, counters) and swaps it in. An invalid
-//! config is logged with every problem and counted; the running snapshot stays. Listeners
-//! follow the snapshot through [`ListenerSet`]; the clients of removed brokers are closed at
-//! `close_rate` when their pool says `on_backend_removed = "close"`.
+//! The applier: turns a trigger into a new snapshot and swaps it in. A reload reads and
+//! validates the config file ([`config::load`], exactly what `harbormaster check` runs); a
+//! discovery update rebuilds its pool from the file's settings and the members found. Either
+//! way each broker gets the state of its pool and identity ([`BrokerStates`]), new listeners are
+//! bound before anything changes, the snapshot is stored where connections read it and sent to
+//! whoever follows swaps (health checking), and the clients of removed brokers are closed at
+//! `close_rate` when their pool says `on_backend_removed = "close"`. An invalid config is
+//! logged with every problem and counted; the running snapshot stays. What only the control
+//! plane uses ([`Applied`]: discovery, removal policies, process limits, admin and log
+//! settings) is kept here, beside the snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::brokers::BrokerStates;
-use super::config::{self, AdminSettings, Loaded, LogFormat, OnRemoved};
-use super::discovery::{self, DiscoverySpec, Members};
-use super::drain;
+use super::sources::Trigger;
 use crate::admin::metrics::Metrics;
+use crate::control::brokers::BrokerStates;
+use crate::control::config::{self, AdminSettings, Loaded, LogFormat, OnRemoved, ProcessLimits};
+use crate::control::discovery::{DiscoverySpec, Members};
+use crate::control::drain;
 use crate::proxy::balance::{Backend, Pool};
 use crate::proxy::listener::ListenerSet;
 use crate::proxy::registry::{ConnHandle, Registry};
 use crate::proxy::snapshot::Snapshot;
 
-/// File events closer together than this are one change: an editor's or kubelet's burst of
-/// writes and renames is read once, when it is over.
-const DEBOUNCE: Duration = Duration::from_millis(200);
-
-/// What started a reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trigger {
-    Sighup,
-    Files,
-}
-
-impl Trigger {
-    fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Sighup => "SIGHUP",
-            Trigger::Files => "file change",
-        }
-    }
-}
-
-/// What a reload keeps of the applied config besides its snapshot.
+/// The control settings of the applied config: what the process itself uses, beside the
+/// snapshot connections read.
 pub struct Applied {
     /// The pools as the file has them: the settings discovery updates build on.
     pools: HashMap<String, Arc<Pool>>,
@@ -60,9 +38,9 @@ pub struct Applied {
     files: Vec<PathBuf>,
     discovery: BTreeMap<String, DiscoverySpec>,
     on_removed: BTreeMap<String, OnRemoved>,
+    process: ProcessLimits,
     admin: AdminSettings,
     log: (LogFormat, String),
-    max_connections: usize,
 }
 
 impl Applied {
@@ -74,136 +52,106 @@ impl Applied {
             files: loaded.files.clone(),
             discovery: loaded.discovery.iter().cloned().collect(),
             on_removed: loaded.on_removed.clone(),
+            process: loaded.process,
             admin: loaded.admin,
             log: (loaded.log.format, loaded.log.level.clone()),
-            max_connections: loaded.snapshot.limits.max_connections,
         }
+    }
+
+    /// The file the config was read from; `None` when it came from elsewhere (no reloads).
+    pub fn source_file(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// The config file, if there is one, and every file it references: what a reload reads.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.source.iter().chain(&self.files).cloned().collect()
+    }
+
+    /// The pools whose brokers come from discovery, and how.
+    pub fn discovery(&self) -> &BTreeMap<String, DiscoverySpec> {
+        &self.discovery
+    }
+
+    pub fn process(&self) -> ProcessLimits {
+        self.process
     }
 }
 
-/// A running discovery task and the receiver of its members.
-struct RunningDiscovery {
-    spec: DiscoverySpec,
-    generation: u64,
-    stop: CancellationToken,
-    rx: watch::Receiver<Option<Members>>,
+/// Where a snapshot goes once applied: where connections read it, and to whoever follows
+/// swaps.
+pub struct Published {
+    pub current: Arc<ArcSwap<Snapshot>>,
+    pub swaps: watch::Sender<Arc<Snapshot>>,
 }
 
-/// The closer of one pool's removed brokers' connections.
-struct Evictor {
-    tx: mpsc::UnboundedSender<Vec<Arc<ConnHandle>>>,
-    rate: Arc<AtomicU32>,
+impl Published {
+    fn store(&self, snapshot: Arc<Snapshot>) {
+        self.current.store(snapshot.clone());
+        self.swaps.send_replace(snapshot);
+    }
 }
 
-/// The reload loop's state. Built by `app` once the first snapshot is current and the
-/// listeners are bound; [`Reloader::run`] hands the listeners back when it stops.
-pub struct Reloader {
-    current: Arc<ArcSwap<Snapshot>>,
-    metrics: Arc<Metrics>,
-    conns: Arc<Registry>,
-    listeners: ListenerSet,
-    limit: Arc<Semaphore>,
+/// Fingerprints of the files of the applied config and of the last rejected one: a file
+/// event that changes neither is not a reload.
+#[derive(Default)]
+struct Prints {
+    applied: Option<u64>,
+    rejected: Option<u64>,
+}
+
+/// Builds and swaps snapshots, one trigger at a time. Built once the first snapshot is
+/// current and the listeners are bound; [`Applier::stop`] hands the listeners back.
+pub struct Applier {
+    published: Published,
     applied: Applied,
-    hup: Option<Signal>,
-    discoveries: HashMap<String, RunningDiscovery>,
-    generation: u64,
-    updates: mpsc::UnboundedSender<(String, u64)>,
-    updates_rx: Option<mpsc::UnboundedReceiver<(String, u64)>>,
     /// Each broker's state by pool and identity, for the snapshots to come.
     brokers: BrokerStates,
-    evictors: HashMap<String, Evictor>,
-    watch: Option<FileWatch>,
-    /// Fingerprint of the files of the applied config, and of the last rejected one: a file
-    /// event that changes neither is not a reload.
-    applied_print: Option<u64>,
-    rejected_print: Option<u64>,
-    /// Parent of discovery tasks and evictors.
-    stop: CancellationToken,
+    /// The last members each discovered pool's source found (for the spec applied).
+    members: HashMap<String, Members>,
+    listeners: ListenerSet,
+    /// The process's connection cap, shared with the listeners.
+    limit: Arc<Semaphore>,
+    evictions: Evictions,
+    prints: Prints,
+    metrics: Arc<Metrics>,
 }
 
-impl Reloader {
-    /// Installs the SIGHUP handler at once (before it, SIGHUP would end the process).
+impl Applier {
+    /// An applier of what follows `applied`, whose snapshot `published` holds.
     pub fn new(
         applied: Applied,
-        current: Arc<ArcSwap<Snapshot>>,
+        published: Published,
         metrics: Arc<Metrics>,
         conns: Arc<Registry>,
         listeners: ListenerSet,
         limit: Arc<Semaphore>,
-    ) -> Reloader {
-        let hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by SIGHUP disabled");
-                None
-            }
-        };
-        let (updates, updates_rx) = mpsc::unbounded_channel();
-        let brokers = BrokerStates::of(&current.load());
-        let applied_print = applied.source.as_deref().map(|s| fingerprint(s, &applied.files));
-        Reloader {
-            current,
-            metrics,
+    ) -> Applier {
+        let brokers = BrokerStates::of(&published.current.load());
+        let prints =
+            Prints { applied: applied.source.as_deref().map(|s| fingerprint(s, &applied.files)), rejected: None };
+        let evictions = Evictions {
             conns,
-            listeners,
-            limit,
-            applied,
-            hup,
-            discoveries: HashMap::new(),
-            generation: 0,
-            updates,
-            updates_rx: Some(updates_rx),
-            brokers,
-            evictors: HashMap::new(),
-            watch: None,
-            applied_print,
-            rejected_print: None,
+            current: published.current.clone(),
+            by_pool: HashMap::new(),
             stop: CancellationToken::new(),
-        }
+        };
+        Applier { published, applied, brokers, members: HashMap::new(), listeners, limit, evictions, prints, metrics }
     }
 
-    /// Runs until `stop` is cancelled: reloads on SIGHUP and file changes, rebuilds pools on
-    /// discovery updates. Stops discovery and pending closes, and returns the listeners
-    /// (still accepting) for the drain to close.
-    pub async fn run(mut self, stop: CancellationToken) -> ListenerSet {
-        let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
-        if let Some(source) = self.applied.source.clone() {
-            match FileWatch::new(fs_tx) {
-                Ok(w) => self.watch = Some(w),
-                Err(e) => tracing::warn!(error = %e, "cannot watch the config's folders; reload by SIGHUP only"),
-            }
-            self.rewatch(&source);
-        }
-        let mut hup = self.hup.take();
-        let mut updates = self.updates_rx.take().expect("run once");
-        self.reconcile_discovery();
-        let mut pending: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = next_signal(&mut hup) => {
-                    tracing::info!(target: "harbormaster::reload", "SIGHUP received");
-                    pending = None;
-                    self.reload(Trigger::Sighup).await;
-                }
-                Some(event) = fs_rx.recv() => {
-                    if self.watch.as_ref().is_some_and(|w| w.relevant(&event)) {
-                        pending = Some(Instant::now() + DEBOUNCE);
-                    }
-                }
-                _ = tokio::time::sleep_until(pending.unwrap_or_else(Instant::now)), if pending.is_some() => {
-                    pending = None;
-                    self.reload(Trigger::Files).await;
-                }
-                Some((pool, generation)) = updates.recv() => self.discovered(&pool, generation),
-            }
-        }
-        self.stop.cancel();
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// Stops pending closes and returns the listeners (still accepting) for the drain to close.
+    pub fn stop(self) -> ListenerSet {
+        self.evictions.stop.cancel();
         self.listeners
     }
 
-    /// Reads, validates and applies the config file; on any problem the running snapshot stays.
-    async fn reload(&mut self, trigger: Trigger) {
+    /// Reads, validates and applies the config file (on SIGHUP or a file change); on any
+    /// problem the running snapshot stays.
+    pub async fn reload(&mut self, trigger: &Trigger) {
         let Some(path) = self.applied.source.clone() else {
             tracing::warn!(target: "harbormaster::reload", trigger = trigger.as_str(), "no config file to reload");
             return;
@@ -212,19 +160,17 @@ impl Reloader {
             Err(problems) => {
                 let lines: Vec<String> = problems.0.iter().map(|p| p.to_string()).collect();
                 let print = xxhash_rust::xxh3::xxh3_64(lines.join("\n").as_bytes());
-                if trigger == Trigger::Files && self.rejected_print == Some(print) {
+                if *trigger == Trigger::Files && self.prints.rejected == Some(print) {
                     return;
                 }
-                self.rejected_print = Some(print);
+                self.prints.rejected = Some(print);
                 self.reject(&path, trigger, &lines);
             }
             Ok(loaded) => {
                 let print = fingerprint(&path, &loaded.files);
                 // Unchanged since applied, and nothing rejected since: not a reload.
-                if trigger == Trigger::Files && self.applied_print == Some(print) && self.rejected_print.is_none() {
+                if *trigger == Trigger::Files && self.prints.applied == Some(print) && self.prints.rejected.is_none() {
                     tracing::debug!(target: "harbormaster::reload", config = %path.display(), "files unchanged; nothing to reload");
-                    // Symlink targets may have moved (Kubernetes' `..data` swap).
-                    self.rewatch(&path);
                     return;
                 }
                 for w in &loaded.warnings {
@@ -232,8 +178,8 @@ impl Reloader {
                 }
                 match self.apply(loaded).await {
                     Ok(changes) => {
-                        self.applied_print = Some(print);
-                        self.rejected_print = None;
+                        self.prints.applied = Some(print);
+                        self.prints.rejected = None;
                         self.metrics.config_reloaded(true);
                         tracing::info!(
                             target: "harbormaster::reload",
@@ -242,10 +188,9 @@ impl Reloader {
                             changes = %if changes.is_empty() { "none".to_string() } else { changes.join("; ") },
                             "config reloaded"
                         );
-                        self.rewatch(&path);
                     }
                     Err(problem) => {
-                        self.rejected_print = Some(print);
+                        self.prints.rejected = Some(print);
                         self.reject(&path, trigger, &[problem]);
                     }
                 }
@@ -253,7 +198,7 @@ impl Reloader {
         }
     }
 
-    fn reject(&self, path: &Path, trigger: Trigger, problems: &[String]) {
+    fn reject(&self, path: &Path, trigger: &Trigger, problems: &[String]) {
         self.metrics.config_reloaded(false);
         tracing::error!(
             target: "harbormaster::reload",
@@ -269,17 +214,21 @@ impl Reloader {
 
     /// Applies a validated config: binds new listeners (failing here rejects the reload, with
     /// nothing changed), swaps the snapshot, closes listeners that went away, follows
-    /// discovery and `max_connections`. Returns a description of what changed.
+    /// `max_connections`. Returns a description of what changed.
     async fn apply(&mut self, loaded: Loaded) -> Result<Vec<String>, String> {
-        let old = self.current.load_full();
+        let old = self.published.current.load_full();
         let next = Applied::of(&loaded);
         let mut snap = loaded.snapshot;
         let mut pools = Vec::with_capacity(snap.pools.len());
         for p in &snap.pools {
             let backends = match next.discovery.get(&p.name) {
                 Some(spec) => {
-                    let members =
-                        self.discoveries.get(&p.name).filter(|d| &d.spec == spec).and_then(|d| d.rx.borrow().clone());
+                    // Members found by the source as applied; a changed source is waited for.
+                    let members = self
+                        .members
+                        .get(&p.name)
+                        .filter(|_| self.applied.discovery.get(&p.name) == Some(spec))
+                        .cloned();
                     match (members, old.pool(&p.name)) {
                         (Some(members), _) => self.backends_from_members(&p.name, &members),
                         // Until the (new) source answers, the pool keeps the brokers it has.
@@ -305,16 +254,20 @@ impl Reloader {
             tracing::warn!(target: "harbormaster::reload", "[log] changed: takes effect at the next restart");
             changes.push("[log] changed (needs a restart)".into());
         }
-        self.resize_limit(next.max_connections);
+        self.resize_limit(next.process.max_connections);
         // A pool that is gone entirely: its brokers leave under the policy it had.
         let mut policies = next.on_removed.clone();
         for (pool, policy) in &self.applied.on_removed {
             policies.entry(pool.clone()).or_insert(*policy);
         }
-        self.applied = next;
+        let before = std::mem::replace(&mut self.applied, next);
+        // Members belong to the source that found them: a pool whose source changed (or that
+        // is no longer discovered) waits for the new one.
+        let applied = &self.applied;
+        self.members
+            .retain(|pool, _| applied.discovery.get(pool).is_some_and(|s| before.discovery.get(pool) == Some(s)));
         let snap = self.swap(&old, snap, &policies);
         self.listeners.commit(&snap, prepared).await;
-        self.reconcile_discovery();
         Ok(changes)
     }
 
@@ -327,7 +280,7 @@ impl Reloader {
             p.backends.iter().for_each(|b| b.forget_health());
         }
         let new = Arc::new(new);
-        self.current.store(new.clone());
+        self.published.store(new.clone());
         for p in &old.pools {
             let kept: HashSet<&str> =
                 new.pool(&p.name).map(|n| n.backends.iter().map(|b| b.name.as_str()).collect()).unwrap_or_default();
@@ -337,79 +290,21 @@ impl Reloader {
             }
             match policies.get(&p.name).copied().unwrap_or(OnRemoved::Keep) {
                 OnRemoved::Keep => {}
-                OnRemoved::Close { rate } => self.evict(&p.name, &removed, rate),
+                OnRemoved::Close { rate } => self.evictions.evict(&p.name, &removed, rate),
             }
         }
         self.brokers.forget_unused();
         new
     }
 
-    /// Closes the connections to `removed` brokers of `pool` at `rate` per second.
-    fn evict(&mut self, pool: &str, removed: &[&Arc<Backend>], rate: u32) {
-        let mut victims: Vec<Arc<ConnHandle>> = removed.iter().flat_map(|b| self.conns.relayed_to(&b.state)).collect();
-        if victims.is_empty() {
+    /// A discovery task published new members for `pool`: rebuild that pool, swap.
+    pub fn discovered(&mut self, pool: &str, members: Members) {
+        let Some(settings) = self.applied.pools.get(pool).cloned() else { return };
+        if !self.applied.discovery.contains_key(pool) {
             return;
         }
-        victims.sort_unstable_by_key(|h| h.id());
-        let names: Vec<&str> = removed.iter().map(|b| b.name.as_str()).collect();
-        tracing::info!(
-            target: "harbormaster::reload",
-            pool,
-            brokers = %names.join(","),
-            connections = victims.len(),
-            close_rate = rate,
-            "closing the connections of removed brokers"
-        );
-        let evictor = self.evictors.entry(pool.to_string()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let rate = Arc::new(AtomicU32::new(rate));
-            tokio::spawn(evictor(
-                pool.to_string(),
-                rx,
-                rate.clone(),
-                self.conns.clone(),
-                self.current.clone(),
-                self.stop.child_token(),
-            ));
-            Evictor { tx, rate }
-        });
-        evictor.rate.store(rate, Ordering::Relaxed);
-        let _ = evictor.tx.send(victims);
-    }
-
-    /// Starts, stops and restarts discovery tasks to match the applied config.
-    fn reconcile_discovery(&mut self) {
-        let wanted = &self.applied.discovery;
-        self.discoveries.retain(|pool, d| {
-            let keep = wanted.get(pool) == Some(&d.spec);
-            if !keep {
-                tracing::info!(target: "harbormaster::reload", pool = %pool, "discovery stopped");
-                d.stop.cancel();
-            }
-            keep
-        });
-        let start: Vec<(String, DiscoverySpec)> = wanted
-            .iter()
-            .filter(|(pool, _)| !self.discoveries.contains_key(*pool))
-            .map(|(p, s)| (p.clone(), s.clone()))
-            .collect();
-        for (pool, spec) in start {
-            self.generation += 1;
-            let generation = self.generation;
-            let stop = self.stop.child_token();
-            let d = discovery::start(&pool, &spec, stop.clone());
-            tracing::info!(target: "harbormaster::reload", pool = %pool, spec = ?spec, "discovery started");
-            tokio::spawn(forward(pool.clone(), generation, d.rx.clone(), self.updates.clone(), stop.clone()));
-            self.discoveries.insert(pool, RunningDiscovery { spec, generation, stop, rx: d.rx });
-        }
-    }
-
-    /// A discovery task published new members for `pool`: rebuild that pool, swap.
-    fn discovered(&mut self, pool: &str, generation: u64) {
-        let Some(d) = self.discoveries.get(pool).filter(|d| d.generation == generation) else { return };
-        let Some(members) = d.rx.borrow().clone() else { return };
-        let Some(settings) = self.applied.pools.get(pool).cloned() else { return };
-        let old = self.current.load_full();
+        self.members.insert(pool.to_string(), members.clone());
+        let old = self.published.current.load_full();
         let mut rebuilt = Pool::clone(&settings);
         rebuilt.backends = self.backends_from_members(pool, &members);
         let rebuilt = Arc::new(rebuilt);
@@ -432,7 +327,7 @@ impl Reloader {
 
     /// Follows a changed `max_connections`: more permits at once; fewer as connections end.
     fn resize_limit(&self, max: usize) {
-        let before = self.applied.max_connections;
+        let before = self.applied.process.max_connections;
         if max > before {
             self.limit.add_permits(max - before);
         } else if max < before {
@@ -448,46 +343,56 @@ impl Reloader {
             }
         }
     }
-
-    /// Watches the folders of the config file and of every file it references.
-    fn rewatch(&mut self, source: &Path) {
-        if let Some(w) = &mut self.watch {
-            let mut paths = vec![source.to_path_buf()];
-            paths.extend(self.applied.files.iter().cloned());
-            w.set(&paths);
-        }
-    }
 }
 
-/// Resolves on the next SIGHUP; never without a handler.
-async fn next_signal(hup: &mut Option<Signal>) {
-    match hup {
-        Some(s) => {
-            if s.recv().await.is_none() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending::<()>().await,
-    }
-}
-
-/// Tells the reload loop each time discovery publishes new members for `pool`.
-async fn forward(
-    pool: String,
-    generation: u64,
-    mut rx: watch::Receiver<Option<Members>>,
-    tx: mpsc::UnboundedSender<(String, u64)>,
+/// Closing the connections of brokers that left their pool: one closer task per pool.
+struct Evictions {
+    conns: Arc<Registry>,
+    /// The closers skip a connection whose broker is back in the current snapshot.
+    current: Arc<ArcSwap<Snapshot>>,
+    by_pool: HashMap<String, Evictor>,
+    /// Parent of the closers.
     stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() || tx.send((pool.clone(), generation)).is_err() {
-                    return;
-                }
-            }
-            _ = stop.cancelled() => return,
+}
+
+/// The closer of one pool's removed brokers' connections.
+struct Evictor {
+    tx: mpsc::UnboundedSender<Vec<Arc<ConnHandle>>>,
+    rate: Arc<AtomicU32>,
+}
+
+impl Evictions {
+    /// Closes the connections to `removed` brokers of `pool` at `rate` per second.
+    fn evict(&mut self, pool: &str, removed: &[&Arc<Backend>], rate: u32) {
+        let mut victims: Vec<Arc<ConnHandle>> = removed.iter().flat_map(|b| self.conns.relayed_to(&b.state)).collect();
+        if victims.is_empty() {
+            return;
         }
+        victims.sort_unstable_by_key(|h| h.id());
+        let names: Vec<&str> = removed.iter().map(|b| b.name.as_str()).collect();
+        tracing::info!(
+            target: "harbormaster::reload",
+            pool,
+            brokers = %names.join(","),
+            connections = victims.len(),
+            close_rate = rate,
+            "closing the connections of removed brokers"
+        );
+        let evictor = self.by_pool.entry(pool.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rate = Arc::new(AtomicU32::new(rate));
+            tokio::spawn(evictor(
+                pool.to_string(),
+                rx,
+                rate.clone(),
+                self.conns.clone(),
+                self.current.clone(),
+                self.stop.child_token(),
+            ));
+            Evictor { tx, rate }
+        });
+        evictor.rate.store(rate, Ordering::Relaxed);
+        let _ = evictor.tx.send(victims);
     }
 }
 
@@ -574,71 +479,11 @@ fn fingerprint(source: &Path, files: &[PathBuf]) -> u64 {
     h.digest()
 }
 
-/// Folder watches for the config file and the files it references.
-struct FileWatch {
-    watcher: RecommendedWatcher,
-    dirs: BTreeSet<PathBuf>,
-    /// Paths whose change matters, as written and with symlinks resolved.
-    names: HashSet<PathBuf>,
-}
-
-impl FileWatch {
-    fn new(tx: mpsc::UnboundedSender<notify::Result<notify::Event>>) -> notify::Result<FileWatch> {
-        let watcher = notify::recommended_watcher(move |event| {
-            let _ = tx.send(event);
-        })?;
-        Ok(FileWatch { watcher, dirs: BTreeSet::new(), names: HashSet::new() })
-    }
-
-    /// Watches the folders of `paths` (and of their symlink targets), and only those.
-    fn set(&mut self, paths: &[PathBuf]) {
-        let mut names = HashSet::new();
-        let mut dirs = BTreeSet::new();
-        for p in paths {
-            let Ok(abs) = std::path::absolute(p) else { continue };
-            let resolved = std::fs::canonicalize(&abs).ok();
-            for n in std::iter::once(abs).chain(resolved) {
-                if let Some(dir) = n.parent() {
-                    dirs.insert(dir.to_path_buf());
-                }
-                names.insert(n);
-            }
-        }
-        for gone in self.dirs.difference(&dirs) {
-            let _ = self.watcher.unwatch(gone);
-        }
-        for dir in dirs.difference(&self.dirs) {
-            if let Err(e) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(target: "harbormaster::reload", dir = %dir.display(), error = %e, "cannot watch folder");
-            }
-        }
-        self.dirs = dirs;
-        self.names = names;
-    }
-
-    /// Whether an event may change what the config reads: a write, create, rename or removal
-    /// of a watched file, or of Kubernetes' `..data` link and `..TIMESTAMP` folders. Reads
-    /// (our own included) are not.
-    fn relevant(&self, event: &notify::Result<notify::Event>) -> bool {
-        let Ok(event) = event else { return true };
-        if event.need_rescan() {
-            return true;
-        }
-        match event.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
-            EventKind::Access(_) => return false,
-            _ => {}
-        }
-        event
-            .paths
-            .iter()
-            .any(|p| self.names.contains(p) || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("..")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::discovery;
+    use std::time::Duration;
 
     fn snap(text: &str) -> Snapshot {
         config::load_str(text, Path::new(".")).unwrap().snapshot
@@ -654,12 +499,12 @@ pool = "p"
 backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
 "#;
 
-    /// A reloader on `text` (no file behind it), its snapshot and its connection registry.
-    async fn reloader(text: &str) -> (Reloader, Arc<ArcSwap<Snapshot>>, Arc<Registry>) {
+    /// An applier on `text` (no file behind it), its snapshot and its connection registry.
+    async fn reloader(text: &str) -> (Applier, Arc<ArcSwap<Snapshot>>, Arc<Registry>) {
         let loaded = config::load_str(text, Path::new(".")).unwrap();
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(crate::proxy::connection::Shared::new(metrics.clone(), CancellationToken::new()));
-        let limit = Arc::new(Semaphore::new(loaded.snapshot.limits.max_connections));
+        let limit = Arc::new(Semaphore::new(loaded.process.max_connections));
         let applied = Applied::of(&loaded);
         let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
         let tracker = tokio_util::task::TaskTracker::new();
@@ -668,7 +513,8 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let snap = current.load_full();
         let prepared = listeners.prepare(&snap).await.unwrap();
         listeners.commit(&snap, prepared).await;
-        let r = Reloader::new(applied, current.clone(), metrics, shared.conns.clone(), listeners, limit);
+        let published = Published { current: current.clone(), swaps: watch::channel(snap).0 };
+        let r = Applier::new(applied, published, metrics, shared.conns.clone(), listeners, limit);
         (r, current, shared.conns.clone())
     }
 
@@ -779,16 +625,14 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let (mut r, current, conns) = reloader(&text).await;
         let spec =
             DiscoverySpec::Dns { name: "x".into(), port: Some(1), interval: Duration::from_secs(1), resolver: None };
-        let (tx, rx) = watch::channel(None);
-        r.discoveries.insert("p".into(), RunningDiscovery { spec, generation: 7, stop: CancellationToken::new(), rx });
+        r.applied.discovery.insert("p".into(), spec);
         let member = |name: &str, port: u16, draining: bool| discovery::Member {
             name: name.into(),
             addr: ([127, 0, 0, 1], port).into(),
             draining,
         };
 
-        tx.send_replace(Some(Arc::new(vec![member("pod-0", 10, false), member("pod-1", 11, false)])));
-        r.discovered("p", 7);
+        r.discovered("p", Arc::new(vec![member("pod-0", 10, false), member("pod-1", 11, false)]));
         let snap = current.load_full();
         let names: Vec<&str> = snap.pool("p").unwrap().backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["pod-0", "pod-1"]);
@@ -798,14 +642,12 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let on_pod0 = conns.register();
         on_pod0.set_backend(&broker(&snap, "pod-0").state);
 
-        // A stale generation is ignored.
-        tx.send_replace(Some(Arc::new(vec![])));
-        r.discovered("p", 6);
+        // Members for a pool that is not discovered are not applied.
+        r.discovered("q", Arc::new(vec![]));
         assert!(Arc::ptr_eq(&current.load_full(), &snap));
 
         // pod-0 terminating (draining), pod-1 gone: its connection is closed, pod-0's stays.
-        tx.send_replace(Some(Arc::new(vec![member("pod-0", 10, true)])));
-        r.discovered("p", 7);
+        r.discovered("p", Arc::new(vec![member("pod-0", 10, true)]));
         let snap = current.load_full();
         assert!(broker(&snap, "pod-0").is_draining());
         let cause = tokio::time::timeout(Duration::from_secs(10), on_pod1.closed()).await.expect("closed");
@@ -838,22 +680,5 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         assert_ne!(first, fingerprint(&a, std::slice::from_ref(&b)));
         std::fs::remove_file(&b).unwrap();
         assert_ne!(first, fingerprint(&a, &[b]));
-    }
-
-    #[tokio::test]
-    async fn file_events_matter_for_watched_files_and_kubernetes_links_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("harbormaster.toml");
-        std::fs::write(&cfg, BASE).unwrap();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let mut w = FileWatch::new(tx).unwrap();
-        w.set(std::slice::from_ref(&cfg));
-        let ev = |kind: EventKind, name: &str| Ok(notify::Event::new(kind).add_path(dir.path().join(name)));
-        let modify = EventKind::Modify(notify::event::ModifyKind::Any);
-        assert!(w.relevant(&ev(modify, "harbormaster.toml")));
-        assert!(w.relevant(&ev(EventKind::Create(notify::event::CreateKind::Any), "..data")));
-        assert!(!w.relevant(&ev(modify, "harbormaster.log")), "a log file beside the config");
-        assert!(!w.relevant(&ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), "harbormaster.toml")));
-        assert!(w.relevant(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), "harbormaster.toml")));
     }
 }
