@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,9 +62,12 @@ pub async fn run_with(
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared::new(metrics.clone(), hard_stop.clone()));
-    let limit = Arc::new(Semaphore::new(loaded.snapshot.limits.max_connections));
+    let limit = Arc::new(Semaphore::new(loaded.process.max_connections));
     let applied = reload::Applied::of(&loaded);
+    let initial_process = loaded.process;
     let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
+    // Health checking is told of every snapshot swap.
+    let (swaps, swapped) = watch::channel(current.load_full());
     let readiness = Arc::new(Readiness::new());
     readiness.set_snapshot_loaded();
     metrics.config_applied();
@@ -83,7 +86,8 @@ pub async fn run_with(
     readiness.set_listeners_bound();
     let bound = listeners.addrs();
     // Installs the SIGHUP handler before anyone learns we are up.
-    let reloader = Reloader::new(applied, current.clone(), metrics.clone(), shared.conns.clone(), listeners, limit);
+    let reloader =
+        Reloader::new(applied, current.clone(), swaps, metrics.clone(), shared.conns.clone(), listeners, limit);
     on_started(&Handles {
         listeners: bound,
         admin: admin.as_ref().map(|(addr, _)| *addr),
@@ -92,7 +96,7 @@ pub async fn run_with(
         readiness: readiness.clone(),
     });
     let stop_health = CancellationToken::new();
-    let health = tokio::spawn(health::run(current.clone(), metrics.clone(), stop_health.clone()));
+    let health = tokio::spawn(health::run(swapped, metrics.clone(), stop_health.clone()));
     let stop_reload = CancellationToken::new();
     let reloading = tokio::spawn(reloader.run(stop_reload.clone()));
     let stop_memory = CancellationToken::new();
@@ -105,8 +109,8 @@ pub async fn run_with(
     metrics.draining.set(1);
     // The drain runs on the configuration as it is now: no more reloads or discovery.
     stop_reload.cancel();
-    let listeners = reloading.await;
-    let limits = current.load().limits.clone();
+    let stopped = reloading.await;
+    let limits = stopped.as_ref().map_or(initial_process, |s| s.process);
     if !limits.drain_delay.is_zero() {
         // Kubernetes removes the endpoint a little after readiness fails; clients routed here
         // meanwhile are still served.
@@ -115,8 +119,8 @@ pub async fn run_with(
     }
     // Stop accepting: the accept loops drop their sockets, so new connections are refused by
     // the kernel while live ones carry on. Nothing new is routed, so health checking ends too.
-    match listeners {
-        Ok(mut l) => l.close_all().await,
+    match stopped {
+        Ok(mut s) => s.listeners.close_all().await,
         Err(e) => tracing::error!(error = %e, "reload task failed"),
     }
     stop_accepting.cancel();

@@ -560,7 +560,7 @@ fn table(h: &Handles, seen: &[(String, Arc<Mutex<Seen>>)], elapsed: Duration) ->
     );
     for (name, seen) in seen {
         let backend = pool.and_then(|p| p.backends.iter().find(|b| &b.name == name));
-        let (active, total) = backend.map_or((0, 0), |b| (b.stats.active.load(Relaxed), b.stats.total.load(Relaxed)));
+        let (active, total) = backend.map_or((0, 0), |b| (b.active.load(Relaxed), b.total.load(Relaxed)));
         let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
         let label = |a: &Arrival| match &a.cert_cn {
             Some(cn) => format!("{} [CN {cn}]", or_dash(&a.client_id)),

@@ -426,8 +426,8 @@ fn backends(state: &AdminState) -> Response<Full<Bytes>> {
                         "address": b.addr.to_string(),
                         "healthy": b.healthy.load(Relaxed),
                         "draining": b.is_draining(),
-                        "active": b.stats.active.load(Relaxed),
-                        "total": b.stats.total.load(Relaxed),
+                        "active": b.active.load(Relaxed),
+                        "total": b.total.load(Relaxed),
                         "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
                     })
                 })
@@ -622,7 +622,7 @@ backends = ["127.0.0.1:4"]
     fn metrics_is_prometheus_text_with_scrape_time_gauges() {
         let s = state();
         ready(&s);
-        s.current.load().pool("brokers").unwrap().backends[1].stats.active.store(7, Ordering::Relaxed);
+        s.current.load().pool("brokers").unwrap().backends[1].active.store(7, Ordering::Relaxed);
         let (status, ct, body) = call(&s, Method::GET, "/metrics");
         assert_eq!(status, StatusCode::OK);
         assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
@@ -639,8 +639,8 @@ backends = ["127.0.0.1:4"]
         let s = state();
         let snap = s.current.load_full();
         let b1 = &snap.pool("brokers").unwrap().backends[1];
-        b1.stats.active.store(2, Ordering::Relaxed);
-        b1.stats.total.store(5, Ordering::Relaxed);
+        b1.active.store(2, Ordering::Relaxed);
+        b1.total.store(5, Ordering::Relaxed);
         b1.healthy.store(false, Ordering::Relaxed);
         b1.set_last_error("Connection refused (os error 111)");
         let (status, body) = get(&s, "/backends");

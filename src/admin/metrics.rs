@@ -394,7 +394,7 @@ impl Metrics {
         self.broker_active.reset();
         for pool in &snapshot.pools {
             for b in &pool.backends {
-                let n = i64::try_from(b.stats.active.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+                let n = i64::try_from(b.active.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
                 self.broker_active.with_label_values(&[&pool.name, &b.name]).set(n);
             }
         }

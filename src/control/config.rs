@@ -543,7 +543,10 @@ fn same_port_and_overlapping_ip(a: SocketAddr, b: SocketAddr) -> bool {
 /// A loaded config: the snapshot for the data plane and the settings the process itself uses.
 #[derive(Debug)]
 pub struct Loaded {
+    /// What a connection reads.
     pub snapshot: Snapshot,
+    /// What the process does with `[limits]` beyond a connection: the connection cap, the drain.
+    pub process: ProcessLimits,
     pub log: RawLog,
     pub admin: AdminSettings,
     /// The file it was read from ([`load`]); `None` from [`load_str`]. Reloads re-read it.
@@ -557,6 +560,18 @@ pub struct Loaded {
     /// Not problems, but worth an operator's attention (a certificate close to its expiry):
     /// printed by `check`, logged at start and at every reload.
     pub warnings: Vec<Problem>,
+}
+
+/// The `[limits]` the process applies rather than a connection: kept beside the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Connections held at once across all listeners; beyond it new ones are closed at
+    /// accept, before any TLS work (a semaphore the listeners share).
+    pub max_connections: usize,
+    /// After SIGTERM (and `drain_delay`): the window over which live connections are closed.
+    pub drain_timeout: Duration,
+    /// After SIGTERM: how long listeners keep accepting while readiness is already false.
+    pub drain_delay: Duration,
 }
 
 /// Read, parse, validate and build. Relative file paths are relative to the config's folder.
@@ -882,12 +897,14 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 connect_timeout: lim.connect_timeout,
                 max_connect_packet: lim.max_connect_packet,
                 max_setup_bytes: lim.max_setup_bytes,
-                drain_timeout: lim.drain_timeout,
-                drain_delay: lim.drain_delay,
                 half_close_timeout: lim.half_close_timeout,
-                max_connections: lim.max_connections,
                 admission,
             },
+        },
+        process: ProcessLimits {
+            max_connections: lim.max_connections,
+            drain_timeout: lim.drain_timeout,
+            drain_delay: lim.drain_delay,
         },
         log: raw.log,
         admin,
@@ -1114,7 +1131,7 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(s.limits.connect_timeout, Duration::from_secs(10));
         assert_eq!(s.limits.max_connect_packet, 262_144);
         assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
-        assert_eq!(s.limits.drain_timeout, Duration::from_secs(30));
+        assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
     }
 
     #[test]

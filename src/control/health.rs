@@ -1,8 +1,8 @@
 //! Active health checks: each pool with `health = { ... }` has its brokers probed every
 //! `interval` (a TCP connect, or PROXY header + MQTT CONNECT expecting CONNACK 0); `rise`
 //! passes in a row bring a broker up, `fall` failures (probes and failed dials) mark it down.
-//! The state lives on the current snapshot's `Backend`s; [`carry_over_health`] moves it to a
-//! rebuilt snapshot by broker identity. Never touches a client socket or the hash order.
+//! Results land on each broker's shared state ([`crate::proxy::broker`]), which every snapshot
+//! listing the broker sees. Never touches a client socket or the hash order.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,20 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::Metrics;
 use crate::proxy::balance::{Backend, CheckKind, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::broker::{report_transition, Transition};
 use crate::proxy::proxy_header::{self, HeaderInput};
 use crate::proxy::snapshot::Snapshot;
-
-/// How often the supervisor looks for a new snapshot (pools added, removed, or whose `health`
-/// changed). Comparing two pointers: cheap.
-const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 /// Keep-alive announced in the probe's CONNECT; the probe disconnects long before.
 const PROBE_KEEP_ALIVE_SECS: u16 = 60;
@@ -35,37 +32,37 @@ const PROBE_ID_PREFIX: &str = "hm-health-";
 /// MQTT DISCONNECT.
 const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 
-/// Probes every health-checked pool of the current snapshot until `stop` is cancelled.
-/// Follows snapshot swaps: pools that appear get a checker, pools that disappear (or lose
+/// Probes every health-checked pool of the applied snapshot until `stop` is cancelled. Told of
+/// each swap through `swaps`: pools that appear get a checker, pools that disappear (or lose
 /// `health`) lose theirs, and a changed `health` restarts the pool's checker.
-pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
+pub async fn run(mut swaps: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut checkers: HashMap<String, (HealthSpec, CancellationToken, JoinHandle<()>)> = HashMap::new();
-    let mut seen: Option<Arc<Snapshot>> = None;
     loop {
-        let snap = current.load_full();
-        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
-            let wanted: HashMap<&str, HealthSpec> =
-                snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
-            checkers.retain(|name, (spec, token, _)| {
-                let keep = wanted.get(name.as_str()) == Some(spec);
-                if !keep {
-                    token.cancel();
-                }
-                keep
-            });
-            for (name, spec) in wanted {
-                if !checkers.contains_key(name) {
-                    let token = stop.child_token();
-                    let task =
-                        tokio::spawn(check_pool(name.to_string(), current.clone(), metrics.clone(), token.clone()));
-                    checkers.insert(name.to_string(), (spec, token, task));
-                }
+        let snap = swaps.borrow_and_update().clone();
+        let wanted: HashMap<&str, HealthSpec> =
+            snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
+        checkers.retain(|name, (spec, token, _)| {
+            let keep = wanted.get(name.as_str()) == Some(spec);
+            if !keep {
+                token.cancel();
             }
-            seen = Some(snap);
+            keep
+        });
+        for (name, spec) in wanted {
+            if !checkers.contains_key(name) {
+                let token = stop.child_token();
+                let task = tokio::spawn(check_pool(name.to_string(), swaps.clone(), metrics.clone(), token.clone()));
+                checkers.insert(name.to_string(), (spec, token, task));
+            }
         }
+        drop(snap);
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(WATCH_PERIOD) => {}
+            changed = swaps.changed() => if changed.is_err() {
+                // No more swaps: keep checking the last snapshot until stopped.
+                stop.cancelled().await;
+                break;
+            },
         }
     }
     for (_, (_, token, task)) in checkers {
@@ -75,11 +72,16 @@ pub async fn run(current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: C
 }
 
 /// The checker of one pool: a round of probes (all brokers at once) every `interval`, each
-/// round on the pool as it is in the snapshot current at that moment. A round in flight while
-/// a new snapshot is swapped in lands on the old snapshot's brokers; the next one counts on the
-/// new ones, which [`carry_over_health`] gave the old state.
-async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let Some(interval) = current.load().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
+/// round on the pool as it is in the latest snapshot. A round in flight while a new snapshot
+/// is swapped in still counts: the old snapshot's brokers share their state with the new
+/// one's of the same identity.
+async fn check_pool(
+    name: String,
+    swaps: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let Some(interval) = swaps.borrow().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
         return;
     };
     // Validation keeps it above 0; `interval` panics on 0.
@@ -91,8 +93,7 @@ async fn check_pool(name: String, current: Arc<ArcSwap<Snapshot>>, metrics: Arc<
             _ = stop.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let snap = current.load_full();
-        let Some(pool) = snap.pool(&name).cloned() else { break };
+        let Some(pool) = swaps.borrow().pool(&name).cloned() else { break };
         let Some(spec) = pool.health else { break };
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -123,31 +124,22 @@ async fn round(pool: &Arc<Pool>, spec: HealthSpec, metrics: &Metrics) {
     }
 }
 
-/// Feeds one probe result into the broker's streaks; logs and counts a transition.
+/// Feeds one probe result into the broker's state (shared with every snapshot that lists the
+/// broker, so a result is never lost to a swap); reports a transition.
 fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>, metrics: &Metrics) {
     let check = check_name(spec.check);
     match result {
         Ok(()) => {
             if b.record_success(spec.rise) {
                 let reason = format!("{} {check} checks passed in a row", spec.rise);
-                tracing::info!(
-                    target: "harbormaster::health",
-                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "up", reason = reason.as_str(),
-                    "broker health changed"
-                );
-                metrics.health_transition(&pool.name, &b.name, true);
+                report_transition(metrics, &pool.name, b, Transition::Up, &reason);
             }
         }
         Err(e) => {
             tracing::debug!(target: "harbormaster::health", pool = %pool.name, broker = %b.name, error = %e, "{check} check failed");
             if b.record_failure(spec.fall) {
                 let reason = format!("{} failures in a row, last: {check} check: {e}", b.failure_streak());
-                tracing::warn!(
-                    target: "harbormaster::health",
-                    pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
-                    "broker health changed"
-                );
-                metrics.health_transition(&pool.name, &b.name, false);
+                report_transition(metrics, &pool.name, b, Transition::Down, &reason);
             }
         }
     }
@@ -247,22 +239,6 @@ fn check_connack(ack: &[u8; 4]) -> Result<(), String> {
     }
 }
 
-/// Moves health state from `old` to `new` (a rebuilt snapshot) by pool name and broker
-/// identity, so a discovery update or reload neither forgets a down broker nor sends clients
-/// back to it before `rise` probes pass. Brokers new to a pool start healthy; pools without
-/// `health` are left alone (nothing would ever bring their brokers back).
-pub fn carry_over_health(old: &Snapshot, new: &Snapshot) {
-    for pool in new.pools.iter().filter(|p| p.health.is_some()) {
-        let Some(before) = old.pool(&pool.name) else { continue };
-        let by_name: HashMap<&str, &Arc<Backend>> = before.backends.iter().map(|b| (b.name.as_str(), b)).collect();
-        for b in &pool.backends {
-            if let Some(prev) = by_name.get(b.name.as_str()) {
-                b.carry_health_from(prev);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,9 +282,6 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 max_connect_packet: 1024,
                 max_setup_bytes: 1 << 20,
-                drain_timeout: Duration::from_secs(1),
-                drain_delay: Duration::ZERO,
-                max_connections: 1,
                 half_close_timeout: Duration::from_secs(1),
                 admission: Default::default(),
             },
@@ -518,12 +491,12 @@ mod tests {
         let dead_addr = closed_port().await;
         let s =
             snapshot(vec![pool_with(&[live_addr, dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 2, 2)))]);
-        let current = Arc::new(ArcSwap::from_pointee(s));
+        let (_swaps, current) = watch::channel(Arc::new(s));
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
 
-        let backend = |i: usize| current.load().pools[0].backends[i].clone();
+        let backend = |i: usize| current.borrow().pools[0].backends[i].clone();
         assert!(eventually(|| !backend(1).is_healthy()).await, "dead broker never marked down");
         assert!(backend(0).is_healthy());
         let gauge = |b: &str| metrics.value("broker_healthy", &[("pool", "p"), ("broker", b)]);
@@ -548,60 +521,22 @@ mod tests {
     async fn checker_follows_snapshot_swaps() {
         let dead_addr = closed_port().await;
         let s = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)]);
-        let current = Arc::new(ArcSwap::from_pointee(s));
+        let (swaps, current) = watch::channel(Arc::new(s));
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(current.clone(), metrics.clone(), stop.clone()));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(current.load().pools[0].backends[0].is_healthy(), "no checks without health");
+        assert!(current.borrow().pools[0].backends[0].is_healthy(), "no checks without health");
 
         // A reload adds health checks to the pool.
         let new = snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, Some(spec(CheckKind::Tcp, 1, 1)))]);
-        carry_over_health(&current.load(), &new);
-        current.store(Arc::new(new));
-        assert!(eventually(|| !current.load().pools[0].backends[0].is_healthy()).await);
+        swaps.send_replace(Arc::new(new));
+        assert!(eventually(|| !current.borrow().pools[0].backends[0].is_healthy()).await);
 
         // And takes them away again: the checker of the pool ends, its gauge goes.
-        current.store(Arc::new(snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)])));
+        swaps.send_replace(Arc::new(snapshot(vec![pool_with(&[dead_addr], ProxyProtocol::None, None)])));
         assert!(eventually(|| metrics.render().lines().all(|l| !l.starts_with("harbormaster_broker_healthy{"))).await);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("checker stops").unwrap();
-    }
-
-    #[test]
-    fn health_state_is_carried_over_by_pool_and_identity() {
-        let at = |name: &str, port: u16| (name.to_string(), SocketAddr::from(([127, 0, 0, 1], port)));
-        let health = Some(spec(CheckKind::Tcp, 2, 1));
-        let none = ProxyProtocol::None;
-        let old = snapshot(vec![
-            named_pool("p", &[at("b0", 1), at("b1", 2), at("b2", 3)], none, health),
-            named_pool("q", &[at("b0", 1)], none, health),
-        ]);
-        // p: b0 up, b1 down, b2 down and one success into its rise; q: b0 down.
-        assert!(old.pools[0].backends[1].record_failure(1));
-        assert!(old.pools[0].backends[2].record_failure(1));
-        assert!(!old.pools[0].backends[2].record_success(2));
-        assert!(old.pools[1].backends[0].record_failure(1));
-
-        // The rebuilt snapshot: in p, b1 kept its identity under a new address (a pod with a
-        // new IP), b2 is as it was, b0 is gone, b3 is new; q is gone; r is new, with a broker
-        // named like one that is down in q.
-        let new = snapshot(vec![
-            named_pool("p", &[at("b3", 4), at("b2", 3), at("b1", 20)], none, health),
-            named_pool("r", &[at("b0", 1)], none, health),
-        ]);
-        carry_over_health(&old, &new);
-
-        let get = |pool: usize, name: &str| new.pools[pool].backends.iter().find(|b| b.name == name).unwrap().clone();
-        assert!(!get(0, "b1").is_healthy(), "down state follows the identity, whatever the address");
-        assert!(!get(0, "b2").is_healthy());
-        assert!(get(0, "b2").record_success(2), "its rise streak came along too");
-        assert!(get(0, "b3").is_healthy(), "a new broker starts healthy");
-        assert!(get(1, "b0").is_healthy(), "state is per pool");
-
-        // A pool without health checks takes nothing over: nothing would bring a broker back.
-        let plain = snapshot(vec![named_pool("p", &[at("b1", 2), at("b2", 3)], none, None)]);
-        carry_over_health(&old, &plain);
-        assert!(plain.pools[0].backends.iter().all(|b| b.is_healthy()));
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! [`Snapshot`]: crate::proxy::snapshot::Snapshot
 
+pub mod brokers;
 pub mod config;
 pub mod crl;
 pub mod demo_certs;

@@ -1,18 +1,21 @@
 //! Broker choice: rendezvous (highest-random-weight) hashing of a routing key over a pool's
 //! brokers, keyed by each broker's stable identity, plus the least-connections fallback for
-//! clients without a key. Pure apart from the per-broker connection counters it reads.
+//! clients without a key. Pure apart from the per-broker state (health, drain, connection
+//! counts) it reads.
 //!
 //! The score of broker `b` for key `k` is `xxh3(le64(xxh3(k, SEED)), seed = xxh3(id(b), SEED))`.
 //! xxh3's output is specified and fixed, and SEED never changes, so every replica and every
 //! release ranks brokers identically for a key; `tests::golden_routes` pins this.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::broker::BrokerState;
 use super::proxy_header::Tlv;
 
 /// Fixed forever: changing it re-routes every client of every fleet.
@@ -63,121 +66,29 @@ pub struct HealthSpec {
     pub fall: u32,
 }
 
-/// One broker. `name` is its hashing identity: the configured name, or the address string as
-/// written in the config.
+/// One broker of a pool, as a snapshot lists it: an immutable value. `name` is its hashing
+/// identity (the configured name, or the address string as written in the config), `addr`
+/// where it is dialled. How it is doing lives in its [`BrokerState`], shared with the broker of
+/// the same pool and identity in every other snapshot; a `Backend` reads through to it
+/// (`b.is_healthy()`, `b.active`).
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     id_seed: u64,
-    /// Connection counters and the last error, shared with the broker of the same pool and
-    /// identity in every later snapshot (reload, discovery update), so a connection's guard
-    /// always decrements the counter that least-connections and `/backends` read.
-    pub stats: Arc<BackendStats>,
-    /// Written by health checking; a broker marked down keeps its place in every key's
-    /// order, its clients just skip it until it is back.
-    pub healthy: AtomicBool,
-    /// Set by discovery for a broker that is shutting down (Kubernetes: serving and
-    /// terminating): no new connections, established ones stay. Like a down broker it keeps
-    /// its place in every key's order; unlike one it is never tried, even as a last resort.
-    pub draining: AtomicBool,
-    /// Consecutive failures (probes and dials) since the last success.
-    fails: AtomicU32,
-    /// Consecutive successful probes since the last failure.
-    passes: AtomicU32,
-}
-
-/// What a broker counts across snapshots: kept by pool and identity by the control plane.
-#[derive(Debug, Default)]
-pub struct BackendStats {
-    /// Connections relayed to it right now.
-    pub active: AtomicU64,
-    /// Connections relayed to it since start.
-    pub total: AtomicU64,
-    /// The last failed connect to it from the data plane, and when (`/backends`).
-    pub last_error: Mutex<Option<(SystemTime, String)>>,
+    pub state: Arc<BrokerState>,
 }
 
 impl Backend {
+    /// A broker with a state of its own (nothing to continue: tests, `check`, the first load).
     pub fn new(name: impl Into<String>, addr: SocketAddr) -> Backend {
-        Backend::with_stats(name, addr, Arc::default())
+        Backend::with_state(name, addr, Arc::default())
     }
 
-    /// A broker that continues the counters of an earlier one of the same pool and identity.
-    pub fn with_stats(name: impl Into<String>, addr: SocketAddr, stats: Arc<BackendStats>) -> Backend {
+    /// A broker that continues `state`, the state of its pool and identity.
+    pub fn with_state(name: impl Into<String>, addr: SocketAddr, state: Arc<BrokerState>) -> Backend {
         let name = name.into();
-        Backend {
-            id_seed: xxh3_64_with_seed(name.as_bytes(), SEED),
-            name,
-            addr,
-            stats,
-            healthy: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
-            fails: AtomicU32::new(0),
-            passes: AtomicU32::new(0),
-        }
-    }
-
-    /// Remember a failed connect to this broker, for `/backends`.
-    pub fn set_last_error(&self, error: &str) {
-        *self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((SystemTime::now(), error.to_string()));
-    }
-
-    /// The last failed connect and when it happened, if any.
-    pub fn last_error(&self) -> Option<(SystemTime, String)> {
-        self.stats.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// A failed probe or dial. Returns true when this failure marked the broker down (the
-    /// `fall`-th in a row while it was up).
-    pub fn record_failure(&self, fall: u32) -> bool {
-        self.passes.store(0, Ordering::Relaxed);
-        let n = bump(&self.fails);
-        n >= fall && self.healthy.compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-
-    /// A successful probe. Returns true when this success brought the broker back (the
-    /// `rise`-th in a row while it was down).
-    pub fn record_success(&self, rise: u32) -> bool {
-        self.fails.store(0, Ordering::Relaxed);
-        let n = bump(&self.passes);
-        n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-
-    /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
-    /// has active checks (`fall` is `Some`): only they can bring a broker back, so without
-    /// them a dial failure never marks one down. A success resets the failure streak but does
-    /// not count toward `rise`. Returns true when this dial marked the broker down.
-    pub fn record_dial(&self, ok: bool, fall: Option<u32>) -> bool {
-        if ok {
-            // Read first: on the hot path the streak is 0 and the cache line stays shared.
-            if self.fails.load(Ordering::Relaxed) != 0 {
-                self.fails.store(0, Ordering::Relaxed);
-            }
-            return false;
-        }
-        fall.is_some_and(|fall| self.record_failure(fall))
-    }
-
-    /// Consecutive failures since the last success (for logs).
-    pub fn failure_streak(&self) -> u32 {
-        self.fails.load(Ordering::Relaxed)
-    }
-
-    /// Takes over the health state of the same broker in an older snapshot.
-    pub fn carry_health_from(&self, old: &Backend) {
-        self.healthy.store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.fails.store(old.fails.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.passes.store(old.passes.load(Ordering::Relaxed), Ordering::Relaxed);
+        Backend { id_seed: xxh3_64_with_seed(name.as_bytes(), SEED), name, addr, state }
     }
 
     fn score(&self, key_hash: u64) -> u64 {
@@ -185,10 +96,11 @@ impl Backend {
     }
 }
 
-/// Adds one to a streak counter without wrapping; returns the new value.
-fn bump(counter: &AtomicU32) -> u32 {
-    let old = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_add(1)));
-    old.unwrap_or_else(|n| n).saturating_add(1)
+impl Deref for Backend {
+    type Target = BrokerState;
+    fn deref(&self) -> &BrokerState {
+        &self.state
+    }
 }
 
 /// A pool of brokers and how connections are spread over them. A clone shares its brokers.
@@ -268,7 +180,7 @@ impl Pool {
     /// ones first, draining ones left out, for clients without a routing key.
     pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
         let mut v: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| !b.is_draining()).collect();
-        v.sort_by_key(|b| (!b.healthy.load(Ordering::Relaxed), b.stats.active.load(Ordering::Relaxed)));
+        v.sort_by_key(|b| (!b.is_healthy(), b.active.load(Ordering::Relaxed)));
         v.truncate(k);
         v
     }
@@ -421,60 +333,11 @@ mod tests {
     }
 
     #[test]
-    fn fall_consecutive_failures_mark_down_and_rise_successes_bring_back() {
-        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
-        assert!(!b.record_failure(3));
-        assert!(!b.record_failure(3));
-        assert!(!b.record_success(2), "a success resets the failure streak");
-        assert!(!b.record_failure(3));
-        assert!(!b.record_failure(3));
-        assert!(b.is_healthy());
-        assert!(b.record_failure(3), "third in a row: down");
-        assert!(!b.is_healthy());
-        assert!(!b.record_failure(3), "already down: no second transition");
-        assert!(!b.record_success(2));
-        assert!(!b.record_failure(3), "a failure resets the success streak");
-        assert!(!b.record_success(2));
-        assert!(b.record_success(2), "second in a row: up");
-        assert!(b.is_healthy());
-        assert!(!b.record_success(2));
-    }
-
-    #[test]
-    fn passive_failures_count_only_with_active_checks() {
-        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
-        for _ in 0..100 {
-            assert!(!b.record_dial(false, None));
-        }
-        assert!(b.is_healthy(), "without active checks nothing could bring it back");
-        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
-        assert!(!b.record_dial(false, Some(2)));
-        assert!(!b.record_dial(true, Some(2)), "a dial success resets the streak");
-        assert!(!b.record_dial(false, Some(2)));
-        assert!(b.record_dial(false, Some(2)));
-        assert!(!b.is_healthy());
-        assert!(!b.record_dial(true, Some(2)));
-        assert!(!b.is_healthy(), "only probes bring a broker back");
-        assert!(b.record_success(1));
-        assert!(b.is_healthy());
-    }
-
-    #[test]
-    fn streaks_saturate_instead_of_wrapping() {
-        let b = Backend::new("b", SocketAddr::from(([127, 0, 0, 1], 1)));
-        b.fails.store(u32::MAX - 1, Ordering::Relaxed);
-        b.record_failure(3);
-        b.record_failure(3);
-        assert_eq!(b.failure_streak(), u32::MAX);
-        assert!(!b.is_healthy());
-    }
-
-    #[test]
     fn least_connections_prefers_the_idlest() {
         let p = pool(&["a", "b", "c"]);
-        p.backends[0].stats.active.store(5, Ordering::Relaxed);
-        p.backends[1].stats.active.store(1, Ordering::Relaxed);
-        p.backends[2].stats.active.store(3, Ordering::Relaxed);
+        p.backends[0].active.store(5, Ordering::Relaxed);
+        p.backends[1].active.store(1, Ordering::Relaxed);
+        p.backends[2].active.store(3, Ordering::Relaxed);
         let order: Vec<_> = p.least_connections(3).iter().map(|b| b.name.as_str()).collect();
         assert_eq!(order, ["b", "c", "a"]);
     }
@@ -484,7 +347,7 @@ mod tests {
         let n = names(5);
         let p = pool(&n.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         let draining = &p.backends[1];
-        draining.draining.store(true, Ordering::Relaxed);
+        draining.set_draining(true);
         for i in 0..5_000 {
             let key = format!("k{i}");
             let order: Vec<_> = p.ranking(key.as_bytes()).iter().map(|b| b.name.clone()).collect();
@@ -511,7 +374,7 @@ mod tests {
         // Every broker draining: nothing to try.
         for b in &p.backends {
             b.healthy.store(true, Ordering::Relaxed);
-            b.draining.store(true, Ordering::Relaxed);
+            b.set_draining(true);
         }
         assert!(p.candidates(b"k1", 3).is_empty());
         assert_eq!(p.preference(b"k1", 3).len(), 3, "route output still shows the order");
@@ -520,12 +383,12 @@ mod tests {
     #[test]
     fn least_connections_leaves_draining_brokers_out() {
         let p = pool(&["a", "b", "c"]);
-        p.backends[0].draining.store(true, Ordering::Relaxed);
+        p.backends[0].set_draining(true);
         p.backends[1].healthy.store(false, Ordering::Relaxed);
         let order: Vec<_> = p.least_connections(3).iter().map(|b| b.name.as_str()).collect();
         assert_eq!(order, ["c", "b"], "healthy first, draining never");
         for b in &p.backends {
-            b.draining.store(true, Ordering::Relaxed);
+            b.set_draining(true);
         }
         assert!(p.least_connections(3).is_empty());
     }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
 use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
@@ -283,7 +284,7 @@ struct ActiveGuard(Arc<Backend>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -331,7 +332,7 @@ pub async fn handle<H: Send>(
     };
     let reason = match setup {
         Ok(mut est) => {
-            conn.set_backend(&est.backend().stats);
+            conn.set_backend(&est.backend().state);
             // Relay until both sides are done, counting bytes as they flow so long-lived
             // connections move the counters.
             let up = m.relayed_bytes(&spec.name, Direction::ClientToBroker);
@@ -788,8 +789,8 @@ impl<'a> Setup<'a> {
             self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
             m.failed_over(&pool.name);
         }
-        backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        backend.stats.total.fetch_add(1, Ordering::Relaxed);
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        backend.total.fetch_add(1, Ordering::Relaxed);
         let active = ActiveGuard(backend);
         let backend = &active.0;
         self.facts.broker = Some(backend.name.clone());
@@ -956,17 +957,11 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     packet.and_then(|p| p.get(3).copied())
 }
 
-/// Failed dials marked a broker down (passive health checking): log it like the checker's
-/// transitions; the checker's probes bring it back.
+/// Failed dials marked a broker down (passive health checking); the checker's probes bring
+/// it back.
 fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
     let reason = format!("{} failures in a row, last: dial: {error}", b.failure_streak());
-    tracing::warn!(
-        target: "harbormaster::health",
-        pool = %pool.name, broker = %b.name, addr = %b.addr, state = "down", reason = reason.as_str(),
-        "broker health changed"
-    );
-    m.health_transition(&pool.name, &b.name, false);
-    m.set_broker_healthy(&pool.name, &b.name, false);
+    broker::report_transition(m, &pool.name, b, Transition::Down, &reason);
 }
 
 /// One broker: TCP connect within `backend_connect_timeout`, then `first` (PROXY header and

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio_util::sync::CancellationToken;
 
-use super::balance::BackendStats;
+use super::broker::BrokerState;
 
 /// Shards of the map: registering and unregistering contend on one of these, not on one lock.
 const SHARDS: usize = 16;
@@ -32,8 +32,8 @@ pub struct ConnHandle {
     token: CancellationToken,
     /// 0 until closed by [`ConnHandle::close`], then a [`CloseCause`] + 1.
     cause: AtomicU8,
-    /// The broker's shared counters, once the connection is relayed to one.
-    backend: OnceLock<Arc<BackendStats>>,
+    /// The state of the broker (of its pool) the connection is relayed to, once it is.
+    backend: OnceLock<Arc<BrokerState>>,
 }
 
 impl ConnHandle {
@@ -62,14 +62,14 @@ impl ConnHandle {
         }
     }
 
-    /// Records the broker the connection was relayed to (once).
-    pub fn set_backend(&self, stats: &Arc<BackendStats>) {
-        let _ = self.backend.set(stats.clone());
+    /// Records the broker the connection was relayed to (once), by its state.
+    pub fn set_backend(&self, state: &Arc<BrokerState>) {
+        let _ = self.backend.set(state.clone());
     }
 
-    /// Whether the connection is relayed to the broker whose counters are `stats`.
-    pub fn is_relayed_to(&self, stats: &Arc<BackendStats>) -> bool {
-        self.backend.get().is_some_and(|b| Arc::ptr_eq(b, stats))
+    /// Whether the connection is relayed to the broker whose state is `state`.
+    pub fn is_relayed_to(&self, state: &Arc<BrokerState>) -> bool {
+        self.backend.get().is_some_and(|b| Arc::ptr_eq(b, state))
     }
 }
 
@@ -154,9 +154,9 @@ impl Registry {
         self.select(|_| true)
     }
 
-    /// The live connections relayed to the broker whose counters are `stats`, oldest first.
-    pub fn relayed_to(&self, stats: &Arc<BackendStats>) -> Vec<Arc<ConnHandle>> {
-        self.select(|h| h.is_relayed_to(stats))
+    /// The live connections relayed to the broker whose state is `state`, oldest first.
+    pub fn relayed_to(&self, state: &Arc<BrokerState>) -> Vec<Arc<ConnHandle>> {
+        self.select(|h| h.is_relayed_to(state))
     }
 
     fn select(&self, keep: impl Fn(&ConnHandle) -> bool) -> Vec<Arc<ConnHandle>> {
@@ -206,11 +206,11 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert!(a.id() < b.id() && b.id() < c.id());
 
-        let stats = Arc::new(BackendStats::default());
-        b.set_backend(&stats);
-        let to_b: Vec<u64> = r.relayed_to(&stats).iter().map(|h| h.id()).collect();
+        let state = Arc::new(BrokerState::default());
+        b.set_backend(&state);
+        let to_b: Vec<u64> = r.relayed_to(&state).iter().map(|h| h.id()).collect();
         assert_eq!(to_b, [b.id()]);
-        assert!(r.relayed_to(&Arc::new(BackendStats::default())).is_empty(), "by identity of the counters");
+        assert!(r.relayed_to(&Arc::new(BrokerState::default())).is_empty(), "by identity of the state");
 
         b.close(CloseCause::BrokerRemoved);
         b.close(CloseCause::Drain);

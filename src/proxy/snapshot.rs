@@ -9,8 +9,8 @@ use ipnet::IpNet;
 
 use super::balance::Pool;
 
-/// Everything the data plane needs, swapped whole on reload. A clone shares its listeners
-/// and pools.
+/// Everything a connection reads, and nothing else (the settings only the control plane
+/// uses sit beside it), swapped whole on reload. A clone shares its listeners and pools.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub listeners: Vec<Arc<ListenerSpec>>,
@@ -61,7 +61,8 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// Process-wide limits.
+/// The process-wide limits a connection reads. (The connection cap and the drain settings
+/// are the control plane's, beside the snapshot: `control::config::ProcessLimits`.)
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// TLS handshake + CONNECT must be done within this.
@@ -70,15 +71,8 @@ pub struct Limits {
     /// Bytes all connections in setup may hold together for their CONNECTs
     /// ([`super::budget`]).
     pub max_setup_bytes: usize,
-    /// After SIGTERM (and `drain_delay`): the window over which live connections are closed.
-    pub drain_timeout: Duration,
-    /// After SIGTERM: how long listeners keep accepting while readiness is already false.
-    pub drain_delay: Duration,
     /// Once one side of a relayed connection has closed, how long the other may stay silent.
     pub half_close_timeout: Duration,
-    /// Connections held at once across all listeners; beyond it new ones are closed at
-    /// accept, before any TLS work.
-    pub max_connections: usize,
     /// Handshake rate, per-source rate and flapping detection.
     pub admission: super::admission::AdmissionLimits,
 }

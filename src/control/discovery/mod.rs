@@ -1,6 +1,7 @@
 //! Dynamic broker discovery for pools configured with `dns = {...}` or `kubernetes = {...}`:
 //! each such pool gets a task that publishes the pool's current members on a watch channel.
-//! The reload loop (src/control/reload.rs) turns members into a new snapshot; nothing here
+//! The reload sources (src/control/reload/sources.rs) turn members into triggers and the
+//! applier turns those into a new snapshot; nothing here
 //! touches a snapshot or a client socket.
 
 pub mod dns;

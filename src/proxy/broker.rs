@@ -1,0 +1,238 @@
+//! What one broker of one pool is going through: its health and the streaks behind it,
+//! discovery's drain flag, its connection counters and its last failed dial. One
+//! [`BrokerState`] exists per (pool, broker identity); every snapshot that lists the broker
+//! and every connection relayed to it share that one `Arc` (the control plane hands it out by
+//! lookup, `control::brokers`), so nothing is copied from snapshot to snapshot and a write
+//! through any of them is seen by all. Also the one place a health transition is reported.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
+
+use super::balance::Backend;
+use crate::admin::metrics::Metrics;
+
+/// The mutable state of one broker in one pool. Health starts up: a broker is trusted until
+/// probes or dials say otherwise. An operator's runtime override (drain or enable, and since
+/// when) belongs here too, as one more field beside `draining`.
+#[derive(Debug)]
+pub struct BrokerState {
+    /// Written by health checking and by failed dials; a broker marked down keeps its place
+    /// in every key's order, its clients just skip it until it is back.
+    pub healthy: AtomicBool,
+    /// Consecutive failures (probes and dials) since the last success.
+    fails: AtomicU32,
+    /// Consecutive successful probes since the last failure.
+    passes: AtomicU32,
+    /// Set by discovery for a broker that is shutting down (Kubernetes: serving and
+    /// terminating): no new connections, established ones stay. Like a down broker it keeps
+    /// its place in every key's order; unlike one it is never tried, even as a last resort.
+    draining: AtomicBool,
+    /// Connections relayed to it right now: what least-connections and `/backends` read.
+    pub active: AtomicU64,
+    /// Connections relayed to it since the state was created.
+    pub total: AtomicU64,
+    /// The last failed connect to it from the data plane, and when (`/backends`).
+    last_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Default for BrokerState {
+    fn default() -> BrokerState {
+        BrokerState {
+            healthy: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            passes: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl BrokerState {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Discovery's word on whether the broker is shutting down.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Remember a failed connect to this broker, for `/backends`.
+    pub fn set_last_error(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some((SystemTime::now(), error.to_string()));
+    }
+
+    /// The last failed connect and when it happened, if any.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// A failed probe or dial. Returns true when this failure marked the broker down (the
+    /// `fall`-th in a row while it was up).
+    pub fn record_failure(&self, fall: u32) -> bool {
+        self.passes.store(0, Ordering::Relaxed);
+        let n = bump(&self.fails);
+        n >= fall && self.healthy.compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// A successful probe. Returns true when this success brought the broker back (the
+    /// `rise`-th in a row while it was down).
+    pub fn record_success(&self, rise: u32) -> bool {
+        self.fails.store(0, Ordering::Relaxed);
+        let n = bump(&self.passes);
+        n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
+    /// has active checks (`fall` is `Some`): only they can bring a broker back, so without
+    /// them a dial failure never marks one down. A success resets the failure streak but does
+    /// not count toward `rise`. Returns true when this dial marked the broker down.
+    pub fn record_dial(&self, ok: bool, fall: Option<u32>) -> bool {
+        if ok {
+            // Read first: on the hot path the streak is 0 and the cache line stays shared.
+            if self.fails.load(Ordering::Relaxed) != 0 {
+                self.fails.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        fall.is_some_and(|fall| self.record_failure(fall))
+    }
+
+    /// Consecutive failures since the last success (for logs).
+    pub fn failure_streak(&self) -> u32 {
+        self.fails.load(Ordering::Relaxed)
+    }
+
+    /// Back to the initial health: up, no streaks. For a pool without active checks, where
+    /// nothing would ever bring a broker marked down back.
+    pub fn forget_health(&self) {
+        self.healthy.store(true, Ordering::Relaxed);
+        self.fails.store(0, Ordering::Relaxed);
+        self.passes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Adds one to a streak counter without wrapping; returns the new value.
+fn bump(counter: &AtomicU32) -> u32 {
+    let old = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_add(1)));
+    old.unwrap_or_else(|n| n).saturating_add(1)
+}
+
+/// Which way a broker's health went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Up,
+    Down,
+}
+
+/// Logs and counts one health transition of broker `b` of `pool`, whichever of probes or
+/// dials caused it; `reason` says what (the streak and the last result).
+pub fn report_transition(metrics: &Metrics, pool: &str, b: &Backend, to: Transition, reason: &str) {
+    let state = if to == Transition::Up { "up" } else { "down" };
+    match to {
+        Transition::Up => tracing::info!(
+            target: "harbormaster::health",
+            pool, broker = %b.name, addr = %b.addr, state, reason,
+            "broker health changed"
+        ),
+        Transition::Down => tracing::warn!(
+            target: "harbormaster::health",
+            pool, broker = %b.name, addr = %b.addr, state, reason,
+            "broker health changed"
+        ),
+    }
+    metrics.health_transition(pool, &b.name, to == Transition::Up);
+    metrics.set_broker_healthy(pool, &b.name, to == Transition::Up);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_consecutive_failures_mark_down_and_rise_successes_bring_back() {
+        let b = BrokerState::default();
+        assert!(!b.record_failure(3));
+        assert!(!b.record_failure(3));
+        assert!(!b.record_success(2), "a success resets the failure streak");
+        assert!(!b.record_failure(3));
+        assert!(!b.record_failure(3));
+        assert!(b.is_healthy());
+        assert!(b.record_failure(3), "third in a row: down");
+        assert!(!b.is_healthy());
+        assert!(!b.record_failure(3), "already down: no second transition");
+        assert!(!b.record_success(2));
+        assert!(!b.record_failure(3), "a failure resets the success streak");
+        assert!(!b.record_success(2));
+        assert!(b.record_success(2), "second in a row: up");
+        assert!(b.is_healthy());
+        assert!(!b.record_success(2));
+    }
+
+    #[test]
+    fn passive_failures_count_only_with_active_checks() {
+        let b = BrokerState::default();
+        for _ in 0..100 {
+            assert!(!b.record_dial(false, None));
+        }
+        assert!(b.is_healthy(), "without active checks nothing could bring it back");
+        let b = BrokerState::default();
+        assert!(!b.record_dial(false, Some(2)));
+        assert!(!b.record_dial(true, Some(2)), "a dial success resets the streak");
+        assert!(!b.record_dial(false, Some(2)));
+        assert!(b.record_dial(false, Some(2)));
+        assert!(!b.is_healthy());
+        assert!(!b.record_dial(true, Some(2)));
+        assert!(!b.is_healthy(), "only probes bring a broker back");
+        assert!(b.record_success(1));
+        assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn streaks_saturate_instead_of_wrapping() {
+        let b = BrokerState::default();
+        b.fails.store(u32::MAX - 1, Ordering::Relaxed);
+        b.record_failure(3);
+        b.record_failure(3);
+        assert_eq!(b.failure_streak(), u32::MAX);
+        assert!(!b.is_healthy());
+    }
+
+    #[test]
+    fn forgetting_health_is_the_initial_state() {
+        let b = BrokerState::default();
+        assert!(b.record_failure(1));
+        assert!(!b.record_success(3));
+        b.forget_health();
+        assert!(b.is_healthy());
+        assert_eq!(b.failure_streak(), 0);
+        assert!(!b.record_failure(2), "the failure streak starts again");
+        assert!(b.record_failure(2));
+        assert!(!b.record_success(2), "so does the success streak");
+    }
+
+    #[test]
+    fn a_transition_is_logged_counted_and_mirrored_in_the_gauge() {
+        let m = Metrics::new();
+        let b = Backend::new("b0", ([127, 0, 0, 1], 1).into());
+        report_transition(&m, "p", &b, Transition::Down, "3 failures in a row, last: dial: refused");
+        assert_eq!(
+            m.value("broker_health_transitions_total", &[("pool", "p"), ("broker", "b0"), ("state", "down")]),
+            1.0
+        );
+        assert_eq!(m.value("broker_healthy", &[("pool", "p"), ("broker", "b0")]), 0.0);
+        report_transition(&m, "p", &b, Transition::Up, "2 tcp checks passed in a row");
+        assert_eq!(
+            m.value("broker_health_transitions_total", &[("pool", "p"), ("broker", "b0"), ("state", "up")]),
+            1.0
+        );
+        assert_eq!(m.value("broker_healthy", &[("pool", "p"), ("broker", "b0")]), 1.0);
+    }
+}
