@@ -7,14 +7,12 @@
 //! device is refused from then on, its ticket from before does not resume, and the session it
 //! already has is left alone. `check` names a broken list by its key.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::mqtt::MqttVersion;
-use support::*;
+use crate::support::mqtt::MqttVersion;
+use crate::support::*;
 
 /// A device CA as an operator runs one: `openssl ca` with its index, serial and CRL number.
 struct DeviceCa {

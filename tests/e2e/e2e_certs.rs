@@ -4,13 +4,11 @@
 //! certificate of the demo set shipped in config/certs (whose private keys are public), and
 //! stay quiet for the fresh ones.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use support::*;
+use crate::support::*;
 
 const DEMO_WARNING: &str = "whose private key is published with harbormaster";
 

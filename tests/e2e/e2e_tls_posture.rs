@@ -4,13 +4,11 @@
 //! key that does not fit its certificate and unreadable files stop `check` and `run` with the
 //! file named.
 
-mod support;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use support::*;
+use crate::support::*;
 
 fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = run_with_timeout(Command::new(require_program("openssl")).args(args).current_dir(dir), CMD_TIMEOUT);

@@ -14,15 +14,15 @@
 //! once no broker is left); CONNECT split into 1-byte TLS records is done with a rustls client that writes one
 //! byte per record.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, put_varint, MqttVersion};
-use support::tls::{client_config, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, put_varint, MqttVersion};
+use crate::support::tls::{client_config, ClientTlsChoice};
+use crate::support::*;
 
 /// connect_timeout of the harbormaster under test: silent connections end after it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

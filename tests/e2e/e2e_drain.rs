@@ -1,14 +1,12 @@
 //! SIGTERM: stop accepting at once, let live connections run up to drain_timeout, then close
 //! them and exit 0.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 fn start(m: &Mosquitto, drain: &str) -> (Harbormaster, u16) {
     let port = free_port();

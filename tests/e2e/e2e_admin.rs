@@ -5,8 +5,6 @@
 //! where clients really land (mosquitto's logs), and JSON logs parsed line by line. Also what
 //! must never take the process down: a stderr nobody reads, and idle admin connections.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -16,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion};
+use crate::support::*;
 use serde_json::Value;
-use support::mqtt::{self, ConnectOptions, MqttVersion};
-use support::*;
 
 // ---------------------------------------------------------------------------------------------
 // A small HTTP/1.1 client (one request per connection)

@@ -2,13 +2,11 @@
 //! down. These do not involve harbormaster; when they fail, the machine (or the harness) is
 //! broken, not the load balancer.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 #[test]
 fn mosquitto_starts_logs_client_ids_and_stops() {

@@ -6,17 +6,15 @@
 //! takes no new clients but keeps its established ones; a pod that comes back under its name
 //! with a new IP gets its clients back.
 
-mod support;
-
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::fake_dns::{DnsMode, FakeDns};
-use support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
-use support::*;
+use crate::support::fake_dns::{DnsMode, FakeDns};
+use crate::support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
+use crate::support::*;
 use tempfile::TempDir;
 
 /// A mosquitto 2.0 broker listening on `ip:port` only.

@@ -3,15 +3,13 @@
 //! CONNECT, brokers that accept and then close or reset before answering, harbormaster killed
 //! with SIGKILL and restarted, and two instances listing the same brokers in different orders.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 use serde_json::Value;
-use support::mqtt::{self, MqttVersion};
-use support::*;
 
 /// A keep-alive HTTP/1.1 client for many `/route` lookups over one connection.
 struct RouteClient {

@@ -2,16 +2,14 @@
 //! `drain_delay`, then no new connection; the 200 are closed spread over `drain_timeout`
 //! (oldest first), not all at once at its end; the process exits 0.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 const CLIENTS: usize = 200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);

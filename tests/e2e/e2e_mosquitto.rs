@@ -3,15 +3,13 @@
 //! matches `harbormaster route`, failover to the next broker, pipelined CONNECT + PUBLISH; a
 //! mosquitto bridge (`try_private`) connecting through harbormaster as a bridge.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::TcpStream;
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 /// Three brokers behind a TLS listener with client_auth = required, one with optional and a
 /// plain one.

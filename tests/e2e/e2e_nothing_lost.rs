@@ -10,8 +10,6 @@
 //! a client is refused (CONNACK "server unavailable") and retries, as a device does while its
 //! home broker restarts, instead of failing over to a broker its partner is not on.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -22,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, ConnectOptions, MqttVersion, Packet};
-use support::*;
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion, Packet};
+use crate::support::*;
 
 const V: MqttVersion = MqttVersion::V311;
 /// Upper bound for the whole test; every wait below is bounded by it.

@@ -2,14 +2,12 @@
 //! where MQTT has one, a plain close otherwise; and nothing ever reaches the broker.
 //! The backend is a test-owned TCP server that records every byte it receives.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, ConnectOptions, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion};
+use crate::support::*;
 
 struct Setup {
     backend: RecordingBackend,

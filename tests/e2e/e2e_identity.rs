@@ -5,15 +5,13 @@
 //! UNIQUE_ID TLVs it parsed; tshark, capturing on loopback, decodes the SSL sub-TLVs (the CN)
 //! and the others that neither HAProxy 2.6 nor RabbitMQ 3.10 shows.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use support::*;
 
 const ALL_TLVS: &str = r#"["alpn", "authority", "unique_id", "ssl", "crc32c", "cert_sha256", "client_id"]"#;
 

@@ -2,14 +2,12 @@
 //! `proxy_protocol = "v2"`: the broker-level oracle of the PROXY v2 header harbormaster
 //! sends. RabbitMQ boots slowly, so this file has exactly one test with every assertion.
 
-mod support;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 /// What RabbitMQ reports for one connection.
 #[derive(Debug)]

@@ -8,14 +8,14 @@
 //! Memory is read from /proc/PID/status (VmRSS). Waits are bounded polls, never timing
 //! assertions.
 
-mod support;
+use crate::support;
 
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, put_varint, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, put_varint, MqttVersion};
+use crate::support::*;
 
 /// Size of the large CONNECTs: under the default `max_connect_packet` (262,144).
 const BIG: usize = 262_000;

@@ -4,14 +4,12 @@
 //! Every refusal shows in `connections_refused_total` and in the connection's log line, and
 //! the accept loop keeps serving afterwards. The backend is a test-owned recording server.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 /// `GET /metrics` on the admin server: the sum of `harbormaster_connections_refused_total` samples whose
 /// `reason` label is `reason`.

@@ -3,7 +3,7 @@
 //! `on_backend_removed = "close"`), a certificate rotated (new handshakes only), an invalid
 //! config rejected without effect, listeners added, removed and moved.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -11,11 +11,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use support::mqtt::{self, MqttVersion};
-use support::*;
 
 /// The value of one sample line of `/metrics` (exact name and labels), 0 when absent.
 fn metric(admin: &str, series: &str) -> f64 {

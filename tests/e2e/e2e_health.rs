@@ -5,14 +5,12 @@
 //! `fall` only in pools with active checks. The mqtt probe's PROXY v1/v2 header is accepted by
 //! HAProxy (`accept-proxy`) and RabbitMQ (which rejects the LOCAL command).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-use support::*;
+use crate::support::*;
 use tempfile::TempDir;
 
 /// A mosquitto 2.0 broker that can be stopped and started again on the same port (the

@@ -4,17 +4,15 @@
 //! ("Reused"), with the resumed connection's PROXY v2 header parsed by ppp: it still names
 //! the client certificate the session was made with.
 
-mod support;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 use rustls::{ClientConfig, HandshakeKind};
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
 
 const SSL: u8 = 0x20;
 const SSL_CN: u8 = 0x22;

@@ -2,16 +2,14 @@
 //! over a plain and a TLS listener. The backend is a test-owned TCP server (harbormaster
 //! relays bytes; a byte sink/source is the right peer here, not a broker).
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 /// 3.1.1 CONNACK "accepted": harbormaster relays once the broker has answered the CONNECT.
