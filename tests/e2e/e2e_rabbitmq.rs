@@ -90,12 +90,11 @@ fn rabbitmq_sees_client_address_and_tls_facts_from_harbormaster() {
     oracle_direct_header(&rabbit);
 
     let certs = Certs::new();
-    let tls_port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls_port}"
+bind = "127.0.0.1:0"
 pool = "rabbit"
 {tls}
 [pool.rabbit]
@@ -108,6 +107,7 @@ max_header_bytes = 500
         tls = certs.listener_tls_toml("optional"),
         rabbit = rabbit.addr(),
     ));
+    let tls_port = hm.port("mqtts");
 
     // 1. mosquitto_sub -V mqttv311 with the client certificate stays connected through
     //    harbormaster; RabbitMQ sees loopback, TLS 1.3 and a TLS 1.3 cipher.

@@ -17,12 +17,11 @@ struct Setup {
 
 fn start(empty_client_id: &str) -> Setup {
     let backend = RecordingBackend::start();
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -36,6 +35,7 @@ max_connect_packet = 1024
 "#,
         backend = backend.addr()
     ));
+    let port = hm.port("mqtt");
     Setup { backend, hm, port }
 }
 
@@ -214,12 +214,11 @@ fn oversized_connect_is_not_forwarded() {
 #[test]
 fn all_brokers_down_gives_connack_server_unavailable() {
     let dead: Vec<String> = (0..3).map(|_| toml_str(addr(free_port()))).collect();
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -230,6 +229,7 @@ backend_attempts = 3
 "#,
         dead.join(", ")
     ));
+    let port = hm.port("mqtt");
     for (v, want) in [
         (MqttVersion::V311, vec![0x20, 0x02, 0x00, 0x03]),
         (MqttVersion::V5, vec![0x20, 0x03, 0x00, 0x88, 0x00]),

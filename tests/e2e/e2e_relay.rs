@@ -94,17 +94,16 @@ fn read_and_check(s: &mut impl Read, want: &[u8], what: &str) -> Result<(), Stri
 }
 
 fn harbormaster_for(backend_port: u16, certs: &Certs) -> (Harbormaster, u16, u16) {
-    let (plain, tls_port) = (free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "plain"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "sink"
 
 [[listener]]
 name = "tls"
-bind = "127.0.0.1:{tls_port}"
+bind = "127.0.0.1:0"
 pool = "sink"
 {tls}
 [pool.sink]
@@ -113,6 +112,7 @@ proxy_protocol = "none"
 "#,
         tls = certs.listener_tls_toml("optional")
     ));
+    let (plain, tls_port) = (hm.port("plain"), hm.port("tls"));
     (hm, plain, tls_port)
 }
 
