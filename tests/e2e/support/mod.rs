@@ -50,10 +50,13 @@ pub const RABBIT_BOOT: Duration = Duration::from_secs(180);
 // Ports, waiting, processes
 // ---------------------------------------------------------------------------------------------
 
-/// A free TCP port on 127.0.0.1: bind port 0, read the port, drop the listener.
+/// A free TCP port on 127.0.0.1: bind port 0, read the port, drop the listener. For a peer that
+/// cannot report the port it bound (mosquitto, HAProxy, RabbitMQ; their starts retry on a fresh
+/// port if another process took it meanwhile) and a config that must name one ahead;
+/// harbormaster itself binds port 0 and says where ([`Harbormaster::port`]).
 ///
 /// Ports handed out earlier in this test process are never handed out again, so two peers of
-/// one test binary never race for the same port.
+/// the test binary never race for the same port.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
