@@ -2,13 +2,11 @@
 //! down. These do not involve harbormaster; when they fail, the machine (or the harness) is
 //! broken, not the load balancer.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 #[test]
 fn mosquitto_starts_logs_client_ids_and_stops() {
@@ -30,9 +28,7 @@ fn mosquitto_starts_logs_client_ids_and_stops() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert_eq!(msgs, vec!["m1".to_string()]);
     // raw client
-    let mut s = TcpStream::connect(("127.0.0.1", m.port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "raw-5").unwrap();
+    let (s, ack) = mqtt_connect(m.port, MqttVersion::V5, "raw-5");
     assert_eq!(ack[0], 0x20);
     assert!(mqtt::connack_accepted(&ack), "{}", hex(&ack));
     drop(s);
@@ -172,7 +168,18 @@ fn parsers() {
     assert_eq!(kv["conn_id"], "3");
     assert_eq!(kv["broker"], "127.0.0.1:1");
 
-    assert_eq!(bind_ports("[[listener]]\nbind = \"127.0.0.1:1234\"\n bind=\"127.0.0.1:99\""), vec![1234, 99]);
+    assert_eq!(
+        config_binds("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n[admin]\nbind=\"127.0.0.1:0\""),
+        (vec!["a".to_string()], true)
+    );
+    let bound = Bound::from_log(
+        "2026-01-01T00:00:00Z  INFO harbormaster::admin::http: admin server listening addr=127.0.0.1:7 max_connections=256\n\
+         2026-01-01T00:00:00Z  INFO harbormaster::proxy::listener: listening listener=mqtt addr=127.0.0.1:8 tls=false\n\
+         2026-01-01T00:00:00Z  INFO harbormaster::proxy::listener: listener closed listener=mqtt addr=127.0.0.1:8\n\
+         {\"msg\":\"listening\",\"listener\":\"mqtt\",\"addr\":\"127.0.0.1:9\"}\n",
+    );
+    assert_eq!(bound.admin.as_deref(), Some("127.0.0.1:7"));
+    assert_eq!(bound.listeners["mqtt"], "127.0.0.1:9");
     let h = parse_haproxy_log("HMLOG 192.0.2.7:5555 127.0.0.1:80 localhost - 1\n");
     assert_eq!(h[0].src, "192.0.2.7");
     assert_eq!(h[0].src_port, "5555");

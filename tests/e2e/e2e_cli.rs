@@ -1,12 +1,10 @@
 //! `harbormaster check` and `harbormaster route`: the shipped configs, generated ones with
 //! relative paths, and the routing properties the docs promise.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use support::*;
+use crate::support::*;
 
 fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")

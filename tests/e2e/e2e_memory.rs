@@ -8,14 +8,14 @@
 //! Memory is read from /proc/PID/status (VmRSS). Waits are bounded polls, never timing
 //! assertions.
 
-mod support;
+use crate::support;
 
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, put_varint, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, put_varint, MqttVersion};
+use crate::support::*;
 
 /// Size of the large CONNECTs: under the default `max_connect_packet` (262,144).
 const BIG: usize = 262_000;
@@ -172,9 +172,9 @@ fn rss_back(pid: u32, baseline: u64) -> (bool, u64) {
 /// A harbormaster in front of `broker`, its baseline taken after a few sessions went through
 /// (so the code and buffers of a normal connection are already in memory).
 fn warmed_up(broker: &Mosquitto, limits: &str) -> (Harbormaster, u16, u16, u64) {
-    let (port, admin) = (free_port(), free_port());
-    let config = one_pool_config(port, admin, &[("m0", broker)], "") + "\n[limits]\n" + limits;
+    let config = one_pool_config(0, 0, &[("m0", broker)], "") + "\n[limits]\n" + limits;
     let hm = Harbormaster::start(&config);
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     let client = MqttClient::plain(port, MqttVersion::V311);
     for i in 0..3 {
         client.publish_ok(&format!("warm-up-{i}"), "warm/t", "hello");
@@ -193,6 +193,7 @@ fn warmed_up(broker: &Mosquitto, limits: &str) -> (Harbormaster, u16, u16, u64) 
 /// logged and counted, while an established session and new small CONNECTs are served.
 #[test]
 fn incomplete_connects_stay_within_max_setup_bytes() {
+    let _heavy = heavy();
     const MAX_SETUP: usize = 16 * 1024 * 1024;
     const ATTACKERS: usize = 300;
     let broker = Mosquitto::start();
@@ -270,6 +271,7 @@ fn incomplete_connects_stay_within_max_setup_bytes() {
 /// new real TLS client (mosquitto_pub with a client certificate) are served.
 #[test]
 fn incomplete_tls_records_stay_within_max_setup_bytes() {
+    let _heavy = heavy();
     const MAX_SETUP: usize = 4 * 1024 * 1024;
     const ATTACKERS: usize = 400;
     // A handshake record of the largest plaintext length; never completed, its content is
@@ -278,15 +280,15 @@ fn incomplete_tls_records_stay_within_max_setup_bytes() {
     record.resize(5 + 16 * 1024, 0);
     let certs = Certs::new();
     let broker = Mosquitto::start();
-    let (port, admin) = (free_port(), free_port());
     let config = format!(
-        "[[listener]]\nname = \"mqtts\"\nbind = \"127.0.0.1:{port}\"\npool = \"brokers\"\n{tls}\n\
-         [pool.brokers]\nbackends = [{brokers}]\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
+        "[[listener]]\nname = \"mqtts\"\nbind = \"127.0.0.1:0\"\npool = \"brokers\"\n{tls}\n\
+         [pool.brokers]\nbackends = [{brokers}]\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [limits]\nconnect_timeout = \"60s\"\nmax_setup_bytes = {MAX_SETUP}\n",
         tls = certs.listener_tls_toml("optional"),
         brokers = named_backends(&[("m0", &broker)]),
     );
     let hm = Harbormaster::start(&config);
+    let (port, admin) = (hm.port("mqtts"), hm.admin_port());
     let device = MqttClient::tls(port, MqttVersion::V311, certs.client_tls(true));
     device.publish_ok("warm-up", "warm/t", "hello");
     let tls = support::tls::connect_tls(
@@ -360,6 +362,7 @@ fn incomplete_tls_records_stay_within_max_setup_bytes() {
 /// 4,000 connections that never speak, then close: the memory comes back.
 #[test]
 fn memory_returns_after_a_storm_of_silent_connections() {
+    let _heavy = heavy();
     const SILENT: usize = 4_000;
     let broker = Mosquitto::start();
     let (hm, port, admin, baseline) = warmed_up(&broker, "connect_timeout = \"60s\"\n");
@@ -382,6 +385,7 @@ fn memory_returns_after_a_storm_of_silent_connections() {
 /// buffers took comes back.
 #[test]
 fn memory_returns_after_a_storm_of_large_incomplete_connects() {
+    let _heavy = heavy();
     const LARGE: usize = 100; // ~25 MiB: under half the default max_setup_bytes
     let broker = Mosquitto::start();
     let (hm, port, admin, baseline) = warmed_up(&broker, "connect_timeout = \"60s\"\n");

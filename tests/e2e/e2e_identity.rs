@@ -5,15 +5,13 @@
 //! UNIQUE_ID TLVs it parsed; tshark, capturing on loopback, decodes the SSL sub-TLVs (the CN)
 //! and the others that neither HAProxy 2.6 nor RabbitMQ 3.10 shows.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use support::*;
 
 const ALL_TLVS: &str = r#"["alpn", "authority", "unique_id", "ssl", "crc32c", "cert_sha256", "client_id"]"#;
 
@@ -175,13 +173,12 @@ fn cn_type(dir: &Path, cert: &Path) -> String {
 }
 
 /// harbormaster with a TLS listener whose client CA is `client_ca`, in front of HAProxy.
-fn start(certs: &Certs, client_ca: &Path, haproxy: &Haproxy, admin: u16) -> (Harbormaster, u16) {
-    let port = free_port();
+fn start(certs: &Certs, client_ca: &Path, haproxy: &Haproxy) -> (Harbormaster, u16) {
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "pods"
 [listener.tls]
 certs = [{{ cert = {cert}, key = {key} }}]
@@ -195,13 +192,14 @@ tlvs = {ALL_TLVS}
 max_header_bytes = 500
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
         cert = toml_path(&certs.server_cert),
         key = toml_path(&certs.server_key),
         ca = toml_path(client_ca),
         haproxy = haproxy.addr(),
     ));
+    let port = hm.port("mqtts");
     (hm, port)
 }
 
@@ -231,8 +229,8 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
     let dir = tempfile::Builder::new().prefix("hm-identity-").tempdir().unwrap();
     let d = dir.path();
     openssl_ca(d);
-    let admin = free_port();
-    let (hm, port) = start(&certs, &d.join("ca.pem"), &h, admin);
+    let (hm, port) = start(&certs, &d.join("ca.pem"), &h);
+    let admin = hm.admin_port();
 
     // (spec, ASN.1 type as OpenSSL reads it back, what the broker must get)
     // VisibleString is left to the unit tests: OpenSSL 3.0 refuses to load a certificate whose
@@ -341,8 +339,8 @@ fn a_long_cn_costs_only_the_cn() {
     let h = Haproxy::start(m.port);
     let wire = Tshark::start(h.port);
     let certs = Certs::with_client_cn(&"c".repeat(1000));
-    let admin = free_port();
-    let (hm, port) = start(&certs, &certs.ca, &h, admin);
+    let (hm, port) = start(&certs, &certs.ca, &h);
+    let admin = hm.admin_port();
 
     let log = publish_through(&hm, &m, port, &certs, &certs.client_cert, &certs.client_key, "long-cn");
     let conn_id = &log["conn_id"];

@@ -3,15 +3,13 @@
 //! CONNECT, brokers that accept and then close or reset before answering, harbormaster killed
 //! with SIGKILL and restarted, and two instances listing the same brokers in different orders.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::{self, *};
 use serde_json::Value;
-use support::mqtt::{self, MqttVersion};
-use support::*;
 
 /// A keep-alive HTTP/1.1 client for many `/route` lookups over one connection.
 struct RouteClient {
@@ -59,9 +57,7 @@ impl RouteClient {
 
 /// Connects `client_id` through harbormaster and reads its CONNACK.
 fn mqtt_connect(port: u16, client_id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, client_id).unwrap();
+    let (s, connack) = support::mqtt_connect(port, MqttVersion::V311, client_id);
     assert_eq!(connack, [0x20, 2, 0, 0], "{client_id}");
     s
 }
@@ -70,8 +66,8 @@ fn mqtt_connect(port: u16, client_id: &str) -> TcpStream {
 fn a_killed_broker_closes_its_clients_they_reconnect_to_their_next_broker_and_come_back() {
     let (mut m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
     let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, ""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, ""));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     let mut routes = RouteClient::new(admin);
     // Client-ids whose first choice is m0, with their second choices.
     let ids: Vec<(String, String)> = (0..200)
@@ -141,8 +137,8 @@ fn a_black_hole_broker_times_out_and_clients_fail_over() {
     let m1 = Mosquitto::start();
     let (_hole, _fill, hole_addr) = black_hole();
     let brokers = [("hole", hole_addr.to_string()), ("m1", m1.addr())];
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connect_timeout = \"300ms\""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, "backend_connect_timeout = \"300ms\""));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     let mut routes = RouteClient::new(admin);
     let id = (0..100).map(|i| format!("hole-{i}")).find(|id| routes.preference(id)[0] == "hole").unwrap();
     let s = mqtt_connect(port, &id);
@@ -182,8 +178,8 @@ fn a_broker_that_never_answers_the_connect_times_out_and_clients_fail_over() {
     let m1 = Mosquitto::start();
     let (hung_addr, got) = hung_broker();
     let brokers = [("hung", hung_addr.to_string()), ("m1", m1.addr())];
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connack_timeout = \"400ms\""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, "backend_connack_timeout = \"400ms\""));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     let mut routes = RouteClient::new(admin);
     let id = (0..100).map(|i| format!("hung-{i}")).find(|id| routes.preference(id)[0] == "hung").unwrap();
     // The client gets m1's CONNACK, only m1's: the hung broker's connection gave nothing back.
@@ -210,11 +206,9 @@ fn a_broker_that_never_answers_the_connect_times_out_and_clients_fail_over() {
 fn a_hung_only_broker_gets_its_client_a_server_unavailable_connack() {
     let (hung_addr, _got) = hung_broker();
     let brokers = [("hung", hung_addr.to_string())];
-    let (port, admin) = (free_port(), free_port());
-    let _hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, "backend_connack_timeout = \"300ms\""));
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let connack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V5, "alone").unwrap();
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, "backend_connack_timeout = \"300ms\""));
+    let port = hm.port("mqtt");
+    let (_s, connack) = support::mqtt_connect(port, MqttVersion::V5, "alone");
     assert_eq!(connack, [0x20, 3, 0, 0x88, 0], "CONNACK 5.0 server unavailable");
 }
 
@@ -285,9 +279,9 @@ fn a_broker_that_closes_or_resets_before_answering_is_a_failed_dial_and_clients_
     let m1 = Mosquitto::start();
     for how in [HangUp::Close, HangUp::ResetAfterConnect] {
         let brokers = [("faulty", hanging_up_broker(how).to_string()), ("m1", m1.addr())];
-        let (port, admin) = (free_port(), free_port());
         let health = "health = { check = \"tcp\", interval = \"1h\", timeout = \"1s\", rise = 1, fall = 1 }";
-        let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, health));
+        let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, health));
+        let (port, admin) = (hm.port("mqtt"), hm.admin_port());
         // The first round of probes (at start) has passed: from now on only dials count.
         let probed = wait_until(WAIT, || {
             let (_, text) = http_get(&addr(admin), "/metrics");
@@ -351,8 +345,8 @@ fn brokers_that_only_close_or_reset_get_their_client_a_server_unavailable_connac
         ("resets", hanging_up_broker(HangUp::Reset).to_string()),
         ("resets-late", hanging_up_broker(HangUp::ResetAfterConnect).to_string()),
     ];
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin, &brokers, ""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &brokers, ""));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     for (version, want) in [(MqttVersion::V311, vec![0x20, 2, 0, 3]), (MqttVersion::V5, vec![0x20, 3, 0, 0x88, 0])] {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
@@ -377,6 +371,7 @@ fn after_sigkill_and_restart_clients_land_on_the_same_brokers() {
     let (m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
     let all = [("m0", &m0), ("m1", &m1), ("m2", &m2)];
     let brokers = [("m0", m0.addr()), ("m1", m1.addr()), ("m2", m2.addr())];
+    // The restarted process must come back on the same port: chosen ahead.
     let (port, admin) = (free_port(), free_port());
     let text = one_pool_config(port, admin, &brokers, "");
     let ids: Vec<String> = (0..12).map(|i| format!("sticky-{i}")).collect();
@@ -415,10 +410,9 @@ fn two_instances_with_brokers_in_different_orders_route_10000_ids_identically() 
     let mut shuffled = forward.clone();
     shuffled.reverse();
     shuffled.swap(2, 7);
-    let (p1, a1, p2, a2) = (free_port(), free_port(), free_port(), free_port());
-    let _one = Harbormaster::start(&one_pool_config(p1, a1, &forward, ""));
-    let _two = Harbormaster::start(&one_pool_config(p2, a2, &shuffled, ""));
-    let (mut r1, mut r2) = (RouteClient::new(a1), RouteClient::new(a2));
+    let one = Harbormaster::start(&one_pool_config(0, 0, &forward, ""));
+    let two = Harbormaster::start(&one_pool_config(0, 0, &shuffled, ""));
+    let (mut r1, mut r2) = (RouteClient::new(one.admin_port()), RouteClient::new(two.admin_port()));
     let mut firsts = std::collections::HashMap::new();
     for i in 0..n {
         let id = format!("device-{i:05}");

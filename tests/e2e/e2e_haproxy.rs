@@ -4,15 +4,13 @@
 //! (`accept_proxy = true`), played by the test client. And the SNI of a ClientHello that
 //! `openssl s_client` sends in two records.
 
-mod support;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 const ALL_TLVS: &str = r#"["alpn", "authority", "unique_id", "ssl", "crc32c", "cert_sha256", "client_id"]"#;
 
@@ -21,17 +19,16 @@ fn haproxy_sees_client_address_and_sni_in_harbormaster_proxy_v2() {
     let m = Mosquitto::start();
     let h = Haproxy::start(m.port);
     let certs = Certs::new();
-    let (tls_port, plain_port) = (free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls_port}"
+bind = "127.0.0.1:0"
 pool = "pods"
 {tls}
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain_port}"
+bind = "127.0.0.1:0"
 pool = "pods"
 
 [pool.pods]
@@ -42,6 +39,7 @@ tlvs = {ALL_TLVS}
         tls = certs.listener_tls_toml("optional"),
         haproxy = h.addr(),
     ));
+    let (tls_port, plain_port) = (hm.port("mqtts"), hm.port("mqtt"));
 
     let watcher = MqttClient::plain(m.port, MqttVersion::V311).subscribe("ha-watch", "ha/#", 4);
     assert!(m.wait_subscribed("ha-watch"), "{}", m.log());
@@ -97,26 +95,25 @@ fn client_address_from_an_outer_proxy_header_is_passed_on() {
     let m = Mosquitto::start();
     let h = Haproxy::start(m.port);
     let certs = Certs::new();
-    let (edge, edge_tls, untrusted) = (free_port(), free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "edge"
-bind = "127.0.0.1:{edge}"
+bind = "127.0.0.1:0"
 pool = "pods"
 accept_proxy = true
 trusted_proxies = ["127.0.0.0/8"]
 
 [[listener]]
 name = "edge-tls"
-bind = "127.0.0.1:{edge_tls}"
+bind = "127.0.0.1:0"
 pool = "pods"
 accept_proxy = true
 trusted_proxies = ["127.0.0.0/8"]
 {tls}
 [[listener]]
 name = "untrusted"
-bind = "127.0.0.1:{untrusted}"
+bind = "127.0.0.1:0"
 pool = "pods"
 accept_proxy = true
 trusted_proxies = ["192.0.2.0/24"]
@@ -129,6 +126,7 @@ tlvs = {ALL_TLVS}
         tls = certs.listener_tls_toml("optional"),
         haproxy = h.addr(),
     ));
+    let (edge, edge_tls, untrusted) = (hm.port("edge"), hm.port("edge-tls"), hm.port("untrusted"));
     let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
 
     // PROXY v2 (built with ppp) claiming 192.0.2.7:5555, then CONNECT.
@@ -206,12 +204,11 @@ fn sni_of_a_client_hello_in_two_records_reaches_the_log_and_the_authority_tlv() 
     let m = Mosquitto::start();
     let h = Haproxy::start(m.port);
     let certs = Certs::new();
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "pods"
 {tls}alpn = ["mqtt"]
 
@@ -223,6 +220,7 @@ tlvs = {ALL_TLVS}
         tls = certs.listener_tls_toml("none"),
         haproxy = h.addr(),
     ));
+    let port = hm.port("mqtts");
 
     // 40 protocols before "mqtt": about 520 bytes of ALPN alone.
     let mut alpn: Vec<String> = (0..40).map(|i| format!("mqtt-test-{i:02}")).collect();

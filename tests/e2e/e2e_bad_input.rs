@@ -14,15 +14,15 @@
 //! once no broker is left); CONNECT split into 1-byte TLS records is done with a rustls client that writes one
 //! byte per record.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, put_varint, MqttVersion};
-use support::tls::{client_config, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, put_varint, MqttVersion};
+use crate::support::tls::{client_config, ClientTlsChoice};
+use crate::support::*;
 
 /// connect_timeout of the harbormaster under test: silent connections end after it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -182,29 +182,28 @@ impl Battery {
 fn bad_input_is_refused_cheaply_while_a_good_client_keeps_receiving() {
     let broker = Mosquitto::start();
     let certs = Certs::new();
-    let (plain, tls, proxied, untrusted, admin) = (free_port(), free_port(), free_port(), free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls_toml}
 [[listener]]
 name = "proxied"
-bind = "127.0.0.1:{proxied}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 accept_proxy = true
 trusted_proxies = ["127.0.0.1"]
 
 [[listener]]
 name = "untrusted"
-bind = "127.0.0.1:{untrusted}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 accept_proxy = true
 trusted_proxies = ["10.0.0.0/8"]
@@ -218,12 +217,14 @@ connect_timeout = "{timeout}ms"
 max_connect_packet = 1024
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
         tls_toml = certs.listener_tls_toml("none"),
         broker = broker.addr(),
         timeout = CONNECT_TIMEOUT.as_millis(),
     ));
+    let (plain, tls, proxied, untrusted, admin) =
+        (hm.port("mqtt"), hm.port("mqtts"), hm.port("proxied"), hm.port("untrusted"), hm.admin_port());
     let b = Battery { hm, admin, plain, tls, proxied, untrusted, certs };
     std::thread::sleep(Duration::from_millis(500));
     let baseline = vm_rss_kib(b.hm.pid());

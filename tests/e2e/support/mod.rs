@@ -4,6 +4,16 @@
 //! its own temporary directory, on ports taken from the kernel (`127.0.0.1:0`), and is killed
 //! when its handle is dropped. Nothing here skips: a missing peer binary is a test failure.
 //!
+//! Harbormaster binds port 0 itself and says where in its log ("listening", "admin server
+//! listening"): [`Harbormaster::port`] and [`Harbormaster::admin_addr`] read it back, so no
+//! port is ever chosen before it is bound. [`free_port`] remains for the peers that cannot
+//! report theirs (mosquitto, HAProxy, RabbitMQ) and for configs that must name a port ahead of
+//! time (a reload that moves a listener, a broker address that must stay dead).
+//!
+//! All the tests run in one process: the peers that load the machine most (a RabbitMQ node,
+//! the storms) take the one [`heavy`] slot, so two of them never starve each other on a
+//! small machine.
+//!
 //! Every wait has an upper bound (no test can hang forever) and no assertion is made on
 //! wall-clock time.
 #![allow(dead_code)]
@@ -21,7 +31,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -40,10 +50,13 @@ pub const RABBIT_BOOT: Duration = Duration::from_secs(180);
 // Ports, waiting, processes
 // ---------------------------------------------------------------------------------------------
 
-/// A free TCP port on 127.0.0.1: bind port 0, read the port, drop the listener.
+/// A free TCP port on 127.0.0.1: bind port 0, read the port, drop the listener. For a peer that
+/// cannot report the port it bound (mosquitto, HAProxy, RabbitMQ; their starts retry on a fresh
+/// port if another process took it meanwhile) and a config that must name one ahead;
+/// harbormaster itself binds port 0 and says where ([`Harbormaster::port`]).
 ///
 /// Ports handed out earlier in this test process are never handed out again, so two peers of
-/// one test binary never race for the same port.
+/// the test binary never race for the same port.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
@@ -63,16 +76,85 @@ pub fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// One `GET path` over a fresh connection to `addr` (`IP:PORT`): the status and the body.
+/// An HTTP/1.1 answer: status, `Content-Type` and body.
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// One `GET path` over a fresh connection to `addr` (`IP:PORT`), reads bounded by `timeout`:
+/// the answer, or why there was none (the tests of readiness expect refusals and resets).
+pub fn try_http_get(addr: &str, path: &str, timeout: Duration) -> io::Result<Http> {
+    let sa: SocketAddr = addr.parse().expect("IP:port");
+    let mut s = TcpStream::connect_timeout(&sa, timeout.min(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, text.clone()))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, head.to_string()))?;
+    let content_type = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    Ok(Http { status, content_type, body: body.to_string() })
+}
+
+/// [`try_http_get`] that must be answered (within [`WAIT`]).
+pub fn http_request(addr: &str, path: &str) -> Http {
+    try_http_get(addr, path, WAIT).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// One `GET path` to `addr` (`IP:PORT`): the status and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let r = http_request(addr, path);
+    (r.status, r.body)
+}
+
+/// A raw MQTT client: a TCP connection to 127.0.0.1:`port` (reads bounded by [`WAIT`]) that
+/// sent a CONNECT for `client_id`, and the CONNACK it got back.
+pub fn mqtt_connect(port: u16, version: MqttVersion, client_id: &str) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect :{port}: {e}"));
     s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let ack = mqtt::connect_and_read_connack(&mut s, version, client_id)
+        .unwrap_or_else(|e| panic!("{client_id}: CONNECT to :{port}: {e}"));
+    (s, ack)
+}
+
+/// The one slot of the heavy work: a RabbitMQ node (Erlang takes a core to boot) or a test
+/// that storms harbormaster with hundreds of connections. Held until dropped; the other tests
+/// run beside the holder, but two heavy ones never run at once and time each other out.
+pub struct Heavy(());
+
+/// Waits for the [`Heavy`] slot (a test takes it first thing, before its peers start).
+pub fn heavy() -> Heavy {
+    let (lock, freed) = &HEAVY;
+    let mut taken = lock.lock().unwrap_or_else(|e| e.into_inner());
+    while *taken {
+        taken = freed.wait(taken).unwrap_or_else(|e| e.into_inner());
+    }
+    *taken = true;
+    Heavy(())
+}
+
+static HEAVY: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+impl Drop for Heavy {
+    fn drop(&mut self) {
+        let (lock, freed) = &HEAVY;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        freed.notify_one();
+    }
 }
 
 /// The sum of the samples of `name` in the admin server's `/metrics` whose labels include
@@ -855,6 +937,8 @@ pub struct Rabbit {
     dir: TempDir,
     env: Vec<(String, String)>,
     proc: Option<Proc>,
+    /// Dropped after the node is stopped (fields drop after `Drop::drop`).
+    _heavy: Heavy,
 }
 
 const RABBIT_SBIN: &str = "/usr/lib/rabbitmq/bin";
@@ -865,6 +949,7 @@ impl Rabbit {
         // scripts are in /usr/lib/rabbitmq/bin and run fine as root.
         let server = require_program(&format!("{RABBIT_SBIN}/rabbitmq-server"));
         require_program(&format!("{RABBIT_SBIN}/rabbitmqctl"));
+        let heavy = heavy();
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = tempfile::Builder::new().prefix("hm-rabbit-").tempdir().unwrap();
         let d = dir.path();
@@ -903,7 +988,7 @@ impl Rabbit {
         let mut cmd = Command::new(server);
         cmd.current_dir(d).envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("rabbitmq-server", cmd, &d.join("server.out"));
-        let rabbit = Rabbit { port, node, dir, env, proc: Some(proc) };
+        let rabbit = Rabbit { port, node, dir, env, proc: Some(proc), _heavy: heavy };
         // `rabbitmqctl wait PIDFILE` waits for the pid file, the node and its applications
         // (`await_startup` fails at once while the node is not up yet).
         let pid_file = rabbit.dir.path().join("rabbit.pid");
@@ -1058,7 +1143,6 @@ pub fn route(config: &Path, client_id: &str, pool: Option<&str>) -> Vec<String> 
 pub struct Harbormaster {
     pub dir: TempDir,
     pub config_path: PathBuf,
-    pub ports: Vec<u16>,
     log_path: PathBuf,
     proc: Option<Proc>,
     exit: Option<ExitStatus>,
@@ -1066,7 +1150,8 @@ pub struct Harbormaster {
 
 impl Harbormaster {
     /// Writes `config_toml` to a tempdir and runs `harbormaster run --config PATH`; waits
-    /// until every `bind` port in the config accepts TCP.
+    /// until every listener and the admin server it names are bound. Bind them to port 0 and
+    /// read the ports back with [`Harbormaster::port`] and [`Harbormaster::admin_addr`].
     pub fn start(config_toml: &str) -> Harbormaster {
         let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
         let config_path = dir.path().join("harbormaster.toml");
@@ -1083,8 +1168,8 @@ impl Harbormaster {
     /// Like `start_with_file`, with extra environment variables (e.g. `KUBECONFIG`).
     pub fn start_with_env(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Harbormaster {
         let text = fs::read_to_string(&config_path).unwrap();
-        let ports = bind_ports(&text);
-        assert!(!ports.is_empty(), "config has no bind ports:\n{text}");
+        let (listeners, admin) = config_binds(&text);
+        assert!(!listeners.is_empty(), "config has no listeners:\n{text}");
         let log_path = dir.path().join("harbormaster.log");
         let mut cmd = Command::new(harbormaster_bin());
         cmd.arg("run")
@@ -1100,15 +1185,52 @@ impl Harbormaster {
             cmd.env("HARBORMASTER_LOG", level);
         }
         let mut proc = Proc::spawn("harbormaster", cmd, &log_path);
-        let up = wait_until(WAIT, || proc.exited().is_none() && ports.iter().all(|p| port_accepts(*p)));
+        let up = wait_until(WAIT, || {
+            if proc.exited().is_some() {
+                return false;
+            }
+            // Bound, then one connection to each: the tests that count connections expect
+            // these probes, and wait until they have ended.
+            let bound = Bound::from_log(&read_file_lossy(&log_path));
+            let accepts = |a: &String| port_accepts(port_of(a));
+            listeners.iter().all(|l| bound.listeners.get(l).is_some_and(accepts))
+                && (!admin || bound.admin.as_ref().is_some_and(accepts))
+        });
         if !up {
             let status = proc.exited();
             panic!(
-                "harbormaster did not come up on {ports:?} (exit: {status:?}):\n{}\nconfig:\n{text}",
+                "harbormaster did not bind {listeners:?}{} (exit: {status:?}):\n{}\nconfig:\n{text}",
+                if admin { " and the admin server" } else { "" },
                 read_file_lossy(&log_path)
             );
         }
-        Harbormaster { dir, config_path, ports, log_path, proc: Some(proc), exit: None }
+        Harbormaster { dir, config_path, log_path, proc: Some(proc), exit: None }
+    }
+
+    /// Where listener `name` is bound now (`127.0.0.1:PORT`), as harbormaster logged it; after
+    /// a reload that moved it, the new address.
+    pub fn addr(&self, name: &str) -> String {
+        let log = self.log();
+        Bound::from_log(&log)
+            .listeners
+            .remove(name)
+            .unwrap_or_else(|| panic!("no \"listening\" line for listener {name:?}:\n{log}"))
+    }
+
+    /// The port of listener `name` ([`Harbormaster::addr`]).
+    pub fn port(&self, name: &str) -> u16 {
+        port_of(&self.addr(name))
+    }
+
+    /// Where the admin server is bound (`127.0.0.1:PORT`), as harbormaster logged it.
+    pub fn admin_addr(&self) -> String {
+        let log = self.log();
+        Bound::from_log(&log).admin.unwrap_or_else(|| panic!("no \"admin server listening\" line:\n{log}"))
+    }
+
+    /// The port of the admin server ([`Harbormaster::admin_addr`]).
+    pub fn admin_port(&self) -> u16 {
+        port_of(&self.admin_addr())
     }
 
     pub fn pid(&self) -> u32 {
@@ -1180,17 +1302,57 @@ impl Drop for Harbormaster {
     }
 }
 
-/// Ports of every `bind = "HOST:PORT"` line in a config.
-pub fn bind_ports(config: &str) -> Vec<u16> {
-    config
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l.strip_prefix("bind")?.trim_start();
-            let v = rest.strip_prefix('=')?.trim().trim_matches('"');
-            v.rsplit_once(':')?.1.parse().ok()
-        })
-        .collect()
+/// The listeners a config names, and whether it gives the admin server an address (only
+/// then is the admin server waited for: the default address may be taken by another test).
+pub fn config_binds(config: &str) -> (Vec<String>, bool) {
+    let v: toml::Value = toml::from_str(config).unwrap_or_else(|e| panic!("config is not TOML ({e}):\n{config}"));
+    let listeners = v
+        .get("listener")
+        .and_then(|l| l.as_array())
+        .map(|l| l.iter().filter_map(|l| Some(l.get("name")?.as_str()?.to_string())).collect())
+        .unwrap_or_default();
+    let admin = v
+        .get("admin")
+        .is_some_and(|a| a.get("bind").is_some() && a.get("enabled").and_then(|e| e.as_bool()).unwrap_or(true));
+    (listeners, admin)
+}
+
+/// The addresses a harbormaster process reported binding, from its log (text or JSON): the
+/// last "listening" line of each listener, and the "admin server listening" line.
+#[derive(Debug, Default)]
+pub struct Bound {
+    pub listeners: BTreeMap<String, String>,
+    pub admin: Option<String>,
+}
+
+impl Bound {
+    pub fn from_log(log: &str) -> Bound {
+        let mut bound = Bound::default();
+        for line in log.lines() {
+            let fields = parse_kv_line(line);
+            let Some(addr) = fields.get("addr") else { continue };
+            if is_event(line, &fields, "admin server listening") {
+                bound.admin = Some(addr.clone());
+            } else if let Some(name) = fields.get("listener").filter(|_| is_event(line, &fields, "listening")) {
+                bound.listeners.insert(name.clone(), addr.clone());
+            }
+        }
+        bound
+    }
+}
+
+/// Whether a log line is the event `message`: JSON carries it as a field, text prints it
+/// between the target and the fields.
+fn is_event(line: &str, fields: &BTreeMap<String, String>, message: &str) -> bool {
+    match fields.get("msg").or_else(|| fields.get("message")) {
+        Some(m) => m == message,
+        None => strip_ansi(line).contains(&format!(": {message} ")),
+    }
+}
+
+/// The port of `IP:PORT`.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or_else(|| panic!("not IP:PORT: {addr}"))
 }
 
 /// Removes ANSI escape sequences.

@@ -6,17 +6,15 @@
 //! takes no new clients but keeps its established ones; a pod that comes back under its name
 //! with a new IP gets its clients back.
 
-mod support;
-
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::fake_dns::{DnsMode, FakeDns};
-use support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
-use support::*;
+use crate::support::fake_dns::{DnsMode, FakeDns};
+use crate::support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
+use crate::support::*;
 use tempfile::TempDir;
 
 /// A mosquitto 2.0 broker listening on `ip:port` only.
@@ -86,10 +84,11 @@ impl Drop for Broker {
     }
 }
 
-/// A config with one listener on `port` and `pool` as the body of `[pool.brokers]`.
-fn config(port: u16, pool: &str) -> String {
+/// A config with one listener "mqtt" (on a port of the kernel's choosing) and `pool` as the body
+/// of `[pool.brokers]`.
+fn config(pool: &str) -> String {
     format!(
-        "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\npool = \"brokers\"\n\n\
+        "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\npool = \"brokers\"\n\n\
          [pool.brokers]\n{pool}\nbackend_connect_timeout = \"2s\"\n\n[limits]\ndrain_timeout = \"1s\"\n"
     )
 }
@@ -108,7 +107,7 @@ impl Reference {
             .iter()
             .map(|(name, addr)| format!("{{ name = {}, address = {} }}", toml_str(name), toml_str(addr)))
             .collect();
-        fs::write(&path, config(free_port(), &format!("backends = [{}]", list.join(", ")))).unwrap();
+        fs::write(&path, config(&format!("backends = [{}]", list.join(", ")))).unwrap();
         Reference { _dir: dir, path }
     }
 
@@ -177,14 +176,11 @@ fn a_dns_pool_follows_its_answers() {
     let b2 = Broker::start("127.0.0.2", bport);
     let b3 = Broker::start("127.0.0.3", bport);
     dns.set_addrs("brokers.test", &["127.0.0.3", "127.0.0.2"]);
-    let port = free_port();
-    let hm = Harbormaster::start(&config(
-        port,
-        &format!(
-            "dns = {{ name = \"brokers.test.\", resolver = \"{}\", interval = \"200ms\", port = {bport} }}",
-            dns.resolver()
-        ),
-    ));
+    let hm = Harbormaster::start(&config(&format!(
+        "dns = {{ name = \"brokers.test.\", resolver = \"{}\", interval = \"200ms\", port = {bport} }}",
+        dns.resolver()
+    )));
+    let port = hm.port("mqtt");
     wait_membership(&hm, &b2.addr());
     wait_serving(port);
 
@@ -260,16 +256,13 @@ fn a_kubernetes_pool_follows_its_endpoint_slices() {
     let slice = |eps: &[Ep]| endpoint_slice("hivemq-abc", "hivemq", &ports, eps);
     fake.apply("mqtt", slice(&[Ep::ready("hivemq-0", "127.0.0.2"), Ep::ready("hivemq-1", "127.0.0.3")]));
 
-    let port = free_port();
     let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
     let kc = kubeconfig(&dir, &fake.url());
     let config_path = dir.path().join("harbormaster.toml");
-    fs::write(
-        &config_path,
-        config(port, "kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }"),
-    )
-    .unwrap();
+    fs::write(&config_path, config("kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }"))
+        .unwrap();
     let hm = Harbormaster::start_with_env(dir, config_path, &[("KUBECONFIG", kc.to_str().unwrap())]);
+    let port = hm.port("mqtt");
     wait_membership(&hm, "hivemq-1");
     wait_serving(port);
 
@@ -353,19 +346,19 @@ fn a_kubernetes_pool_catches_up_at_once_after_the_api_server_restarts() {
     let slice = |eps: &[Ep]| endpoint_slice("hivemq-abc", "hivemq", &ports, eps);
     fake.apply("mqtt", slice(&[Ep::ready("hivemq-0", "127.0.0.2")]));
 
-    let (port, admin) = (free_port(), free_port());
     let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
     let kc = kubeconfig(&dir, &fake.url());
     let config_path = dir.path().join("harbormaster.toml");
     fs::write(
         &config_path,
         format!(
-            "{}\n[admin]\nbind = \"127.0.0.1:{admin}\"\n",
-            config(port, "kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }")
+            "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+            config("kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }")
         ),
     )
     .unwrap();
     let hm = Harbormaster::start_with_env(dir, config_path, &[("KUBECONFIG", kc.to_str().unwrap())]);
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     wait_membership(&hm, "hivemq-0");
     assert!(wait_until(WAIT, || backends_identities(admin) == ["hivemq-0"]), "{:?}", backends_identities(admin));
     assert!(wait_until(WAIT, || fake.open_watches() == 1), "no watch open");

@@ -5,62 +5,25 @@
 //! where clients really land (mosquitto's logs), and JSON logs parsed line by line. Also what
 //! must never take the process down: a stderr nobody reads, and idle admin connections.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion};
+use crate::support::*;
 use serde_json::Value;
-use support::mqtt::{self, ConnectOptions, MqttVersion};
-use support::*;
 
 // ---------------------------------------------------------------------------------------------
-// A small HTTP/1.1 client (one request per connection)
+// JSON over the support's HTTP client
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Http {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-fn try_get(addr: &str, path: &str) -> io::Result<Http> {
-    let sa: SocketAddr = addr.parse().expect("IP:port");
-    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(WAIT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) =
-        text.split_once("\r\n\r\n").ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, text.clone()))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, head.to_string()))?;
-    let content_type = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_default();
-    Ok(Http { status, content_type, body: body.to_string() })
-}
-
-fn get(addr: &str, path: &str) -> Http {
-    try_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
-}
 
 fn get_json(addr: &str, path: &str) -> (u16, Value) {
-    let r = get(addr, path);
+    let r = http_request(addr, path);
     assert_eq!(r.content_type, "application/json", "GET {path}: {r:?}");
     let v = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {}", r.body));
     (r.status, v)
@@ -83,7 +46,7 @@ fn encode(s: &str) -> String {
 fn wait_ready_status(admin: &str, status: u16) -> (u16, Value) {
     let mut last = (0, Value::Null);
     let ok = wait_until(WAIT, || {
-        if let Ok(r) = try_get(admin, "/readyz") {
+        if let Ok(r) = try_http_get(admin, "/readyz", WAIT) {
             last = (r.status, serde_json::from_str(&r.body).unwrap_or(Value::Null));
         }
         last.0 == status
@@ -125,7 +88,7 @@ struct Scrape(Vec<Sample>);
 
 impl Scrape {
     fn of(admin: &str) -> Scrape {
-        let r = get(admin, "/metrics");
+        let r = http_request(admin, "/metrics");
         assert_eq!(r.status, 200, "{r:?}");
         assert!(r.content_type.starts_with("text/plain; version=0.0.4"), "{r:?}");
         Scrape::parse(&r.body)
@@ -215,6 +178,17 @@ impl Spawned {
 
     fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The addresses it logged binding, once the admin server and `listeners` are bound.
+    fn wait_bound(&self, listeners: &[&str]) -> Bound {
+        let mut bound = Bound::default();
+        let up = wait_until(WAIT, || {
+            bound = Bound::from_log(&self.log());
+            bound.admin.is_some() && listeners.iter().all(|l| bound.listeners.contains_key(*l))
+        });
+        assert!(up, "harbormaster did not bind {listeners:?} and the admin server:\n{}", self.log());
+        bound
     }
 
     /// SIGTERM, then wait (bounded) for exit 0.
@@ -354,22 +328,20 @@ bind = "127.0.0.1:0"
     drop(live);
     let result = rt.block_on(async { tokio::time::timeout(WAIT, run).await });
     result.expect("run did not return after the drain").expect("run panicked").expect("run failed");
-    assert!(try_get(&admin, "/healthz").is_err(), "admin server still answering after exit");
+    assert!(try_http_get(&admin, "/healthz", WAIT).is_err(), "admin server still answering after exit");
 }
 
 /// The real binary: SIGTERM turns /readyz to 503 at once while live connections drain.
 #[test]
 fn sigterm_turns_readyz_503_while_draining() {
     let m = Mosquitto::start();
-    let (port, admin_port) = (free_port(), free_port());
     let limits = "\n[limits]\ndrain_timeout = \"60s\"\n";
-    let mut hm = Harbormaster::start(&(one_pool_config(port, admin_port, &[("m", &m)], "") + limits));
+    let mut hm = Harbormaster::start(&(one_pool_config(0, 0, &[("m", &m)], "") + limits));
+    let (port, admin_port) = (hm.port("mqtt"), hm.admin_port());
     let admin = addr(admin_port);
     wait_ready_status(&admin, 200);
 
-    let mut live = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    live.set_read_timeout(Some(WAIT)).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut live, MqttVersion::V5, "sigterm-holder").unwrap();
+    let (live, ack) = mqtt_connect(port, MqttVersion::V5, "sigterm-holder");
     assert!(mqtt::connack_accepted(&ack), "{ack:?}");
 
     hm.sigterm();
@@ -390,6 +362,8 @@ fn sigterm_turns_readyz_503_while_draining() {
 #[test]
 fn readyz_is_never_200_before_the_listeners_accept() {
     let m = Mosquitto::start();
+    // Chosen ahead: /readyz is polled from the moment the process starts, before it could say
+    // where it bound anything.
     let (p1, p2, admin_port) = (free_port(), free_port(), free_port());
     let mut hm = Spawned::start(
         &format!(
@@ -417,7 +391,7 @@ bind = "127.0.0.1:{admin_port}"
     );
     let admin = addr(admin_port);
     let mut seen = Vec::new();
-    let ready = wait_until(WAIT, || match try_get(&admin, "/readyz") {
+    let ready = wait_until(WAIT, || match try_http_get(&admin, "/readyz", WAIT) {
         Ok(r) => {
             let ok = r.status == 200;
             seen.push((r.status, r.body));
@@ -446,28 +420,27 @@ fn metrics_parse_and_count_what_happened() {
     let brokers = [("m0", &m0), ("m1", &m1)];
     let recorder = RecordingBackend::start();
     let certs = Certs::new();
-    let (plain, tls, dead, rec, admin_port) = (free_port(), free_port(), free_port(), free_port(), free_port());
-    let nothing_there = free_port();
+    let nothing_there = free_port(); // a broker address where nothing listens
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls_toml}
 [[listener]]
 name = "dead"
-bind = "127.0.0.1:{dead}"
+bind = "127.0.0.1:0"
 pool = "nowhere"
 
 [[listener]]
 name = "rec"
-bind = "127.0.0.1:{rec}"
+bind = "127.0.0.1:0"
 pool = "recorded"
 
 [pool.brokers]
@@ -482,12 +455,14 @@ backends = [{{ name = "recorder", address = {recorder} }}]
 proxy_protocol = "v2"
 
 [admin]
-bind = "127.0.0.1:{admin_port}"
+bind = "127.0.0.1:0"
 "#,
         tls_toml = certs.listener_tls_toml("none"),
         brokers = named_backends(&brokers),
         recorder = toml_str(recorder.addr()),
     ));
+    let (plain, tls, dead, rec, admin_port) =
+        (hm.port("mqtt"), hm.port("mqtts"), hm.port("dead"), hm.port("rec"), hm.admin_port());
     let admin = addr(admin_port);
 
     // The harness probed every port to see it up: wait until those probes have ended, so that
@@ -632,23 +607,23 @@ bind = "127.0.0.1:{admin_port}"
 fn backends_and_route_agree_with_the_cli_and_with_mosquitto() {
     let (m0, m1, m2) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
     let mut brokers = [("m0", m0), ("m1", m1), ("m2", m2)];
-    let (port, admin_port) = (free_port(), free_port());
     let list = brokers.iter().map(|(n, m)| (*n, m)).collect::<Vec<_>>();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "fleet"
 
 [pool.fleet]
 backends = [{list}]
 
 [admin]
-bind = "127.0.0.1:{admin_port}"
+bind = "127.0.0.1:0"
 "#,
         list = named_backends(&list),
     ));
+    let (port, admin_port) = (hm.port("mqtt"), hm.admin_port());
     let admin = addr(admin_port);
     let client = MqttClient::plain(port, MqttVersion::V311);
 
@@ -739,17 +714,16 @@ bind = "127.0.0.1:{admin_port}"
 fn json_logs_parse_line_by_line_and_hold_no_secrets() {
     let m = Mosquitto::start();
     let certs = Certs::new();
-    let (plain, tls, admin_port) = (free_port(), free_port(), free_port());
     let config = format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls_toml}
 [pool.brokers]
@@ -760,13 +734,15 @@ format = "text"
 level = "error"
 
 [admin]
-bind = "127.0.0.1:{admin_port}"
+bind = "127.0.0.1:0"
 "#,
         tls_toml = certs.listener_tls_toml("none"),
         broker = toml_str(m.addr()),
     );
     let mut hm = Spawned::start(&config, &["--log-format", "json", "--log-level", "debug"], &[("RUST_LOG", "error")]);
-    let admin = addr(admin_port);
+    let bound = hm.wait_bound(&["mqtt", "mqtts"]);
+    let (plain, tls, admin) =
+        (port_of(&bound.listeners["mqtt"]), port_of(&bound.listeners["mqtts"]), bound.admin.unwrap());
     wait_ready_status(&admin, 200);
 
     let password = "s3cr3t-pa55w0rd";
@@ -875,6 +851,7 @@ bind = "127.0.0.1:{admin_port}"
         (vec![("RUST_LOG", "info")], "RUST_LOG"),
         (vec![("RUST_LOG", "info"), ("HARBORMASTER_LOG", "harbormaster=info")], "HARBORMASTER_LOG"),
     ] {
+        // Chosen ahead, as below: at level error the bound addresses are not logged.
         let admin_port = free_port();
         let mut hm = Spawned::start(&config(admin_port), &[], &env);
         wait_ready_status(&addr(admin_port), 200);
@@ -896,7 +873,8 @@ bind = "127.0.0.1:{admin_port}"
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hm.toml");
-    fs::write(&path, config(free_port())).unwrap();
+    // It exits on the flag before binding anything.
+    fs::write(&path, config(0)).unwrap();
     let out = harbormaster(&["run", "--config", path.to_str().unwrap(), "--log-level", "=nope=["]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log-level"), "{out:?}");
@@ -950,6 +928,7 @@ fn refused_flood(port: u16) -> usize {
 #[test]
 fn a_stderr_nobody_reads_never_stops_the_data_plane() {
     let m = Mosquitto::start();
+    // Chosen ahead: nobody reads its log, where the bound addresses would be.
     let (port, admin_port) = (free_port(), free_port());
     let dir = tempfile::Builder::new().prefix("hm-stall-").tempdir().unwrap();
     let config_path = dir.path().join("harbormaster.toml");
@@ -988,7 +967,7 @@ fn a_stderr_nobody_reads_never_stops_the_data_plane() {
     held.write_all(&mqtt::pingreq()).unwrap();
     let pong = mqtt::read_until_kind(&mut held, 13).expect("no PINGRESP on the established session");
     assert_eq!(pong.bytes(), [0xd0, 0x00]);
-    let r = try_get(&admin, "/healthz").expect("/healthz");
+    let r = try_http_get(&admin, "/healthz", WAIT).expect("/healthz");
     assert_eq!(r.status, 200, "{r:?}");
     let dropped = Scrape::of(&admin).sum("harbormaster_log_lines_dropped_total", &[]);
     assert!(dropped > 0.0, "no log line was dropped, so the flood proved nothing");
@@ -1055,10 +1034,10 @@ impl Drop for KillOnDrop {
 /// the connection idle longest is closed for the new one.
 #[test]
 fn healthz_answers_with_a_thousand_idle_admin_connections_open() {
+    let _heavy = heavy();
     let m = Mosquitto::start();
-    let (port, admin_port) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &[("m", &m)], ""));
-    let admin = addr(admin_port);
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &[("m", &m)], ""));
+    let admin = hm.admin_addr();
     let sa: SocketAddr = admin.parse().unwrap();
     let mut idle = Vec::new();
     let mut refused = None;
@@ -1077,14 +1056,8 @@ fn healthz_answers_with_a_thousand_idle_admin_connections_open() {
             }
         }
     }
-    let probe = || -> io::Result<u16> {
-        let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(1)))?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
-    };
+    // The kubelet's probe: one second to connect and answer.
+    let probe = || try_http_get(&admin, "/healthz", Duration::from_secs(1)).map(|r| r.status);
     let mut failed = Vec::new();
     for i in 0..20 {
         match probe() {

@@ -2,45 +2,34 @@
 //! `drain_delay`, then no new connection; the 200 are closed spread over `drain_timeout`
 //! (oldest first), not all at once at its end; the process exits 0.
 
-mod support;
-
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 const CLIENTS: usize = 200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The HTTP status of GET `path` on the admin server, if it answered.
 fn status(admin: &str, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(admin).ok()?;
-    s.set_read_timeout(Some(WAIT)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    try_http_get(admin, path, WAIT).ok().map(|r| r.status)
 }
 
 #[test]
 fn sigterm_closes_200_idle_connections_spread_over_the_drain_window() {
+    let _heavy = heavy();
     let m = Mosquitto::start();
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let limits = format!("\n[limits]\ndrain_delay = \"3s\"\ndrain_timeout = \"{}s\"\n", DRAIN_TIMEOUT.as_secs());
-    let mut hm = Harbormaster::start(&(one_pool_config(port, admin_port, &[("m", &m)], "") + &limits));
+    let mut hm = Harbormaster::start(&(one_pool_config(0, 0, &[("m", &m)], "") + &limits));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
 
     // 200 idle clients, opened in order; each thread reports when its connection is closed.
     let (tx, rx) = mpsc::channel::<(usize, Instant)>();
     let mut threads = Vec::new();
     for i in 0..CLIENTS {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, &format!("idle-{i:03}")).unwrap();
+        let (mut s, ack) = mqtt_connect(port, MqttVersion::V311, &format!("idle-{i:03}"));
         assert!(mqtt::connack_accepted(&ack), "client {i}: {ack:?}");
         let tx = tx.clone();
         threads.push(thread::spawn(move || {

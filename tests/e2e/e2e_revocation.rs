@@ -7,14 +7,12 @@
 //! device is refused from then on, its ticket from before does not resume, and the session it
 //! already has is left alone. `check` names a broken list by its key.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::mqtt::MqttVersion;
-use support::*;
+use crate::support::mqtt::MqttVersion;
+use crate::support::*;
 
 /// A device CA as an operator runs one: `openssl ca` with its index, serial and CRL number.
 struct DeviceCa {
@@ -186,8 +184,6 @@ fn a_revoked_device_is_refused_and_a_revocation_applies_on_the_fly() {
     ca.publish_crl("fleet.crl");
 
     let broker = Mosquitto::start();
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let dir = tempfile::Builder::new().prefix("hm-crl-").tempdir().unwrap();
     let config = dir.path().join("harbormaster.toml");
     fs::write(
@@ -196,7 +192,7 @@ fn a_revoked_device_is_refused_and_a_revocation_applies_on_the_fly() {
             r#"
 [[listener]]
 name = "devices"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 [listener.tls]
 certs = [{{ cert = {cert}, key = {key} }}]
@@ -208,7 +204,7 @@ client_auth = "required"
 backends = ["{broker}"]
 
 [admin]
-bind = "127.0.0.1:{admin_port}"
+bind = "127.0.0.1:0"
 "#,
             cert = toml_path(&certs.server_cert),
             key = toml_path(&certs.server_key),
@@ -221,6 +217,7 @@ bind = "127.0.0.1:{admin_port}"
     let out = harbormaster(&["check", "--config", config.to_str().unwrap()]);
     assert!(out.status.success() && !output_text(&out).contains("warning"), "{}", output_text(&out));
     let hm = Harbormaster::start_with_file(dir, config.clone());
+    let (port, admin) = (hm.port("devices"), hm.admin_addr());
 
     // The revoked device: refused at the handshake, told why, never at the broker.
     let out = ca.client(&certs, port, "device-1").publish("dev-1", "fleet/t", "x");
@@ -289,10 +286,9 @@ fn check_names_a_broken_revocation_list_and_warns_about_readable_keys() {
         fs::write(
             &config,
             format!(
-                "[[listener]]\nname = \"devices\"\nbind = \"127.0.0.1:{}\"\npool = \"p\"\n[listener.tls]\n\
+                "[[listener]]\nname = \"devices\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[listener.tls]\n\
                  certs = [{{ cert = {}, key = \"server.key\" }}]\nclient_ca = {}\nclient_crl = {crl}\n\
                  client_auth = \"required\"\n\n[pool.p]\nbackends = [\"127.0.0.1:1\"]\n",
-                free_port(),
                 toml_path(&certs.server_cert),
                 toml_path(&ca.path("fleet-ca.pem")),
             ),

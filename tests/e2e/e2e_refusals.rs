@@ -2,14 +2,12 @@
 //! where MQTT has one, a plain close otherwise; and nothing ever reaches the broker.
 //! The backend is a test-owned TCP server that records every byte it receives.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, ConnectOptions, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion};
+use crate::support::*;
 
 struct Setup {
     backend: RecordingBackend,
@@ -19,12 +17,11 @@ struct Setup {
 
 fn start(empty_client_id: &str) -> Setup {
     let backend = RecordingBackend::start();
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -38,6 +35,7 @@ max_connect_packet = 1024
 "#,
         backend = backend.addr()
     ));
+    let port = hm.port("mqtt");
     Setup { backend, hm, port }
 }
 
@@ -216,12 +214,11 @@ fn oversized_connect_is_not_forwarded() {
 #[test]
 fn all_brokers_down_gives_connack_server_unavailable() {
     let dead: Vec<String> = (0..3).map(|_| toml_str(addr(free_port()))).collect();
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -232,6 +229,7 @@ backend_attempts = 3
 "#,
         dead.join(", ")
     ));
+    let port = hm.port("mqtt");
     for (v, want) in [
         (MqttVersion::V311, vec![0x20, 0x02, 0x00, 0x03]),
         (MqttVersion::V5, vec![0x20, 0x03, 0x00, 0x88, 0x00]),

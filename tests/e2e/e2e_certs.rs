@@ -4,23 +4,22 @@
 //! certificate of the demo set shipped in config/certs (whose private keys are public), and
 //! stay quiet for the fresh ones.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use support::*;
+use crate::support::*;
 
 const DEMO_WARNING: &str = "whose private key is published with harbormaster";
 
-/// One TLS listener on `port` in front of `broker`, with the certificate files of `dir`.
-fn config(port: u16, broker: &str, server: &str, key: &str, ca: &str) -> String {
+/// One TLS listener "mqtts" (on a port of the kernel's choosing) in front of `broker`, with
+/// the certificate files of `dir`.
+fn config(broker: &str, server: &str, key: &str, ca: &str) -> String {
     format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 [listener.tls]
 certs = [{{ cert = {server}, key = {key} }}]
@@ -42,8 +41,7 @@ fn check_and_run_warn_about_the_shipped_demo_certificates() {
     let p = |f: &str| shipped.join(f).to_str().unwrap().to_string();
     let dir = tempfile::Builder::new().prefix("hm-demo-set-").tempdir().unwrap();
     let path = dir.path().join("hm.toml");
-    let port = free_port();
-    fs::write(&path, config(port, "127.0.0.1:1", &p("server.pem"), &p("server.key"), &p("ca.pem"))).unwrap();
+    fs::write(&path, config("127.0.0.1:1", &p("server.pem"), &p("server.key"), &p("ca.pem"))).unwrap();
 
     let out = harbormaster(&["check", "--config", path.to_str().unwrap()]);
     let text = output_text(&out);
@@ -105,14 +103,14 @@ fn certs_made_by_the_certs_command_carry_mosquitto_pub_and_raise_no_warning() {
     assert_eq!(fs::read(out_dir.join("ca.key")).unwrap(), ca_before);
 
     let m = Mosquitto::start();
-    let port = free_port();
     let path = dir.path().join("hm.toml");
-    fs::write(&path, config(port, &m.addr(), "certs/server.pem", "certs/server.key", "certs/ca.pem")).unwrap();
+    fs::write(&path, config(&m.addr(), "certs/server.pem", "certs/server.key", "certs/ca.pem")).unwrap();
     let out = harbormaster(&["check", "--config", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(!output_text(&out).contains("warning"), "{}", output_text(&out));
 
     let hm = Harbormaster::start_with_file(dir, path);
+    let port = hm.port("mqtts");
     let certs_dir = hm.dir.path().join("certs");
     let tls = ClientTls {
         cafile: certs_dir.join("ca.pem"),

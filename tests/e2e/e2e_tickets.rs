@@ -4,17 +4,15 @@
 //! ("Reused"), with the resumed connection's PROXY v2 header parsed by ppp: it still names
 //! the client certificate the session was made with.
 
-mod support;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 use rustls::{ClientConfig, HandshakeKind};
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
 
 const SSL: u8 = 0x20;
 const SSL_CN: u8 = 0x22;
@@ -51,13 +49,12 @@ struct Replica {
 }
 
 fn replica(certs: &Certs, listener: &str, keys: Option<&Path>, backend: &str, proxy_protocol: &str) -> Replica {
-    let (port, admin) = (free_port(), free_port());
     let ticket_keys = keys.map(|k| format!("ticket_keys = {}\n", toml_path(k))).unwrap_or_default();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "{listener}"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls}{ticket_keys}
 [pool.brokers]
@@ -66,11 +63,12 @@ proxy_protocol = "{proxy_protocol}"
 tlvs = ["ssl", "client_id"]
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
         tls = certs.listener_tls_toml("optional"),
     ));
-    Replica { hm, port, admin: addr(admin) }
+    let (port, admin) = (hm.port(listener), hm.admin_addr());
+    Replica { hm, port, admin }
 }
 
 /// A TLS connection with `config` (whose session cache carries tickets from one connection to
@@ -261,8 +259,7 @@ fn check_names_a_bad_key_file_and_warns_about_an_exposed_one() {
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"mqtts\"\nbind = \"127.0.0.1:{}\"\npool = \"p\"\n{}ticket_keys = {}\n\n[pool.p]\nbackends = [\"127.0.0.1:1\"]\n",
-            free_port(),
+            "[[listener]]\nname = \"mqtts\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n{}ticket_keys = {}\n\n[pool.p]\nbackends = [\"127.0.0.1:1\"]\n",
             certs.listener_tls_toml("optional"),
             toml_path(&keys)
         ),

@@ -2,14 +2,12 @@
 //! `proxy_protocol = "v2"`: the broker-level oracle of the PROXY v2 header harbormaster
 //! sends. RabbitMQ boots slowly, so this file has exactly one test with every assertion.
 
-mod support;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 /// What RabbitMQ reports for one connection.
 #[derive(Debug)]
@@ -92,12 +90,11 @@ fn rabbitmq_sees_client_address_and_tls_facts_from_harbormaster() {
     oracle_direct_header(&rabbit);
 
     let certs = Certs::new();
-    let tls_port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{tls_port}"
+bind = "127.0.0.1:0"
 pool = "rabbit"
 {tls}
 [pool.rabbit]
@@ -110,6 +107,7 @@ max_header_bytes = 500
         tls = certs.listener_tls_toml("optional"),
         rabbit = rabbit.addr(),
     ));
+    let tls_port = hm.port("mqtts");
 
     // 1. mosquitto_sub -V mqttv311 with the client certificate stays connected through
     //    harbormaster; RabbitMQ sees loopback, TLS 1.3 and a TLS 1.3 cipher.

@@ -4,8 +4,6 @@
 //! broker the running process routes them to, then Ctrl-C (SIGINT): exit 0 and the temporary
 //! folder is gone.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -14,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// The demo binary, its stdout collected line by line; killed on drop.
 struct Demo {

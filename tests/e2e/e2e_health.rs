@@ -5,14 +5,12 @@
 //! `fall` only in pools with active checks. The mqtt probe's PROXY v1/v2 header is accepted by
 //! HAProxy (`accept-proxy`) and RabbitMQ (which rejects the LOCAL command).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-use support::*;
+use crate::support::*;
 use tempfile::TempDir;
 
 /// A mosquitto 2.0 broker that can be stopped and started again on the same port (the
@@ -209,12 +207,11 @@ fn get<'a>(line: &'a BTreeMap<String, String>, key: &str) -> &'a str {
 /// started again on the same port → marked up → its clients back on b0.
 fn stop_and_start_a_broker(check: &str) {
     let mut brokers: Vec<Broker> = (0..3).map(|i| Broker::start(&format!("b{i}"))).collect();
-    let port = free_port();
     let config = format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -230,6 +227,7 @@ drain_timeout = "1s"
         backends = backends(&brokers)
     );
     let hm = Harbormaster::start(&config);
+    let port = hm.port("mqtt");
     let clients = ids_first_on(&hm, "brokers", &format!("{check}-dev"), "b0", 3);
 
     // Healthy: every client on its first choice.
@@ -292,17 +290,16 @@ fn tcp_check_moves_a_stopped_brokers_clients_to_their_second_choice_and_back() {
 #[test]
 fn failed_dials_mark_a_broker_down_only_in_a_pool_with_active_checks() {
     let mut brokers: Vec<Broker> = (0..3).map(|i| Broker::start(&format!("b{i}"))).collect();
-    let (checked_port, plain_port) = (free_port(), free_port());
     let config = format!(
         r#"
 [[listener]]
 name = "checked"
-bind = "127.0.0.1:{checked_port}"
+bind = "127.0.0.1:0"
 pool = "checked"
 
 [[listener]]
 name = "plain"
-bind = "127.0.0.1:{plain_port}"
+bind = "127.0.0.1:0"
 pool = "plain"
 
 [pool.checked]
@@ -318,6 +315,7 @@ drain_timeout = "1s"
         backends = backends(&brokers)
     );
     let hm = Harbormaster::start(&config);
+    let (checked_port, plain_port) = (hm.port("checked"), hm.port("plain"));
     let clients = ids_first_on(&hm, "checked", "passive-dev", "b0", 4);
     for (id, order) in &clients {
         assert_eq!(&hm.route_in(id, "plain"), order, "same brokers, same order");
@@ -352,7 +350,6 @@ drain_timeout = "1s"
 fn mqtt_check_speaks_proxy_v1_and_v2_to_haproxy_and_sees_through_it() {
     let mut behind = Broker::start("behind");
     let (h1, h2) = (Haproxy::start(behind.port), Haproxy::start(behind.port));
-    let port = free_port();
     let pool = |name: &str, version: &str, haproxy: &Haproxy| {
         format!(
             "[pool.{name}]\nbackends = [{{ name = \"haproxy\", address = {} }}]\nproxy_protocol = \"{version}\"\n\
@@ -361,7 +358,7 @@ fn mqtt_check_speaks_proxy_v1_and_v2_to_haproxy_and_sees_through_it() {
         )
     };
     let config = format!(
-        "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\npool = \"v1\"\n\n{}\n{}\n[limits]\ndrain_timeout = \"1s\"\n",
+        "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\npool = \"v1\"\n\n{}\n{}\n[limits]\ndrain_timeout = \"1s\"\n",
         pool("v1", "v1", &h1),
         pool("v2", "v2", &h2)
     );
@@ -393,12 +390,11 @@ fn mqtt_check_speaks_proxy_v1_and_v2_to_haproxy_and_sees_through_it() {
 #[test]
 fn mqtt_check_with_proxy_v2_is_accepted_by_rabbitmq() {
     let rabbit = Rabbit::start();
-    let port = free_port();
     let config = format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "rabbit"
 
 [pool.rabbit]
@@ -412,6 +408,7 @@ drain_timeout = "1s"
         addr = toml_str(rabbit.addr())
     );
     let hm = Harbormaster::start(&config);
+    let port = hm.port("mqtt");
     // `accepting MQTT connection <0.763.0> (127.0.0.1:55198 -> 127.0.0.1:35199, client id:
     // hm-health-7515823071aa2)`: the addresses are those of the probe's PROXY header.
     let probes = || {

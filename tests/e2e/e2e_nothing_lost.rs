@@ -10,8 +10,6 @@
 //! a client is refused (CONNACK "server unavailable") and retries, as a device does while its
 //! home broker restarts, instead of failing over to a broker its partner is not on.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -22,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, ConnectOptions, MqttVersion, Packet};
-use support::*;
+use crate::support::mqtt::{self, ConnectOptions, MqttVersion, Packet};
+use crate::support::*;
 
 const V: MqttVersion = MqttVersion::V311;
 /// Upper bound for the whole test; every wait below is bounded by it.
@@ -374,8 +372,8 @@ fn run_publisher(port: u16, pair: &Pair, stop: &AtomicBool, deadline: Instant) {
 
 /// A client whose broker is down is refused and retries; it never moves to another broker,
 /// which would separate it from its partner.
-fn config(port: u16, admin: u16, brokers: &[(&str, &Mosquitto)]) -> String {
-    one_pool_config(port, admin, brokers, "backend_attempts = 1")
+fn config(brokers: &[(&str, &Mosquitto)]) -> String {
+    one_pool_config(0, 0, brokers, "backend_attempts = 1")
 }
 
 /// The first `n` ids `PREFIX-I` whose first broker is `broker` under both configs.
@@ -464,17 +462,17 @@ fn restart_with_messages_waiting(broker: &mut Mosquitto, name: &str, pairs: &[Ar
 
 #[test]
 fn every_acknowledged_qos1_message_arrives_across_broker_restarts_and_a_reload() {
+    let _heavy = heavy();
     let deadline = Instant::now() + RUN_BOUND;
     let (mut a, mut b, c) =
         (Mosquitto::start_persistent(), Mosquitto::start_persistent(), Mosquitto::start_persistent());
-    let (port, admin) = (free_port(), free_port());
     let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
     let config_path = dir.path().join("harbormaster.toml");
-    fs::write(&config_path, config(port, admin, &[("a", &a), ("b", &b)])).unwrap();
+    fs::write(&config_path, config(&[("a", &a), ("b", &b)])).unwrap();
     // The reloaded config, kept outside the watched folder until it is swapped in.
     let staging = tempfile::Builder::new().prefix("hm-next-").tempdir().unwrap();
     let next_path = staging.path().join("harbormaster.toml");
-    fs::write(&next_path, config(port, admin, &[("a", &a), ("b", &b), ("c", &c)])).unwrap();
+    fs::write(&next_path, config(&[("a", &a), ("b", &b), ("c", &c)])).unwrap();
 
     // Two pairs per broker, each id on the same broker before and after broker c is added.
     let mut pairs = Vec::new();
@@ -487,6 +485,7 @@ fn every_acknowledged_qos1_message_arrives_across_broker_restarts_and_a_reload()
         }
     }
     let hm = Harbormaster::start_with_file(dir, config_path.clone());
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
 
     let stop_subs = Arc::new(AtomicBool::new(false));
     let stop_pubs = Arc::new(AtomicBool::new(false));

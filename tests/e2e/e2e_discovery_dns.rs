@@ -1,14 +1,12 @@
-//! DNS discovery against a DNS server the test controls (tests/support/fake_dns.rs, UDP on an
+//! DNS discovery against a DNS server the test controls (tests/e2e/support/fake_dns.rs, UDP on an
 //! ephemeral loopback port): members follow A/AAAA and SRV answers, sorted, deduplicated and
 //! named `IP:port`; the last good answer stays while the server fails (SERVFAIL, NXDOMAIN,
 //! silence); failures never make discovery ask faster than its interval.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::fake_dns::{DnsMode, FakeDns};
 use harbormaster::control::discovery::{self, Discovery, DiscoverySpec, Members};
-use support::fake_dns::{DnsMode, FakeDns};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

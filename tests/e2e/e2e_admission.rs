@@ -4,14 +4,12 @@
 //! Every refusal shows in `connections_refused_total` and in the connection's log line, and
 //! the accept loop keeps serving afterwards. The backend is a test-owned recording server.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 /// `GET /metrics` on the admin server: the sum of `harbormaster_connections_refused_total` samples whose
 /// `reason` label is `reason`.
@@ -38,18 +36,17 @@ fn connect(port: u16) -> TcpStream {
 #[test]
 fn connection_limits_close_new_connections_at_accept_and_the_loop_keeps_serving() {
     let backend = RecordingBackend::start();
-    let (a, b, admin) = (free_port(), free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "a"
-bind = "127.0.0.1:{a}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 max_connections = 2
 
 [[listener]]
 name = "b"
-bind = "127.0.0.1:{b}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -61,10 +58,11 @@ connect_timeout = "60s"
 max_connections = 3
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
         backend = backend.addr()
     ));
+    let (a, b, admin) = (hm.port("a"), hm.port("b"), hm.admin_port());
     // Let the start-up probes' connections end: they count against the limits until then.
     std::thread::sleep(Duration::from_millis(500));
 
@@ -113,10 +111,10 @@ bind = "127.0.0.1:{admin}"
 #[test]
 fn per_source_rate_closes_the_excess_of_one_address() {
     let backend = RecordingBackend::start();
-    let (port, admin) = (free_port(), free_port());
     let limits = "\n[limits]\nconnect_timeout = \"60s\"\nper_source_rate = 1\nper_source_burst = 2\n";
-    let pool = one_pool_config(port, admin, &[("b", backend.addr())], "proxy_protocol = \"none\"");
+    let pool = one_pool_config(0, 0, &[("b", backend.addr())], "proxy_protocol = \"none\"");
     let hm = Harbormaster::start(&(pool + limits));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     // A burst of 2 then 1 per second: of 10 back-to-back connections, most are closed.
     let mut conns: Vec<TcpStream> = (0..10).map(|_| connect(port)).collect();
     let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
@@ -144,12 +142,11 @@ fn handshakes_over_the_rate_wait_in_a_bounded_queue_and_the_rest_is_closed_befor
     // A TLS listener with these `[limits]`, three connections at once: how many are closed
     // without a TLS byte, and the close reason logged and counted.
     let run = |limits: &str, closed_range: std::ops::RangeInclusive<usize>, reason: &str| {
-        let (port, admin) = (free_port(), free_port());
         let hm = Harbormaster::start(&format!(
             r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls}
 [pool.brokers]
@@ -159,11 +156,12 @@ backends = ["{backend}"]
 {limits}
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
             tls = certs.listener_tls_toml("none"),
             backend = backend.addr()
         ));
+        let (port, admin) = (hm.port("mqtts"), hm.admin_port());
         let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(port)).collect();
         let closed = conns.iter_mut().map(closed_without_a_byte_quickly).filter(|c| *c).count();
         assert!(closed_range.contains(&closed), "{reason}: {closed} closed\n{}", hm.log());
@@ -189,10 +187,10 @@ bind = "127.0.0.1:{admin}"
 #[test]
 fn a_flapping_client_id_gets_connection_rate_exceeded() {
     let backend = RecordingBackend::start();
-    let (port, admin) = (free_port(), free_port());
     let limits = "\n[limits]\nflapping = { max_connects = 2, window = \"10m\", ban = \"10m\" }\n";
-    let pool = one_pool_config(port, admin, &[("b", backend.addr())], "proxy_protocol = \"none\"");
+    let pool = one_pool_config(0, 0, &[("b", backend.addr())], "proxy_protocol = \"none\"");
     let hm = Harbormaster::start(&(pool + limits));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_port());
     for (version, id, want) in [
         (MqttVersion::V311, "flappy-311", vec![0x20, 2, 0, 3]),
         (MqttVersion::V31, "flappy-31", vec![0x20, 2, 0, 3]),
@@ -235,17 +233,16 @@ fn a_flapping_client_id_gets_connection_rate_exceeded() {
 fn unauthenticated_connects_cannot_get_a_device_with_a_certificate_refused() {
     let broker = Mosquitto::start();
     let certs = Certs::with_client_cn("victim");
-    let (plain, mtls, admin) = (free_port(), free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{mtls}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls}
 [pool.brokers]
@@ -256,11 +253,12 @@ proxy_protocol = "none"
 flapping = {{ max_connects = 3, window = "10m", ban = "10m" }}
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:0"
 "#,
         tls = certs.listener_tls_toml("required"),
         backends = named_backends(&[("m", &broker)])
     ));
+    let (plain, mtls, admin) = (hm.port("mqtt"), hm.port("mqtts"), hm.admin_port());
 
     // 20 CONNECTs with the device's client-id, no certificate: the first 3 reach the
     // broker, the rest are refused (their key space is banned).

@@ -1,22 +1,18 @@
 //! SIGTERM: stop accepting at once, let live connections run up to drain_timeout, then close
 //! them and exit 0.
 
-mod support;
-
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
-use support::mqtt::{self, MqttVersion};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 
 fn start(m: &Mosquitto, drain: &str) -> (Harbormaster, u16) {
-    let port = free_port();
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -28,6 +24,7 @@ drain_timeout = "{drain}"
 "#,
         broker = m.addr()
     ));
+    let port = hm.port("mqtt");
     (hm, port)
 }
 
@@ -37,9 +34,7 @@ fn sigterm_drains_live_connections_then_exits_0() {
     let (mut hm, port) = start(&m, "2s");
 
     // A live client through harbormaster, subscribed to a topic.
-    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.set_read_timeout(Some(WAIT)).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut c, MqttVersion::V311, "drainee").unwrap();
+    let (mut c, ack) = mqtt_connect(port, MqttVersion::V311, "drainee");
     assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x00]);
     c.write_all(&mqtt::subscribe(MqttVersion::V311, 1, "drain/in")).unwrap();
     let suback = mqtt::read_until_kind(&mut c, 9).unwrap();

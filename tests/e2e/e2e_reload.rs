@@ -3,7 +3,7 @@
 //! `on_backend_removed = "close"`), a certificate rotated (new handshakes only), an invalid
 //! config rejected without effect, listeners added, removed and moved.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -11,11 +11,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::*;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use support::mqtt::{self, MqttVersion};
-use support::*;
 
 /// The value of one sample line of `/metrics` (exact name and labels), 0 when absent.
 fn metric(admin: &str, series: &str) -> f64 {
@@ -38,9 +38,7 @@ fn wait_reloads(hm: &Harbormaster, admin: &str, outcome: &str, n: usize) {
 
 /// A raw MQTT 3.1.1 client through harbormaster, CONNACK accepted.
 fn open(port: u16, client_id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut s, MqttVersion::V311, client_id).unwrap();
+    let (s, ack) = mqtt_connect(port, MqttVersion::V311, client_id);
     assert!(mqtt::connack_accepted(&ack), "{client_id}: {ack:?}");
     s
 }
@@ -68,14 +66,12 @@ fn ids_routed_to(config: &Path, broker: &str, n: usize) -> Vec<String> {
 #[test]
 fn a_subscriber_keeps_receiving_while_the_config_is_reloaded() {
     let (m1, m2) = (Mosquitto::start(), Mosquitto::start());
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let brokers = [("b1", &m1), ("b2", &m2)];
     // Each version differs, so every rewrite is a change.
-    let version = |i: usize| {
-        one_pool_config(port, admin_port, &brokers, "") + &format!("\n[limits]\nconnect_timeout = \"{}s\"\n", 10 + i)
-    };
+    let version =
+        |i: usize| one_pool_config(0, 0, &brokers, "") + &format!("\n[limits]\nconnect_timeout = \"{}s\"\n", 10 + i);
     let hm = Harbormaster::start(&version(0));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
 
     let sub = MqttClient::plain(port, MqttVersion::V311).subscribe("keeper", "reload/keep", 7);
     let on = hm.route("keeper")[0].clone();
@@ -110,10 +106,9 @@ fn a_subscriber_keeps_receiving_while_the_config_is_reloaded() {
 #[test]
 fn removing_a_broker_moves_only_its_client_ids_and_keeps_its_connections() {
     let (m1, m2, m3) = (Mosquitto::start(), Mosquitto::start(), Mosquitto::start());
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let all = [("b1", &m1), ("b2", &m2), ("b3", &m3)];
-    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &all, ""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &all, ""));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
 
     let ids: Vec<String> = (0..40).map(|i| format!("veh-{i:02}")).collect();
     let before: Vec<Vec<String>> = ids.iter().map(|id| hm.route(id)).collect();
@@ -123,7 +118,7 @@ fn removing_a_broker_moves_only_its_client_ids_and_keeps_its_connections() {
     let sub = MqttClient::plain(port, MqttVersion::V311).subscribe(&on_b3, "removed/t", 2);
     assert!(m3.wait_subscribed(&on_b3));
 
-    fs::write(&hm.config_path, one_pool_config(port, admin_port, &all[..2], "")).unwrap();
+    fs::write(&hm.config_path, one_pool_config(0, 0, &all[..2], "")).unwrap();
     wait_reloads(&hm, &admin, "ok", 1);
 
     let mut moved = 0;
@@ -159,11 +154,10 @@ fn removing_a_broker_moves_only_its_client_ids_and_keeps_its_connections() {
 #[test]
 fn with_on_backend_removed_close_its_connections_are_closed() {
     let (m1, m2) = (Mosquitto::start(), Mosquitto::start());
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let both = [("b1", &m1), ("b2", &m2)];
     let policy = "on_backend_removed = \"close\"\nclose_rate = 20";
-    let hm = Harbormaster::start(&one_pool_config(port, admin_port, &both, policy));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &both, policy));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
 
     let to_b2 = ids_routed_to(&hm.config_path, "b2", 6);
     let to_b1 = ids_routed_to(&hm.config_path, "b1", 3);
@@ -173,7 +167,7 @@ fn with_on_backend_removed_close_its_connections_are_closed() {
         assert!(m2.wait_for_client(id, 1));
     }
 
-    fs::write(&hm.config_path, one_pool_config(port, admin_port, &both[..1], policy)).unwrap();
+    fs::write(&hm.config_path, one_pool_config(0, 0, &both[..1], policy)).unwrap();
     wait_reloads(&hm, &admin, "ok", 1);
 
     for (s, id) in on_b2.iter_mut().zip(&to_b2) {
@@ -227,8 +221,6 @@ fn peer_serial(s: &support::tls::TlsStream) -> String {
 fn a_rotated_certificate_is_used_by_new_handshakes_only() {
     let m = Mosquitto::start();
     let (old, new) = (Certs::new(), Certs::new());
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
     let tls = dir.path().join("tls");
     fs::create_dir(&tls).unwrap();
@@ -241,7 +233,7 @@ fn a_rotated_certificate_is_used_by_new_handshakes_only() {
             r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [listener.tls]
@@ -251,13 +243,14 @@ certs = [{{ cert = "tls/server.pem", key = "tls/server.key" }}]
 backends = [{broker}]
 
 [admin]
-bind = "127.0.0.1:{admin_port}"
+bind = "127.0.0.1:0"
 "#,
             broker = toml_str(m.addr())
         ),
     )
     .unwrap();
     let hm = Harbormaster::start_with_file(dir, config_path);
+    let (port, admin) = (hm.port("mqtts"), hm.admin_addr());
     let (old_serial, new_serial) = (serial_of_pem(&old.server_cert), serial_of_pem(&new.server_cert));
     assert_ne!(old_serial, new_serial);
     let client = trusting(&[&old, &new]);
@@ -298,16 +291,15 @@ bind = "127.0.0.1:{admin_port}"
 #[test]
 fn an_invalid_config_is_rejected_and_the_running_one_stays() {
     let (m1, m2) = (Mosquitto::start(), Mosquitto::start());
-    let (port, admin_port) = (free_port(), free_port());
-    let admin = addr(admin_port);
     let both = [("b1", &m1), ("b2", &m2)];
-    let good = one_pool_config(port, admin_port, &both, "");
+    let good = one_pool_config(0, 0, &both, "");
     let hm = Harbormaster::start(&good);
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
     let route_before = hm.route("steady");
     assert_eq!(reloads(&admin, "error"), 0.0);
 
     // Two problems, each with its key path; the second broker would also be dropped.
-    let bad = one_pool_config(port, admin_port, &both[..1], "backend_attempts = 0\nmax_header_bytes = 10");
+    let bad = one_pool_config(0, 0, &both[..1], "backend_attempts = 0\nmax_header_bytes = 10");
     fs::write(&hm.config_path, &bad).unwrap();
     wait_reloads(&hm, &admin, "error", 1);
     assert_eq!(metric(&admin, "harbormaster_config_last_reload_successful"), 0.0);
@@ -344,6 +336,7 @@ fn an_invalid_config_is_rejected_and_the_running_one_stays() {
 #[test]
 fn listeners_are_bound_and_closed_as_the_config_says() {
     let m = Mosquitto::start();
+    // Chosen ahead: the reloads move listeners to ports the config names.
     let (p1, p2, p3, p4, admin_port) = (free_port(), free_port(), free_port(), free_port(), free_port());
     let admin = addr(admin_port);
     let with = |listeners: &[(&str, u16)]| {

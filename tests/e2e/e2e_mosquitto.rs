@@ -3,15 +3,13 @@
 //! matches `harbormaster route`, failover to the next broker, pipelined CONNECT + PUBLISH; a
 //! mosquitto bridge (`try_private`) connecting through harbormaster as a bridge.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::TcpStream;
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 /// Three brokers behind a TLS listener with client_auth = required, one with optional and a
 /// plain one.
@@ -28,24 +26,23 @@ impl Setup {
     fn start(n_brokers: usize, extra_backends: &[String]) -> Setup {
         let brokers: Vec<Mosquitto> = (0..n_brokers).map(|_| Mosquitto::start()).collect();
         let certs = Certs::new();
-        let (required_port, optional_port, plain_port) = (free_port(), free_port(), free_port());
         let mut backends: Vec<String> = brokers.iter().map(|b| toml_str(b.addr())).collect();
         backends.extend(extra_backends.iter().map(toml_str));
         let config = format!(
             r#"
 [[listener]]
 name = "mqtts-required"
-bind = "127.0.0.1:{required_port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls_required}
 [[listener]]
 name = "mqtts-optional"
-bind = "127.0.0.1:{optional_port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 {tls_optional}
 [[listener]]
 name = "mqtt"
-bind = "127.0.0.1:{plain_port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 
 [pool.brokers]
@@ -65,6 +62,8 @@ drain_timeout = "2s"
             backends = backends.join(", "),
         );
         let hm = Harbormaster::start(&config);
+        let (required_port, optional_port, plain_port) =
+            (hm.port("mqtts-required"), hm.port("mqtts-optional"), hm.port("mqtt"));
         Setup { brokers, certs, hm, required_port, optional_port, plain_port }
     }
 
@@ -313,8 +312,8 @@ fn route_spreads_client_ids_over_all_brokers() {
 #[test]
 fn a_mosquitto_bridge_connects_through_as_a_bridge() {
     let core = Mosquitto::start();
-    let (port, admin) = (free_port(), free_port());
-    let hm = Harbormaster::start(&one_pool_config(port, admin, &[("core", &core)], "proxy_protocol = \"none\""));
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &[("core", &core)], "proxy_protocol = \"none\""));
+    let port = hm.port("mqtt");
     // After a refusal mosquitto would retry within a second, without the bridge bit: the
     // checks below see that retry.
     let edge = Mosquitto::start_with(&format!(

@@ -2,16 +2,14 @@
 //! over a plain and a TLS listener. The backend is a test-owned TCP server (harbormaster
 //! relays bytes; a byte sink/source is the right peer here, not a broker).
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 
-use support::mqtt::{self, MqttVersion};
-use support::tls::{self, ClientTlsChoice};
-use support::*;
+use crate::support::mqtt::{self, MqttVersion};
+use crate::support::tls::{self, ClientTlsChoice};
+use crate::support::*;
 
 const TEN_MB: usize = 10 * 1024 * 1024;
 /// 3.1.1 CONNACK "accepted": harbormaster relays once the broker has answered the CONNECT.
@@ -96,17 +94,16 @@ fn read_and_check(s: &mut impl Read, want: &[u8], what: &str) -> Result<(), Stri
 }
 
 fn harbormaster_for(backend_port: u16, certs: &Certs) -> (Harbormaster, u16, u16) {
-    let (plain, tls_port) = (free_port(), free_port());
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
 name = "plain"
-bind = "127.0.0.1:{plain}"
+bind = "127.0.0.1:0"
 pool = "sink"
 
 [[listener]]
 name = "tls"
-bind = "127.0.0.1:{tls_port}"
+bind = "127.0.0.1:0"
 pool = "sink"
 {tls}
 [pool.sink]
@@ -115,6 +112,7 @@ proxy_protocol = "none"
 "#,
         tls = certs.listener_tls_toml("optional")
     ));
+    let (plain, tls_port) = (hm.port("plain"), hm.port("tls"));
     (hm, plain, tls_port)
 }
 

@@ -1,17 +1,17 @@
-//! Kubernetes discovery against a fake API server (tests/support/fake_kube.rs): a kube
+//! Kubernetes discovery against a fake API server (tests/e2e/support/fake_kube.rs): a kube
 //! `Client` over plain HTTP on an ephemeral loopback port, the real watcher + reflector. Pods
 //! become ready, not ready, terminating, removed; a pod's IP changes under the same name;
 //! slices split and merge; BOOKMARKs, a watch that ends, and `410 Gone` (which makes the
 //! watcher list again) — the published members are checked at every step.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
 use harbormaster::control::discovery::kubernetes::start_with_client;
 use harbormaster::control::discovery::{Discovery, Members};
-use support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -4,13 +4,11 @@
 //! key that does not fit its certificate and unreadable files stop `check` and `run` with the
 //! file named.
 
-mod support;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use support::*;
+use crate::support::*;
 
 fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = run_with_timeout(Command::new(require_program("openssl")).args(args).current_dir(dir), CMD_TIMEOUT);
@@ -83,26 +81,23 @@ fn openssl_pki(dir: &Path) {
 fn openssl_gets_the_stapled_ocsp_response_and_a_soon_expiring_certificate_is_announced() {
     let dir = tempfile::tempdir().unwrap();
     openssl_pki(dir.path());
-    let (port, admin) = (free_port(), free_port());
     let config = dir.path().join("hm.toml");
     fs::write(
         &config,
-        format!(
-            r#"
+        r#"
 [[listener]]
 name = "mqtts"
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 pool = "brokers"
 [listener.tls]
-certs = [{{ cert = "server.pem", key = "server.key", ocsp = "ocsp.der" }}]
+certs = [{ cert = "server.pem", key = "server.key", ocsp = "ocsp.der" }]
 
 [pool.brokers]
 backends = ["127.0.0.1:1"]
 
 [admin]
-bind = "127.0.0.1:{admin}"
-"#
-        ),
+bind = "127.0.0.1:0"
+"#,
     )
     .unwrap();
 
@@ -116,6 +111,7 @@ bind = "127.0.0.1:{admin}"
     assert!(text.contains("warning: listener[0].tls.certs[0].cert:") && days_left(&text), "{text}");
 
     let hm = Harbormaster::start_with_file(dir, config.clone());
+    let (port, admin) = (hm.port("mqtts"), hm.admin_port());
     assert!(wait_until(WAIT, || days_left(&hm.log())), "no expiry warning at start:\n{}", hm.log());
 
     // A real TLS client asks for the certificate status and verifies what it gets, with TLS
