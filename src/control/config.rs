@@ -16,7 +16,7 @@ use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
-use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
+use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
 /// One thing wrong with a config, at a key path such as `pool.brokers.backends[2]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,18 @@ pub struct RawListener {
     pub tls: Option<RawTls>,
     /// Connections held at once on this listener (within `limits.max_connections`).
     pub max_connections: Option<usize>,
+    /// How a refusal for want of a broker is told: `"connack"` (default) or `"close"`.
+    #[serde(default)]
+    pub refusal: RawRefusal,
+}
+
+/// `refusal`: `"connack"` (default) or `"close"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawRefusal {
+    #[default]
+    Connack,
+    Close,
 }
 
 #[derive(Debug, Deserialize)]
@@ -837,6 +849,10 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 tls,
                 cert_expiry,
                 max_connections: l.max_connections,
+                refusal: match l.refusal {
+                    RawRefusal::Connack => RefusalStyle::Connack,
+                    RawRefusal::Close => RefusalStyle::Close,
+                },
             }));
         }
     }
@@ -1132,6 +1148,16 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(s.limits.max_connect_packet, 262_144);
         assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
+        assert_eq!(s.listeners[0].refusal, RefusalStyle::Connack);
+    }
+
+    #[test]
+    fn refusal_is_connack_or_close() {
+        let close = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"close\"\n");
+        assert_eq!(load_str(&close, Path::new(".")).unwrap().snapshot.listeners[0].refusal, RefusalStyle::Close);
+        let bad = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"reset\"\n");
+        let got = problems(&bad);
+        assert!(got.iter().any(|g| g.contains("refusal") && g.contains("connack")), "{got:?}");
     }
 
     #[test]
