@@ -1015,13 +1015,22 @@ impl Rabbit {
             &["wait", pid_file.to_str().unwrap(), "--timeout", &RABBIT_BOOT.as_secs().to_string()],
             RABBIT_BOOT + Duration::from_secs(10),
         );
-        let ready = out.status.success()
-            && wait_until(WAIT, || port_accepts(rabbit.port))
-            && management_port.is_none_or(|p| wait_until(WAIT, || port_accepts(p)))
-            && rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success();
-        if !ready {
+        // The management listener starts with its plugin, after the node: on a loaded machine
+        // that takes a boot's time of its own.
+        let step = if !out.status.success() {
+            Some("rabbitmqctl wait")
+        } else if !wait_until(WAIT, || port_accepts(rabbit.port)) {
+            Some("MQTT listener")
+        } else if !management_port.is_none_or(|p| wait_until(RABBIT_BOOT, || port_accepts(p))) {
+            Some("management listener")
+        } else if !rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success() {
+            Some("rabbitmqctl await_startup")
+        } else {
+            None
+        };
+        if let Some(step) = step {
             panic!(
-                "RabbitMQ did not start:\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
+                "RabbitMQ did not start ({step}):\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
                 tail(&rabbit.server_output(), 80)
