@@ -1109,11 +1109,14 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 /// The probe of a `health` table (`at` is its key path): the HTTP keys are checked here,
 /// and are errors with any other check.
 fn check_kind(h: &RawHealth, at: &str, c: &mut Check) -> Option<CheckKind> {
-    let http_keys = [("port", h.port.is_some()), ("path", h.path.is_some()), ("status", h.status.is_some())]
-        .into_iter()
-        .chain([("basic_auth", h.basic_auth.is_some())]);
+    let http_keys = [
+        ("port", h.port.is_some()),
+        ("path", h.path.is_some()),
+        ("status", h.status.is_some()),
+        ("basic_auth", h.basic_auth.is_some()),
+    ];
     if h.check != RawCheck::Http {
-        for (key, _) in http_keys.filter(|(_, set)| *set) {
+        for (key, _) in http_keys.into_iter().filter(|(_, set)| *set) {
             c.add(format!("{at}.{key}"), "only with check = \"http\"");
         }
         return Some(if h.check == RawCheck::Tcp { CheckKind::Tcp } else { CheckKind::Mqtt });
