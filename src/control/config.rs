@@ -14,9 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
-use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
-use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
+use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
 /// One thing wrong with a config, at a key path such as `pool.brokers.backends[2]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,18 @@ pub struct RawListener {
     pub tls: Option<RawTls>,
     /// Connections held at once on this listener (within `limits.max_connections`).
     pub max_connections: Option<usize>,
+    /// How a refusal for want of a broker is told: `"connack"` (default) or `"close"`.
+    #[serde(default)]
+    pub refusal: RawRefusal,
+}
+
+/// `refusal`: `"connack"` (default) or `"close"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawRefusal {
+    #[default]
+    Connack,
+    Close,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,7 +290,8 @@ pub enum OnRemoved {
     Close { rate: u32 },
 }
 
-/// `health = { check = "tcp" | "mqtt", interval = "5s", timeout = "2s", rise = 2, fall = 3 }`
+/// `health = { check = "tcp" | "mqtt" | "http", interval = "5s", timeout = "2s", rise = 2,
+/// fall = 3 }`; with `"http"` also `port`, `path = "/"`, `status = 200`, `basic_auth`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
@@ -291,13 +304,22 @@ pub struct RawHealth {
     pub rise: u32,
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// `check = "http"`: the port of the broker's HTTP endpoint (required).
+    pub port: Option<u16>,
+    /// `check = "http"`: path and query of the request; default `/`.
+    pub path: Option<String>,
+    /// `check = "http"`: the status that passes; default 200.
+    pub status: Option<u16>,
+    /// `check = "http"`: `"user:password"` sent as HTTP basic authentication.
+    pub basic_auth: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawCheck {
     Tcp,
     Mqtt,
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -837,6 +859,10 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 tls,
                 cert_expiry,
                 max_connections: l.max_connections,
+                refusal: match l.refusal {
+                    RawRefusal::Connack => RefusalStyle::Connack,
+                    RawRefusal::Close => RefusalStyle::Close,
+                },
             }));
         }
     }
@@ -1016,6 +1042,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             c.add(format!("{at}.health.fall"), "must be at least 1");
         }
     }
+    let check = p.health.as_ref().and_then(|h| check_kind(h, &format!("{at}.health"), c));
     if c.problems.len() > before {
         return None;
     }
@@ -1054,11 +1081,8 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connect_timeout: p.backend_connect_timeout,
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
-        health: p.health.as_ref().map(|h| HealthSpec {
-            check: match h.check {
-                RawCheck::Tcp => CheckKind::Tcp,
-                RawCheck::Mqtt => CheckKind::Mqtt,
-            },
+        health: p.health.as_ref().zip(check).map(|(h, check)| HealthSpec {
+            check,
             interval: h.interval,
             timeout: h.timeout,
             rise: h.rise,
@@ -1080,6 +1104,56 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         Ok(mut it) => it.next().ok_or_else(|| format!("{address:?} resolves to no address")),
         Err(e) => Err(format!("cannot resolve {address:?}: {e}")),
     }
+}
+
+/// The probe of a `health` table (`at` is its key path): the HTTP keys are checked here,
+/// and are errors with any other check.
+fn check_kind(h: &RawHealth, at: &str, c: &mut Check) -> Option<CheckKind> {
+    let http_keys = [
+        ("port", h.port.is_some()),
+        ("path", h.path.is_some()),
+        ("status", h.status.is_some()),
+        ("basic_auth", h.basic_auth.is_some()),
+    ];
+    if h.check != RawCheck::Http {
+        for (key, _) in http_keys.into_iter().filter(|(_, set)| *set) {
+            c.add(format!("{at}.{key}"), "only with check = \"http\"");
+        }
+        return Some(if h.check == RawCheck::Tcp { CheckKind::Tcp } else { CheckKind::Mqtt });
+    }
+    let before = c.problems.len();
+    let port = match h.port {
+        Some(0) => {
+            c.add(format!("{at}.port"), "must be between 1 and 65535");
+            0
+        }
+        Some(port) => port,
+        None => {
+            c.add(format!("{at}.port"), "required with check = \"http\" (the broker's HTTP port)");
+            0
+        }
+    };
+    let path = h.path.clone().unwrap_or_else(|| "/".to_string());
+    // The path goes into the request line as written: no room for what would break it.
+    if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        c.add(format!("{at}.path"), "must start with / and hold no spaces or control characters");
+    }
+    let status = h.status.unwrap_or(200);
+    if !(100..=599).contains(&status) {
+        c.add(format!("{at}.status"), "must be an HTTP status, 100 to 599");
+    }
+    let authorization = match &h.basic_auth {
+        Some(pair) if pair.contains(':') && !pair.chars().any(char::is_control) => {
+            use base64::Engine as _;
+            Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+        }
+        Some(_) => {
+            c.add(format!("{at}.basic_auth"), "must be \"user:password\"");
+            None
+        }
+        None => None,
+    };
+    (c.problems.len() == before).then(|| CheckKind::Http(Arc::new(HttpCheck { port, path, status, authorization })))
 }
 
 /// Resolve a config-relative path.
@@ -1132,6 +1206,16 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(s.limits.max_connect_packet, 262_144);
         assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
+        assert_eq!(s.listeners[0].refusal, RefusalStyle::Connack);
+    }
+
+    #[test]
+    fn refusal_is_connack_or_close() {
+        let close = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"close\"\n");
+        assert_eq!(load_str(&close, Path::new(".")).unwrap().snapshot.listeners[0].refusal, RefusalStyle::Close);
+        let bad = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"reset\"\n");
+        let got = problems(&bad);
+        assert!(got.iter().any(|g| g.contains("refusal") && g.contains("connack")), "{got:?}");
     }
 
     #[test]
@@ -1246,7 +1330,7 @@ connect_timeout = "0s"
         let loaded = load_str(MINIMAL, Path::new(".")).unwrap();
         assert_eq!(loaded.snapshot.pool("brokers").unwrap().health, None);
         let loaded = load_str(&format!("{MINIMAL}health = {{ check = \"mqtt\" }}\n"), Path::new(".")).unwrap();
-        let h = loaded.snapshot.pool("brokers").unwrap().health.unwrap();
+        let h = loaded.snapshot.pool("brokers").unwrap().health.clone().unwrap();
         assert_eq!(
             h,
             HealthSpec {
@@ -1260,11 +1344,46 @@ connect_timeout = "0s"
         let text = format!(
             "{MINIMAL}health = {{ check = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 4 }}\n"
         );
-        let h = load_str(&text, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().health.unwrap();
+        let h = load_str(&text, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().health.clone().unwrap();
         assert_eq!(
             (h.check, h.interval, h.timeout, h.rise, h.fall),
             (CheckKind::Tcp, Duration::from_millis(200), Duration::from_millis(100), 1, 4)
         );
+    }
+
+    #[test]
+    fn http_health_check_takes_port_path_status_and_basic_auth() {
+        let text = format!(
+            "{MINIMAL}health = {{ check = \"http\", port = 15672, path = \"/api/health/checks/alarms\", basic_auth = \"guest:guest\" }}\n"
+        );
+        let h = load_str(&text, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().health.clone().unwrap();
+        let want = HttpCheck {
+            port: 15672,
+            path: "/api/health/checks/alarms".into(),
+            status: 200,
+            authorization: Some("Basic Z3Vlc3Q6Z3Vlc3Q=".into()),
+        };
+        assert_eq!(h.check, CheckKind::Http(Arc::new(want)));
+        let text = format!("{MINIMAL}health = {{ check = \"http\", port = 8889, status = 204 }}\n");
+        let h = load_str(&text, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().health.clone().unwrap();
+        let want = HttpCheck { port: 8889, path: "/".into(), status: 204, authorization: None };
+        assert_eq!(h.check, CheckKind::Http(Arc::new(want)));
+
+        let bad = format!(
+            "{MINIMAL}health = {{ check = \"http\", path = \"status page\", status = 42, basic_auth = \"nocolon\" }}\n"
+        );
+        let got = problems(&bad);
+        for want in [
+            "pool.brokers.health.port: required",
+            "pool.brokers.health.path:",
+            "pool.brokers.health.status:",
+            "pool.brokers.health.basic_auth:",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "{want} not in {got:?}");
+        }
+        let got = problems(&format!("{MINIMAL}health = {{ check = \"mqtt\", port = 1, path = \"/\" }}\n"));
+        assert!(got.iter().any(|g| g.starts_with("pool.brokers.health.port: only with check = \"http\"")), "{got:?}");
+        assert!(got.iter().any(|g| g.starts_with("pool.brokers.health.path: only with")), "{got:?}");
     }
 
     #[test]

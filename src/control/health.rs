@@ -1,5 +1,6 @@
 //! Active health checks: each pool with `health = { ... }` has its brokers probed every
-//! `interval` (a TCP connect, or PROXY header + MQTT CONNECT expecting CONNACK 0); `rise`
+//! `interval` (a TCP connect; PROXY header + MQTT CONNECT expecting CONNACK 0; or an HTTP GET
+//! of the broker's own readiness endpoint expecting a status); `rise`
 //! passes in a row bring a broker up, `fall` failures (probes and failed dials) mark it down.
 //! Results land on each broker's shared state ([`crate::proxy::broker`]), which every snapshot
 //! listing the broker sees. Never touches a client socket or the hash order.
@@ -17,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::Metrics;
-use crate::proxy::balance::{Backend, CheckKind, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::balance::{Backend, CheckKind, HealthSpec, HttpCheck, Pool, ProxyProtocol};
 use crate::proxy::broker::{report_transition, Transition};
 use crate::proxy::proxy_header::{self, HeaderInput};
 use crate::proxy::snapshot::Snapshot;
@@ -40,7 +41,7 @@ pub async fn run(mut swaps: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics
     loop {
         let snap = swaps.borrow_and_update().clone();
         let wanted: HashMap<&str, HealthSpec> =
-            snap.pools.iter().filter_map(|p| p.health.map(|h| (p.name.as_str(), h))).collect();
+            snap.pools.iter().filter_map(|p| p.health.clone().map(|h| (p.name.as_str(), h))).collect();
         checkers.retain(|name, (spec, token, _)| {
             let keep = wanted.get(name.as_str()) == Some(spec);
             if !keep {
@@ -81,7 +82,7 @@ async fn check_pool(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let Some(interval) = swaps.borrow().pool(&name).and_then(|p| p.health).map(|h| h.interval) else {
+    let Some(interval) = swaps.borrow().pool(&name).and_then(|p| p.health.as_ref()).map(|h| h.interval) else {
         return;
     };
     // Validation keeps it above 0; `interval` panics on 0.
@@ -94,10 +95,10 @@ async fn check_pool(
             _ = ticker.tick() => {}
         }
         let Some(pool) = swaps.borrow().pool(&name).cloned() else { break };
-        let Some(spec) = pool.health else { break };
+        let Some(spec) = pool.health.clone() else { break };
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = round(&pool, spec, &metrics) => {}
+            _ = round(&pool, &spec, &metrics) => {}
         }
         // Forget the gauges of brokers that left the pool.
         for gone in labelled.iter().filter(|n| !pool.backends.iter().any(|b| &&b.name == n)) {
@@ -111,11 +112,11 @@ async fn check_pool(
 }
 
 /// Probes every broker of `pool` once, concurrently, and applies the results.
-async fn round(pool: &Arc<Pool>, spec: HealthSpec, metrics: &Metrics) {
+async fn round(pool: &Arc<Pool>, spec: &HealthSpec, metrics: &Metrics) {
     let mut probes = JoinSet::new();
     for (i, b) in pool.backends.iter().enumerate() {
-        let (pool, addr) = (pool.clone(), b.addr);
-        probes.spawn(async move { (i, probe(&pool, spec.check, addr, spec.timeout).await) });
+        let (pool, addr, check, timeout) = (pool.clone(), b.addr, spec.check.clone(), spec.timeout);
+        probes.spawn(async move { (i, probe(&pool, &check, addr, timeout).await) });
     }
     while let Some(done) = probes.join_next().await {
         let Ok((i, result)) = done else { continue };
@@ -126,8 +127,8 @@ async fn round(pool: &Arc<Pool>, spec: HealthSpec, metrics: &Metrics) {
 
 /// Feeds one probe result into the broker's state (shared with every snapshot that lists the
 /// broker, so a result is never lost to a swap); reports a transition.
-fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>, metrics: &Metrics) {
-    let check = check_name(spec.check);
+fn apply(pool: &Pool, spec: &HealthSpec, b: &Backend, result: Result<(), String>, metrics: &Metrics) {
+    let check = check_name(&spec.check);
     match result {
         Ok(()) => {
             if b.record_success(spec.rise) {
@@ -146,20 +147,27 @@ fn apply(pool: &Pool, spec: HealthSpec, b: &Backend, result: Result<(), String>,
     metrics.set_broker_healthy(&pool.name, &b.name, b.is_healthy());
 }
 
-fn check_name(kind: CheckKind) -> &'static str {
+fn check_name(kind: &CheckKind) -> &'static str {
     match kind {
         CheckKind::Tcp => "tcp",
         CheckKind::Mqtt => "mqtt",
+        CheckKind::Http(_) => "http",
     }
 }
 
 /// One probe of the broker at `addr`, all of it within `timeout`. `Err` says what failed.
-pub async fn probe(pool: &Pool, kind: CheckKind, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+pub async fn probe(pool: &Pool, kind: &CheckKind, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        // An HTTP check asks the broker's own HTTP port, on the broker's address.
+        let target = match kind {
+            CheckKind::Http(http) => SocketAddr::new(addr.ip(), http.port),
+            CheckKind::Tcp | CheckKind::Mqtt => addr,
+        };
+        let stream = TcpStream::connect(target).await.map_err(|e| format!("connect: {e}"))?;
         match kind {
             CheckKind::Tcp => Ok(()),
             CheckKind::Mqtt => mqtt_probe(pool, stream).await,
+            CheckKind::Http(http) => http_probe(http, stream, target).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -198,6 +206,48 @@ async fn mqtt_probe(pool: &Pool, mut stream: TcpStream) -> Result<(), String> {
     let _ = stream.write_all(&DISCONNECT).await;
     let _ = stream.shutdown().await;
     Ok(())
+}
+
+/// Largest response head an HTTP check reads (hyper's smallest read buffer): a readiness
+/// answer is a status line and a few headers. The body is never read.
+const HTTP_MAX_HEAD: usize = 8 * 1024;
+
+/// `GET path` over HTTP/1.1 on `stream` (hyper's client connection, no pool, no redirects),
+/// passing when the status is the expected one. Only the response head is read, within
+/// [`HTTP_MAX_HEAD`]; the connection is dropped after it.
+async fn http_probe(http: &HttpCheck, stream: TcpStream, target: SocketAddr) -> Result<(), String> {
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(HTTP_MAX_HEAD)
+        .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    // The connection's task lives as long as the probe: dropped with it on timeout.
+    let conn = async move {
+        let _ = conn.await;
+        std::future::pending::<()>().await
+    };
+    let mut request = hyper::Request::get(&http.path)
+        .header(hyper::header::HOST, target.to_string())
+        .header(hyper::header::USER_AGENT, concat!("harbormaster/", env!("CARGO_PKG_VERSION")))
+        .header(hyper::header::CONNECTION, "close");
+    if let Some(auth) = &http.authorization {
+        request = request.header(hyper::header::AUTHORIZATION, auth);
+    }
+    let request = request.body(Empty::<Bytes>::new()).map_err(|e| format!("HTTP request: {e}"))?;
+    let response = tokio::select! {
+        r = sender.send_request(request) => r.map_err(|e| format!("HTTP: {e}"))?,
+        _ = conn => unreachable!("the connection future never ends"),
+    };
+    let status = response.status().as_u16();
+    if status == http.status {
+        Ok(())
+    } else {
+        Err(format!("HTTP status {status} from {}, expected {}", http.path, http.status))
+    }
 }
 
 /// A fresh client-id per probe (`hm-health-` + 13 hex digits, 23 bytes): two replicas'
@@ -292,6 +342,81 @@ mod tests {
         HealthSpec { check, interval: Duration::from_millis(50), timeout: Duration::from_millis(500), rise, fall }
     }
 
+    /// An HTTP server that answers every request with `response` and sends each request head
+    /// it read on the channel.
+    async fn http_server(response: Vec<u8>) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (tx, response) = (tx.clone(), response.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                    let _ = s.write_all(&response).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    fn http(port: u16, path: &str, status: u16, authorization: Option<&str>) -> CheckKind {
+        let authorization = authorization.map(str::to_string);
+        CheckKind::Http(Arc::new(HttpCheck { port, path: path.into(), status, authorization }))
+    }
+
+    #[tokio::test]
+    async fn http_check_gets_the_path_on_the_brokers_address_and_wants_the_status() {
+        let (addr, mut seen) = http_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
+        let p = pool_with(&[], ProxyProtocol::V2, None);
+        // The broker's MQTT port is elsewhere: the check asks `port` on the broker's IP.
+        let broker = SocketAddr::new(addr.ip(), 1);
+        let ok = http(addr.port(), "/api/v1/health/readiness?x=1", 200, Some("Basic Z3Vlc3Q6Z3Vlc3Q="));
+        assert_eq!(probe(&p, &ok, broker, Duration::from_secs(5)).await, Ok(()));
+        let head = seen.recv().await.unwrap();
+        assert!(head.starts_with("GET /api/v1/health/readiness?x=1 HTTP/1.1\r\n"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains(&format!("host: {addr}\r\n")), "{head}");
+        assert!(lower.contains("authorization: basic z3vlc3q6z3vlc3q=\r\n"), "{head}");
+        // No PROXY header, whatever the pool sends to MQTT.
+        assert!(!head.starts_with("PROXY"));
+        // Another expected status fails, saying what came.
+        let err = probe(&p, &http(addr.port(), "/", 204, None), broker, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.contains("200") && err.contains("204"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http_check_fails_on_other_statuses_non_http_and_oversized_heads() {
+        let p = pool_with(&[], ProxyProtocol::None, None);
+        let t = Duration::from_secs(5);
+        let (addr, _seen) =
+            http_server(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n".to_vec()).await;
+        let err = probe(&p, &http(addr.port(), "/", 200, None), addr, t).await.unwrap_err();
+        assert!(err.contains("503"), "{err}");
+        // Expecting 503 (a node that must be in maintenance, say) passes on it.
+        assert_eq!(probe(&p, &http(addr.port(), "/", 503, None), addr, t).await, Ok(()));
+        let (addr, _seen) = http_server(b"\x20\x02\x00\x00".to_vec()).await;
+        assert!(probe(&p, &http(addr.port(), "/", 200, None), addr, t).await.is_err());
+        // A head past the bound is not read to its end.
+        let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
+        huge.extend(std::iter::repeat_n(b"x-filler: 0123456789abcdef\r\n".as_slice(), 4096).flatten());
+        huge.extend_from_slice(b"content-length: 0\r\n\r\n");
+        let (addr, _seen) = http_server(huge).await;
+        assert!(probe(&p, &http(addr.port(), "/", 200, None), addr, t).await.is_err());
+        let down = closed_port().await;
+        let err = probe(&p, &http(down.port(), "/", 200, None), down, t).await.unwrap_err();
+        assert!(err.starts_with("connect:"), "{err}");
+    }
+
     /// A port nothing listens on.
     async fn closed_port() -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -372,8 +497,8 @@ mod tests {
         let up = l.local_addr().unwrap();
         let down = closed_port().await;
         let p = pool_with(&[up, down], ProxyProtocol::None, None);
-        assert_eq!(probe(&p, CheckKind::Tcp, up, Duration::from_secs(5)).await, Ok(()));
-        let err = probe(&p, CheckKind::Tcp, down, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(probe(&p, &CheckKind::Tcp, up, Duration::from_secs(5)).await, Ok(()));
+        let err = probe(&p, &CheckKind::Tcp, down, Duration::from_secs(5)).await.unwrap_err();
         assert!(err.starts_with("connect:"), "{err}");
     }
 
@@ -381,7 +506,7 @@ mod tests {
     async fn mqtt_check_sends_connect_then_disconnect_and_accepts_connack_0() {
         let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
         let p = pool_with(&[addr], ProxyProtocol::None, None);
-        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
         let seen = seen.recv().await.unwrap();
         let (client_id, start, len) = connect_in(&seen.bytes).unwrap();
         assert_eq!(start, 0, "no PROXY header with proxy_protocol = none");
@@ -394,7 +519,7 @@ mod tests {
     async fn mqtt_check_sends_the_pools_proxy_header_with_the_probe_socket_addresses() {
         let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
         let p = pool_with(&[addr], ProxyProtocol::V2, None);
-        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
         let seen = seen.recv().await.unwrap();
         let header = match ppp::v2::Header::try_from(&seen.bytes[..]) {
             Ok(h) => h,
@@ -417,7 +542,7 @@ mod tests {
 
         let (addr, mut seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x00])).await;
         let p = pool_with(&[addr], ProxyProtocol::V1, None);
-        assert_eq!(probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await, Ok(()));
         let seen = seen.recv().await.unwrap();
         let peer = seen.peer.unwrap();
         let want = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", peer.port(), addr.port());
@@ -435,15 +560,15 @@ mod tests {
     async fn mqtt_check_fails_on_refusal_silence_and_non_mqtt() {
         let (addr, _seen) = fake_broker(Some([0x20, 0x02, 0x00, 0x05])).await;
         let p = pool_with(&[addr], ProxyProtocol::None, None);
-        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
         assert!(err.contains("return code 5"), "{err}");
 
         let (addr, _seen) = fake_broker(None).await;
-        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_millis(300)).await.unwrap_err();
+        let err = probe(&p, &CheckKind::Mqtt, addr, Duration::from_millis(300)).await.unwrap_err();
         assert!(err.starts_with("no answer within"), "{err}");
 
         let (addr, _seen) = fake_broker(Some(*b"HTTP")).await;
-        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
         assert!(err.starts_with("expected a CONNACK"), "{err}");
 
         // A TCP server that closes at once.
@@ -454,7 +579,7 @@ mod tests {
                 drop(s);
             }
         });
-        let err = probe(&p, CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = probe(&p, &CheckKind::Mqtt, addr, Duration::from_secs(5)).await.unwrap_err();
         assert!(err.contains("CONNACK") || err.contains("CONNECT"), "{err}");
     }
 

@@ -46,16 +46,32 @@ pub enum ProxyProtocol {
 }
 
 /// How a pool's brokers are probed (config `health = { ... }`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// A TCP connect within the timeout.
     Tcp,
     /// PROXY header (as the pool sends it) + MQTT 3.1.1 CONNECT, CONNACK 0 within the timeout.
     Mqtt,
+    /// `GET http://<broker ip>:<port><path>` answered with the expected status within the
+    /// timeout: the broker's own readiness endpoint.
+    Http(Arc<HttpCheck>),
+}
+
+/// The request of an HTTP check and the status that passes it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// Port on the broker's address (the broker's management or health port).
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// The status that passes; any other fails.
+    pub status: u16,
+    /// `Authorization` header value (`Basic ...`), for endpoints that want a user.
+    pub authorization: Option<String>,
 }
 
 /// Active health checking of a pool, and the thresholds passive failures count toward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSpec {
     pub check: CheckKind,
     pub interval: Duration,
@@ -129,7 +145,7 @@ pub fn key_hash(key: &[u8]) -> u64 {
 impl Pool {
     /// The `fall` that data-plane dial failures count toward: only with active checks.
     pub fn passive_fall(&self) -> Option<u32> {
-        self.health.map(|h| h.fall)
+        self.health.as_ref().map(|h| h.fall)
     }
 
     /// The first `k` brokers of `key`'s preference order, best first, whatever their health:

@@ -31,7 +31,7 @@ use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, Strin
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Registration, Registry};
 use super::relay::{self, Ended};
-use super::snapshot::{canonical_ip, ListenerSpec, Snapshot};
+use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
 use super::tls_stream::TlsServerStream;
 use super::turns::Turns;
@@ -479,6 +479,17 @@ impl Refused {
         Refused { reason, detail: None, answer: Answer::Connack { version, refusal } }
     }
 
+    /// A refusal for want of a broker (none answered; a flapping client-id): the CONNACK for
+    /// `refusal`, or with `refusal = "close"` on the listener a polite close without one, for
+    /// the client libraries that take "server unavailable" as final and stop reconnecting.
+    fn unavailable(reason: CloseReason, style: RefusalStyle, version: MqttVersion, refusal: Refusal) -> Refused {
+        let version = match style {
+            RefusalStyle::Connack => Some(version),
+            RefusalStyle::Close => None,
+        };
+        Refused::connack(reason, version, refusal)
+    }
+
     fn detail(self, detail: impl Into<String>) -> Refused {
         Refused { detail: Some(detail.into()), ..self }
     }
@@ -686,7 +697,9 @@ impl<'a> Setup<'a> {
             Some(_) => "client-id reconnecting too often with this client certificate (flapping)",
             None => "client-id reconnecting too often without a client certificate on this listener (flapping)",
         };
-        Err(Refused::connack(CloseReason::Flapping, Some(connect.version), Refusal::RateExceeded).detail(detail))
+        let refused =
+            Refused::unavailable(CloseReason::Flapping, self.spec.refusal, connect.version, Refusal::RateExceeded);
+        Err(refused.detail(detail))
     }
 
     /// The brokers to try, best first: the routing key's rendezvous order, or what
@@ -782,7 +795,8 @@ impl<'a> Setup<'a> {
         }
         drop(first);
         let Some((backend, upstream)) = broker else {
-            let refused = Refused::connack(CloseReason::NoBroker, Some(version), Refusal::ServerUnavailable);
+            let refused =
+                Refused::unavailable(CloseReason::NoBroker, self.spec.refusal, version, Refusal::ServerUnavailable);
             return Err(refused.detail(errors.join("; ")));
         };
         if !errors.is_empty() {

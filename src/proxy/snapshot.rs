@@ -43,6 +43,20 @@ pub struct ListenerSpec {
     pub cert_expiry: Vec<(String, i64)>,
     /// Connections held at once on this listener; beyond it new ones are closed at accept.
     pub max_connections: Option<usize>,
+    /// How a refusal for want of a broker (none answered, or a flapping client-id) is told.
+    pub refusal: RefusalStyle,
+}
+
+/// How a client refused for want of a broker is told (`refusal`). Some client libraries take
+/// CONNACK "server unavailable" (3.1.1: 3, 5.0: 0x88) as final and stop reconnecting, while a
+/// close sends them back to their reconnect loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefusalStyle {
+    /// The CONNACK of the refusal, then a polite close.
+    #[default]
+    Connack,
+    /// A polite close without a CONNACK.
+    Close,
 }
 
 impl ListenerSpec {

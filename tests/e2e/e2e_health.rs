@@ -422,3 +422,131 @@ drain_timeout = "1s"
     let line = publish_through(&hm, port, "rabbit-client", 1);
     assert_eq!(get(&line, "broker"), "rabbit", "{line:?}");
 }
+
+/// `python3 -m http.server` serving a folder: a real HTTP server whose answer for a path is
+/// 200 while the file exists and 404 once it is removed.
+struct HttpServer {
+    port: u16,
+    dir: TempDir,
+    child: Child,
+}
+
+impl HttpServer {
+    fn start() -> HttpServer {
+        let python = require_program("python3");
+        let dir = tempfile::Builder::new().prefix("hm-health-http-").tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(python)
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        assert!(wait_until(WAIT, || port_accepts(port)), "python3 -m http.server did not listen on {port}");
+        HttpServer { port, dir, child }
+    }
+
+    fn set_ready(&self, ready: bool) {
+        let file = self.dir.path().join("ready");
+        if ready {
+            fs::write(file, "ok\n").unwrap();
+        } else {
+            fs::remove_file(file).unwrap();
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `check = "http"` follows the broker's own readiness endpoint, not its MQTT port: the
+/// broker (mosquitto) keeps running while its "readiness" (a file served by a real HTTP
+/// server) goes away and comes back; the broker is marked down on the 404 and up again on the
+/// 200.
+#[test]
+fn http_check_follows_a_readiness_endpoint_down_and_up() {
+    let broker = Broker::start("m");
+    let http = HttpServer::start();
+    http.set_ready(true);
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:0"
+pool = "p"
+
+[pool.p]
+backends = [{backends}]
+proxy_protocol = "none"
+health = {{ check = "http", port = {port}, path = "/ready", interval = "300ms", timeout = "300ms", rise = 1, fall = 1 }}
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        backends = backends(std::slice::from_ref(&broker)),
+        port = http.port
+    ));
+    let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
+    let healthy = || metric_sum(&admin, "harbormaster_broker_healthy", &[("pool", "p"), ("broker", "m")]);
+    assert!(wait_until(WAIT, || healthy() == 1.0), "{}", metrics_text(&admin));
+    let line = publish_through(&hm, port, "ready-1", 1);
+    assert_eq!(get(&line, "broker"), "m", "{line:?}");
+
+    http.set_ready(false);
+    let down = wait_transition(&hm, "p", "m", "down", 1);
+    assert!(get(&down, "reason").contains("http check: HTTP status 404 from /ready, expected 200"), "{down:?}");
+    assert!(broker.child.is_some(), "the broker itself kept running");
+    assert!(wait_until(WAIT, || healthy() == 0.0), "{}", metrics_text(&admin));
+
+    http.set_ready(true);
+    let up = wait_transition(&hm, "p", "m", "up", 1);
+    assert!(get(&up, "reason").contains("http checks passed"), "{up:?}");
+    let line = publish_through(&hm, port, "ready-2", 1);
+    assert_eq!(get(&line, "broker"), "m", "{line:?}");
+}
+
+/// RabbitMQ's management plugin as the readiness endpoint: `/api/health/checks/alarms` (200
+/// while the node has no resource alarm) wants a user, so the pool with `basic_auth` sees the
+/// broker up and routes to it, and the pool without is refused 401 and marks it down.
+#[test]
+fn http_check_reads_rabbitmq_management_health() {
+    let rabbit = Rabbit::start_with_management();
+    let management = rabbit.management_port.unwrap();
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "mqtt"
+bind = "127.0.0.1:0"
+pool = "checked"
+
+[pool.checked]
+backends = [{{ name = "rabbit", address = {addr} }}]
+proxy_protocol = "v2"
+health = {{ check = "http", port = {management}, path = "/api/health/checks/alarms", basic_auth = "guest:guest", interval = "300ms", timeout = "300ms", rise = 1, fall = 1 }}
+
+[pool.anonymous]
+backends = [{{ name = "rabbit", address = {addr} }}]
+proxy_protocol = "v2"
+health = {{ check = "http", port = {management}, path = "/api/health/checks/alarms", interval = "300ms", timeout = "300ms", rise = 1, fall = 1 }}
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        addr = toml_str(rabbit.addr())
+    ));
+    let down = wait_transition(&hm, "anonymous", "rabbit", "down", 1);
+    assert!(get(&down, "reason").contains("HTTP status 401"), "{down:?}");
+    // Rounds of the authenticated pool's probes passed meanwhile: it never went down.
+    let admin = hm.admin_addr();
+    let healthy = |pool| metric_sum(&admin, "harbormaster_broker_healthy", &[("pool", pool), ("broker", "rabbit")]);
+    assert!(wait_until(WAIT, || healthy("checked") == 1.0 && healthy("anonymous") == 0.0), "{}", metrics_text(&admin));
+    assert!(transitions_of(&hm, "checked", "rabbit", "down").is_empty(), "{:#?}", transitions(&hm));
+    let line = publish_through(&hm, hm.port("mqtt"), "rabbit-http-checked", 1);
+    assert_eq!(get(&line, "broker"), "rabbit", "{line:?}");
+}

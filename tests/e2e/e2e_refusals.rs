@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::mqtt::{self, ConnectOptions, MqttVersion};
@@ -245,4 +246,113 @@ backend_attempts = 3
         .wait_connection_log("client_id", "nobody-home-V311")
         .unwrap_or_else(|| panic!("no connection log:\n{}", hm.log()));
     assert!(log.contains_key("close_reason"), "{log:?}");
+}
+
+/// `refusal` on a listener: with `"connack"` (default) a client refused for want of a broker
+/// reads CONNACK "server unavailable", with `"close"` it sees the connection closed, which
+/// sends clients that take the CONNACK as final back to their reconnect loop. Real clients
+/// (mosquitto_pub, mosquitto_sub) against a pool whose only broker is a dead port.
+#[test]
+fn refusal_close_closes_instead_of_connack_and_clients_keep_reconnecting() {
+    let dead = toml_str(addr(free_port()));
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "connack"
+bind = "127.0.0.1:0"
+pool = "brokers"
+
+[[listener]]
+name = "close"
+bind = "127.0.0.1:0"
+pool = "brokers"
+refusal = "close"
+
+[pool.brokers]
+backends = [{dead}]
+proxy_protocol = "none"
+
+[admin]
+bind = "127.0.0.1:0"
+"#
+    ));
+    let admin = hm.admin_addr();
+    let pub_bin = require_program("mosquitto_pub");
+    let publish = |listener: &str, version: &str, id: &str| {
+        let port = hm.port(listener).to_string();
+        let out = run_with_timeout(
+            Command::new(&pub_bin).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-i",
+                id,
+                "-t",
+                "t",
+                "-m",
+                "m",
+            ]),
+            WAIT,
+        );
+        assert!(!out.status.success(), "{listener}: mosquitto_pub succeeded: {}", output_text(&out));
+        output_text(&out)
+    };
+
+    // "connack": the CONNACK's refusal, as mosquitto_pub words it.
+    let out = publish("connack", "mqttv311", "refused-311");
+    assert!(out.contains("Connection Refused: broker unavailable"), "{out}");
+    let out = publish("connack", "mqttv5", "refused-5");
+    assert!(out.contains("Server unavailable"), "{out}");
+    // "close": no CONNACK, the connection is lost.
+    for (version, id) in [("mqttv311", "closed-311"), ("mqttv5", "closed-5")] {
+        let out = publish("close", version, id);
+        assert!(out.contains("The connection was lost"), "{version}: {out}");
+        assert!(!out.contains("unavailable"), "{version}: {out}");
+        let line = hm.wait_connection_log("client_id", id).unwrap_or_else(|| panic!("no log line:\n{}", hm.log()));
+        assert_eq!(line.get("close_reason").map(String::as_str), Some("no_broker_available"), "{line:?}");
+        assert_eq!(line.get("listener").map(String::as_str), Some("close"), "{line:?}");
+    }
+    // The metric keeps the reason; the CONNACK label says what was sent: nothing on "close".
+    let refused = |listener, connack| {
+        metric_sum(
+            &admin,
+            "harbormaster_connections_refused_total",
+            &[("listener", listener), ("reason", "no_broker_available"), ("connack", connack)],
+        )
+    };
+    assert!(wait_until(WAIT, || refused("close", "none") >= 2.0), "{}", metrics_text(&admin));
+    assert_eq!(refused("close", "0x03") + refused("close", "0x88"), 0.0, "{}", metrics_text(&admin));
+    assert!(
+        refused("connack", "none") == 0.0 && refused("connack", "0x03") >= 1.0 && refused("connack", "0x88") >= 1.0,
+        "{}",
+        metrics_text(&admin)
+    );
+
+    // mosquitto_sub gives up on the CONNACK but keeps reconnecting after a close.
+    let sub_bin = require_program("mosquitto_sub");
+    let sub = |listener: &str, id: &str| {
+        let port = hm.port(listener).to_string();
+        let mut cmd = Command::new(&sub_bin);
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-i", id, "-t", "t"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    let mut gave_up = sub("connack", "sub-refused");
+    assert!(wait_child(&mut gave_up, WAIT).is_some_and(|s| !s.success()), "mosquitto_sub did not exit on the CONNACK");
+    let mut keeps_trying = sub("close", "sub-closed");
+    let attempts =
+        || hm.connection_logs().iter().filter(|l| l.get("client_id").map(String::as_str) == Some("sub-closed")).count();
+    let reconnected = wait_until(WAIT, || attempts() >= 3);
+    let still_running = keeps_trying.try_wait().unwrap().is_none();
+    let _ = keeps_trying.kill();
+    let _ = keeps_trying.wait();
+    assert!(
+        reconnected && still_running,
+        "mosquitto_sub after closes: {} attempts, running: {still_running}",
+        attempts()
+    );
 }

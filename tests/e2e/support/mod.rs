@@ -933,6 +933,8 @@ pub fn parse_haproxy_log(log: &str) -> Vec<HaproxyLogLine> {
 /// state in a tempdir. The AMQP listener is off.
 pub struct Rabbit {
     pub port: u16,
+    /// The management plugin's HTTP port ([`Rabbit::start_with_management`]).
+    pub management_port: Option<u16>,
     pub node: String,
     dir: TempDir,
     env: Vec<(String, String)>,
@@ -945,6 +947,16 @@ const RABBIT_SBIN: &str = "/usr/lib/rabbitmq/bin";
 
 impl Rabbit {
     pub fn start() -> Rabbit {
+        Rabbit::start_with(false)
+    }
+
+    /// With the management plugin on `management_port` too (its HTTP API: `/api/health/...`,
+    /// user `guest`/`guest` from loopback).
+    pub fn start_with_management() -> Rabbit {
+        Rabbit::start_with(true)
+    }
+
+    fn start_with(management: bool) -> Rabbit {
         // The /usr/sbin wrappers `su` to the rabbitmq user and drop the environment; the real
         // scripts are in /usr/lib/rabbitmq/bin and run fine as root.
         let server = require_program(&format!("{RABBIT_SBIN}/rabbitmq-server"));
@@ -958,7 +970,12 @@ impl Rabbit {
         }
         let port = free_port();
         let dist_port = free_port();
+        let management_port = management.then(free_port);
         let node = format!("hm{}x{}@localhost", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let management_conf = match management_port {
+            Some(p) => format!("management.tcp.port = {p}\nmanagement.tcp.ip = 127.0.0.1\n"),
+            None => String::new(),
+        };
         fs::write(
             d.join("rabbitmq.conf"),
             format!(
@@ -967,11 +984,13 @@ impl Rabbit {
                  mqtt.proxy_protocol = true\n\
                  mqtt.allow_anonymous = true\n\
                  log.console = true\n\
-                 log.console.level = info\n"
+                 log.console.level = info\n\
+                 {management_conf}"
             ),
         )
         .unwrap();
-        fs::write(d.join("enabled_plugins"), "[rabbitmq_mqtt].\n").unwrap();
+        let plugins = if management { "[rabbitmq_mqtt,rabbitmq_management].\n" } else { "[rabbitmq_mqtt].\n" };
+        fs::write(d.join("enabled_plugins"), plugins).unwrap();
         fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
         let p = |sub: &str| d.join(sub).to_str().unwrap().to_string();
         let env: Vec<(String, String)> = vec![
@@ -988,7 +1007,7 @@ impl Rabbit {
         let mut cmd = Command::new(server);
         cmd.current_dir(d).envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("rabbitmq-server", cmd, &d.join("server.out"));
-        let rabbit = Rabbit { port, node, dir, env, proc: Some(proc), _heavy: heavy };
+        let rabbit = Rabbit { port, management_port, node, dir, env, proc: Some(proc), _heavy: heavy };
         // `rabbitmqctl wait PIDFILE` waits for the pid file, the node and its applications
         // (`await_startup` fails at once while the node is not up yet).
         let pid_file = rabbit.dir.path().join("rabbit.pid");
@@ -996,12 +1015,22 @@ impl Rabbit {
             &["wait", pid_file.to_str().unwrap(), "--timeout", &RABBIT_BOOT.as_secs().to_string()],
             RABBIT_BOOT + Duration::from_secs(10),
         );
-        let ready = out.status.success()
-            && wait_until(WAIT, || port_accepts(rabbit.port))
-            && rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success();
-        if !ready {
+        // The management listener starts with its plugin, after the node: on a loaded machine
+        // that takes a boot's time of its own.
+        let step = if !out.status.success() {
+            Some("rabbitmqctl wait")
+        } else if !wait_until(WAIT, || port_accepts(rabbit.port)) {
+            Some("MQTT listener")
+        } else if !management_port.is_none_or(|p| wait_until(RABBIT_BOOT, || port_accepts(p))) {
+            Some("management listener")
+        } else if !rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success() {
+            Some("rabbitmqctl await_startup")
+        } else {
+            None
+        };
+        if let Some(step) = step {
             panic!(
-                "RabbitMQ did not start:\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
+                "RabbitMQ did not start ({step}):\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
                 tail(&rabbit.server_output(), 80)
