@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
-use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Pool, ProxyProtocol};
+use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, PlannedCloseWill, Pool, ProxyProtocol};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, Snapshot};
 
@@ -255,6 +255,20 @@ pub struct RawPool {
     /// With `on_backend_removed = "close"`: connections closed per second.
     #[serde(default = "default_close_rate")]
     pub close_rate: u32,
+    /// When harbormaster closes a client on purpose (drain, broker removed): keep the broker's
+    /// view (it publishes the Will, as for any lost client) or end the session on the client's
+    /// behalf with a DISCONNECT, so that a device that is only moving leaves no Will.
+    #[serde(default)]
+    pub planned_close_will: RawPlannedCloseWill,
+}
+
+/// `planned_close_will`: `"keep"` (default) or `"suppress"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPlannedCloseWill {
+    #[default]
+    Keep,
+    Suppress,
 }
 
 /// `on_backend_removed`: `"keep"` (default) or `"close"`.
@@ -1054,6 +1068,10 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connect_timeout: p.backend_connect_timeout,
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
+        planned_close_will: match p.planned_close_will {
+            RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
+            RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
+        },
         health: p.health.as_ref().map(|h| HealthSpec {
             check: match h.check {
                 RawCheck::Tcp => CheckKind::Tcp,
