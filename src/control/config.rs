@@ -1150,6 +1150,15 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(s.limits.max_connect_packet, 262_144);
         assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
+        assert_eq!(p.planned_close_will, PlannedCloseWill::Keep);
+    }
+
+    #[test]
+    fn planned_close_will_is_keep_or_suppress() {
+        let loaded = load_str(&format!("{MINIMAL}planned_close_will = \"suppress\"\n"), Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().planned_close_will, PlannedCloseWill::Suppress);
+        let p = problems(&format!("{MINIMAL}planned_close_will = \"drop\"\n"));
+        assert!(p.iter().any(|p| p.contains("planned_close_will")), "{p:?}");
     }
 
     #[test]
