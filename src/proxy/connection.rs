@@ -364,13 +364,12 @@ pub async fn handle<H: Send>(
             let (cause, (ended, totals, err), sent) = relay_until_closed(relay, closing, plans).await;
             acct.facts.up += totals.up;
             acct.facts.down = totals.down;
+            // A planned close that found no packet boundary in time says so here too.
+            if let Some(e) = err {
+                acct.facts.detail = Some(e.to_string());
+            }
             match cause {
-                None => {
-                    if let Some(e) = err {
-                        acct.facts.detail = Some(e.to_string());
-                    }
-                    CloseReason::Relayed(ended)
-                }
+                None => CloseReason::Relayed(ended),
                 Some(cause) => {
                     (acct.facts.disconnect_sent, acct.facts.broker_disconnect_sent) = sent;
                     for d in [sent.0, sent.1].into_iter().flatten() {

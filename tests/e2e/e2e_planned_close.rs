@@ -270,3 +270,35 @@ fn a_planned_close_ends_at_a_packet_boundary_of_a_publishing_client() {
     let gone = wait_until(WAIT, || m2.log().contains(&format!("Client {id} disconnected.")));
     assert!(gone, "mosquitto did not see a clean DISCONNECT:\n{}", m2.log());
 }
+
+/// A client stalled in the middle of a packet: the planned close gives up waiting for the
+/// boundary and closes plainly, writing nothing into the broker's stream.
+#[test]
+fn a_client_stalled_mid_packet_is_closed_plainly() {
+    let (m1, m2) = (Mosquitto::start(), Mosquitto::start());
+    let both = [("b1", &m1), ("b2", &m2)];
+    let policy = "on_backend_removed = \"close\"\nplanned_close_will = \"suppress\"";
+    let hm = Harbormaster::start(&one_pool_config(0, 0, &both, policy));
+    let port = hm.port("mqtt");
+    let id = ids_routed_to(&hm.config_path, "stalled", "b2", 1).remove(0);
+    let (mut c, ack) = mqtt_connect(port, MqttVersion::V311, &id);
+    assert!(mqtt::connack_accepted(&ack));
+    let publish = mqtt::publish_qos0(MqttVersion::V311, "stalled/t", &[7u8; 3000]);
+    use std::io::Write;
+    c.write_all(&publish[..1500]).unwrap();
+    assert!(m2.wait_for_client(&id, 1));
+    fs::write(&hm.config_path, one_pool_config(0, 0, &both[..1], policy)).unwrap();
+    hm.sighup();
+    let (_, closed) = mqtt::read_until_close(&mut c, WAIT);
+    assert!(closed, "the stalled client was not closed");
+    let line = hm.wait_connection_log("client_id", &id).unwrap();
+    assert_eq!(line["close_reason"], "broker_removed");
+    assert_eq!(line["broker_disconnect_sent"], "");
+    assert_eq!(line["detail"], "no packet boundary in time");
+    // mosquitto logs a lost connection as "closed its connection." or "disconnected: REASON",
+    // a DISCONNECT as "disconnected.".
+    let lost = [format!("Client {id} closed its connection."), format!("Client {id} disconnected: ")];
+    let ended = wait_until(WAIT, || lost.iter().any(|l| m2.log().contains(l.as_str())));
+    assert!(ended, "mosquitto did not see the connection end:\n{}", m2.log());
+    assert!(!m2.log().contains(&format!("Client {id} disconnected.")), "a DISCONNECT reached the broker");
+}
