@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol};
 
 fn pool(n: usize) -> Pool {
     Pool {
@@ -24,6 +24,7 @@ fn pool(n: usize) -> Pool {
         backend_connect_timeout: Duration::from_secs(2),
         backend_connack_timeout: Duration::from_secs(10),
         backend_attempts: 3,
+        planned_close_will: PlannedCloseWill::Keep,
         health: None,
     }
 }

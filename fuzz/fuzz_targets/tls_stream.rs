@@ -12,6 +12,9 @@
 // The stream and the modules it uses, not the crate: they need only tokio, rustls, socket2 and
 // prometheus (the setup budget's gauge), which keeps the instrumented build small.
 #[allow(dead_code)]
+#[path = "../../src/proxy/boundary.rs"]
+mod boundary;
+#[allow(dead_code)]
 #[path = "../../src/proxy/budget.rs"]
 mod budget;
 #[allow(dead_code)]

@@ -18,6 +18,7 @@ use prometheus::{
 };
 
 use crate::proxy::balance::ProxyProtocol;
+use crate::proxy::boundary::Disconnect;
 use crate::proxy::connection::{CloseReason, DialOutcome, HandshakeFailure};
 use crate::proxy::identity::CnRefusal;
 use crate::proxy::mqtt::{self, MqttVersion};
@@ -80,6 +81,9 @@ pub struct Metrics {
     /// Connections that reached a broker other than their first candidate because the
     /// earlier ones failed, by pool.
     pub failovers: IntCounterVec,
+    /// DISCONNECTs written by planned closes (drain, broker removed), by listener, side they
+    /// went to ("client", "broker") and reason code.
+    pub planned_disconnects: IntCounterVec,
     /// Connections relayed to each broker right now, by pool and broker; read from the
     /// snapshot at scrape time.
     pub broker_active: IntGaugeVec,
@@ -245,6 +249,12 @@ impl Metrics {
                 "failovers_total",
                 "Connections relayed to a later candidate because earlier brokers failed",
                 &["pool"],
+            ),
+            planned_disconnects: counter_vec(
+                &r,
+                "planned_disconnects_total",
+                "DISCONNECT packets written by planned closes, to the client or to the broker on the client's behalf",
+                &["listener", "to", "reason_code"],
             ),
             cert_expiry: gauge_vec(
                 &r,
@@ -497,6 +507,11 @@ impl Metrics {
     /// A connection reached a later candidate of `pool` because earlier ones failed.
     pub fn failed_over(&self, pool: &str) {
         self.failovers.with_label_values(&[pool]).inc();
+    }
+
+    /// A planned close wrote `d` (to the client, or to the broker on the client's behalf).
+    pub fn planned_disconnect(&self, listener: &str, d: Disconnect) {
+        self.planned_disconnects.with_label_values(&[listener, d.to().as_str(), d.as_str()]).inc();
     }
 
     /// A connection was routed to `broker` (its CONNECT answered), with the PROXY header

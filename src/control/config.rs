@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
-use crate::proxy::balance::{Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, Pool, ProxyProtocol};
+use crate::proxy::balance::{
+    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
+};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
@@ -267,6 +269,20 @@ pub struct RawPool {
     /// With `on_backend_removed = "close"`: connections closed per second.
     #[serde(default = "default_close_rate")]
     pub close_rate: u32,
+    /// When harbormaster closes a client on purpose (drain, broker removed): keep the broker's
+    /// view (it publishes the Will, as for any lost client) or end the session on the client's
+    /// behalf with a DISCONNECT, so that a device that is only moving leaves no Will.
+    #[serde(default)]
+    pub planned_close_will: RawPlannedCloseWill,
+}
+
+/// `planned_close_will`: `"keep"` (default) or `"suppress"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPlannedCloseWill {
+    #[default]
+    Keep,
+    Suppress,
 }
 
 /// `on_backend_removed`: `"keep"` (default) or `"close"`.
@@ -1081,6 +1097,10 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connect_timeout: p.backend_connect_timeout,
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
+        planned_close_will: match p.planned_close_will {
+            RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
+            RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
+        },
         health: p.health.as_ref().zip(check).map(|(h, check)| HealthSpec {
             check,
             interval: h.interval,
@@ -1207,6 +1227,7 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(s.limits.max_setup_bytes, 64 * 1024 * 1024);
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.listeners[0].refusal, RefusalStyle::Connack);
+        assert_eq!(p.planned_close_will, PlannedCloseWill::Keep);
     }
 
     #[test]
@@ -1216,6 +1237,14 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         let bad = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"reset\"\n");
         let got = problems(&bad);
         assert!(got.iter().any(|g| g.contains("refusal") && g.contains("connack")), "{got:?}");
+    }
+
+    #[test]
+    fn planned_close_will_is_keep_or_suppress() {
+        let loaded = load_str(&format!("{MINIMAL}planned_close_will = \"suppress\"\n"), Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().planned_close_will, PlannedCloseWill::Suppress);
+        let p = problems(&format!("{MINIMAL}planned_close_will = \"drop\"\n"));
+        assert!(p.iter().any(|p| p.contains("planned_close_will")), "{p:?}");
     }
 
     #[test]

@@ -320,6 +320,7 @@ mod tests {
             backend_connect_timeout: Duration::from_secs(1),
             backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
+            planned_close_will: crate::proxy::balance::PlannedCloseWill::Keep,
             health,
         }
     }

@@ -135,6 +135,18 @@ pub struct Pool {
     pub backend_attempts: usize,
     /// Active health checks; `None`: none, and brokers are only ever skipped per connection.
     pub health: Option<HealthSpec>,
+    /// Whether a planned close (drain, broker removed) lets the broker publish the client's
+    /// Will (`planned_close_will`).
+    pub planned_close_will: PlannedCloseWill,
+}
+
+/// `planned_close_will`: on a planned close, the broker keeps its usual view of a lost client
+/// (`"keep"`: it publishes the Will) or is sent a DISCONNECT on the client's behalf
+/// (`"suppress"`: no Will for a device that is only moving).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlannedCloseWill {
+    Keep,
+    Suppress,
 }
 
 /// Hash of a routing key; computed once per connection.
@@ -222,6 +234,7 @@ mod tests {
             backend_connect_timeout: Duration::from_secs(1),
             backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
+            planned_close_will: PlannedCloseWill::Keep,
             health: None,
         }
     }

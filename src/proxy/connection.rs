@@ -10,10 +10,13 @@
 //! MQTT-correct CONNACK where the protocol allows, a polite close, the log's facts. Nothing is
 //! written to a broker before the dial, so a refused connection never reaches one.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,14 +25,15 @@ use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
-use super::balance::{Backend, EmptyKey, HashKey, Pool, ProxyProtocol};
+use super::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol};
+use super::boundary::{Boundary, Disconnect};
 use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
 use super::identity::TlsInfo;
 use super::inbound;
 use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, StringField};
 use super::proxy_header::{self, HeaderInput};
-use super::registry::{CloseCause, Registration, Registry};
+use super::registry::{CloseCause, Leaving, Registration, Registry};
 use super::relay::{self, Ended};
 use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
@@ -235,6 +239,9 @@ struct Facts {
     detail: Option<String>,
     /// The CONNACK code a refusal sent, for the `connack` metric label.
     connack: Option<u8>,
+    /// The DISCONNECTs a planned close wrote: to the client, to the broker.
+    disconnect_sent: Option<Disconnect>,
+    broker_disconnect_sent: Option<Disconnect>,
 }
 
 /// A connection's place in `connections_active` and its end — the close counters and its one
@@ -249,6 +256,10 @@ struct Accounting<'a> {
     facts: Facts,
     /// Set when the connection ends normally.
     reason: Option<CloseReason>,
+    /// Where the client's stream stands in its MQTT packets once the bytes pipelined behind
+    /// the CONNECT were sent with it (they may end inside a packet); the relay follows on
+    /// from there. Kept here, where it fits in padding, rather than in `Established`.
+    up_at: Boundary,
 }
 
 impl<'a> Accounting<'a> {
@@ -263,6 +274,7 @@ impl<'a> Accounting<'a> {
             started,
             facts: Facts { client_addr: Some(peer), ..Facts::default() },
             reason: None,
+            up_at: Boundary::START,
         }
     }
 }
@@ -343,16 +355,28 @@ pub async fn handle<H: Send>(
             let mut client = Counted::new(&mut est.client, up);
             let mut upstream = Counted::new(&mut est.upstream, down);
             let linger = snapshot.limits.half_close_timeout;
-            tokio::select! {
-                (ended, totals, err) = relay::relay(&mut client, &mut upstream, linger, || turns.note_traffic(relaying)) => {
-                    acct.facts.up += totals.up;
-                    acct.facts.down = totals.down;
-                    if let Some(e) = err {
-                        acct.facts.detail = Some(e.to_string());
+            let relay = relay::relay(&mut client, &mut upstream, acct.up_at, linger, || turns.note_traffic(relaying));
+            // What a close on purpose sends, decided now (4 bytes) rather than keeping what it
+            // is decided from in the task.
+            let plans = [Leaving::ShuttingDown, Leaving::Moved]
+                .map(|leaving| planned_disconnects(leaving, &acct.facts, &snapshot, &spec));
+            let closing = std::pin::pin!(conn.closed());
+            let (cause, (ended, totals, err), sent) = relay_until_closed(relay, closing, plans).await;
+            acct.facts.up += totals.up;
+            acct.facts.down = totals.down;
+            // A planned close that found no packet boundary in time says so here too.
+            if let Some(e) = err {
+                acct.facts.detail = Some(e.to_string());
+            }
+            match cause {
+                None => CloseReason::Relayed(ended),
+                Some(cause) => {
+                    (acct.facts.disconnect_sent, acct.facts.broker_disconnect_sent) = sent;
+                    for d in [sent.0, sent.1].into_iter().flatten() {
+                        m.planned_disconnect(&spec.name, d);
                     }
-                    CloseReason::Relayed(ended)
+                    closed(cause)
                 }
-                cause = conn.closed() => closed(cause),
             }
         }
         Err(reason) => reason,
@@ -361,6 +385,70 @@ pub async fn handle<H: Send>(
     drop(conn);
     drop(held);
     drop(acct);
+}
+
+/// The relay's end, how it ended and what a planned close wrote.
+type RelayEnd =
+    (Option<CloseCause>, (Ended, relay::Totals, Option<io::Error>), (Option<Disconnect>, Option<Disconnect>));
+
+/// Relays until the relay ends (no cause) or `closed` resolves: then the close on purpose,
+/// with the DISCONNECTs `plans` gives for its [`Leaving`] (shutting down, moved) at packet
+/// boundaries, or at once when there are none to write. Resolves to the cause, the relay's end
+/// and the DISCONNECTs written (to the client, to the broker). A plain function returning one
+/// future that holds the relay beside the wait for the close, as a `select!` would: the
+/// planned close adds no second copy of either to the connection's task.
+fn relay_until_closed<'r, C, B, F, K>(
+    mut relay: relay::Relay<'r, C, B, F>,
+    mut closed: Pin<&'r mut K>,
+    plans: [(Option<Disconnect>, Option<Disconnect>); 2],
+) -> impl Future<Output = RelayEnd> + 'r
+where
+    C: AsyncRead + relay::WriteLast + Unpin + ?Sized,
+    B: AsyncRead + relay::WriteLast + Unpin + ?Sized,
+    F: FnMut() + Unpin + 'r,
+    K: Future<Output = CloseCause>,
+{
+    let mut cause = None;
+    std::future::poll_fn(move |cx| {
+        if cause.is_none() {
+            if let Poll::Ready(c) = closed.as_mut().poll(cx) {
+                cause = Some(c);
+                let (to_client, to_broker) = match c.leaving() {
+                    Leaving::ShuttingDown => plans[0],
+                    Leaving::Moved => plans[1],
+                };
+                if !relay.plan(to_client, to_broker, PLANNED_CLOSE_WAIT) {
+                    return Poll::Ready((cause, (Ended::Clean, relay.totals(), None), (None, None)));
+                }
+            }
+        }
+        let out = ready!(Pin::new(&mut relay).poll(cx));
+        Poll::Ready((cause, out, relay.sent()))
+    })
+}
+
+/// How long a planned close waits for packet boundaries (a peer may have stalled in the middle
+/// of a packet) before it closes without its DISCONNECTs.
+const PLANNED_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The DISCONNECTs of a planned close: an MQTT 5 client is told why (0x8B when the process
+/// shuts down, 0x9C when it is moved to another broker); older versions have no DISCONNECT
+/// from the server and are closed plainly. With `planned_close_will = "suppress"` the broker
+/// gets a normal DISCONNECT on the client's behalf, so it does not publish the Will.
+fn planned_disconnects(
+    leaving: Leaving,
+    facts: &Facts,
+    snapshot: &Snapshot,
+    spec: &ListenerSpec,
+) -> (Option<Disconnect>, Option<Disconnect>) {
+    let to_client = match (facts.mqtt_version, leaving) {
+        (Some(MqttVersion::V5), Leaving::ShuttingDown) => Some(Disconnect::ShuttingDown),
+        (Some(MqttVersion::V5), Leaving::Moved) => Some(Disconnect::UseAnotherServer),
+        _ => None,
+    };
+    let suppress = snapshot.pool(&spec.pool).is_some_and(|p| p.planned_close_will == PlannedCloseWill::Suppress);
+    let to_broker = (suppress && facts.mqtt_version.is_some()).then_some(Disconnect::Normal);
+    (to_client, to_broker)
 }
 
 /// A connection closed at accept (a connection limit), before any other work: counted and
@@ -389,6 +477,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         bytes_out = facts.down,
         duration = ?duration,
         close_reason = reason.as_str(),
+        disconnect_sent = facts.disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
+        broker_disconnect_sent = facts.broker_disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
         detail = facts.detail.as_deref().unwrap_or(""),
         "connection closed"
     );
@@ -425,6 +515,7 @@ async fn setup(
         dst,
         tls: None,
         facts: &mut acct.facts,
+        up_at: &mut acct.up_at,
     };
     setup.run(tcp).await
 }
@@ -447,6 +538,9 @@ struct Setup<'a> {
     /// The client's TLS identity, from the handshake until the first bytes are assembled.
     tls: Option<TlsInfo>,
     facts: &'a mut Facts,
+    /// Where the client's stream stands in its MQTT packets after the bytes sent with the
+    /// CONNECT, for the relay.
+    up_at: &'a mut Boundary,
 }
 
 /// Why a setup step stopped the connection: its close reason, the detail for the log line and
@@ -533,6 +627,9 @@ impl<'a> Setup<'a> {
         self.admit_client_id(&connect)?;
         let candidates = self.route(&connect)?;
         let version = connect.version;
+        // Bytes pipelined behind the CONNECT go to the broker with it, and may end inside a
+        // packet: the relay's tracking of the client's packets starts after them.
+        self.up_at.advance(&buf[len..]);
         let first = self.first_bytes(&connect, &buf, charge);
         drop(buf);
         self.dial(candidates, first, version).await
@@ -1087,7 +1184,7 @@ mod tests {
     /// the future of [`handle`] (setup is boxed, so this is mostly the relay phase). tokio's
     /// task cell adds ~110 B of header and trailer and is 128-byte aligned, which the allocator
     /// serves from the next size class up: with the listener's 24 B connection-limit guard, the
-    /// 976 B future measured keeps the task in the 1,280 B class; 1,248 B took the 1,536 B class
+    /// 968 B future measured keeps the task in the 1,280 B class; 1,248 B took the 1,536 B class
     /// and 1,440 B the 1,792 B one, 256 B more per connection each (docs/benchmarks.md, M1).
     #[tokio::test]
     async fn connection_task_size() {
@@ -1104,7 +1201,7 @@ mod tests {
         let fut = handle(shared.clone(), snapshot, spec, c, peer, conn, guard);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection task future: {size} bytes");
-        // Unoptimized builds (the test suite's) lay futures out larger: 1,032 B for 976 B.
+        // Unoptimized builds (the test suite's) lay futures out larger: 1,008 B for 968 B.
         let limit = if cfg!(debug_assertions) { 1040 } else { 1000 };
         assert!(size <= limit, "{size} > {limit}");
     }

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod balance;
+pub mod boundary;
 pub mod broker;
 pub mod budget;
 pub mod connection;

@@ -25,6 +25,26 @@ pub enum CloseCause {
     BrokerRemoved,
 }
 
+/// What a close on purpose means for the client: the process goes away, or the client is
+/// being moved to another broker. It decides the DISCONNECT an MQTT 5 client is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// The process is shutting down (MQTT 5: 0x8B, server shutting down).
+    ShuttingDown,
+    /// The client is to connect again and be routed elsewhere (MQTT 5: 0x9C, use another
+    /// server).
+    Moved,
+}
+
+impl CloseCause {
+    pub fn leaving(self) -> Leaving {
+        match self {
+            CloseCause::Drain => Leaving::ShuttingDown,
+            CloseCause::BrokerRemoved => Leaving::Moved,
+        }
+    }
+}
+
 /// One live connection as the control plane sees it.
 #[derive(Debug)]
 pub struct ConnHandle {
@@ -215,6 +235,8 @@ mod tests {
         b.close(CloseCause::BrokerRemoved);
         b.close(CloseCause::Drain);
         assert_eq!(b.closed().await, CloseCause::BrokerRemoved, "the first cause wins");
+        assert_eq!(CloseCause::BrokerRemoved.leaving(), Leaving::Moved);
+        assert_eq!(CloseCause::Drain.leaving(), Leaving::ShuttingDown);
 
         let order: Vec<u64> = r.oldest_first().iter().map(|h| h.id()).collect();
         assert_eq!(order, [a.id(), b.id(), c.id()]);

@@ -6,6 +6,10 @@
 //! followed at once by their direction's EOF leave in one TCP segment with the FIN
 //! ([`WriteLast`]): an MQTT DISCONNECT and the close that follows it cost the broker one
 //! segment, not two.
+//!
+//! Each direction follows the MQTT packet boundaries of its stream as the bytes pass
+//! ([`Boundary`], 4 bytes, nothing buffered), so that a planned close ([`Relay::plan`]) can
+//! stop reading at the next boundary, write a DISCONNECT and close, within a bounded wait.
 
 use std::cell::RefCell;
 use std::io;
@@ -18,6 +22,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use super::boundary::{Boundary, Disconnect};
 
 /// One TLS record's worth of plaintext: a read fills at most this much.
 pub const BUF_SIZE: usize = 16 * 1024;
@@ -99,6 +105,11 @@ struct Half {
     /// A read error met while reading ahead, returned once the bytes before it are written.
     read_err: Option<io::Error>,
     done: bool,
+    /// Where the source's MQTT packets begin and end, advanced over every chunk read.
+    at: Boundary,
+    /// A planned close: read no further than the next packet boundary, then write this
+    /// DISCONNECT as the last bytes and shut the write side down.
+    stop: Option<Disconnect>,
     bytes: u64,
 }
 
@@ -150,8 +161,31 @@ impl Half {
                 }
                 continue;
             }
+            // Closing on purpose: every byte read so far is written; read on only to the end of
+            // the packet under way, then the DISCONNECT goes out as the last bytes.
+            let mut limit = BUF_SIZE;
+            if let Some(d) = self.stop {
+                match self.at.to_boundary() {
+                    Some(0) => {
+                        let mut buf = self.buf.take().unwrap_or_else(take_buf);
+                        let p = d.packet();
+                        buf[..p.len()].copy_from_slice(p);
+                        (self.pos, self.end) = (0, p.len() as u32);
+                        self.buf = Some(buf);
+                        self.read_done = true;
+                        continue;
+                    }
+                    Some(n) => limit = n.min(BUF_SIZE),
+                    // The stream stopped looking like MQTT: no DISCONNECT, a plain close.
+                    None => {
+                        self.stop = None;
+                        self.done = true;
+                        continue;
+                    }
+                }
+            }
             let mut buf = self.buf.take().unwrap_or_else(take_buf);
-            let mut rb = ReadBuf::new(&mut buf);
+            let mut rb = ReadBuf::new(&mut buf[..limit]);
             match r.as_mut().poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     // Nothing in flight: give the buffer back, keep only the waker. Flush
@@ -168,13 +202,16 @@ impl Half {
                     let mut n = rb.filled().len();
                     if n == 0 {
                         self.read_done = true;
+                        // The source ended first: its end is passed on, without DISCONNECT.
+                        self.stop = None;
                         give_buf(buf);
                         continue;
                     }
                     // Read on while more is at hand (no system call when there is not: the
                     // socket's readiness is known), so that an EOF right behind these bytes is
-                    // seen before they are written.
-                    while n < buf.len() {
+                    // seen before they are written. Not while closing: each read stops at the
+                    // packet's end.
+                    while self.stop.is_none() && n < buf.len() {
                         let mut rb = ReadBuf::new(&mut buf[n..]);
                         match r.as_mut().poll_read(cx, &mut rb) {
                             Poll::Ready(Ok(())) if rb.filled().is_empty() => {
@@ -189,6 +226,7 @@ impl Half {
                             Poll::Pending => break,
                         }
                     }
+                    self.at.advance(&buf[..n]);
                     self.pos = 0;
                     self.end = n as u32;
                     self.buf = Some(buf);
@@ -213,7 +251,7 @@ pub enum Ended {
     HalfCloseTimeout,
 }
 
-/// Bytes moved by a relay.
+/// Bytes moved by a relay (written, a planned close's DISCONNECT included).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Client → broker.
@@ -226,8 +264,16 @@ pub struct Totals {
 /// other must move a byte at least every `linger`, or the relay ends with
 /// [`Ended::HalfCloseTimeout`]. `moved` is called after each wake-up that moved bytes.
 /// Resolves to how it ended and the bytes moved; on error, bytes already accepted on the
-/// healthy side have been written.
-pub fn relay<'a, C, B, F>(client: &'a mut C, broker: &'a mut B, linger: Duration, moved: F) -> Relay<'a, C, B, F>
+/// healthy side have been written. `up_at` is where the client's stream stands in its packets
+/// (after the CONNECT and what was pipelined behind it, sent before relaying); the broker's
+/// starts with a packet.
+pub fn relay<'a, C, B, F>(
+    client: &'a mut C,
+    broker: &'a mut B,
+    up_at: Boundary,
+    linger: Duration,
+    moved: F,
+) -> Relay<'a, C, B, F>
 where
     C: AsyncRead + WriteLast + Unpin + ?Sized,
     B: AsyncRead + WriteLast + Unpin + ?Sized,
@@ -236,11 +282,11 @@ where
     Relay {
         client,
         broker,
-        up: Half::default(),
+        up: Half { at: up_at, ..Half::default() },
         down: Half::default(),
-        linger,
+        linger_ms: u32::try_from(linger.as_millis()).unwrap_or(u32::MAX),
         linger_timer: None,
-        seen: (0, 0),
+        seen: 0,
         moved,
     }
 }
@@ -253,11 +299,14 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized, F> {
     broker: &'a mut B,
     up: Half,
     down: Half,
-    linger: Duration,
-    /// Only exists once half-closed, so a connection relaying both ways holds no timer.
+    /// The linger time in milliseconds: 4 bytes where a `Duration` takes 16.
+    linger_ms: u32,
+    /// Only exists once half-closed (or closing on purpose: then the bound on the wait for a
+    /// packet boundary), so a connection relaying both ways holds no timer.
     linger_timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes moved when the linger timer was last set.
-    seen: (u64, u64),
+    /// Bytes moved (both ways together: the counts only grow, so the sum changes whenever
+    /// one does) when the linger timer was last set.
+    seen: u64,
     moved: F,
 }
 
@@ -267,6 +316,47 @@ where
     B: AsyncRead + WriteLast + Unpin + ?Sized,
     F: FnMut() + Unpin,
 {
+    /// Closes on purpose: `to_client` and `to_broker` are the DISCONNECTs each side is to get.
+    /// A direction with one reads on to the end of the packet under way (never past it), writes
+    /// it and shuts its write side down; a direction without one, or whose stream is no longer
+    /// followed (half-closed, or its bytes stopped looking like MQTT), stops at once. Returns
+    /// false when no direction has a DISCONNECT to write: the caller closes as it would have
+    /// without one. Otherwise the relay resolves once both directions are done, or after
+    /// `wait` (a peer stalled mid-packet), whichever comes first; [`Relay::sent`] says which
+    /// DISCONNECTs went out.
+    pub fn plan(&mut self, to_client: Option<Disconnect>, to_broker: Option<Disconnect>, wait: Duration) -> bool {
+        for (half, d) in [(&mut self.down, to_client), (&mut self.up, to_broker)] {
+            match d {
+                Some(d) if !half.read_done && !half.done && half.at.to_boundary().is_some() => half.stop = Some(d),
+                _ => half.done = true,
+            }
+        }
+        if !self.closing() {
+            return false;
+        }
+        let deadline = Instant::now() + wait;
+        match &mut self.linger_timer {
+            Some(t) => t.as_mut().reset(deadline),
+            None => self.linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        true
+    }
+
+    /// The DISCONNECTs a planned close wrote: to the client, to the broker.
+    pub fn sent(&self) -> (Option<Disconnect>, Option<Disconnect>) {
+        let sent = |h: &Half| h.stop.filter(|_| h.done);
+        (sent(&self.down), sent(&self.up))
+    }
+
+    /// The bytes moved so far.
+    pub fn totals(&self) -> Totals {
+        Totals { up: self.up.bytes, down: self.down.bytes }
+    }
+
+    fn closing(&self) -> bool {
+        self.up.stop.is_some() || self.down.stop.is_some()
+    }
+
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (Ended, io::Error)>> {
         let before = self.up.bytes + self.down.bytes;
         // Both directions are polled on every wake-up so one blocked direction never stalls
@@ -293,18 +383,24 @@ where
         if u.is_ready() && d.is_ready() {
             return Poll::Ready(Ok(()));
         }
-        if u.is_ready() || d.is_ready() {
-            let moved = (self.up.bytes, self.down.bytes);
-            let deadline = Instant::now() + self.linger;
-            match &mut self.linger_timer {
-                Some(t) if moved != self.seen => t.as_mut().reset(deadline),
-                Some(_) => {}
-                None => self.linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        // A planned close's deadline is fixed: a peer trickling a packet cannot stretch it.
+        let closing = self.closing();
+        if u.is_ready() || d.is_ready() || closing {
+            if !closing {
+                let moved = self.up.bytes + self.down.bytes;
+                let deadline = Instant::now() + Duration::from_millis(self.linger_ms.into());
+                match &mut self.linger_timer {
+                    Some(t) if moved != self.seen => t.as_mut().reset(deadline),
+                    Some(_) => {}
+                    None => self.linger_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                self.seen = moved;
             }
-            self.seen = moved;
             if let Some(t) = &mut self.linger_timer {
                 if t.as_mut().poll(cx).is_ready() {
-                    let e = io::Error::new(io::ErrorKind::TimedOut, "half-closed connection idle too long");
+                    let what =
+                        if closing { "no packet boundary in time" } else { "half-closed connection idle too long" };
+                    let e = io::Error::new(io::ErrorKind::TimedOut, what);
                     return Poll::Ready(Err((Ended::HalfCloseTimeout, e)));
                 }
             }
@@ -404,7 +500,8 @@ mod tests {
     async fn a_half_closed_relay_ends_when_the_other_side_stays_silent() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (_broker, mut broker_end) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER, || {}).await });
+        let task =
+            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await });
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
         // The broker never answers nor closes: with time paused, the runtime jumps to the
@@ -419,7 +516,8 @@ mod tests {
     async fn relays_both_ways_and_forwards_half_close() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, LINGER, || {}).await });
+        let task =
+            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await });
 
         let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();
@@ -470,7 +568,7 @@ mod tests {
         client.write_all(&[0xE0, 0x00]).await.unwrap();
         client.shutdown().await.unwrap();
         broker.shutdown().await.unwrap();
-        let (ended, totals, err) = relay(&mut client_end, &mut broker_end, LINGER, || {}).await;
+        let (ended, totals, err) = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await;
         assert_eq!((ended, totals.up, err.is_none()), (Ended::Clean, 2, true));
         assert_eq!(broker_end.log, [Op::Last(2), Op::Shutdown]);
         let mut got = Vec::new();
@@ -485,7 +583,7 @@ mod tests {
         let (mut broker, broker_end) = tokio::io::duplex(1024);
         let mut broker_end = Recorder::new(broker_end);
         let task = tokio::spawn(async move {
-            let r = relay(&mut client_end, &mut broker_end, LINGER, || {}).await;
+            let r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await;
             (r, broker_end.log)
         });
         client.write_all(b"ping").await.unwrap();
@@ -497,6 +595,93 @@ mod tests {
         assert_eq!(ended, Ended::Clean);
         assert_eq!(log[..2], [Op::Write(4), Op::Flush]);
         assert_eq!(log.last(), Some(&Op::Shutdown));
+    }
+
+    /// A PUBLISH of `body` body bytes (a fixed header of 1 + 2 bytes).
+    fn publish(body: usize) -> Vec<u8> {
+        let mut p = vec![0x30, 0x80 | (body % 128) as u8, (body / 128) as u8];
+        p.resize(3 + body, 7);
+        p
+    }
+
+    /// A planned close in the middle of a packet from the broker: the rest of that packet is
+    /// relayed, then the DISCONNECT, then the end of the stream; the broker's next packet is
+    /// not read. The client's own stream, at a boundary, gets the DISCONNECT at once.
+    #[tokio::test]
+    async fn a_planned_close_waits_for_the_end_of_the_packet_under_way() {
+        let (mut client, mut client_end) = tokio::io::duplex(1 << 16);
+        let (mut broker, mut broker_end) = tokio::io::duplex(1 << 16);
+        let p = publish(1000);
+        broker.write_all(&p[..400]).await.unwrap();
+        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        // Relay the first 400 bytes, then close on purpose.
+        let mut got = vec![0u8; 400];
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut relay).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        client.read_exact(&mut got).await.unwrap();
+        assert!(relay.plan(Some(Disconnect::UseAnotherServer), Some(Disconnect::Normal), LINGER));
+        let rest = [&p[400..], &publish(10)[..]].concat();
+        let writer = tokio::spawn(async move {
+            broker.write_all(&rest).await.unwrap();
+            let mut up = [0u8; 2];
+            broker.read_exact(&mut up).await.unwrap();
+            (broker, up)
+        });
+        let (_, totals, _) = (&mut relay).await;
+        assert_eq!(relay.sent(), (Some(Disconnect::UseAnotherServer), Some(Disconnect::Normal)));
+        assert_eq!(totals.down, 1003 + 4);
+        drop(relay);
+        let mut down = Vec::new();
+        client.read_to_end(&mut down).await.unwrap();
+        assert_eq!(&down[..603], &p[400..]);
+        assert_eq!(&down[603..], Disconnect::UseAnotherServer.packet(), "then the DISCONNECT, then EOF");
+        let (mut broker, up) = writer.await.unwrap();
+        assert_eq!(up, [0xE0, 0x00]);
+        // The broker's next PUBLISH was never read: it is still there.
+        drop(broker_end);
+        let mut left = Vec::new();
+        broker.read_to_end(&mut left).await.unwrap();
+        assert!(left.is_empty(), "the broker side got nothing more");
+    }
+
+    /// A peer stalled in the middle of a packet: the planned close gives up after its wait
+    /// and writes no DISCONNECT (the caller closes plainly).
+    #[tokio::test(start_paused = true)]
+    async fn a_planned_close_gives_up_on_a_stalled_packet() {
+        let (mut client, mut client_end) = tokio::io::duplex(1 << 16);
+        let (mut broker, mut broker_end) = tokio::io::duplex(1 << 16);
+        broker.write_all(&publish(1000)[..10]).await.unwrap();
+        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut relay).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(relay.plan(Some(Disconnect::ShuttingDown), None, Duration::from_secs(2)));
+        let (ended, _, err) = (&mut relay).await;
+        assert_eq!(ended, Ended::HalfCloseTimeout);
+        assert!(err.is_some());
+        assert_eq!(relay.sent(), (None, None));
+        drop(relay);
+        let mut got = [0u8; 10];
+        client.read_exact(&mut got).await.unwrap();
+    }
+
+    /// Nothing to write (an MQTT 3.1.1 client with the Will kept), or a stream that stopped
+    /// looking like MQTT: no planned close, the caller closes as before.
+    #[tokio::test]
+    async fn no_planned_close_without_a_disconnect_to_write_or_a_stream_to_follow() {
+        let (_client, mut client_end) = tokio::io::duplex(64);
+        let (_broker, mut broker_end) = tokio::io::duplex(64);
+        let mut r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        assert!(!r.plan(None, None, LINGER));
+        let mut lost = Boundary::START;
+        lost.advance(&[0x00]);
+        let mut r = relay(&mut client_end, &mut broker_end, lost, LINGER, || {});
+        assert!(!r.plan(None, Some(Disconnect::Normal), LINGER), "the client's stream is not followed");
     }
 
     /// A reader that yields its bytes and then fails.
@@ -534,7 +719,7 @@ mod tests {
     async fn bytes_before_a_read_error_are_written_first() {
         let mut client = FailsAfter(Some(b"last words"));
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let (ended, totals, err) = relay(&mut client, &mut broker_end, LINGER, || {}).await;
+        let (ended, totals, err) = relay(&mut client, &mut broker_end, Boundary::START, LINGER, || {}).await;
         assert_eq!(ended, Ended::ClientError);
         assert_eq!(err.unwrap().kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(totals.up, 10);
