@@ -25,6 +25,7 @@ fn pool(n: usize) -> Pool {
         backend_connack_timeout: Duration::from_secs(10),
         backend_attempts: 3,
         planned_close_will: PlannedCloseWill::Keep,
+        close_rate: 100,
         health: None,
     }
 }

@@ -74,8 +74,13 @@ pub async fn run_with(
     // The admin server comes up before the listeners: probes see "starting", not nothing.
     let admin_stop = CancellationToken::new();
     let _stop_admin_on_error = admin_stop.clone().drop_guard();
-    let admin_state =
-        Arc::new(AdminState { current: current.clone(), metrics: metrics.clone(), readiness: readiness.clone() });
+    let admin_state = Arc::new(AdminState {
+        current: current.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        tokens: crate::admin::auth::Tokens::new(loaded.admin.token_file.clone()),
+        conns: shared.conns.clone(),
+    });
     let admin = admin_http::start(&loaded.admin, admin_state, admin_stop.clone()).await?;
 
     let mut listeners =

@@ -1,7 +1,10 @@
 //! The admin HTTP server: hyper 1, HTTP/1.1, on its own listener (`[admin] bind`). A plain
-//! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`. It reads the
-//! snapshot the data plane runs on, the readiness latch and the metrics registry; it never
-//! touches client connections, and nothing it serves carries secrets.
+//! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`, and the
+//! mutating `POST /backends/{pool}/{broker}/drain|enable`, which need a bearer token of
+//! `[admin] token_file` ([`super::auth`]). It reads the snapshot the data plane runs on, the
+//! readiness latch and the metrics registry; it writes only a broker's admin state, and the
+//! closes of a drain go through the control plane's paced closer. Nothing it serves carries
+//! secrets.
 //!
 //! Probes must be answered whatever else connects. A connection has [`HEADER_READ_TIMEOUT`]
 //! to send a complete request head (from connect, and again after each response on a kept-alive
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -37,11 +40,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::auth::{Tokens, Verdict};
 use super::log::rfc3339;
 use super::metrics::Metrics;
 use super::ready::Readiness;
 use super::route::{self, RouteError};
 use crate::control::config::AdminSettings;
+use crate::control::drain;
+use crate::proxy::registry::Registry;
 use crate::proxy::snapshot::Snapshot;
 
 /// Admin connections open at once. Probes and scrapes need a handful; the cap bounds what
@@ -56,7 +62,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// logged at debug and counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// What `/` and unknown paths list.
-const ENDPOINTS: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/backends", "/route?client_id=ID[&pool=NAME]"];
+const ENDPOINTS: [&str; 7] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/backends",
+    "/route?client_id=ID[&pool=NAME]",
+    "POST /backends/POOL/BROKER/drain",
+    "POST /backends/POOL/BROKER/enable",
+];
 
 /// The admin server's connection limits; [`Limits::default`] is what `harbormaster run` uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +90,14 @@ impl Default for Limits {
     }
 }
 
-/// What the admin server reads: the data plane's current snapshot, readiness and metrics.
+/// What the admin server reads: the data plane's current snapshot, readiness and metrics;
+/// and what its mutating endpoints need: the tokens, and the live connections a drain moves.
 pub struct AdminState {
     pub current: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    pub tokens: Tokens,
+    pub conns: Arc<Registry>,
 }
 
 /// Binds the admin listener and spawns the server, which runs until `stop` is cancelled.
@@ -379,6 +396,14 @@ impl Warn {
 
 /// The router: one response per request, from the request line alone (bodies are ignored).
 pub fn respond<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+    if let Some(target) = mutation(req.uri().path()) {
+        if req.method() != Method::POST {
+            let mut r = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "only POST is served here" }));
+            r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        return mutate(state, req, target);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "only GET and HEAD are served" }));
         r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -426,6 +451,8 @@ fn backends(state: &AdminState) -> Response<Full<Bytes>> {
                         "address": b.addr.to_string(),
                         "healthy": b.healthy.load(Relaxed),
                         "draining": b.is_draining(),
+                        "admin_state": b.admin_state().as_str(),
+                        "admin_state_since": b.admin_state().since.map(rfc3339),
                         "active": b.active.load(Relaxed),
                         "total": b.total.load(Relaxed),
                         "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
@@ -442,6 +469,111 @@ fn backends(state: &AdminState) -> Response<Full<Bytes>> {
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "pools": pools }))
+}
+
+/// What an operator asks of one broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Drain,
+    Enable,
+}
+
+/// A mutating path: `/backends/{pool}/{broker}/drain` or `.../enable`.
+fn mutation(path: &str) -> Option<(&str, &str, Action)> {
+    let mut parts = path.strip_prefix("/backends/")?.split('/');
+    let (pool, broker, action) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || pool.is_empty() || broker.is_empty() {
+        return None;
+    }
+    let action = match action {
+        "drain" => Action::Drain,
+        "enable" => Action::Enable,
+        _ => return None,
+    };
+    Some((pool, broker, action))
+}
+
+/// A drain or an enable, once the token is checked; 404 for an unknown pool or broker.
+fn mutate<B>(
+    state: &AdminState,
+    req: &Request<B>,
+    (pool, broker, action): (&str, &str, Action),
+) -> Response<Full<Bytes>> {
+    match state.tokens.check(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        Verdict::Allowed => {}
+        Verdict::NoTokenFile => {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &json!({ "error": "mutating endpoints are off: set [admin] token_file to a file of bearer tokens, one a line, and restart" }),
+            )
+        }
+        Verdict::Unauthorized => {
+            let mut r = json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({ "error": "a token of [admin] token_file is required: Authorization: Bearer <token>" }),
+            );
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        Verdict::Unreadable(reason) => {
+            tracing::warn!(error = %reason, "admin token file unreadable: mutating request refused");
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "error": format!("the token file cannot be read: {reason}") }),
+            );
+        }
+    }
+    let snap = state.current.load();
+    let Some(p) = snap.pool(pool) else {
+        return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no pool {pool:?}") }));
+    };
+    let Some(b) = p.backends.iter().find(|b| b.name == broker) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("no broker {broker:?} in pool {pool:?}") }),
+        );
+    };
+    let (after, changed) = match action {
+        Action::Drain => b.admin_drain(),
+        Action::Enable => b.admin_enable(),
+    };
+    let since = after.since.map(rfc3339);
+    let mut body = json!({
+        "pool": pool,
+        "broker": broker,
+        "action": if action == Action::Drain { "drain" } else { "enable" },
+        "changed": changed,
+        "admin_state": after.as_str(),
+        "since": since,
+    });
+    match action {
+        Action::Drain => {
+            // Only the call that drained it moves the connections: a repeated drain finds
+            // them being moved already.
+            let moving = if changed { state.conns.relayed_to(&b.state).len() } else { 0 };
+            body["connections_to_move"] = json!(moving);
+            body["close_rate"] = json!(p.close_rate);
+            if changed {
+                tracing::info!(
+                    target: "harbormaster::admin",
+                    pool, broker, connections = moving, close_rate = p.close_rate,
+                    "broker drained: no new connections, its connections are moved away"
+                );
+                let (conns, broker_state, rate, pool, name) =
+                    (state.conns.clone(), b.state.clone(), p.close_rate, pool.to_string(), broker.to_string());
+                tokio::spawn(async move {
+                    let closed = drain::evacuate(conns, broker_state, rate).await;
+                    tracing::info!(target: "harbormaster::admin", pool, broker = name, closed, "drained broker's connections moved");
+                });
+            }
+        }
+        Action::Enable => {
+            if changed {
+                tracing::info!(target: "harbormaster::admin", pool, broker, "broker enabled: back in rotation");
+            }
+        }
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
@@ -554,6 +686,8 @@ backends = ["127.0.0.1:4"]
             current: Arc::new(ArcSwap::from_pointee(loaded.snapshot)),
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::new()),
+            tokens: Tokens::new(None),
+            conns: Arc::new(Registry::new(CancellationToken::new())),
         }
     }
 
@@ -825,7 +959,12 @@ backends = ["127.0.0.1:4"]
         let s = Arc::new(state());
         ready(&s);
         let stop = CancellationToken::new();
-        let settings = AdminSettings { enabled: true, bind: "127.0.0.1:0".parse().unwrap(), bind_is_default: false };
+        let settings = AdminSettings {
+            enabled: true,
+            bind: "127.0.0.1:0".parse().unwrap(),
+            bind_is_default: false,
+            token_file: None,
+        };
         let (addr, task) = start(&settings, s, stop.clone()).await.unwrap().unwrap();
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();

@@ -519,6 +519,8 @@ pub struct RawAdmin {
     #[serde(default = "default_admin_enabled")]
     pub enabled: bool,
     pub bind: Option<String>,
+    /// Bearer tokens for the mutating endpoints, one a line; without it they are refused.
+    pub token_file: Option<String>,
 }
 
 fn default_admin_enabled() -> bool {
@@ -527,7 +529,7 @@ fn default_admin_enabled() -> bool {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { enabled: true, bind: None }
+        RawAdmin { enabled: true, bind: None, token_file: None }
     }
 }
 
@@ -537,17 +539,20 @@ impl Default for RawAdmin {
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9090";
 
 /// The admin server's settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSettings {
     pub enabled: bool,
     pub bind: SocketAddr,
     /// `bind` was not written in the config. Then an address already in use only disables
     /// the admin server (with a warning) instead of stopping the process.
     pub bind_is_default: bool,
+    /// `[admin] token_file`, resolved against the config's folder: the bearer tokens that
+    /// may use the mutating endpoints (re-read when it changes). `None`: they are refused.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Validates `[admin]`: a parsable address that no MQTT listener also binds.
-fn check_admin(c: &mut Check, raw: &RawAdmin, listeners: &[Arc<ListenerSpec>]) -> AdminSettings {
+fn check_admin(c: &mut Check, raw: &RawAdmin, listeners: &[Arc<ListenerSpec>], base: &Path) -> AdminSettings {
     let default: SocketAddr = DEFAULT_ADMIN_BIND.parse().expect("valid default");
     let bind = match raw.bind.as_deref().map(str::parse::<SocketAddr>) {
         None => default,
@@ -569,7 +574,14 @@ fn check_admin(c: &mut Check, raw: &RawAdmin, listeners: &[Arc<ListenerSpec>]) -
             );
         }
     }
-    AdminSettings { enabled: raw.enabled, bind, bind_is_default: raw.bind.is_none() }
+    let token_file = match raw.token_file.as_deref() {
+        Some("") => {
+            c.add("admin.token_file", "must not be empty (leave it out to turn the mutating endpoints off)");
+            None
+        }
+        f => f.map(|f| relative(base, f)),
+    };
+    AdminSettings { enabled: raw.enabled, bind, bind_is_default: raw.bind.is_none(), token_file }
 }
 
 /// Whether two listening sockets would take the same port: same non-zero port, and the same
@@ -913,7 +925,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
     }
-    let admin = check_admin(&mut c, &raw.admin, &listeners);
+    let admin = check_admin(&mut c, &raw.admin, &listeners, base);
 
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
@@ -1097,6 +1109,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connect_timeout: p.backend_connect_timeout,
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
+        close_rate: p.close_rate,
         planned_close_will: match p.planned_close_will {
             RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
             RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
@@ -1436,13 +1449,29 @@ connect_timeout = "0s"
         let a = load_str(MINIMAL, Path::new(".")).unwrap().admin;
         assert_eq!(
             a,
-            AdminSettings { enabled: true, bind: DEFAULT_ADMIN_BIND.parse().unwrap(), bind_is_default: true }
+            AdminSettings {
+                enabled: true,
+                bind: DEFAULT_ADMIN_BIND.parse().unwrap(),
+                bind_is_default: true,
+                token_file: None
+            }
         );
         assert_eq!(DEFAULT_ADMIN_BIND, "127.0.0.1:9090");
         let a = load_str(&format!("{MINIMAL}\n[admin]\nbind = \"0.0.0.0:9191\"\n"), Path::new(".")).unwrap().admin;
         assert_eq!((a.enabled, a.bind, a.bind_is_default), (true, "0.0.0.0:9191".parse().unwrap(), false));
         let a = load_str(&format!("{MINIMAL}\n[admin]\nenabled = false\n"), Path::new(".")).unwrap().admin;
         assert!(!a.enabled);
+    }
+
+    #[test]
+    fn the_admin_token_file_is_relative_to_the_config() {
+        let a =
+            load_str(&format!("{MINIMAL}\n[admin]\ntoken_file = \"admin.tokens\"\n"), Path::new("/etc/hm")).unwrap();
+        assert_eq!(a.admin.token_file, Some(PathBuf::from("/etc/hm/admin.tokens")));
+        let a = load_str(&format!("{MINIMAL}\n[admin]\ntoken_file = \"/run/t\"\n"), Path::new("/etc/hm")).unwrap();
+        assert_eq!(a.admin.token_file, Some(PathBuf::from("/run/t")));
+        let got = problems(&format!("{MINIMAL}\n[admin]\ntoken_file = \"\"\n"));
+        assert!(got.iter().any(|g| g.starts_with("admin.token_file:")), "{got:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Paced closing of live connections: after SIGTERM (spread over `drain_timeout`) and for the
-//! clients of a broker that left its pool (`on_backend_removed = "close"`, `close_rate` per
-//! second). Closing a connection cancels its registry handle; its own task ends the relay and
+//! clients of a broker that left its pool (`on_backend_removed = "close"`) or that an operator
+//! drained (`POST /backends/{pool}/{broker}/drain`), at the pool's `close_rate` per second. Closing a connection cancels its registry handle; its own task ends the relay and
 //! logs why. Spreading the closes turns a fleet's reconnects into a steady trickle that the
 //! other replicas and brokers absorb, instead of one storm at the end of the window.
 
@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::proxy::broker::BrokerState;
 use crate::proxy::registry::{CloseCause, ConnHandle, Registry};
 
 /// Closes every live connection of `conns`, oldest first, evenly over `window`: each step
@@ -45,12 +46,22 @@ pub async fn paced_close(conns: &Registry, window: Duration, tracker: &TaskTrack
     closed
 }
 
+/// Moves an operator-drained broker's clients away (an evacuation): closes its connections,
+/// oldest first, at `rate` per second with the planned "moved" close (MQTT 5: DISCONNECT
+/// 0x9C), and stops closing once the broker is enabled again. Returns how many it closed.
+pub async fn evacuate(conns: Arc<Registry>, broker: Arc<BrokerState>, rate: u32) -> usize {
+    let mut victims = conns.relayed_to(&broker);
+    victims.sort_unstable_by_key(|h| h.id());
+    close_at_rate(&conns, &victims, rate, CloseCause::BrokerDrained, |_| broker.is_admin_drained()).await
+}
+
 /// Closes `victims` (oldest first) at `rate` per second, skipping those that ended already or
 /// for which `still_wanted` turns false (their broker came back). Returns how many it closed.
 pub async fn close_at_rate(
     conns: &Registry,
     victims: &[Arc<ConnHandle>],
     rate: u32,
+    cause: CloseCause,
     mut still_wanted: impl FnMut(&ConnHandle) -> bool,
 ) -> usize {
     let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
@@ -65,7 +76,7 @@ pub async fn close_at_rate(
                 continue;
             }
         }
-        h.close(CloseCause::BrokerRemoved);
+        h.close(cause);
         closed += 1;
     }
     closed
@@ -144,7 +155,7 @@ mod tests {
         let victims = conns.oldest_first();
         let spare = victims[7].id();
         let started = Instant::now();
-        let closed = close_at_rate(&conns, &victims, 5, |h| h.id() != spare).await;
+        let closed = close_at_rate(&conns, &victims, 5, CloseCause::BrokerRemoved, |h| h.id() != spare).await;
         assert_eq!(closed, 9);
         // 9 closes at 5 per second: 8 gaps of 200 ms.
         assert_eq!(started.elapsed(), Duration::from_millis(1_600));

@@ -321,6 +321,7 @@ mod tests {
             backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
             planned_close_will: crate::proxy::balance::PlannedCloseWill::Keep,
+            close_rate: 100,
             health,
         }
     }

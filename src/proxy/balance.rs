@@ -138,6 +138,9 @@ pub struct Pool {
     /// Whether a planned close (drain, broker removed) lets the broker publish the client's
     /// Will (`planned_close_will`).
     pub planned_close_will: PlannedCloseWill,
+    /// Connections per second closed when brokers leave the pool or are drained through the
+    /// admin server (`close_rate`).
+    pub close_rate: u32,
 }
 
 /// `planned_close_will`: on a planned close, the broker keeps its usual view of a lost client
@@ -170,9 +173,9 @@ impl Pool {
     /// order. When none is healthy, health information may be stale, so the plain order of the
     /// non-draining ones is tried. Draining brokers are never tried: they are going away.
     pub fn candidates(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
-        let c = self.top(key, k, |b| b.is_healthy() && !b.is_draining());
+        let c = self.top(key, k, |b| b.is_healthy() && b.in_rotation());
         if c.is_empty() {
-            self.top(key, k, |b| !b.is_draining())
+            self.top(key, k, |b| b.in_rotation())
         } else {
             c
         }
@@ -207,7 +210,7 @@ impl Pool {
     /// Brokers ordered by fewest active connections first (ties keep config order), healthy
     /// ones first, draining ones left out, for clients without a routing key.
     pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
-        let mut v: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| !b.is_draining()).collect();
+        let mut v: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.in_rotation()).collect();
         v.sort_by_key(|b| (!b.is_healthy(), b.active.load(Ordering::Relaxed)));
         v.truncate(k);
         v
@@ -235,6 +238,7 @@ mod tests {
             backend_connack_timeout: Duration::from_secs(1),
             backend_attempts: 3,
             planned_close_will: PlannedCloseWill::Keep,
+            close_rate: 100,
             health: None,
         }
     }

@@ -1,5 +1,6 @@
 //! What one broker of one pool is going through: its health and the streaks behind it,
-//! discovery's drain flag, its connection counters and its last failed dial. One
+//! discovery's drain flag, an operator's drain (admin state), its connection counters and its
+//! last failed dial. One
 //! [`BrokerState`] exists per (pool, broker identity); every snapshot that lists the broker
 //! and every connection relayed to it share that one `Arc` (the control plane hands it out by
 //! lookup, `control::brokers`), so nothing is copied from snapshot to snapshot and a write
@@ -13,8 +14,9 @@ use super::balance::Backend;
 use crate::admin::metrics::Metrics;
 
 /// The mutable state of one broker in one pool. Health starts up: a broker is trusted until
-/// probes or dials say otherwise. An operator's runtime override (drain or enable, and since
-/// when) belongs here too, as one more field beside `draining`.
+/// probes or dials say otherwise. An operator's drain (the admin state) lives here beside
+/// discovery's `draining`, so it lasts as long as the state does: while the broker stays in
+/// the pool, across reloads and discovery updates; not across a restart.
 #[derive(Debug)]
 pub struct BrokerState {
     /// Written by health checking and by failed dials; a broker marked down keeps its place
@@ -28,6 +30,11 @@ pub struct BrokerState {
     /// terminating): no new connections, established ones stay. Like a down broker it keeps
     /// its place in every key's order; unlike one it is never tried, even as a last resort.
     draining: AtomicBool,
+    /// Drained by an operator (`POST /backends/{pool}/{broker}/drain`): skipped like a
+    /// draining broker. The flag is what the data plane reads; `admin` is for `/backends`,
+    /// and the flag is written under its lock.
+    drained: AtomicBool,
+    admin: Mutex<AdminState>,
     /// Connections relayed to it right now: what least-connections and `/backends` read.
     pub active: AtomicU64,
     /// Connections relayed to it since the state was created.
@@ -43,6 +50,8 @@ impl Default for BrokerState {
             fails: AtomicU32::new(0),
             passes: AtomicU32::new(0),
             draining: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
+            admin: Mutex::new(AdminState::default()),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -62,6 +71,43 @@ impl BrokerState {
     /// Discovery's word on whether the broker is shutting down.
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Whether new connections may go to it: neither discovery nor an operator drains it.
+    pub fn in_rotation(&self) -> bool {
+        !self.is_draining() && !self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Whether an operator has drained it (and not enabled it since).
+    pub fn is_admin_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// The operator's word on it now, and since when.
+    pub fn admin_state(&self) -> AdminState {
+        *self.admin.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An operator's drain: out of rotation from now. Returns the state after, and whether
+    /// this call changed it (false: it was drained already, and keeps its first time).
+    pub fn admin_drain(&self) -> (AdminState, bool) {
+        self.set_admin(true)
+    }
+
+    /// An operator's enable: back in rotation. Returns the state after, and whether this call
+    /// changed it.
+    pub fn admin_enable(&self) -> (AdminState, bool) {
+        self.set_admin(false)
+    }
+
+    fn set_admin(&self, drained: bool) -> (AdminState, bool) {
+        let mut admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
+        if admin.drained == drained {
+            return (*admin, false);
+        }
+        *admin = AdminState { drained, since: Some(SystemTime::now()) };
+        self.drained.store(drained, Ordering::Relaxed);
+        (*admin, true)
     }
 
     /// Remember a failed connect to this broker, for `/backends`.
@@ -116,6 +162,24 @@ impl BrokerState {
         self.healthy.store(true, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         self.passes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An operator's word on a broker (the admin state): drained or enabled, and since when.
+/// `since` is `None` for a broker nobody has drained since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdminState {
+    pub drained: bool,
+    pub since: Option<SystemTime>,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        if self.drained {
+            "drained"
+        } else {
+            "enabled"
+        }
     }
 }
 
@@ -193,6 +257,26 @@ mod tests {
         assert!(!b.is_healthy(), "only probes bring a broker back");
         assert!(b.record_success(1));
         assert!(b.is_healthy());
+    }
+
+    #[test]
+    fn an_operator_drain_takes_the_broker_out_of_rotation_until_enabled() {
+        let b = BrokerState::default();
+        assert!(b.in_rotation());
+        assert_eq!(b.admin_state(), AdminState { drained: false, since: None });
+        assert_eq!(b.admin_enable(), (AdminState::default(), false), "enabling an enabled broker changes nothing");
+        let (drained, changed) = b.admin_drain();
+        assert!(changed && drained.drained && drained.since.is_some());
+        assert!(!b.in_rotation() && b.is_admin_drained());
+        assert_eq!(b.admin_state(), drained);
+        assert_eq!(b.admin_drain(), (drained, false), "a second drain keeps the first time");
+        assert!(b.is_healthy() && !b.is_draining(), "health and discovery's flag are separate");
+        let (enabled, changed) = b.admin_enable();
+        assert!(changed && !enabled.drained && enabled.since.is_some());
+        assert!(b.in_rotation() && !b.is_admin_drained());
+        assert_eq!(b.admin_state().as_str(), "enabled");
+        b.set_draining(true);
+        assert!(!b.in_rotation(), "discovery's drain still counts");
     }
 
     #[test]

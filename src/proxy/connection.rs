@@ -100,6 +100,8 @@ pub enum CloseReason {
     NoPool,
     Drained,
     BrokerRemoved,
+    /// Its broker was drained through the admin server: moved away like a removed broker's.
+    BrokerDrained,
     /// `limits.max_connections` reached: closed at accept.
     MaxConnections,
     /// The listener's `max_connections` reached: closed at accept.
@@ -135,6 +137,7 @@ impl CloseReason {
             CloseReason::NoPool => "no_pool",
             CloseReason::Drained => "drained",
             CloseReason::BrokerRemoved => "broker_removed",
+            CloseReason::BrokerDrained => "broker_drained",
             CloseReason::MaxConnections => "max_connections",
             CloseReason::ListenerMaxConnections => "listener_max_connections",
             CloseReason::HandshakeQueueFull => "handshake_queue_full",
@@ -153,7 +156,10 @@ impl CloseReason {
     /// Whether the connection was refused before relaying (`connections_refused_total`):
     /// every end but a relay's and a close by the control plane.
     pub fn refused(self) -> bool {
-        !matches!(self, CloseReason::Relayed(_) | CloseReason::Drained | CloseReason::BrokerRemoved)
+        !matches!(
+            self,
+            CloseReason::Relayed(_) | CloseReason::Drained | CloseReason::BrokerRemoved | CloseReason::BrokerDrained
+        )
     }
 }
 
@@ -331,6 +337,7 @@ pub async fn handle<H: Send>(
     let closed = |cause| match cause {
         CloseCause::Drain => CloseReason::Drained,
         CloseCause::BrokerRemoved => CloseReason::BrokerRemoved,
+        CloseCause::BrokerDrained => CloseReason::BrokerDrained,
     };
     // Setting up (PROXY header, TLS handshake, CONNECT, dialing) needs several times the state
     // relaying does; boxed, that state is freed before the connection idles instead of staying

@@ -23,6 +23,8 @@ pub enum CloseCause {
     Drain,
     /// Its broker left the pool and the pool has `on_backend_removed = "close"`.
     BrokerRemoved,
+    /// Its broker was drained by an operator (`POST /backends/{pool}/{broker}/drain`).
+    BrokerDrained,
 }
 
 /// What a close on purpose means for the client: the process goes away, or the client is
@@ -40,7 +42,7 @@ impl CloseCause {
     pub fn leaving(self) -> Leaving {
         match self {
             CloseCause::Drain => Leaving::ShuttingDown,
-            CloseCause::BrokerRemoved => Leaving::Moved,
+            CloseCause::BrokerRemoved | CloseCause::BrokerDrained => Leaving::Moved,
         }
     }
 }
@@ -67,6 +69,7 @@ impl ConnHandle {
         let code = match cause {
             CloseCause::Drain => 1,
             CloseCause::BrokerRemoved => 2,
+            CloseCause::BrokerDrained => 3,
         };
         let _ = self.cause.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
         self.token.cancel();
@@ -78,6 +81,7 @@ impl ConnHandle {
         self.token.cancelled().await;
         match self.cause.load(Ordering::Relaxed) {
             2 => CloseCause::BrokerRemoved,
+            3 => CloseCause::BrokerDrained,
             _ => CloseCause::Drain,
         }
     }
@@ -236,6 +240,7 @@ mod tests {
         b.close(CloseCause::Drain);
         assert_eq!(b.closed().await, CloseCause::BrokerRemoved, "the first cause wins");
         assert_eq!(CloseCause::BrokerRemoved.leaving(), Leaving::Moved);
+        assert_eq!(CloseCause::BrokerDrained.leaving(), Leaving::Moved);
         assert_eq!(CloseCause::Drain.leaving(), Leaving::ShuttingDown);
 
         let order: Vec<u64> = r.oldest_first().iter().map(|h| h.id()).collect();

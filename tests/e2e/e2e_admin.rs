@@ -258,6 +258,8 @@ bind = "127.0.0.1:0"
             current: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(loaded.snapshot)),
             metrics: std::sync::Arc::new(Metrics::new()),
             readiness: std::sync::Arc::new(Readiness::new()),
+            tokens: harbormaster::admin::auth::Tokens::new(None),
+            conns: std::sync::Arc::new(harbormaster::proxy::registry::Registry::new(Default::default())),
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let (addr, task) = rt.block_on(http::start(&loaded.admin, state.clone(), stop.clone())).unwrap().unwrap();

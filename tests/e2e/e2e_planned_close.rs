@@ -57,7 +57,7 @@ c.loop_forever()
 "#;
 
 /// One paho client process and the lines it printed.
-struct Paho {
+pub(crate) struct Paho {
     child: Child,
     lines: Receiver<String>,
     seen: Vec<String>,
@@ -65,7 +65,7 @@ struct Paho {
 
 impl Paho {
     /// `mode` "device" (with a Will on `topic`), "sub" (subscribed to `topic`) or "plain".
-    fn start(script: &Path, mode: &str, port: u16, client_id: &str, version: &str, topic: &str) -> Paho {
+    pub(crate) fn start(script: &Path, mode: &str, port: u16, client_id: &str, version: &str, topic: &str) -> Paho {
         let mut child = Command::new("python3")
             .arg(script)
             .args([mode, &port.to_string(), client_id, version, topic])
@@ -103,7 +103,7 @@ impl Paho {
     }
 
     /// The reason code of the disconnection it reports.
-    fn disconnect_code(&mut self) -> u32 {
+    pub(crate) fn disconnect_code(&mut self) -> u32 {
         let line = self
             .wait_line(|l| l.starts_with("disconnected "))
             .unwrap_or_else(|| panic!("no disconnection; saw {:?}", self.seen));
@@ -120,7 +120,7 @@ impl Drop for Paho {
 
 /// The paho client script, written into `dir`; skips nothing: paho-mqtt is installed by
 /// scripts/test.
-fn client_script(dir: &Path) -> PathBuf {
+pub(crate) fn client_script(dir: &Path) -> PathBuf {
     let ok = Command::new("python3").args(["-c", "import paho.mqtt.client"]).status().map(|s| s.success());
     assert!(matches!(ok, Ok(true)), "python3 with paho-mqtt 2.x is needed (scripts/test installs it)");
     let path = dir.join("client.py");
@@ -129,7 +129,7 @@ fn client_script(dir: &Path) -> PathBuf {
 }
 
 /// The first `n` client-ids `PREFIX-NNN` whose first choice is `broker`.
-fn ids_routed_to(config: &Path, prefix: &str, broker: &str, n: usize) -> Vec<String> {
+pub(crate) fn ids_routed_to(config: &Path, prefix: &str, broker: &str, n: usize) -> Vec<String> {
     let ids: Vec<String> = (0..500)
         .map(|i| format!("{prefix}-{i:03}"))
         .filter(|id| route(config, id, None)[0] == broker)

@@ -6,6 +6,7 @@
 mod support;
 
 mod e2e_admin;
+mod e2e_admin_drain;
 mod e2e_admission;
 mod e2e_bad_input;
 mod e2e_certs;

@@ -26,7 +26,7 @@ use crate::control::discovery::{DiscoverySpec, Members};
 use crate::control::drain;
 use crate::proxy::balance::{Backend, Pool};
 use crate::proxy::listener::ListenerSet;
-use crate::proxy::registry::{ConnHandle, Registry};
+use crate::proxy::registry::{CloseCause, ConnHandle, Registry};
 use crate::proxy::snapshot::Snapshot;
 
 /// The control settings of the applied config: what the process itself uses, beside the
@@ -53,7 +53,7 @@ impl Applied {
             discovery: loaded.discovery.iter().cloned().collect(),
             on_removed: loaded.on_removed.clone(),
             process: loaded.process,
-            admin: loaded.admin,
+            admin: loaded.admin.clone(),
             log: (loaded.log.format, loaded.log.level.clone()),
         }
     }
@@ -420,7 +420,7 @@ async fn evictor(
             snap.pool(&pool).is_none_or(|p| !p.backends.iter().any(|b| h.is_relayed_to(&b.state)))
         };
         let closed = tokio::select! {
-            n = drain::close_at_rate(&conns, &batch, rate.load(Ordering::Relaxed), still_removed) => n,
+            n = drain::close_at_rate(&conns, &batch, rate.load(Ordering::Relaxed), CloseCause::BrokerRemoved, still_removed) => n,
             _ = stop.cancelled() => return,
         };
         tracing::info!(target: "harbormaster::reload", pool = %pool, closed, "closed the connections of removed brokers");
