@@ -512,7 +512,8 @@ impl Default for RawLog {
     }
 }
 
-/// `[admin]`: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`).
+/// `[admin]`: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`,
+/// and with `token_file` the drain and enable of a broker).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -533,8 +534,8 @@ impl Default for RawAdmin {
     }
 }
 
-/// Where the admin server listens unless `[admin] bind` says otherwise. Loopback: the admin
-/// port has no authentication and `/backends` and `/route` show the broker topology, so it is
+/// Where the admin server listens unless `[admin] bind` says otherwise. Loopback: its `GET`s
+/// need no authentication and `/backends` and `/route` show the broker topology, so it is
 /// exposed only on purpose (in Kubernetes, `bind = "0.0.0.0:9090"` for probes and scrapes).
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9090";
 
