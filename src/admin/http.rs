@@ -718,6 +718,66 @@ backends = ["127.0.0.1:4"]
         (status, serde_json::from_str(&body).unwrap())
     }
 
+    fn post(state: &AdminState, uri: &str, auth: Option<&str>) -> (StatusCode, Value, Option<String>) {
+        let mut req = Request::builder().method(Method::POST).uri(uri);
+        if let Some(a) = auth {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let resp = respond(state, &req.body(()).unwrap());
+        let status = resp.status();
+        let challenge = resp.headers().get(WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_string());
+        (status, serde_json::from_str(&futures_body(resp.into_body())).unwrap(), challenge)
+    }
+
+    #[test]
+    fn mutating_paths_name_a_pool_a_broker_and_an_action() {
+        assert_eq!(mutation("/backends/p/b/drain"), Some(("p", "b", Action::Drain)));
+        assert_eq!(mutation("/backends/p/10.0.0.1:1883/enable"), Some(("p", "10.0.0.1:1883", Action::Enable)));
+        for path in ["/backends", "/backends/p/b", "/backends/p/b/stop", "/backends//b/drain", "/backends/p/b/drain/x"]
+        {
+            assert_eq!(mutation(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn drain_and_enable_need_a_token_and_a_known_broker() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _in_runtime = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "t0k3n\n").unwrap();
+        let path = "/backends/other/127.0.0.1:4/drain";
+
+        let s = state();
+        let (status, body, _) = post(&s, path, Some("Bearer t0k3n"));
+        assert_eq!(status, StatusCode::FORBIDDEN, "no token file");
+        assert!(body["error"].as_str().unwrap().contains("[admin] token_file"));
+        assert_eq!(call(&s, Method::GET, path).0, StatusCode::METHOD_NOT_ALLOWED);
+
+        let s = AdminState { tokens: Tokens::new(Some(file)), ..state() };
+        for auth in [None, Some("Bearer nope"), Some("Basic t0k3n")] {
+            let (status, _, challenge) = post(&s, path, auth);
+            assert_eq!((status, challenge.as_deref()), (StatusCode::UNAUTHORIZED, Some("Bearer")), "{auth:?}");
+        }
+        for unknown in ["/backends/nope/127.0.0.1:4/drain", "/backends/other/127.0.0.1:9/enable"] {
+            assert_eq!(post(&s, unknown, Some("Bearer t0k3n")).0, StatusCode::NOT_FOUND, "{unknown}");
+        }
+        let broker = s.current.load().pool("other").unwrap().backends[0].clone();
+        assert!(broker.in_rotation(), "refused requests change nothing");
+        let (status, body, _) = post(&s, path, Some("Bearer t0k3n"));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((body["admin_state"].as_str(), body["changed"].as_bool()), (Some("drained"), Some(true)));
+        assert_eq!(body["connections_to_move"], 0);
+        assert!(!broker.in_rotation());
+        let (_, backends) = get(&s, "/backends");
+        let listed = &backends["pools"][1]["brokers"][0];
+        assert_eq!((listed["admin_state"].as_str(), &listed["admin_state_since"]), (Some("drained"), &body["since"]));
+        let (status, body, _) = post(&s, "/backends/other/127.0.0.1:4/enable", Some("Bearer t0k3n"));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["admin_state"], "enabled");
+        assert!(broker.in_rotation());
+    }
+
     #[test]
     fn healthz_is_always_200() {
         let s = state();
