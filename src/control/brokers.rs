@@ -89,4 +89,18 @@ mod tests {
         assert!(back.is_healthy());
         assert_eq!(back.active.load(Ordering::Relaxed), 0);
     }
+
+    #[test]
+    fn an_operators_drain_outlasts_discovery_updates_but_not_the_state() {
+        let mut t = BrokerStates::default();
+        let a = t.backend("p", "pod-0", ([127, 0, 0, 1], 1).into(), false);
+        assert!(a.admin_drain().1);
+        // Discovery answers again, the pod not terminating: discovery's flag only.
+        let again = t.backend("p", "pod-0", ([127, 0, 0, 2], 1).into(), false);
+        assert!(again.is_admin_drained() && !again.in_rotation(), "still drained");
+        drop((a, again));
+        t.forget_unused();
+        let back = t.backend("p", "pod-0", ([127, 0, 0, 1], 1).into(), false);
+        assert!(back.in_rotation(), "a state started afresh is enabled, as after a restart");
+    }
 }
