@@ -171,7 +171,8 @@ impl Pool {
 
     /// The brokers to try for `key`: the first `k` healthy, non-draining ones in its preference
     /// order. When none is healthy, health information may be stale, so the plain order of the
-    /// non-draining ones is tried. Draining brokers are never tried: they are going away.
+    /// non-draining ones is tried. Draining brokers (by discovery or drained by an operator) are
+    /// never tried: they are going away.
     pub fn candidates(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
         let c = self.top(key, k, |b| b.is_healthy() && b.in_rotation());
         if c.is_empty() {
@@ -208,7 +209,7 @@ impl Pool {
     }
 
     /// Brokers ordered by fewest active connections first (ties keep config order), healthy
-    /// ones first, draining ones left out, for clients without a routing key.
+    /// ones first, draining and operator-drained ones left out, for clients without a routing key.
     pub fn least_connections(&self, k: usize) -> Vec<&Arc<Backend>> {
         let mut v: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.in_rotation()).collect();
         v.sort_by_key(|b| (!b.is_healthy(), b.active.load(Ordering::Relaxed)));
@@ -411,6 +412,19 @@ mod tests {
         }
         assert!(p.candidates(b"k1", 3).is_empty());
         assert_eq!(p.preference(b"k1", 3).len(), 3, "route output still shows the order");
+    }
+
+    #[test]
+    fn an_operator_drained_broker_is_skipped_like_a_draining_one() {
+        let p = pool(&["a", "b", "c"]);
+        let order: Vec<String> = p.ranking(b"dev-1").iter().map(|b| b.name.clone()).collect();
+        let first = p.backends.iter().find(|b| b.name == order[0]).unwrap();
+        first.admin_drain();
+        let got: Vec<String> = p.candidates(b"dev-1", 3).iter().map(|b| b.name.clone()).collect();
+        assert_eq!(got, order[1..], "its place kept, never tried");
+        assert!(p.least_connections(3).iter().all(|b| b.name != first.name));
+        first.admin_enable();
+        assert_eq!(p.candidates(b"dev-1", 1)[0].name, order[0], "back first once enabled");
     }
 
     #[test]
