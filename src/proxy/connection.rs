@@ -365,8 +365,10 @@ pub async fn handle<H: Send>(
             let relay = relay::relay(&mut client, &mut upstream, acct.up_at, linger, || turns.note_traffic(relaying));
             // What a close on purpose sends, decided now (4 bytes) rather than keeping what it
             // is decided from in the task.
+            let suppress =
+                snapshot.pool(&spec.pool).is_some_and(|p| p.planned_close_will == PlannedCloseWill::Suppress);
             let plans = [Leaving::ShuttingDown, Leaving::Moved]
-                .map(|leaving| planned_disconnects(leaving, &acct.facts, &snapshot, &spec));
+                .map(|leaving| planned_disconnects(leaving, &acct.facts, suppress));
             let closing = std::pin::pin!(conn.closed());
             let (cause, (ended, totals, err), sent) = relay_until_closed(relay, closing, plans).await;
             acct.facts.up += totals.up;
@@ -445,16 +447,14 @@ const PLANNED_CLOSE_WAIT: Duration = Duration::from_secs(2);
 fn planned_disconnects(
     leaving: Leaving,
     facts: &Facts,
-    snapshot: &Snapshot,
-    spec: &ListenerSpec,
+    suppress_will: bool,
 ) -> (Option<Disconnect>, Option<Disconnect>) {
     let to_client = match (facts.mqtt_version, leaving) {
         (Some(MqttVersion::V5), Leaving::ShuttingDown) => Some(Disconnect::ShuttingDown),
         (Some(MqttVersion::V5), Leaving::Moved) => Some(Disconnect::UseAnotherServer),
         _ => None,
     };
-    let suppress = snapshot.pool(&spec.pool).is_some_and(|p| p.planned_close_will == PlannedCloseWill::Suppress);
-    let to_broker = (suppress && facts.mqtt_version.is_some()).then_some(Disconnect::Normal);
+    let to_broker = (suppress_will && facts.mqtt_version.is_some()).then_some(Disconnect::Normal);
     (to_client, to_broker)
 }
 
