@@ -4,8 +4,9 @@
 //! own broker's restart, and no client is ever served by another broker; with the default
 //! (`"failover"`) clients of the first brokers restarted are moved again when the broker they
 //! moved to restarts. A broker left down past `hold_timeout` sends its held clients to their
-//! second choice. Which broker served a client is read from the brokers' own logs (mosquitto
-//! names every client-id that connects).
+//! second choice. A Kubernetes pod that terminates, leaves its EndpointSlice and comes back
+//! under its name gets its held clients back. Which broker served a client is read from the
+//! brokers' own logs (mosquitto names every client-id that connects).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::support::fake_kube::{endpoint_slice, FakeKube, SliceEndpoint as Ep};
 use crate::support::mqtt::{self, MqttVersion};
 use crate::support::*;
 
@@ -223,4 +225,77 @@ fn held_clients_fail_over_once_the_hold_timeout_passes() {
     let line = hm.wait_connection_log("hold_outcome", "failover").expect("a log line of a held client");
     assert!(line["held_ms"].parse::<u64>().is_ok(), "{line:?}");
     assert!(own.iter().any(|id| line["client_id"] == **id), "{line:?}");
+}
+
+/// A StatefulSet pod restart seen through EndpointSlices: the pod terminates, its broker stops,
+/// it leaves the slice (a departed member, kept for `hold_timeout`), then starts again and is
+/// listed ready under the same name. Its clients wait in harbormaster throughout and go home.
+#[test]
+fn a_pod_that_leaves_its_endpoint_slice_and_returns_gets_its_held_clients_back() {
+    let fake = FakeKube::start();
+    let mut ms = [Mosquitto::start(), Mosquitto::start()];
+    let names = ["hivemq-0", "hivemq-1"];
+    // One slice per pod, so each broker keeps its own port on 127.0.0.1.
+    let ports = [ms[0].port, ms[1].port];
+    let slice = |i: usize, eps: &[Ep]| endpoint_slice(&format!("hivemq-{i}"), "hivemq", &[("mqtt", ports[i])], eps);
+    fake.apply("mqtt", slice(0, &[Ep::ready(names[0], "127.0.0.1")]));
+    fake.apply("mqtt", slice(1, &[Ep::ready(names[1], "127.0.0.1")]));
+    let dir = tempfile::Builder::new().prefix("hm-lb-").tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: mqtt\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let config_path = dir.path().join("harbormaster.toml");
+    let config = "[[listener]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\npool = \"brokers\"\n\n\
+        [pool.brokers]\nkubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }\n\
+        on_backend_restart = \"hold\"\nhold_timeout = \"20s\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    std::fs::write(&config_path, config).unwrap();
+    let hm = Harbormaster::start_with_env(dir, config_path, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let admin = hm.admin_addr();
+    let metric = |name: &str, labels: &[(&str, &str)]| metric_sum(&admin, name, labels);
+
+    let n = 40;
+    let ids: Vec<String> = (0..n).map(|i| format!("pod-dev-{i:02}")).collect();
+    let fleet = Fleet::start(hm.port("mqtt"), &ids);
+    assert!(wait_until(WAIT, || fleet.accepted() == n as u64), "{} of {n} connected", fleet.accepted());
+    let brokers: Vec<(&str, &Mosquitto)> = names.iter().copied().zip(ms.iter()).collect();
+    let home: BTreeMap<String, String> =
+        served(&brokers).into_iter().map(|(id, by)| (id, by.into_keys().next().unwrap())).collect();
+    drop(brokers);
+    let victims = home.values().filter(|h| *h == names[1]).count();
+    assert!(victims > 0 && victims < n, "both pods have clients: {home:?}");
+
+    // Terminating, then gone from the slice, then stopped: its clients reconnect after it left
+    // the pool, and are held for the departed pod.
+    for eps in [vec![Ep::terminating(names[1], "127.0.0.1")], vec![]] {
+        let updates = metric("harbormaster_discovery_updates_total", &[]);
+        fake.apply("mqtt", slice(1, &eps));
+        assert!(wait_until(WAIT, || metric("harbormaster_discovery_updates_total", &[]) > updates));
+    }
+    ms[1].stop();
+    let held = wait_until(WAIT, || metric("harbormaster_connections_held", &[]) == victims as f64);
+    assert!(held, "{victims} clients of {} held: {}", names[1], metric("harbormaster_connections_held", &[]));
+    assert_eq!(metric("harbormaster_holds_total", &[]), 0.0, "no hold has ended");
+
+    // Back, ready, under its name: its clients go home.
+    ms[1].restart();
+    fake.apply("mqtt", slice(1, &[Ep::ready(names[1], "127.0.0.1")]));
+    let settled = wait_until(WAIT, || {
+        fleet.accepted() == (n + victims) as u64 && metric("harbormaster_connections_held", &[]) == 0.0
+    });
+    assert!(settled, "{} accepted, {victims} to come back", fleet.accepted());
+    let brokers: Vec<(&str, &Mosquitto)> = names.iter().copied().zip(ms.iter()).collect();
+    for (id, by) in served(&brokers) {
+        assert_eq!(by.keys().collect::<Vec<_>>(), [&home[&id]], "{id} was served by {by:?}");
+    }
+    assert_eq!(metric("harbormaster_holds_total", &[("outcome", "home")]), victims as f64);
+    assert_eq!(metric("harbormaster_failovers_total", &[]), 0.0);
+    drop(fleet);
 }
