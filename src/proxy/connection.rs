@@ -942,8 +942,12 @@ impl<'a> Setup<'a> {
             return Err(refused.detail(errors.join("; ")));
         };
         if !errors.is_empty() {
-            self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
-            if !self.facts.held.is_some_and(|(_, o)| o == HoldOutcome::Home) {
+            // Dials that failed while the connection was held for its broker are no failover
+            // when that broker took it in the end.
+            if self.facts.held.is_some_and(|(_, o)| o == HoldOutcome::Home) {
+                self.facts.detail = Some(format!("held for its broker: {}", errors.join("; ")));
+            } else {
+                self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
                 m.failed_over(&pool.name);
             }
         }
