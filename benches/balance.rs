@@ -27,6 +27,7 @@ fn pool(n: usize) -> Pool {
         planned_close_will: PlannedCloseWill::Keep,
         close_rate: 100,
         health: None,
+        hold: None,
     }
 }
 

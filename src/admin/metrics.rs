@@ -20,6 +20,7 @@ use prometheus::{
 use crate::proxy::balance::ProxyProtocol;
 use crate::proxy::boundary::Disconnect;
 use crate::proxy::connection::{CloseReason, DialOutcome, HandshakeFailure};
+use crate::proxy::hold::HoldOutcome;
 use crate::proxy::identity::CnRefusal;
 use crate::proxy::mqtt::{self, MqttVersion};
 use crate::proxy::proxy_header::Tlv;
@@ -81,6 +82,12 @@ pub struct Metrics {
     /// Connections that reached a broker other than their first candidate because the
     /// earlier ones failed, by pool.
     pub failovers: IntCounterVec,
+    /// Connections held for their restarting first-choice broker right now
+    /// (`on_backend_restart = "hold"`), by pool.
+    pub connections_held: IntGaugeVec,
+    /// Holds ended (or refused), by pool and outcome ("home", "failover", "over_cap",
+    /// "closed").
+    pub holds: IntCounterVec,
     /// DISCONNECTs written by planned closes (drain, broker removed), by listener, side they
     /// went to ("client", "broker") and reason code.
     pub planned_disconnects: IntCounterVec,
@@ -249,6 +256,18 @@ impl Metrics {
                 "failovers_total",
                 "Connections relayed to a later candidate because earlier brokers failed",
                 &["pool"],
+            ),
+            connections_held: gauge_vec(
+                &r,
+                "connections_held",
+                "New connections waiting for their restarting first-choice broker (on_backend_restart = \"hold\")",
+                &["pool"],
+            ),
+            holds: counter_vec(
+                &r,
+                "holds_total",
+                "Connections held for their restarting broker, by how the hold ended: home, failover (hold_timeout passed), over_cap (hold_max reached: failed over at once), closed (the connection ended while held)",
+                &["pool", "outcome"],
             ),
             planned_disconnects: counter_vec(
                 &r,
@@ -509,6 +528,20 @@ impl Metrics {
         self.failovers.with_label_values(&[pool]).inc();
     }
 
+    /// A connection began waiting for its broker in `pool`.
+    pub fn hold_began(&self, pool: &str) {
+        self.connections_held.with_label_values(&[pool]).inc();
+    }
+
+    /// A hold in `pool` ended with `outcome`; `held` says whether it had begun (over the cap
+    /// it never does).
+    pub fn hold_ended(&self, pool: &str, outcome: HoldOutcome, held: bool) {
+        if held {
+            self.connections_held.with_label_values(&[pool]).dec();
+        }
+        self.holds.with_label_values(&[pool, outcome.as_str()]).inc();
+    }
+
     /// A planned close wrote `d` (to the client, or to the broker on the client's behalf).
     pub fn planned_disconnect(&self, listener: &str, d: Disconnect) {
         self.planned_disconnects.with_label_values(&[listener, d.to().as_str(), d.as_str()]).inc();
@@ -601,6 +634,8 @@ mod tests {
         m.broker_attempts.with_label_values(&["brokers", "b0", "ok"]).inc();
         m.broker_connect_seconds.with_label_values(&["brokers", "b0"]).observe(0.001);
         m.failovers.with_label_values(&["brokers"]).inc();
+        m.connections_held.with_label_values(&["brokers"]).set(1);
+        m.holds.with_label_values(&["brokers", "home"]).inc();
         m.broker_active.with_label_values(&["brokers", "b0"]).set(1);
         m.broker_healthy.with_label_values(&["brokers", "b0"]).set(1);
         m.health_transitions.with_label_values(&["brokers", "b0", "down"]).inc();

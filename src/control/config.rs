@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{
-    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
+    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Hold, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
 };
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
@@ -274,6 +274,34 @@ pub struct RawPool {
     /// behalf with a DISCONNECT, so that a device that is only moving leaves no Will.
     #[serde(default)]
     pub planned_close_will: RawPlannedCloseWill,
+    /// What new connections do while their first-choice broker restarts: fail over at once
+    /// (`"failover"`) or wait for it up to `hold_timeout` (`"hold"`).
+    #[serde(default)]
+    pub on_backend_restart: RawOnRestart,
+    /// With `on_backend_restart = "hold"`: how long after a broker went down or away its new
+    /// connections wait for it.
+    #[serde(default = "default_hold_timeout", deserialize_with = "duration")]
+    pub hold_timeout: Duration,
+    /// With `on_backend_restart = "hold"`: connections held at once in the pool.
+    #[serde(default = "default_hold_max")]
+    pub hold_max: usize,
+}
+
+/// `on_backend_restart`: `"failover"` (default) or `"hold"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawOnRestart {
+    #[default]
+    Failover,
+    Hold,
+}
+
+fn default_hold_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_hold_max() -> usize {
+    10_000
 }
 
 /// `planned_close_will`: `"keep"` (default) or `"suppress"`.
@@ -1049,6 +1077,12 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     if p.backend_connack_timeout.is_zero() {
         c.add(format!("{at}.backend_connack_timeout"), "must be greater than 0");
     }
+    if p.hold_timeout.is_zero() {
+        c.add(format!("{at}.hold_timeout"), "must be greater than 0");
+    }
+    if p.hold_max == 0 {
+        c.add(format!("{at}.hold_max"), "must be at least 1");
+    }
     let mut seen = HashSet::new();
     for (i, t) in p.tlvs.iter().enumerate() {
         if !seen.insert(format!("{t:?}")) {
@@ -1111,6 +1145,10 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
         close_rate: p.close_rate,
+        hold: match p.on_backend_restart {
+            RawOnRestart::Failover => None,
+            RawOnRestart::Hold => Some(Hold { timeout: p.hold_timeout, max: p.hold_max }),
+        },
         planned_close_will: match p.planned_close_will {
             RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
             RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
@@ -1251,6 +1289,25 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         let bad = MINIMAL.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nrefusal = \"reset\"\n");
         let got = problems(&bad);
         assert!(got.iter().any(|g| g.contains("refusal") && g.contains("connack")), "{got:?}");
+    }
+
+    #[test]
+    fn on_backend_restart_is_failover_or_hold_with_its_timeout_and_cap() {
+        let loaded = load_str(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().hold, None, "failover by default");
+        let held = format!("{MINIMAL}on_backend_restart = \"hold\"\n");
+        let loaded = load_str(&held, Path::new(".")).unwrap();
+        let hold = Hold { timeout: Duration::from_secs(10), max: 10_000 };
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().hold, Some(hold));
+        let set = format!("{held}hold_timeout = \"3s\"\nhold_max = 5\n");
+        let loaded = load_str(&set, Path::new(".")).unwrap();
+        let hold = Hold { timeout: Duration::from_secs(3), max: 5 };
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().hold, Some(hold));
+        let p = problems(&format!("{held}hold_timeout = \"0s\"\nhold_max = 0\n"));
+        assert!(p.iter().any(|p| p.contains("pool.brokers.hold_timeout")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("pool.brokers.hold_max")), "{p:?}");
+        let p = problems(&format!("{MINIMAL}on_backend_restart = \"wait\"\n"));
+        assert!(p.iter().any(|p| p.contains("on_backend_restart")), "{p:?}");
     }
 
     #[test]

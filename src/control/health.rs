@@ -323,6 +323,7 @@ mod tests {
             planned_close_will: crate::proxy::balance::PlannedCloseWill::Keep,
             close_rate: 100,
             health,
+            hold: None,
         }
     }
 

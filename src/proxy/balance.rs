@@ -141,6 +141,18 @@ pub struct Pool {
     /// Connections per second closed when brokers leave the pool or are drained through the
     /// admin server (`close_rate`).
     pub close_rate: u32,
+    /// `on_backend_restart = "hold"`: new connections whose first choice is restarting wait for
+    /// it; `None`: they fail over at once (`"failover"`).
+    pub hold: Option<Hold>,
+}
+
+/// How a pool holds new connections for a restarting broker (`on_backend_restart = "hold"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    /// How long after a broker went down or away its clients wait for it (`hold_timeout`).
+    pub timeout: std::time::Duration,
+    /// Connections held at once in the pool (`hold_max`); more fail over at once.
+    pub max: usize,
 }
 
 /// `planned_close_will`: on a planned close, the broker keeps its usual view of a lost client
@@ -241,6 +253,7 @@ mod tests {
             planned_close_will: PlannedCloseWill::Keep,
             close_rate: 100,
             health: None,
+            hold: None,
         }
     }
 

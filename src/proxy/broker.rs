@@ -1,6 +1,7 @@
 //! What one broker of one pool is going through: its health and the streaks behind it,
-//! discovery's drain flag, an operator's drain (admin state), its connection counters and its
-//! last failed dial. One
+//! discovery's drain flag, an operator's drain (admin state), its connection counters, its
+//! last failed dial, and since when it has been out of use (what a pool that holds its
+//! restarting brokers' connections measures `hold_timeout` from). One
 //! [`BrokerState`] exists per (pool, broker identity); every snapshot that lists the broker
 //! and every connection relayed to it share that one `Arc` (the control plane hands it out by
 //! lookup, `control::brokers`), so nothing is copied from snapshot to snapshot and a write
@@ -8,7 +9,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::Notify;
 
 use super::balance::Backend;
 use crate::admin::metrics::Metrics;
@@ -41,6 +44,19 @@ pub struct BrokerState {
     pub total: AtomicU64,
     /// The last failed connect to it from the data plane, and when (`/backends`).
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// Since when it has been marked down, and since when discovery has been draining it:
+    /// written only when either changes.
+    away: Mutex<Away>,
+    /// Woken whenever it may have come back into use (marked up, no longer draining, enabled):
+    /// connections held for it (`on_backend_restart = "hold"`) wait on it instead of polling.
+    back: Notify,
+}
+
+/// When a broker went out of use, per cause.
+#[derive(Debug, Default, Clone, Copy)]
+struct Away {
+    down: Option<Instant>,
+    draining: Option<Instant>,
 }
 
 impl Default for BrokerState {
@@ -55,6 +71,8 @@ impl Default for BrokerState {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            away: Mutex::new(Away::default()),
+            back: Notify::new(),
         }
     }
 }
@@ -68,9 +86,49 @@ impl BrokerState {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Discovery's word on whether the broker is shutting down.
+    /// Discovery's word on whether the broker is shutting down (or, in a pool that holds, has
+    /// just left it). The start of a drain is remembered; its end wakes the connections held
+    /// for the broker.
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        if self.draining.swap(draining, Ordering::Relaxed) == draining {
+            return;
+        }
+        self.away().draining = draining.then(Instant::now);
+        if !draining {
+            self.back.notify_waiters();
+        }
+    }
+
+    fn away(&self) -> std::sync::MutexGuard<'_, Away> {
+        self.away.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Since when the broker has been out of use for a reason that a restart explains: marked
+    /// down, or drained by discovery (terminating, or gone from the pool), whichever came
+    /// first. `None` while it is in use, and while an operator drains it: that drain is meant
+    /// to move its clients, not to keep them waiting.
+    pub fn away_since(&self) -> Option<Instant> {
+        if self.is_admin_drained() {
+            return None;
+        }
+        let away = *self.away();
+        let down = away.down.filter(|_| !self.is_healthy());
+        let draining = away.draining.filter(|_| self.is_draining());
+        match (down, draining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether new connections can be dialled to it now: up and in rotation.
+    pub fn usable(&self) -> bool {
+        self.is_healthy() && self.in_rotation()
+    }
+
+    /// A future that resolves the next time the broker may have come back into use. Created
+    /// (and enabled) before the state is read, so a change in between is not missed.
+    pub fn back(&self) -> tokio::sync::futures::Notified<'_> {
+        self.back.notified()
     }
 
     /// Whether new connections may go to it: neither discovery nor an operator drains it.
@@ -107,6 +165,9 @@ impl BrokerState {
         }
         *admin = AdminState { drained, since: Some(SystemTime::now()) };
         self.drained.store(drained, Ordering::Relaxed);
+        if !drained {
+            self.back.notify_waiters();
+        }
         (*admin, true)
     }
 
@@ -125,7 +186,12 @@ impl BrokerState {
     pub fn record_failure(&self, fall: u32) -> bool {
         self.passes.store(0, Ordering::Relaxed);
         let n = bump(&self.fails);
-        n >= fall && self.healthy.compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        let down =
+            n >= fall && self.healthy.compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        if down {
+            self.away().down = Some(Instant::now());
+        }
+        down
     }
 
     /// A successful probe. Returns true when this success brought the broker back (the
@@ -133,7 +199,12 @@ impl BrokerState {
     pub fn record_success(&self, rise: u32) -> bool {
         self.fails.store(0, Ordering::Relaxed);
         let n = bump(&self.passes);
-        n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        let up = n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        if up {
+            self.away().down = None;
+            self.back.notify_waiters();
+        }
+        up
     }
 
     /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
@@ -162,6 +233,8 @@ impl BrokerState {
         self.healthy.store(true, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         self.passes.store(0, Ordering::Relaxed);
+        self.away().down = None;
+        self.back.notify_waiters();
     }
 }
 
@@ -277,6 +350,42 @@ mod tests {
         assert_eq!(b.admin_state().as_str(), "enabled");
         b.set_draining(true);
         assert!(!b.in_rotation(), "discovery's drain still counts");
+    }
+
+    #[test]
+    fn away_since_is_the_first_of_down_and_draining_and_never_for_an_operators_drain() {
+        let b = BrokerState::default();
+        assert_eq!(b.away_since(), None);
+        assert!(b.record_failure(1));
+        let down = b.away_since().expect("marked down");
+        b.set_draining(true);
+        assert_eq!(b.away_since(), Some(down), "the earlier of the two");
+        assert!(b.record_success(1));
+        let draining = b.away_since().expect("still draining");
+        assert!(draining >= down);
+        b.admin_drain();
+        assert_eq!(b.away_since(), None, "an operator's drain moves clients, it does not hold them");
+        b.admin_enable();
+        b.set_draining(false);
+        assert_eq!(b.away_since(), None);
+        assert!(b.usable());
+    }
+
+    #[tokio::test]
+    async fn coming_back_wakes_those_waiting() {
+        for bring_back in [
+            (|b: &BrokerState| assert!(b.record_success(1))) as fn(&BrokerState),
+            |b| b.set_draining(false),
+            |b| b.forget_health(),
+        ] {
+            let b = BrokerState::default();
+            assert!(b.record_failure(1));
+            b.set_draining(true);
+            let mut back = std::pin::pin!(b.back());
+            back.as_mut().enable();
+            bring_back(&b);
+            tokio::time::timeout(std::time::Duration::from_secs(5), back).await.expect("woken");
+        }
     }
 
     #[test]

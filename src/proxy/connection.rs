@@ -2,7 +2,8 @@
 //! PROXY header from an outer load balancer (optional) → admission (per-source rate, a
 //! handshake token) → TLS handshake (optional) → CONNECT (its client-id admitted unless
 //! flapping) → route → first bytes (PROXY header to the broker, the CONNECT and what was
-//! pipelined) → dial with failover → relay → one log line.
+//! pipelined) → dial with failover, or first a hold for a restarting first choice
+//! (`on_backend_restart = "hold"`) → relay → one log line.
 //!
 //! Setting up is one per-connection context, `Setup`, with a method per step; each returns
 //! what the next step needs, or `Refused`: the close reason, the detail for the log line and
@@ -25,10 +26,11 @@ use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
-use super::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol};
+use super::balance::{Backend, EmptyKey, HashKey, Hold, PlannedCloseWill, Pool, ProxyProtocol};
 use super::boundary::{Boundary, Disconnect};
 use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
+use super::hold::{HoldOutcome, Holds};
 use super::identity::TlsInfo;
 use super::inbound;
 use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, StringField};
@@ -56,6 +58,8 @@ pub struct Shared {
     /// Bytes held for TLS handshakes and CONNECTs by connections in setup
     /// (`limits.max_setup_bytes`).
     pub setup_bytes: SetupBudget,
+    /// Connections held for their restarting broker, by pool (`hold_max`).
+    pub holds: Holds,
     prefix: u64,
     next_id: AtomicU64,
 }
@@ -75,7 +79,17 @@ impl Shared {
         let workers = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).unwrap_or(1);
         let turns = Turns::new(workers);
         let setup_bytes = SetupBudget::new(metrics.setup_bytes.clone());
-        Shared { metrics, hard_stop, conns, admission, turns, setup_bytes, prefix, next_id: AtomicU64::new(1) }
+        Shared {
+            metrics,
+            hard_stop,
+            conns,
+            admission,
+            turns,
+            setup_bytes,
+            holds: Holds::default(),
+            prefix,
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn conn_id(&self) -> String {
@@ -248,6 +262,8 @@ struct Facts {
     /// The DISCONNECTs a planned close wrote: to the client, to the broker.
     disconnect_sent: Option<Disconnect>,
     broker_disconnect_sent: Option<Disconnect>,
+    /// How long the connection was held for its restarting broker (ms) and how that ended.
+    held: Option<(u32, HoldOutcome)>,
 }
 
 /// A connection's place in `connections_active` and its end — the close counters and its one
@@ -436,6 +452,13 @@ where
     })
 }
 
+/// How often a held connection dials its broker again while the broker is marked up but
+/// refuses (health checks have not marked it down yet, or the pool has none).
+const HOLD_RETRY: Duration = Duration::from_secs(1);
+
+/// What a held client may send behind its CONNECT and still be watched for leaving.
+const HOLD_READ_MAX: usize = 16 * 1024;
+
 /// How long a planned close waits for packet boundaries (a peer may have stalled in the middle
 /// of a packet) before it closes without its DISCONNECTs.
 const PLANNED_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -486,6 +509,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         close_reason = reason.as_str(),
         disconnect_sent = facts.disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
         broker_disconnect_sent = facts.broker_disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
+        held_ms = facts.held.map_or(0, |(ms, _)| ms),
+        hold_outcome = facts.held.map(|(_, o)| o.as_str()).unwrap_or(""),
         detail = facts.detail.as_deref().unwrap_or(""),
         "connection closed"
     );
@@ -597,10 +622,19 @@ impl Refused {
 }
 
 /// What every broker tried is sent first, in one write: PROXY header, CONNECT and what the
-/// client pipelined behind it. Charged to the setup budget while they are held.
+/// client pipelined behind it (while held, too). Charged to the setup budget while they are
+/// held.
 struct FirstBytes {
     bytes: Vec<u8>,
-    _charge: SetupCharge,
+    charge: SetupCharge,
+}
+
+/// The brokers to try, best first, and the routing key's first choice whatever its state (for
+/// a pool that holds connections for a restarting broker; `None` otherwise, and for clients
+/// without a routing key).
+struct Route<'a> {
+    candidates: Vec<&'a Arc<Backend>>,
+    home: Option<&'a Arc<Backend>>,
 }
 
 impl<'a> Setup<'a> {
@@ -632,14 +666,14 @@ impl<'a> Setup<'a> {
         };
         self.note_connect(&connect, len);
         self.admit_client_id(&connect)?;
-        let candidates = self.route(&connect)?;
+        let route = self.route(&connect)?;
         let version = connect.version;
         // Bytes pipelined behind the CONNECT go to the broker with it, and may end inside a
         // packet: the relay's tracking of the client's packets starts after them.
         self.up_at.advance(&buf[len..]);
         let first = self.first_bytes(&connect, &buf, charge);
         drop(buf);
-        self.dial(candidates, first, version).await
+        self.dial(route, first, version, client).await
     }
 
     /// The one place a refusal is carried out: its detail goes to the log line, and the client
@@ -807,8 +841,9 @@ impl<'a> Setup<'a> {
     }
 
     /// The brokers to try, best first: the routing key's rendezvous order, or what
-    /// `empty_client_id` says for a client without a key.
-    fn route(&self, connect: &Connect<'_>) -> Result<Vec<&'a Arc<Backend>>, Refused> {
+    /// `empty_client_id` says for a client without a key; and, in a pool that holds, the key's
+    /// first choice.
+    fn route(&self, connect: &Connect<'_>) -> Result<Route<'a>, Refused> {
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -818,7 +853,16 @@ impl<'a> Setup<'a> {
             }
         }
         .filter(|k| !k.is_empty());
-        Ok(match key {
+        let source_key;
+        let key = match (key, pool.empty_key) {
+            (None, EmptyKey::SourceAddress) => {
+                source_key = canonical_ip(self.src.ip()).to_string();
+                Some(source_key.as_bytes())
+            }
+            (key, _) => key,
+        };
+        let home = key.filter(|_| pool.hold.is_some()).and_then(|k| pool.preference(k, 1).first().copied());
+        let candidates = match key {
             Some(k) => pool.candidates(k, pool.backend_attempts),
             None => match pool.empty_key {
                 EmptyKey::Reject => {
@@ -826,13 +870,11 @@ impl<'a> Setup<'a> {
                         Refused::connack(CloseReason::EmptyClientId, Some(connect.version), Refusal::ClientIdRejected);
                     return Err(refused.detail("no routing key and empty_client_id = reject"));
                 }
-                EmptyKey::LeastConnections => pool.least_connections(pool.backend_attempts),
-                EmptyKey::SourceAddress => {
-                    let source_key = canonical_ip(self.src.ip()).to_string();
-                    pool.candidates(source_key.as_bytes(), pool.backend_attempts)
-                }
+                // `source_address` always has a key: the client's address, above.
+                EmptyKey::LeastConnections | EmptyKey::SourceAddress => pool.least_connections(pool.backend_attempts),
             },
-        })
+        };
+        Ok(Route { candidates, home })
     }
 
     /// PROXY header, then the CONNECT and whatever was pipelined (`buf`): the same bytes for
@@ -864,36 +906,32 @@ impl<'a> Setup<'a> {
         charge.set(first.capacity());
         // Nothing after this reads the identity.
         self.tls = None;
-        FirstBytes { bytes: first, _charge: charge }
+        FirstBytes { bytes: first, charge }
     }
 
     /// Dial the candidates in preference order until a broker answers the CONNECT; the
-    /// connection is then counted on that broker. `version` is the client's, for the CONNACK
-    /// when none answers.
+    /// connection is then counted on that broker. In a pool that holds, the key's first choice
+    /// comes first, and is waited for while it restarts ([`Self::hold`]). `version` is the
+    /// client's, for the CONNACK when none answers.
     async fn dial(
         &mut self,
-        candidates: Vec<&'a Arc<Backend>>,
-        first: FirstBytes,
+        route: Route<'a>,
+        mut first: FirstBytes,
         version: MqttVersion,
+        client: &mut Client,
     ) -> Result<(TcpStream, ActiveGuard), Refused> {
         let (m, pool) = (&self.shared.metrics, self.pool);
-        let mut broker = None;
         let mut errors = Vec::new();
-        for b in candidates {
-            match attempt(m, pool, b, &first.bytes).await {
-                Ok(s) => {
-                    m.dial_attempt(&pool.name, &b.name, DialOutcome::Ok);
-                    b.record_dial(true, pool.passive_fall());
+        let mut candidates = route.candidates;
+        let mut broker = None;
+        if let (Some(hold), Some(home)) = (pool.hold, route.home) {
+            broker = self.hold(hold, home, &mut candidates, &mut first, client, &mut errors).await?;
+        }
+        if broker.is_none() {
+            for b in candidates {
+                if let Some(s) = self.try_dial(b, &first.bytes, &mut errors).await {
                     broker = Some((b.clone(), s));
                     break;
-                }
-                Err((outcome, error)) => {
-                    m.dial_attempt(&pool.name, &b.name, outcome);
-                    b.set_last_error(&error);
-                    if b.record_dial(false, pool.passive_fall()) {
-                        marked_down(m, pool, b, &error);
-                    }
-                    errors.push(format!("{}: {error}", b.name));
                 }
             }
         }
@@ -904,8 +942,14 @@ impl<'a> Setup<'a> {
             return Err(refused.detail(errors.join("; ")));
         };
         if !errors.is_empty() {
-            self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
-            m.failed_over(&pool.name);
+            // Dials that failed while the connection was held for its broker are no failover
+            // when that broker took it in the end.
+            if self.facts.held.is_some_and(|(_, o)| o == HoldOutcome::Home) {
+                self.facts.detail = Some(format!("held for its broker: {}", errors.join("; ")));
+            } else {
+                self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
+                m.failed_over(&pool.name);
+            }
         }
         backend.active.fetch_add(1, Ordering::Relaxed);
         backend.total.fetch_add(1, Ordering::Relaxed);
@@ -914,6 +958,120 @@ impl<'a> Setup<'a> {
         self.facts.broker = Some(backend.name.clone());
         m.connection_routed(&pool.name, &backend.name, pool.proxy_protocol, self.started.elapsed().as_secs_f64());
         Ok((upstream, active))
+    }
+
+    /// One dial of `b`, recorded (outcome metric, passive health, last error); a failure's
+    /// text joins `errors`.
+    async fn try_dial(&self, b: &Backend, first: &[u8], errors: &mut Vec<String>) -> Option<TcpStream> {
+        let (m, pool) = (&self.shared.metrics, self.pool);
+        match attempt(m, pool, b, first).await {
+            Ok(s) => {
+                m.dial_attempt(&pool.name, &b.name, DialOutcome::Ok);
+                b.record_dial(true, pool.passive_fall());
+                Some(s)
+            }
+            Err((outcome, error)) => {
+                m.dial_attempt(&pool.name, &b.name, outcome);
+                b.set_last_error(&error);
+                if b.record_dial(false, pool.passive_fall()) {
+                    marked_down(m, pool, b, &error);
+                }
+                errors.push(format!("{}: {error}", b.name));
+                None
+            }
+        }
+    }
+
+    /// `on_backend_restart = "hold"`: the key's first choice, `home`, is dialled first and, while
+    /// it restarts, waited for instead of failing over — until `hold_timeout` after it went
+    /// down or away (marked down, or drained by discovery), or after the failed dial of a
+    /// broker still marked up. Returns the broker that answered, or `None` to fail over to the
+    /// other `candidates` (from which `home` is then gone). The wait sleeps on the broker's
+    /// wake-up (marked up, back in rotation) and on the client: a client that leaves ends it,
+    /// bytes it sends meanwhile join `first`. A broker marked up that still refuses (its checks
+    /// have not seen it down yet, or the pool has none) is dialled again every [`HOLD_RETRY`].
+    async fn hold(
+        &mut self,
+        hold: Hold,
+        home: &'a Arc<Backend>,
+        candidates: &mut Vec<&'a Arc<Backend>>,
+        first: &mut FirstBytes,
+        client: &mut Client,
+        errors: &mut Vec<String>,
+    ) -> Result<Option<(Arc<Backend>, TcpStream)>, Refused> {
+        let (m, pool) = (&self.shared.metrics, self.pool);
+        let until = match home.away_since() {
+            Some(since) => since + hold.timeout,
+            None if home.usable() => {
+                candidates.retain(|c| !Arc::ptr_eq(c, home));
+                if let Some(s) = self.try_dial(home, &first.bytes, errors).await {
+                    return Ok(Some((home.clone(), s)));
+                }
+                // Probably restarting; if this dial marked it down, that is when it went.
+                home.away_since().unwrap_or_else(Instant::now) + hold.timeout
+            }
+            // Drained by an operator: its clients move.
+            None => return Ok(None),
+        };
+        candidates.retain(|c| !Arc::ptr_eq(c, home));
+        if until <= Instant::now() {
+            return Ok(None);
+        }
+        let Some(place) = self.shared.holds.enter(m, &pool.name, hold.max) else {
+            self.facts.held = Some((0, HoldOutcome::OverCap));
+            return Ok(None);
+        };
+        // Until the hold ends (a drain may drop this future while it waits): closed.
+        self.facts.held = Some((0, HoldOutcome::Closed));
+        let began = Instant::now();
+        let mut scratch = [0u8; 256];
+        // Bytes a client sends while held (it may pipeline behind its CONNECT) are read, up to a
+        // bound, so that its leaving is seen; past the bound it is no longer watched.
+        let mut watching = true;
+        let mut dialled = false;
+        let ended = loop {
+            let back = home.back();
+            tokio::pin!(back);
+            back.as_mut().enable();
+            if home.usable() && !dialled {
+                if let Some(s) = self.try_dial(home, &first.bytes, errors).await {
+                    break Ok(Some((home.clone(), s)));
+                }
+                dialled = true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                break Ok(None);
+            }
+            let wake = if home.usable() { until.min(now + HOLD_RETRY) } else { until };
+            tokio::select! {
+                _ = back => dialled = false,
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => dialled = false,
+                read = client.read(&mut scratch), if watching => match read {
+                    Ok(0) | Err(_) => {
+                        break Err(Refused::close(CloseReason::ClientClosed)
+                            .detail(format!("the client left while held for {}", home.name)));
+                    }
+                    Ok(n) => {
+                        let more = &scratch[..n];
+                        self.up_at.advance(more);
+                        self.facts.up += n as u64;
+                        first.bytes.extend_from_slice(more);
+                        first.charge.set(first.bytes.capacity());
+                        watching = first.bytes.len() < HOLD_READ_MAX;
+                    }
+                },
+            }
+        };
+        let outcome = match &ended {
+            Ok(Some(_)) => HoldOutcome::Home,
+            Ok(None) => HoldOutcome::Failover,
+            Err(_) => HoldOutcome::Closed,
+        };
+        let held_ms = u32::try_from(began.elapsed().as_millis()).unwrap_or(u32::MAX);
+        self.facts.held = Some((held_ms, outcome));
+        place.end(outcome);
+        ended
     }
 
     /// The log's detail of a connection closed because setup buffers hold `max_setup_bytes`.

@@ -7,6 +7,7 @@ pub mod boundary;
 pub mod broker;
 pub mod budget;
 pub mod connection;
+pub mod hold;
 pub mod identity;
 pub mod inbound;
 pub mod listener;

@@ -20,6 +20,7 @@ mod e2e_drain_paced;
 mod e2e_faults;
 mod e2e_haproxy;
 mod e2e_health;
+mod e2e_hold;
 mod e2e_identity;
 mod e2e_memory;
 mod e2e_mosquitto;

@@ -4,7 +4,11 @@
 //! way each broker gets the state of its pool and identity ([`BrokerStates`]), new listeners are
 //! bound before anything changes, the snapshot is stored where connections read it and sent to
 //! whoever follows swaps (health checking), and the clients of removed brokers are closed at
-//! `close_rate` when their pool says `on_backend_removed = "close"`. An invalid config is
+//! `close_rate` when their pool says `on_backend_removed = "close"`. In a discovered pool that
+//! holds (`on_backend_restart = "hold"`), a broker discovery no longer lists stays in the pool
+//! as a *departed* member (drained: its place kept in every key's order, never dialled) until
+//! `hold_timeout` after it went away, so that its clients can wait for it to come back under
+//! the same identity; then the pool is rebuilt without it. An invalid config is
 //! logged with every problem and counted; the running snapshot stays. What only the control
 //! plane uses ([`Applied`]: discovery, removal policies, process limits, admin and log
 //! settings) is kept here, beside the snapshot.
@@ -13,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -109,6 +114,9 @@ pub struct Applier {
     brokers: BrokerStates,
     /// The last members each discovered pool's source found (for the spec applied).
     members: HashMap<String, Members>,
+    /// When the first departed member of a discovered pool that holds is due to leave it: the
+    /// pool is rebuilt then ([`Applier::expire_departed`]).
+    departures: BTreeMap<String, Instant>,
     listeners: ListenerSet,
     /// The process's connection cap, shared with the listeners.
     limit: Arc<Semaphore>,
@@ -136,7 +144,18 @@ impl Applier {
             by_pool: HashMap::new(),
             stop: CancellationToken::new(),
         };
-        Applier { published, applied, brokers, members: HashMap::new(), listeners, limit, evictions, prints, metrics }
+        Applier {
+            published,
+            applied,
+            brokers,
+            members: HashMap::new(),
+            departures: BTreeMap::new(),
+            listeners,
+            limit,
+            evictions,
+            prints,
+            metrics,
+        }
     }
 
     pub fn applied(&self) -> &Applied {
@@ -230,7 +249,10 @@ impl Applier {
                         .filter(|_| self.applied.discovery.get(&p.name) == Some(spec))
                         .cloned();
                     match (members, old.pool(&p.name)) {
-                        (Some(members), _) => self.backends_from_members(&p.name, &members),
+                        (Some(members), before) => {
+                            let found = self.backends_from_members(&p.name, &members);
+                            self.with_departed(p, before.map(|b| &**b), found)
+                        }
                         // Until the (new) source answers, the pool keeps the brokers it has.
                         (None, Some(before)) => before.backends.clone(),
                         (None, None) => self.continued(p),
@@ -306,13 +328,65 @@ impl Applier {
         self.members.insert(pool.to_string(), members.clone());
         let old = self.published.current.load_full();
         let mut rebuilt = Pool::clone(&settings);
-        rebuilt.backends = self.backends_from_members(pool, &members);
+        let found = self.backends_from_members(pool, &members);
+        rebuilt.backends = self.with_departed(&settings, old.pool(pool).map(|p| &**p), found);
         let rebuilt = Arc::new(rebuilt);
         let mut snap = Snapshot::clone(&old);
         snap.pools = old.pools.iter().map(|p| if p.name == pool { rebuilt.clone() } else { p.clone() }).collect();
         let policies = self.applied.on_removed.clone();
         self.swap(&old, snap, &policies);
         self.metrics.discovery_updated(pool);
+    }
+
+    /// When the next departed member is due to leave its pool, if any.
+    pub fn next_departure(&self) -> Option<Instant> {
+        self.departures.values().min().copied()
+    }
+
+    /// Rebuilds the discovered pools whose departed members are due to leave, from their last
+    /// members.
+    pub fn expire_departed(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self.departures.iter().filter(|(_, at)| **at <= now).map(|(p, _)| p.clone()).collect();
+        for pool in due {
+            self.departures.remove(&pool);
+            if let Some(members) = self.members.get(&pool).cloned() {
+                self.discovered(&pool, members);
+            }
+        }
+    }
+
+    /// `found` (the brokers of a discovered pool's members), plus, in a pool that holds, the
+    /// brokers of `before` that discovery no longer lists and that went away (drained or
+    /// marked down) less than `hold_timeout` ago: departed members, drained so they keep
+    /// their place in every key's order and are never dialled. Notes when the first of them
+    /// is due to leave.
+    fn with_departed(
+        &mut self,
+        settings: &Pool,
+        before: Option<&Pool>,
+        mut found: Vec<Arc<Backend>>,
+    ) -> Vec<Arc<Backend>> {
+        self.departures.remove(&settings.name);
+        let (Some(hold), Some(before)) = (settings.hold, before) else { return found };
+        let now = Instant::now();
+        let mut due: Option<Instant> = None;
+        for b in &before.backends {
+            if found.iter().any(|f| f.name == b.name) {
+                continue;
+            }
+            // Drained from now on, unless it already went away (terminating, or marked down).
+            b.set_draining(true);
+            let Some(leaves) = b.away_since().map(|since| since + hold.timeout).filter(|at| *at > now) else {
+                continue;
+            };
+            due = Some(due.map_or(leaves, |d| d.min(leaves)));
+            found.push(Arc::new(Backend::with_state(b.name.clone(), b.addr, b.state.clone())));
+        }
+        if let Some(due) = due {
+            self.departures.insert(settings.name.clone(), due);
+        }
+        found
     }
 
     /// Brokers for discovered members, continuing the state of the same identities.
@@ -655,6 +729,65 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         tokio::task::yield_now().await;
         assert!(tokio::time::timeout(Duration::from_millis(50), on_pod0.closed()).await.is_err());
         assert_eq!(r.metrics.value("discovery_updates_total", &[("pool", "p")]), 2.0);
+    }
+
+    #[tokio::test]
+    async fn a_departed_broker_of_a_pool_that_holds_keeps_its_place_until_hold_timeout() {
+        let text = BASE.replace(
+            "backends = [\"127.0.0.1:1\", { name = \"b2\", address = \"127.0.0.1:2\" }]",
+            "backends = [\"127.0.0.1:1\"]\non_backend_restart = \"hold\"\nhold_timeout = \"200ms\"",
+        );
+        let (mut r, current, _) = reloader(&text).await;
+        let spec =
+            DiscoverySpec::Dns { name: "x".into(), port: Some(1), interval: Duration::from_secs(1), resolver: None };
+        r.applied.discovery.insert("p".into(), spec);
+        let member = |name: &str, port: u16| discovery::Member {
+            name: name.into(),
+            addr: ([127, 0, 0, 1], port).into(),
+            draining: false,
+        };
+        let names =
+            |snap: &Snapshot| snap.pool("p").unwrap().backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+
+        r.discovered("p", Arc::new(vec![member("pod-0", 10), member("pod-1", 11)]));
+        // The broker the file had departs like any other.
+        assert_eq!(names(&current.load()), ["pod-0", "pod-1", "127.0.0.1:1"]);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(r.next_departure().expect("due"))).await;
+        r.expire_departed();
+        assert_eq!(names(&current.load()), ["pod-0", "pod-1"]);
+        let pod1 = broker(&current.load(), "pod-1");
+        assert_eq!(r.next_departure(), None);
+
+        // pod-1 restarts: gone from discovery, kept as a departed member, never a candidate.
+        r.discovered("p", Arc::new(vec![member("pod-0", 10)]));
+        let snap = current.load_full();
+        assert_eq!(names(&snap), ["pod-0", "pod-1"]);
+        let departed = broker(&snap, "pod-1");
+        assert!(Arc::ptr_eq(&departed.state, &pod1.state) && !departed.in_rotation());
+        assert!(departed.away_since().is_some(), "what held connections measure hold_timeout from");
+        let pool = snap.pool("p").unwrap();
+        assert!((0..200).all(|i| pool.candidates(format!("k{i}").as_bytes(), 2).iter().all(|b| b.name == "pod-0")));
+        let due = r.next_departure().expect("a departure is due");
+        // Another update before it is due keeps it.
+        r.discovered("p", Arc::new(vec![member("pod-0", 10)]));
+        assert_eq!(names(&current.load()), ["pod-0", "pod-1"]);
+        assert_eq!(r.next_departure(), Some(due), "measured from when it went away, not from the update");
+
+        // Back under the same identity (a new address): the same state, in rotation again.
+        r.discovered("p", Arc::new(vec![member("pod-0", 10), member("pod-1", 12)]));
+        let back = broker(&current.load(), "pod-1");
+        assert!(Arc::ptr_eq(&back.state, &pod1.state) && back.in_rotation() && back.away_since().is_none());
+        assert_eq!(r.next_departure(), None);
+
+        // Gone again and not back within hold_timeout: the pool is rebuilt without it.
+        r.discovered("p", Arc::new(vec![member("pod-0", 10)]));
+        let due = r.next_departure().expect("due");
+        r.expire_departed();
+        assert_eq!(names(&current.load()), ["pod-0", "pod-1"], "not due yet");
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        r.expire_departed();
+        assert_eq!(names(&current.load()), ["pod-0"]);
+        assert_eq!(r.next_departure(), None);
     }
 
     #[test]

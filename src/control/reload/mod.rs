@@ -58,9 +58,15 @@ impl Reloader {
     pub async fn run(mut self, stop: CancellationToken) -> Stopped {
         self.follow();
         loop {
+            let departure = self.applier.next_departure();
             let trigger = tokio::select! {
                 _ = stop.cancelled() => break,
                 t = self.sources.next() => t,
+                // Departed members of discovered pools that hold leave once their time is up.
+                _ = sleep_until(departure), if departure.is_some() => {
+                    self.applier.expire_departed();
+                    continue;
+                }
             };
             match trigger {
                 Trigger::Discovered { pool, members } => self.applier.discovered(&pool, members),
@@ -81,5 +87,13 @@ impl Reloader {
     fn follow(&mut self) {
         let applied = self.applier.applied();
         self.sources.follow(&applied.files(), applied.discovery());
+    }
+}
+
+/// Sleeps until `at` (forever without one; the `select!` branch is disabled then anyway).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
