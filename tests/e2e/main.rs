@@ -26,6 +26,7 @@ mod e2e_mosquitto;
 mod e2e_nothing_lost;
 mod e2e_peers;
 mod e2e_planned_close;
+mod e2e_prometheus;
 mod e2e_rabbitmq;
 mod e2e_refusals;
 mod e2e_relay;
