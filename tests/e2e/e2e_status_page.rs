@@ -1,8 +1,8 @@
 //! The status page (`GET /` on the admin port) in a real browser: headless Chromium (Debian
 //! `chromium`) loads it from harbormaster in front of three mosquitto brokers and runs its
 //! script; the assertions read the rendered DOM (`--dump-dom`): every broker with its state and
-//! a non-zero connection count, the numbers following clients that connect, a killed broker
-//! shown as down. A screenshot of the last state is written for docs/status-page.png.
+//! a non-zero connection count, the client-id box's answer (from `/route`), the numbers
+//! following clients that connect, a killed broker shown as down. A screenshot of the last state is written for docs/status-page.png.
 //!
 //! `--virtual-time-budget` lets the page's timers and fetches run to completion before the
 //! DOM is printed, so nothing here waits on the wall clock; every retry has a bound.
@@ -121,6 +121,15 @@ fn the_status_page_shows_every_broker_and_follows_connections_and_health() {
     assert!(dom.contains("data-listener=\"mqtt\""), "the listener row: {dom}");
     assert!(cell(&dom, "pill ok").is_some(), "ready shown: {dom}");
 
+    // The client-id box, through the page's own link to an answer (/#client_id=ID).
+    let dom = chromium(&format!("http://{admin}/#client_id=page-route%2F1"), &["--dump-dom"]);
+    let expected = hm.route("page-route/1");
+    let answer = &dom[dom.find("id=\"route-answer\"").expect("the answer box")..];
+    assert!(
+        answer.contains(&format!("page-route/1 → <b>{} (", expected[0])),
+        "/route's answer for page-route/1 ({expected:?}) not shown:\n{dom}"
+    );
+
     // More clients: the numbers follow.
     for i in 0..3 {
         let (s, _) = mqtt_connect(hm.port("mqtt"), MqttVersion::V311, &format!("page-more-{i}"));
@@ -142,7 +151,11 @@ fn the_status_page_shows_every_broker_and_follows_connections_and_health() {
 
     let shot = screenshot_path();
     let _ = std::fs::remove_file(&shot);
-    chromium(&format!("http://{admin}/"), &[&format!("--screenshot={}", shot.display()), "--window-size=1400,900"]);
+    // With a client-id looked up, so the picture shows every part of the page.
+    chromium(
+        &format!("http://{admin}/#client_id=truck-0042"),
+        &[&format!("--screenshot={}", shot.display()), "--window-size=1400,900"],
+    );
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG: {}", shot.display());
     eprintln!("status page screenshot: {}", shot.display());
