@@ -1,5 +1,6 @@
 //! The admin HTTP server: hyper 1, HTTP/1.1, on its own listener (`[admin] bind`). A plain
-//! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`, and the
+//! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`, the status
+//! page `/` and its `/status.json` ([`super::status`]), and the
 //! mutating `POST /backends/{pool}/{broker}/drain|enable`, which need a bearer token of
 //! `[admin] token_file` ([`super::auth`]). It reads the snapshot the data plane runs on, the
 //! readiness latch and the metrics registry; it writes only a broker's admin state, and the
@@ -28,7 +29,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY,
+    WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -45,6 +49,7 @@ use super::log::rfc3339;
 use super::metrics::Metrics;
 use super::ready::Readiness;
 use super::route::{self, RouteError};
+use super::status;
 use crate::control::config::AdminSettings;
 use crate::control::drain;
 use crate::proxy::registry::Registry;
@@ -61,8 +66,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning per this long about admin connections shed or timed out (each one is
 /// logged at debug and counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
-/// What `/` and unknown paths list.
-const ENDPOINTS: [&str; 7] = [
+/// What unknown paths list.
+const ENDPOINTS: [&str; 9] = [
+    "/ (status page)",
+    "/status.json",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -125,6 +132,7 @@ pub async fn start(
         Err(e) => anyhow::bail!("admin.bind: cannot bind {}: {e}", settings.bind),
     };
     let addr = listener.local_addr()?;
+    status::init();
     let limits = Limits::default();
     tracing::info!(
         addr = %addr,
@@ -415,7 +423,8 @@ pub fn respond<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>>
         "/metrics" => metrics(state),
         "/backends" => backends(state),
         "/route" => route(state, req.uri().query().unwrap_or("")),
-        "/" => json_response(StatusCode::OK, &json!({ "endpoints": ENDPOINTS })),
+        "/" => status_page(),
+        "/status.json" => json_response(StatusCode::OK, &status::json(state)),
         _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not found", "endpoints": ENDPOINTS })),
     }
 }
@@ -610,6 +619,17 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             json_response(status, &json!({ "error": e.to_string() }))
         }
     }
+}
+
+/// The status page, under its Content-Security-Policy: a browser runs its inline script and
+/// style and nothing else.
+fn status_page() -> Response<Full<Bytes>> {
+    let mut r = response(StatusCode::OK, "text/html; charset=utf-8", status::PAGE.to_string());
+    let h = r.headers_mut();
+    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(status::csp()));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    r
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
@@ -826,6 +846,45 @@ backends = ["127.0.0.1:4"]
         assert!(body.contains("harbormaster_build_info{"), "{body}");
         s.readiness.set_draining();
         assert!(call(&s, Method::GET, "/metrics").2.contains("harbormaster_ready 0"));
+    }
+
+    #[test]
+    fn the_status_page_and_its_aggregates() {
+        let s = state();
+        ready(&s);
+        let req = Request::builder().uri("/").body(()).unwrap();
+        let resp = respond(&s, &req);
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert_eq!(h[CONTENT_TYPE], "text/html; charset=utf-8");
+        let csp = h[CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.starts_with("default-src 'none'; script-src 'sha256-"), "{csp}");
+        assert_eq!(h[X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert!(futures_body(resp.into_body()).starts_with("<!DOCTYPE html>"));
+
+        let snap = s.current.load_full();
+        snap.pool("brokers").unwrap().backends[2].active.store(4, Ordering::Relaxed);
+        snap.pool("brokers").unwrap().backends[0].healthy.store(false, Ordering::Relaxed);
+        s.metrics.connections_accepted("mqtt").inc_by(3);
+        s.metrics.connection_opened("mqtt");
+        s.metrics.closed_at_accept("mqtt", crate::proxy::connection::CloseReason::MaxConnections);
+        s.metrics.config_applied();
+        let (status, body) = get(&s, "/status.json");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["ready"], true);
+        assert_eq!(body["draining"], false);
+        assert_eq!(body["config"]["generation"], 1);
+        assert_eq!(body["config"]["last_reload_ok"], true);
+        let l = &body["listeners"][0];
+        assert_eq!(
+            (l["name"].as_str(), l["accepted"].as_u64(), l["tls"].as_bool()),
+            (Some("mqtt"), Some(3), Some(false))
+        );
+        assert_eq!(l["refused"], json!({ "max_connections": 1 }));
+        let pool = body["pools"].as_array().unwrap().iter().find(|p| p["name"] == "brokers").unwrap();
+        assert_eq!(pool["away_from_home"], Value::Null, "no such metric yet: {pool}");
+        let brokers = pool["brokers"].as_array().unwrap();
+        assert_eq!((brokers[0]["healthy"].clone(), brokers[2]["active"].clone()), (json!(false), json!(4)));
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! sessions, closed loop `--concurrency` or open loop `--rate`), `ping` (PINGREQ → PINGRESP
 //! latency), `bulk` (PUBLISH throughput) and `sink` (the backend: PROXY v1/v2 or none,
 //! CONNACK, PINGRESP, PUBLISH discarded). Reports go to stdout, readable or `--json`; events
-//! ("ready", "burst-done") and progress lines go to stderr. One current-thread runtime by
-//! default, so the generator's CPU can be pinned to one core with taskset.
+//! ("ready", "burst-done") and progress lines go to stderr; `--plot FILE.png` also draws the
+//! report's latencies as a picture. One current-thread runtime by default, so the generator's
+//! CPU can be pinned to one core with taskset.
 
 mod client;
 mod modes;
 mod mqtt;
+mod plot;
 mod sink;
 mod stats;
 
@@ -28,6 +30,9 @@ struct Cli {
     /// Runtime threads (1: a current-thread runtime).
     #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
+    /// Also write the report's latencies as a chart (PNG) to this file, e.g. beside the JSON.
+    #[arg(long, global = true, value_name = "FILE.png")]
+    plot: Option<std::path::PathBuf>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -78,6 +83,13 @@ fn main() -> ExitCode {
     rt.shutdown_background();
     match report {
         Ok(v) => {
+            if let Some(path) = &cli.plot {
+                if let Err(e) = plot::write(&v, path) {
+                    eprintln!("harbormaster-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+                eprintln!("harbormaster-bench: wrote {}", path.display());
+            }
             if cli.json {
                 println!("{v}");
             } else {

@@ -21,6 +21,7 @@
 pub mod fake_dns;
 pub mod fake_kube;
 pub mod mqtt;
+pub mod prometheus;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
