@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol};
+use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol, Rebalance};
 
 fn pool(n: usize) -> Pool {
     Pool {
@@ -26,6 +26,8 @@ fn pool(n: usize) -> Pool {
         backend_attempts: 3,
         planned_close_will: PlannedCloseWill::Keep,
         close_rate: 100,
+        rebalance: Rebalance::Off,
+        rebalance_rate: 20,
         health: None,
     }
 }

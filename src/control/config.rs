@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{
-    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
+    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol, Rebalance,
 };
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
@@ -274,6 +274,27 @@ pub struct RawPool {
     /// behalf with a DISCONNECT, so that a device that is only moving leaves no Will.
     #[serde(default)]
     pub planned_close_will: RawPlannedCloseWill,
+    /// Whether connections away from their first choice are moved back to it once it is in
+    /// rotation again: `"off"` (default) or `"home"`.
+    #[serde(default)]
+    pub rebalance: RawRebalance,
+    /// Connections per second moved back home (`rebalance = "home"`, and the admin server's
+    /// rebalance of a pool with `rebalance = "home"`).
+    #[serde(default = "default_rebalance_rate")]
+    pub rebalance_rate: u32,
+}
+
+/// `rebalance`: `"off"` (default) or `"home"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawRebalance {
+    #[default]
+    Off,
+    Home,
+}
+
+fn default_rebalance_rate() -> u32 {
+    20
 }
 
 /// `planned_close_will`: `"keep"` (default) or `"suppress"`.
@@ -910,6 +931,9 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         if p.close_rate == 0 {
             c.add(format!("pool.{name}.close_rate"), "must be at least 1 (connections per second)");
         }
+        if p.rebalance_rate == 0 {
+            c.add(format!("pool.{name}.rebalance_rate"), "must be at least 1 (connections per second)");
+        }
     }
     // 268,435,455 is the largest remaining length MQTT can express.
     if !(16..=268_435_460).contains(&lim.max_connect_packet) {
@@ -1111,6 +1135,11 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
         close_rate: p.close_rate,
+        rebalance: match p.rebalance {
+            RawRebalance::Off => Rebalance::Off,
+            RawRebalance::Home => Rebalance::Home,
+        },
+        rebalance_rate: p.rebalance_rate,
         planned_close_will: match p.planned_close_will {
             RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
             RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
@@ -1242,6 +1271,19 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.listeners[0].refusal, RefusalStyle::Connack);
         assert_eq!(p.planned_close_will, PlannedCloseWill::Keep);
+        assert_eq!((p.rebalance, p.rebalance_rate), (Rebalance::Off, 20));
+    }
+
+    #[test]
+    fn rebalance_is_off_or_home_at_a_rate_of_at_least_one() {
+        let text = format!("{MINIMAL}rebalance = \"home\"\nrebalance_rate = 5\n");
+        let loaded = load_str(&text, Path::new(".")).unwrap();
+        let p = loaded.snapshot.pool("brokers").unwrap();
+        assert_eq!((p.rebalance, p.rebalance_rate), (Rebalance::Home, 5));
+        let p = problems(&format!("{MINIMAL}rebalance = \"always\"\n"));
+        assert!(p.iter().any(|p| p.contains("rebalance")), "{p:?}");
+        let p = problems(&format!("{MINIMAL}rebalance_rate = 0\n"));
+        assert!(p.iter().any(|p| p.contains("pool.brokers.rebalance_rate")), "{p:?}");
     }
 
     #[test]

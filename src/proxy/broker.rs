@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
+use tokio::time::Instant;
+
 use super::balance::Backend;
 use crate::admin::metrics::Metrics;
 
@@ -41,6 +43,11 @@ pub struct BrokerState {
     pub total: AtomicU64,
     /// The last failed connect to it from the data plane, and when (`/backends`).
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// When it last came (back) into use: joined the pool (the state was created), was marked
+    /// up, enabled by an operator or no longer drained by discovery. Connections are moved
+    /// back to a broker only once it has stayed usable a while (`control::rebalance`). Tokio's
+    /// clock, so that tests can move it.
+    back_at: Mutex<Instant>,
 }
 
 impl Default for BrokerState {
@@ -55,6 +62,7 @@ impl Default for BrokerState {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            back_at: Mutex::new(Instant::now()),
         }
     }
 }
@@ -70,7 +78,18 @@ impl BrokerState {
 
     /// Discovery's word on whether the broker is shutting down.
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        if self.draining.swap(draining, Ordering::Relaxed) && !draining {
+            self.mark_back();
+        }
+    }
+
+    /// When the broker last came (back) into use: joined, marked up, enabled, undrained.
+    pub fn back_at(&self) -> Instant {
+        *self.back_at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn mark_back(&self) {
+        *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
     /// Whether new connections may go to it: neither discovery nor an operator drains it.
@@ -107,6 +126,9 @@ impl BrokerState {
         }
         *admin = AdminState { drained, since: Some(SystemTime::now()) };
         self.drained.store(drained, Ordering::Relaxed);
+        if !drained {
+            self.mark_back();
+        }
         (*admin, true)
     }
 
@@ -133,7 +155,11 @@ impl BrokerState {
     pub fn record_success(&self, rise: u32) -> bool {
         self.fails.store(0, Ordering::Relaxed);
         let n = bump(&self.passes);
-        n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        let up = n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        if up {
+            self.mark_back();
+        }
+        up
     }
 
     /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
@@ -277,6 +303,30 @@ mod tests {
         assert_eq!(b.admin_state().as_str(), "enabled");
         b.set_draining(true);
         assert!(!b.in_rotation(), "discovery's drain still counts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coming_back_into_use_is_timed() {
+        let b = BrokerState::default();
+        let joined = b.back_at();
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        assert!(b.record_failure(1));
+        assert_eq!(b.back_at(), joined, "going down is not coming back");
+        assert!(b.record_success(1));
+        let up = b.back_at();
+        assert!(up > joined, "marked up");
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        b.admin_drain();
+        assert_eq!(b.back_at(), up);
+        b.admin_enable();
+        let enabled = b.back_at();
+        assert!(enabled > up, "enabled");
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        b.set_draining(false);
+        assert_eq!(b.back_at(), enabled, "not draining before: nothing changed");
+        b.set_draining(true);
+        b.set_draining(false);
+        assert!(b.back_at() > enabled, "discovery's drain lifted");
     }
 
     #[test]
