@@ -47,5 +47,35 @@ fn choose(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, choose);
+/// The rebalancer's survey of one tick: 100,000 connections routed by a key, each scored
+/// against every broker of its pool, a third of them away from home.
+fn survey(c: &mut Criterion) {
+    use harbormaster::control::rebalance;
+    use harbormaster::proxy::balance::key_hash;
+    use harbormaster::proxy::registry::Registry;
+
+    let mut g = c.benchmark_group("rebalance_survey");
+    g.sample_size(10);
+    for n in [3usize, 10] {
+        let p = Arc::new(pool(n));
+        let conns = Arc::new(Registry::new(Default::default()));
+        let regs: Vec<_> = (0..100_000)
+            .map(|i| {
+                let reg = conns.register();
+                let h = key_hash(format!("vehicle-{i:08}").as_bytes());
+                let on = if i % 3 == 0 { &p.backends[i % n] } else { p.home(h).unwrap() };
+                reg.set_backend(&on.state, Some(h));
+                reg
+            })
+            .collect();
+        let pools = vec![p.clone()];
+        g.bench_function(BenchmarkId::new("100k_connections", n), |b| {
+            b.iter(|| rebalance::survey(&pools, &conns.routed_by_key())[0].away.len())
+        });
+        drop(regs);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, choose, survey);
 criterion_main!(benches);

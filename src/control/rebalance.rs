@@ -12,7 +12,8 @@
 //! least-connections have no home and are never counted or moved. Moves are paced: oldest
 //! first, at most the pool's rate per second, at most [`MAX_SHARE_PERCENT`] of any one
 //! broker's connections per second, and never toward a broker that came back less than its
-//! settle time ago ([`settle_time`]), so a flapping broker does not pull clients to and fro.
+//! settle time ago ([`settle_time`]), so a flapping broker does not pull clients to and fro,
+//! nor toward one whose last dial or probe failed.
 //!
 //! Cost: each tick copies the handles of connections routed by a key out of the registry (a
 //! shard lock at a time) and scores every such connection against every broker of its pool —
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::drain;
 use crate::admin::metrics::Metrics;
-use crate::proxy::balance::{Pool, Rebalance};
+use crate::proxy::balance::{Backend, Pool, Rebalance};
 use crate::proxy::broker::BrokerState;
 use crate::proxy::registry::{CloseCause, ConnHandle, Registry};
 use crate::proxy::snapshot::Snapshot;
@@ -75,21 +76,25 @@ pub struct PoolSurvey {
     pub away: Vec<Away>,
 }
 
-/// Sorts the connections routed by a key (`handles`, oldest first) by pool and finds those away
-/// from home. A connection whose broker is no longer in its pool is left out: what happens to
-/// it is `on_backend_removed`'s business.
-pub fn survey(snapshot: &Snapshot, handles: &[Arc<ConnHandle>]) -> Vec<PoolSurvey> {
+/// Sorts the connections routed by a key (`handles`, oldest first) by pool (of `pools`, a
+/// snapshot's) and finds those away from home. A connection whose broker is no longer in its
+/// pool is left out: what happens to it is `on_backend_removed`'s business.
+pub fn survey(pools: &[Arc<Pool>], handles: &[Arc<ConnHandle>]) -> Vec<PoolSurvey> {
     let now = Instant::now();
     let mut where_is: HashMap<*const BrokerState, (usize, usize)> = HashMap::new();
-    let mut out = Vec::with_capacity(snapshot.pools.len());
+    let mut out = Vec::with_capacity(pools.len());
     // Per pool: the settled flag of each broker, read once.
-    let mut settled: Vec<Vec<bool>> = Vec::with_capacity(snapshot.pools.len());
-    for (pi, pool) in snapshot.pools.iter().enumerate() {
+    let mut settled: Vec<Vec<bool>> = Vec::with_capacity(pools.len());
+    for (pi, pool) in pools.iter().enumerate() {
         let settle = settle_time(pool);
         for (bi, b) in pool.backends.iter().enumerate() {
             where_is.insert(Arc::as_ptr(&b.state), (pi, bi));
         }
-        settled.push(pool.backends.iter().map(|b| now.duration_since(b.back_at()) >= settle).collect());
+        // A broker whose last dial or probe failed is no target either: without health checks
+        // a dead broker is never marked down, and its clients would be sent back to fail over
+        // again and again.
+        let ready = |b: &Backend| b.failure_streak() == 0 && now.duration_since(b.back_at()) >= settle;
+        settled.push(pool.backends.iter().map(|b| ready(b)).collect());
         out.push(PoolSurvey { pool: pool.clone(), away: Vec::new() });
     }
     for h in handles {
@@ -99,7 +104,7 @@ pub fn survey(snapshot: &Snapshot, handles: &[Arc<ConnHandle>]) -> Vec<PoolSurve
         }
         let (Some(state), Some(key)) = (h.backend(), h.key_hash()) else { continue };
         let Some(&(pi, from)) = where_is.get(&Arc::as_ptr(state)) else { continue };
-        let pool = &snapshot.pools[pi];
+        let pool = &pools[pi];
         let Some(home) = pool.home(key) else { continue };
         if Arc::ptr_eq(&home.state, state) {
             continue;
@@ -187,7 +192,7 @@ impl Rebalancer {
                 _ = tick.tick() => {}
             }
             let snap = self.current.load_full();
-            let surveys = survey(&snap, &self.conns.routed_by_key());
+            let surveys = survey(&snap.pools, &self.conns.routed_by_key());
             let names: HashSet<String> = surveys.iter().map(|s| s.pool.name.clone()).collect();
             for gone in gauged.difference(&names) {
                 self.metrics.forget_away_from_home(gone);
@@ -240,7 +245,7 @@ impl Rebalancer {
         let snap = self.current.load_full();
         let p = snap.pool(pool)?.clone();
         let rate = if p.rebalance == Rebalance::Home { p.rebalance_rate } else { p.close_rate };
-        let s = survey(&snap, &self.conns.routed_by_key()).into_iter().find(|s| Arc::ptr_eq(&s.pool, &p))?;
+        let s = survey(&snap.pools, &self.conns.routed_by_key()).into_iter().find(|s| Arc::ptr_eq(&s.pool, &p))?;
         let ids: HashSet<u64> = s.away.iter().filter(|a| a.settled).map(|a| a.handle.id()).collect();
         let moving = ids.len();
         let mut start = RoundStart { away: s.away.len(), moving, rate, already_running: false };
@@ -272,7 +277,7 @@ impl Rebalancer {
             let Some(p) = snap.pool(pool).cloned() else { break };
             let handles: Vec<Arc<ConnHandle>> =
                 self.conns.routed_by_key().into_iter().filter(|h| ids.contains(&h.id())).collect();
-            let Some(s) = survey(&snap, &handles).into_iter().find(|s| Arc::ptr_eq(&s.pool, &p)) else { break };
+            let Some(s) = survey(&snap.pools, &handles).into_iter().find(|s| Arc::ptr_eq(&s.pool, &p)) else { break };
             let picked = select(&s.away, rate as usize, |i| active(&p, i));
             if picked.is_empty() {
                 break;
@@ -402,13 +407,13 @@ backends = ["127.0.0.1:4"]
 
         // a down: its clients are home on their second choice for now.
         a.healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-        let s = survey(&snap, &conns.routed_by_key());
+        let s = survey(&snap.pools, &conns.routed_by_key());
         assert_eq!(s.iter().map(|s| (s.pool.name.as_str(), s.away.len())).collect::<Vec<_>>(), [("p", 2), ("q", 0)]);
         assert!(s[0].away.iter().all(|x| x.from == 0), "a's own two, now routed elsewhere");
 
         // a back: the three on b are away, not settled until a has been back a while.
         assert!(a.record_success(1));
-        let s = survey(&snap, &conns.routed_by_key());
+        let s = survey(&snap.pools, &conns.routed_by_key());
         assert_eq!(s[0].away.len(), 3);
         assert!(s[0].away.iter().all(|x| x.from == 1 && !x.settled));
         let current = Arc::new(ArcSwap::from(snap.clone()));
@@ -418,6 +423,10 @@ backends = ["127.0.0.1:4"]
         assert_eq!(rb.start_round("nope"), None);
 
         tokio::time::advance(MIN_SETTLE).await;
+        // A failed dial since: not a target until it answers again.
+        a.record_dial(false, None);
+        assert_eq!(rb.start_round("p").unwrap().moving, 0);
+        a.record_dial(true, None);
         let start = rb.start_round("p").unwrap();
         assert_eq!((start.away, start.moving), (3, 3));
         assert!(rb.start_round("p").unwrap().already_running);

@@ -164,8 +164,9 @@ impl BrokerState {
 
     /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
     /// has active checks (`fall` is `Some`): only they can bring a broker back, so without
-    /// them a dial failure never marks one down. A success resets the failure streak but does
-    /// not count toward `rise`. Returns true when this dial marked the broker down.
+    /// them a dial failure never marks one down, it only lengthens the failure streak (which
+    /// keeps rebalancing from sending clients to it). A success resets the failure streak but
+    /// does not count toward `rise`. Returns true when this dial marked the broker down.
     pub fn record_dial(&self, ok: bool, fall: Option<u32>) -> bool {
         if ok {
             // Read first: on the hot path the streak is 0 and the cache line stays shared.
@@ -174,7 +175,13 @@ impl BrokerState {
             }
             return false;
         }
-        fall.is_some_and(|fall| self.record_failure(fall))
+        match fall {
+            Some(fall) => self.record_failure(fall),
+            None => {
+                bump(&self.fails);
+                false
+            }
+        }
     }
 
     /// Consecutive failures since the last success (for logs).
@@ -273,6 +280,9 @@ mod tests {
             assert!(!b.record_dial(false, None));
         }
         assert!(b.is_healthy(), "without active checks nothing could bring it back");
+        assert_eq!(b.failure_streak(), 100, "but the streak is kept");
+        assert!(!b.record_dial(true, None));
+        assert_eq!(b.failure_streak(), 0);
         let b = BrokerState::default();
         assert!(!b.record_dial(false, Some(2)));
         assert!(!b.record_dial(true, Some(2)), "a dial success resets the streak");
