@@ -202,9 +202,20 @@ fn with_rebalance_off_clients_stay_away_until_an_operator_rebalances() {
     take_down(&admin, &mut m1, "m1", &names, 60);
     // While m1 is down its clients are home on their second choice.
     assert!(wait_until(WAIT, || away(&metrics_text(&admin)) == 0.0), "{}", metrics_text(&admin));
+    // And an MQTT 5 device of m1's connects meanwhile, to its second choice.
+    let v5_id = (0..)
+        .map(|i| format!("stay-v5-{i}"))
+        .find(|id| {
+            let (_, body) = http_get(&admin, &format!("/route?client_id={id}"));
+            serde_json::from_str::<Value>(&body).unwrap()["preference"][0] == "m1"
+        })
+        .unwrap();
+    let (mut v5, ack) = mqtt_connect(port, MqttVersion::V5, &v5_id);
+    assert!(mqtt::connack_accepted(&ack));
+    let away_after = on_m1 + 1;
     bring_back(&admin, &mut m1, "m1");
     // Back and healthy: m1's clients count as away, and stay so.
-    assert!(wait_until(WAIT, || away(&metrics_text(&admin)) == on_m1 as f64), "{}", metrics_text(&admin));
+    assert!(wait_until(WAIT, || away(&metrics_text(&admin)) == away_after as f64), "{}", metrics_text(&admin));
     assert_eq!(relayed(&metrics_text(&admin), &names)["m1"], 0, "nothing moved by itself");
 
     // The endpoint's refusals; then one round, once m1 has settled (moving > 0).
@@ -219,11 +230,17 @@ fn with_rebalance_off_clients_stay_away_until_an_operator_rebalances() {
         answer["moving"].as_u64() > Some(0)
     }));
     assert_eq!(answer["pool"], "brokers");
-    assert_eq!(answer["away_from_home"].as_u64(), Some(on_m1 as u64), "{answer}");
-    assert_eq!(answer["moving"].as_u64(), Some(on_m1 as u64), "{answer}");
+    assert_eq!(answer["away_from_home"].as_u64(), Some(away_after as u64), "{answer}");
+    assert_eq!(answer["moving"].as_u64(), Some(away_after as u64), "{answer}");
     assert_eq!(answer["rate"], 100, "rebalance = \"off\": close_rate");
+    // The MQTT 5 device is told to use another server (it does not reconnect here).
+    let (bytes, closed) = mqtt::read_until_close(&mut v5, WAIT);
+    assert!(closed, "closed");
+    assert_eq!(bytes, [0xE0, 0x02, 0x9C, 0x00], "DISCONNECT 0x9C");
     assert_all_home(&admin, &names, &expected);
-    assert_eq!(metric_sum(&admin, "harbormaster_rebalanced_total", &[("pool", "brokers")]), on_m1 as f64);
+    assert_eq!(metric_sum(&admin, "harbormaster_rebalanced_total", &[("pool", "brokers")]), away_after as f64);
+    let line = hm.wait_connection_log("client_id", &v5_id).expect("the MQTT 5 device's line");
+    assert_eq!((line["close_reason"].as_str(), line["disconnect_sent"].as_str()), ("rebalanced", "0x9C"));
     let line = hm.wait_connection_log("close_reason", "rebalanced").expect("a move logged");
     assert_eq!(line["listener"], "mqtt");
     drop(fleet);
