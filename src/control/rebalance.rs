@@ -168,11 +168,13 @@ pub struct Rebalancer {
     /// Pools with a round from the admin server in progress: the periodic step leaves them to
     /// it, so the two never add up to twice the rate.
     rounds: Mutex<HashSet<String>>,
+    /// Cancelled when the periodic task stops (the process drains): rounds stop too.
+    halt: CancellationToken,
 }
 
 impl Rebalancer {
     pub fn new(current: Arc<ArcSwap<Snapshot>>, conns: Arc<Registry>, metrics: Arc<Metrics>) -> Rebalancer {
-        Rebalancer { current, conns, metrics, rounds: Mutex::new(HashSet::new()) }
+        Rebalancer { current, conns, metrics, rounds: Mutex::new(HashSet::new()), halt: CancellationToken::new() }
     }
 
     fn rounds(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -180,8 +182,10 @@ impl Rebalancer {
     }
 
     /// Every [`TICK`] until `stop`: recomputes the away gauge of every pool and, in pools with
-    /// `rebalance = "home"`, moves one tick's worth of connections home.
+    /// `rebalance = "home"`, moves one tick's worth of connections home. Rounds asked for
+    /// through the admin server end with it.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let _halt_rounds = self.halt.clone().drop_guard();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut gauged: HashSet<String> = HashSet::new();
@@ -271,7 +275,7 @@ impl Rebalancer {
     /// none is left or a tick finds nothing to move. Returns how many it closed.
     async fn round(&self, pool: &str, mut ids: HashSet<u64>, rate: u32) -> usize {
         let mut moved = 0;
-        while !ids.is_empty() {
+        while !ids.is_empty() && !self.halt.is_cancelled() {
             let started = Instant::now();
             let snap = self.current.load_full();
             let Some(p) = snap.pool(pool).cloned() else { break };
@@ -286,7 +290,10 @@ impl Rebalancer {
                 ids.remove(&h.id());
             }
             moved += self.step(&p, picked, rate, s.away.len()).await;
-            tokio::time::sleep_until(started + TICK).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + TICK) => {}
+                _ = self.halt.cancelled() => break,
+            }
         }
         moved
     }
