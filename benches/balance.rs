@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol};
+use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill, Pool, ProxyProtocol, Rebalance};
 
 fn pool(n: usize) -> Pool {
     Pool {
@@ -26,6 +26,8 @@ fn pool(n: usize) -> Pool {
         backend_attempts: 3,
         planned_close_will: PlannedCloseWill::Keep,
         close_rate: 100,
+        rebalance: Rebalance::Off,
+        rebalance_rate: 20,
         health: None,
         hold: None,
     }
@@ -46,5 +48,35 @@ fn choose(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, choose);
+/// The rebalancer's survey of one tick: 100,000 connections routed by a key, each scored
+/// against every broker of its pool, a third of them away from home.
+fn survey(c: &mut Criterion) {
+    use harbormaster::control::rebalance;
+    use harbormaster::proxy::balance::key_hash;
+    use harbormaster::proxy::registry::Registry;
+
+    let mut g = c.benchmark_group("rebalance_survey");
+    g.sample_size(10);
+    for n in [3usize, 10] {
+        let p = Arc::new(pool(n));
+        let conns = Arc::new(Registry::new(Default::default()));
+        let regs: Vec<_> = (0..100_000)
+            .map(|i| {
+                let reg = conns.register();
+                let h = key_hash(format!("vehicle-{i:08}").as_bytes());
+                let on = if i % 3 == 0 { &p.backends[i % n] } else { p.home(h).unwrap() };
+                reg.set_backend(&on.state, Some(h));
+                reg
+            })
+            .collect();
+        let pools = vec![p.clone()];
+        g.bench_function(BenchmarkId::new("100k_connections", n), |b| {
+            b.iter(|| rebalance::survey(&pools, &conns.routed_by_key())[0].away.len())
+        });
+        drop(regs);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, choose, survey);
 criterion_main!(benches);

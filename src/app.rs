@@ -15,6 +15,7 @@ use crate::admin::http::{self as admin_http, AdminState};
 use crate::admin::metrics::Metrics;
 use crate::admin::ready::Readiness;
 use crate::control::config::Loaded;
+use crate::control::rebalance::Rebalancer;
 use crate::control::reload::{self, Reloader};
 use crate::control::{drain, health, memory};
 use crate::proxy::connection::Shared;
@@ -74,12 +75,14 @@ pub async fn run_with(
     // The admin server comes up before the listeners: probes see "starting", not nothing.
     let admin_stop = CancellationToken::new();
     let _stop_admin_on_error = admin_stop.clone().drop_guard();
+    let rebalancer = Arc::new(Rebalancer::new(current.clone(), shared.conns.clone(), metrics.clone()));
     let admin_state = Arc::new(AdminState {
         current: current.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         tokens: crate::admin::auth::Tokens::new(loaded.admin.token_file.clone()),
         conns: shared.conns.clone(),
+        rebalancer: rebalancer.clone(),
     });
     let admin = admin_http::start(&loaded.admin, admin_state, admin_stop.clone()).await?;
 
@@ -107,6 +110,9 @@ pub async fn run_with(
     let stop_memory = CancellationToken::new();
     let _stop_memory = stop_memory.clone().drop_guard();
     tokio::spawn(memory::run(shared.clone(), stop_memory));
+    let stop_rebalance = CancellationToken::new();
+    let _stop_rebalance = stop_rebalance.clone().drop_guard();
+    tokio::spawn(rebalancer.run(stop_rebalance.clone()));
 
     shutdown.await;
     // Not ready from this moment on, so load balancers stop sending new clients.
@@ -114,6 +120,8 @@ pub async fn run_with(
     metrics.draining.set(1);
     // The drain runs on the configuration as it is now: no more reloads or discovery.
     stop_reload.cancel();
+    // Nothing is moved home while the process drains: every connection is leaving.
+    stop_rebalance.cancel();
     let stopped = reloading.await;
     let limits = stopped.as_ref().map_or(initial_process, |s| s.process);
     if !limits.drain_delay.is_zero() {

@@ -1,11 +1,11 @@
 //! The admin HTTP server: hyper 1, HTTP/1.1, on its own listener (`[admin] bind`). A plain
 //! match on the path: `/healthz`, `/readyz`, `/metrics`, `/backends`, `/route`, the status
-//! page `/` and its `/status.json` ([`super::status`]), and the
-//! mutating `POST /backends/{pool}/{broker}/drain|enable`, which need a bearer token of
-//! `[admin] token_file` ([`super::auth`]). It reads the snapshot the data plane runs on, the
-//! readiness latch and the metrics registry; it writes only a broker's admin state, and the
-//! closes of a drain go through the control plane's paced closer. Nothing it serves carries
-//! secrets.
+//! page `/` and its `/status.json` ([`super::status`]), and the mutating
+//! `POST /backends/{pool}/{broker}/drain|enable` and `POST /pools/{pool}/rebalance`, which need
+//! a bearer token of `[admin] token_file` ([`super::auth`]). It reads the snapshot the data
+//! plane runs on, the readiness latch and the metrics registry; it writes only a broker's admin
+//! state, and the closes of a drain or a rebalance go through the control plane's paced
+//! closers. Nothing it serves carries secrets.
 //!
 //! Probes must be answered whatever else connects. A connection has [`HEADER_READ_TIMEOUT`]
 //! to send a complete request head (from connect, and again after each response on a kept-alive
@@ -52,6 +52,7 @@ use super::route::{self, RouteError};
 use super::status;
 use crate::control::config::AdminSettings;
 use crate::control::drain;
+use crate::control::rebalance::Rebalancer;
 use crate::proxy::registry::Registry;
 use crate::proxy::snapshot::Snapshot;
 
@@ -67,7 +68,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// logged at debug and counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// What unknown paths list.
-const ENDPOINTS: [&str; 9] = [
+const ENDPOINTS: [&str; 10] = [
     "/ (status page)",
     "/status.json",
     "/healthz",
@@ -77,6 +78,7 @@ const ENDPOINTS: [&str; 9] = [
     "/route?client_id=ID[&pool=NAME]",
     "POST /backends/POOL/BROKER/drain",
     "POST /backends/POOL/BROKER/enable",
+    "POST /pools/POOL/rebalance",
 ];
 
 /// The admin server's connection limits; [`Limits::default`] is what `harbormaster run` uses.
@@ -98,13 +100,15 @@ impl Default for Limits {
 }
 
 /// What the admin server reads: the data plane's current snapshot, readiness and metrics;
-/// and what its mutating endpoints need: the tokens, and the live connections a drain moves.
+/// and what its mutating endpoints need: the tokens, the live connections a drain moves, and
+/// the rebalancer that runs a rebalance round.
 pub struct AdminState {
     pub current: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub tokens: Tokens,
     pub conns: Arc<Registry>,
+    pub rebalancer: Arc<Rebalancer>,
 }
 
 /// Binds the admin listener and spawns the server, which runs until `stop` is cancelled.
@@ -404,13 +408,21 @@ impl Warn {
 
 /// The router: one response per request, from the request line alone (bodies are ignored).
 pub fn respond<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
-    if let Some(target) = mutation(req.uri().path()) {
+    let path = req.uri().path();
+    let target = mutation(path).map(Target::Broker).or_else(|| rebalance_path(path).map(Target::Rebalance));
+    if let Some(target) = target {
         if req.method() != Method::POST {
             let mut r = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "only POST is served here" }));
             r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
             return r;
         }
-        return mutate(state, req, target);
+        if let Some(refused) = unauthorized(state, req) {
+            return refused;
+        }
+        return match target {
+            Target::Broker(target) => mutate(state, target),
+            Target::Rebalance(pool) => rebalance(state, pool),
+        };
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": "only GET and HEAD are served" }));
@@ -502,36 +514,72 @@ fn mutation(path: &str) -> Option<(&str, &str, Action)> {
     Some((pool, broker, action))
 }
 
-/// A drain or an enable, once the token is checked; 404 for an unknown pool or broker.
-fn mutate<B>(
-    state: &AdminState,
-    req: &Request<B>,
-    (pool, broker, action): (&str, &str, Action),
-) -> Response<Full<Bytes>> {
+/// A mutating request: one broker's drain or enable, or a pool's rebalance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target<'a> {
+    Broker((&'a str, &'a str, Action)),
+    Rebalance(&'a str),
+}
+
+/// The pool of `/pools/{pool}/rebalance`.
+fn rebalance_path(path: &str) -> Option<&str> {
+    let pool = path.strip_prefix("/pools/")?.strip_suffix("/rebalance")?;
+    (!pool.is_empty() && !pool.contains('/')).then_some(pool)
+}
+
+/// The bearer token check of every mutating request: the refusal to send, if any (403
+/// without a token file, 401 without a valid token, 503 when the file cannot be read).
+fn unauthorized<B>(state: &AdminState, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
     match state.tokens.check(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)) {
-        Verdict::Allowed => {}
-        Verdict::NoTokenFile => {
-            return json_response(
-                StatusCode::FORBIDDEN,
-                &json!({ "error": "mutating endpoints are off: set [admin] token_file to a file of bearer tokens, one a line, and restart" }),
-            )
-        }
+        Verdict::Allowed => None,
+        Verdict::NoTokenFile => Some(json_response(
+            StatusCode::FORBIDDEN,
+            &json!({ "error": "mutating endpoints are off: set [admin] token_file to a file of bearer tokens, one a line, and restart" }),
+        )),
         Verdict::Unauthorized => {
             let mut r = json_response(
                 StatusCode::UNAUTHORIZED,
                 &json!({ "error": "a token of [admin] token_file is required: Authorization: Bearer <token>" }),
             );
             r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            Some(r)
         }
         Verdict::Unreadable(reason) => {
             tracing::warn!(error = %reason, "admin token file unreadable: mutating request refused");
-            return json_response(
+            Some(json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({ "error": format!("the token file cannot be read: {reason}") }),
-            );
+            ))
         }
     }
+}
+
+/// One rebalance round of `pool` now, whatever its `rebalance` (the token is checked): its
+/// connections away from home are moved back, paced ([`Rebalancer::start_round`]). 404 for
+/// an unknown pool.
+fn rebalance(state: &AdminState, pool: &str) -> Response<Full<Bytes>> {
+    let Some(round) = state.rebalancer.start_round(pool) else {
+        return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no pool {pool:?}") }));
+    };
+    tracing::info!(
+        target: "harbormaster::admin",
+        pool, away_from_home = round.away, moving = round.moving, rate = round.rate,
+        already_running = round.already_running, "rebalance requested"
+    );
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "pool": pool,
+            "away_from_home": round.away,
+            "moving": if round.already_running { 0 } else { round.moving },
+            "rate": round.rate,
+            "already_running": round.already_running,
+        }),
+    )
+}
+
+/// A drain or an enable, once the token is checked; 404 for an unknown pool or broker.
+fn mutate(state: &AdminState, (pool, broker, action): (&str, &str, Action)) -> Response<Full<Bytes>> {
     let snap = state.current.load();
     let Some(p) = snap.pool(pool) else {
         return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no pool {pool:?}") }));
@@ -702,12 +750,16 @@ backends = ["127.0.0.1:4"]
 
     fn state() -> AdminState {
         let loaded = load_str(CONFIG, Path::new(".")).unwrap();
+        let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
+        let metrics = Arc::new(Metrics::new());
+        let conns = Arc::new(Registry::new(CancellationToken::new()));
         AdminState {
-            current: Arc::new(ArcSwap::from_pointee(loaded.snapshot)),
-            metrics: Arc::new(Metrics::new()),
+            rebalancer: Arc::new(Rebalancer::new(current.clone(), conns.clone(), metrics.clone())),
+            current,
+            metrics,
             readiness: Arc::new(Readiness::new()),
             tokens: Tokens::new(None),
-            conns: Arc::new(Registry::new(CancellationToken::new())),
+            conns,
         }
     }
 
@@ -796,6 +848,38 @@ backends = ["127.0.0.1:4"]
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["admin_state"], "enabled");
         assert!(broker.in_rotation());
+    }
+
+    #[test]
+    fn rebalance_needs_a_token_and_a_known_pool() {
+        assert_eq!(rebalance_path("/pools/p/rebalance"), Some("p"));
+        for path in
+            ["/pools//rebalance", "/pools/p/q/rebalance", "/pools/p", "/pools/p/rebalance/x", "/pool/p/rebalance"]
+        {
+            assert_eq!(rebalance_path(path), None, "{path}");
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _in_runtime = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "t0k3n\n").unwrap();
+        let path = "/pools/brokers/rebalance";
+
+        let s = state();
+        assert_eq!(post(&s, path, Some("Bearer t0k3n")).0, StatusCode::FORBIDDEN, "no token file");
+        let (status, _, _) = call(&s, Method::GET, path);
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+        let s = AdminState { tokens: Tokens::new(Some(file)), ..state() };
+        let (status, _, challenge) = post(&s, path, Some("Bearer nope"));
+        assert_eq!((status, challenge.as_deref()), (StatusCode::UNAUTHORIZED, Some("Bearer")));
+        assert_eq!(post(&s, "/pools/nope/rebalance", Some("Bearer t0k3n")).0, StatusCode::NOT_FOUND);
+        let (status, body, _) = post(&s, path, Some("Bearer t0k3n"));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            json!({ "pool": "brokers", "away_from_home": 0, "moving": 0, "rate": 100, "already_running": false })
+        );
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct Metrics {
     pub broker_healthy: IntGaugeVec,
     /// Broker health transitions, by pool, broker and new state ("up"/"down").
     pub health_transitions: IntCounterVec,
+    /// Connections relayed by a routing key whose broker is not the one their key would be
+    /// routed to now, by pool; recomputed every second by the control plane's rebalancer.
+    pub away_from_home: IntGaugeVec,
+    /// Connections closed to move them back to their first choice, by pool.
+    pub rebalanced: IntCounterVec,
 
     /// Bytes relayed, by listener and direction ("client_to_broker", "broker_to_client").
     pub bytes: IntCounterVec,
@@ -298,6 +303,18 @@ impl Metrics {
                 "broker_health_transitions_total",
                 "Brokers marked up or down by health checking",
                 &["pool", "broker", "state"],
+            ),
+            away_from_home: gauge_vec(
+                &r,
+                "connections_away_from_home",
+                "Relayed connections whose broker is not the first choice their routing key would get now",
+                &["pool"],
+            ),
+            rebalanced: counter_vec(
+                &r,
+                "rebalanced_total",
+                "Connections closed to move them back to their first choice",
+                &["pool"],
             ),
             bytes: counter_vec(&r, "relayed_bytes_total", "Bytes relayed", &["listener", "direction"]),
             proxy_headers: counter_vec(
@@ -577,6 +594,21 @@ impl Metrics {
         self.broker_healthy.with_label_values(&[pool, broker]).set(i64::from(healthy));
     }
 
+    /// `n` connections of `pool` are away from their first choice now.
+    pub fn set_away_from_home(&self, pool: &str, n: usize) {
+        self.away_from_home.with_label_values(&[pool]).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `pool` is no longer configured: its away gauge goes.
+    pub fn forget_away_from_home(&self, pool: &str) {
+        let _ = self.away_from_home.remove_label_values(&[pool]);
+    }
+
+    /// `n` connections of `pool` were closed to move them back home.
+    pub fn rebalanced(&self, pool: &str, n: usize) {
+        self.rebalanced.with_label_values(&[pool]).inc_by(n as u64);
+    }
+
     /// Discovery applied a membership update to `pool`.
     pub fn discovery_updated(&self, pool: &str) {
         self.discovery_updates.with_label_values(&[pool]).inc();
@@ -639,6 +671,8 @@ mod tests {
         m.broker_active.with_label_values(&["brokers", "b0"]).set(1);
         m.broker_healthy.with_label_values(&["brokers", "b0"]).set(1);
         m.health_transitions.with_label_values(&["brokers", "b0", "down"]).inc();
+        m.away_from_home.with_label_values(&["brokers"]).set(0);
+        m.rebalanced.with_label_values(&["brokers"]).inc();
         m.bytes.with_label_values(&["mqtt", "client_to_broker"]).inc_by(10);
         m.proxy_headers.with_label_values(&["brokers", "v2"]).inc();
         m.tlv_dropped.with_label_values(&["brokers", "client_id"]).inc();

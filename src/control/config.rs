@@ -16,6 +16,7 @@ use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{
     Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Hold, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
+    Rebalance,
 };
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
@@ -285,6 +286,14 @@ pub struct RawPool {
     /// With `on_backend_restart = "hold"`: connections held at once in the pool.
     #[serde(default = "default_hold_max")]
     pub hold_max: usize,
+    /// Whether connections away from their first choice are moved back to it once it is in
+    /// rotation again: `"off"` (default) or `"home"`.
+    #[serde(default)]
+    pub rebalance: RawRebalance,
+    /// Connections per second moved back home (`rebalance = "home"`, and the admin server's
+    /// rebalance of a pool with `rebalance = "home"`).
+    #[serde(default = "default_rebalance_rate")]
+    pub rebalance_rate: u32,
 }
 
 /// `on_backend_restart`: `"failover"` (default) or `"hold"`.
@@ -302,6 +311,19 @@ fn default_hold_timeout() -> Duration {
 
 fn default_hold_max() -> usize {
     10_000
+}
+
+/// `rebalance`: `"off"` (default) or `"home"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawRebalance {
+    #[default]
+    Off,
+    Home,
+}
+
+fn default_rebalance_rate() -> u32 {
+    20
 }
 
 /// `planned_close_will`: `"keep"` (default) or `"suppress"`.
@@ -938,6 +960,9 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         if p.close_rate == 0 {
             c.add(format!("pool.{name}.close_rate"), "must be at least 1 (connections per second)");
         }
+        if p.rebalance_rate == 0 {
+            c.add(format!("pool.{name}.rebalance_rate"), "must be at least 1 (connections per second)");
+        }
     }
     // 268,435,455 is the largest remaining length MQTT can express.
     if !(16..=268_435_460).contains(&lim.max_connect_packet) {
@@ -1149,6 +1174,11 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             RawOnRestart::Failover => None,
             RawOnRestart::Hold => Some(Hold { timeout: p.hold_timeout, max: p.hold_max }),
         },
+        rebalance: match p.rebalance {
+            RawRebalance::Off => Rebalance::Off,
+            RawRebalance::Home => Rebalance::Home,
+        },
+        rebalance_rate: p.rebalance_rate,
         planned_close_will: match p.planned_close_will {
             RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
             RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
@@ -1280,6 +1310,19 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert_eq!(loaded.process.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.listeners[0].refusal, RefusalStyle::Connack);
         assert_eq!(p.planned_close_will, PlannedCloseWill::Keep);
+        assert_eq!((p.rebalance, p.rebalance_rate), (Rebalance::Off, 20));
+    }
+
+    #[test]
+    fn rebalance_is_off_or_home_at_a_rate_of_at_least_one() {
+        let text = format!("{MINIMAL}rebalance = \"home\"\nrebalance_rate = 5\n");
+        let loaded = load_str(&text, Path::new(".")).unwrap();
+        let p = loaded.snapshot.pool("brokers").unwrap();
+        assert_eq!((p.rebalance, p.rebalance_rate), (Rebalance::Home, 5));
+        let p = problems(&format!("{MINIMAL}rebalance = \"always\"\n"));
+        assert!(p.iter().any(|p| p.contains("rebalance")), "{p:?}");
+        let p = problems(&format!("{MINIMAL}rebalance_rate = 0\n"));
+        assert!(p.iter().any(|p| p.contains("pool.brokers.rebalance_rate")), "{p:?}");
     }
 
     #[test]

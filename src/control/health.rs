@@ -322,6 +322,8 @@ mod tests {
             backend_attempts: 3,
             planned_close_will: crate::proxy::balance::PlannedCloseWill::Keep,
             close_rate: 100,
+            rebalance: crate::proxy::balance::Rebalance::Off,
+            rebalance_rate: 20,
             health,
             hold: None,
         }

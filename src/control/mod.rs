@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod drain;
 pub mod health;
 pub mod memory;
+pub mod rebalance;
 pub mod reload;
 pub mod tickets;
 pub mod tls;

@@ -144,6 +144,19 @@ pub struct Pool {
     /// `on_backend_restart = "hold"`: new connections whose first choice is restarting wait for
     /// it; `None`: they fail over at once (`"failover"`).
     pub hold: Option<Hold>,
+    /// Whether connections away from their first choice are moved back to it (`rebalance`).
+    pub rebalance: Rebalance,
+    /// Connections per second moved back to their first choice (`rebalance_rate`).
+    pub rebalance_rate: u32,
+}
+
+/// `rebalance`: leave connections where they are until they reconnect (`"off"`), or move
+/// those away from their first choice back to it (`"home"`) once it is back in rotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rebalance {
+    #[default]
+    Off,
+    Home,
 }
 
 /// How a pool holds new connections for a restarting broker (`on_backend_restart = "hold"`).
@@ -178,7 +191,7 @@ impl Pool {
     /// The first `k` brokers of `key`'s preference order, best first, whatever their health:
     /// what `harbormaster route` prints.
     pub fn preference(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
-        self.top(key, k, |_| true)
+        self.top(key_hash(key), k, |_| true)
     }
 
     /// The brokers to try for `key`: the first `k` healthy, non-draining ones in its preference
@@ -186,16 +199,26 @@ impl Pool {
     /// non-draining ones is tried. Draining brokers (by discovery or drained by an operator) are
     /// never tried: they are going away.
     pub fn candidates(&self, key: &[u8], k: usize) -> Vec<&Arc<Backend>> {
-        let c = self.top(key, k, |b| b.is_healthy() && b.in_rotation());
+        self.candidates_by_hash(key_hash(key), k)
+    }
+
+    /// [`Pool::candidates`] of a key already hashed ([`key_hash`]).
+    pub fn candidates_by_hash(&self, h: u64, k: usize) -> Vec<&Arc<Backend>> {
+        let c = self.top(h, k, |b| b.is_healthy() && b.in_rotation());
         if c.is_empty() {
-            self.top(key, k, |b| b.in_rotation())
+            self.top(h, k, |b| b.in_rotation())
         } else {
             c
         }
     }
 
-    fn top(&self, key: &[u8], k: usize, usable: impl Fn(&Backend) -> bool) -> Vec<&Arc<Backend>> {
-        let h = key_hash(key);
+    /// Where a new connection whose key hashes to `h` would be routed now, if anywhere: the
+    /// first of its candidates. A connection on another broker is away from home.
+    pub fn home(&self, h: u64) -> Option<&Arc<Backend>> {
+        self.candidates_by_hash(h, 1).into_iter().next()
+    }
+
+    fn top(&self, h: u64, k: usize, usable: impl Fn(&Backend) -> bool) -> Vec<&Arc<Backend>> {
         let k = k.min(self.backends.len());
         // Partial selection: keep the k best (score, index) in descending order. k is the
         // attempt count (a handful), so this beats sorting every broker.
@@ -252,6 +275,8 @@ mod tests {
             backend_attempts: 3,
             planned_close_will: PlannedCloseWill::Keep,
             close_rate: 100,
+            rebalance: Rebalance::Off,
+            rebalance_rate: 20,
             health: None,
             hold: None,
         }

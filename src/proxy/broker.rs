@@ -50,6 +50,11 @@ pub struct BrokerState {
     /// Woken whenever it may have come back into use (marked up, no longer draining, enabled):
     /// connections held for it (`on_backend_restart = "hold"`) wait on it instead of polling.
     back: Notify,
+    /// When it last came (back) into use: joined the pool (the state was created), was marked
+    /// up, enabled by an operator or no longer drained by discovery. Connections are moved
+    /// back to a broker only once it has stayed usable a while (`control::rebalance`). Tokio's
+    /// clock, so that tests can move it.
+    back_at: Mutex<tokio::time::Instant>,
 }
 
 /// When a broker went out of use, per cause.
@@ -73,6 +78,7 @@ impl Default for BrokerState {
             last_error: Mutex::new(None),
             away: Mutex::new(Away::default()),
             back: Notify::new(),
+            back_at: Mutex::new(tokio::time::Instant::now()),
         }
     }
 }
@@ -95,7 +101,7 @@ impl BrokerState {
         }
         self.away().draining = draining.then(Instant::now);
         if !draining {
-            self.back.notify_waiters();
+            self.mark_back();
         }
     }
 
@@ -129,6 +135,17 @@ impl BrokerState {
     /// (and enabled) before the state is read, so a change in between is not missed.
     pub fn back(&self) -> tokio::sync::futures::Notified<'_> {
         self.back.notified()
+    }
+
+    /// When the broker last came (back) into use: joined, marked up, enabled, undrained.
+    pub fn back_at(&self) -> tokio::time::Instant {
+        *self.back_at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// It may be back in use: wake the connections held for it, and remember when.
+    fn mark_back(&self) {
+        self.back.notify_waiters();
+        *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = tokio::time::Instant::now();
     }
 
     /// Whether new connections may go to it: neither discovery nor an operator drains it.
@@ -166,7 +183,7 @@ impl BrokerState {
         *admin = AdminState { drained, since: Some(SystemTime::now()) };
         self.drained.store(drained, Ordering::Relaxed);
         if !drained {
-            self.back.notify_waiters();
+            self.mark_back();
         }
         (*admin, true)
     }
@@ -202,15 +219,16 @@ impl BrokerState {
         let up = n >= rise && self.healthy.compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed).is_ok();
         if up {
             self.away().down = None;
-            self.back.notify_waiters();
+            self.mark_back();
         }
         up
     }
 
     /// A dial from the data plane. A failure counts toward the pool's `fall` when the pool
     /// has active checks (`fall` is `Some`): only they can bring a broker back, so without
-    /// them a dial failure never marks one down. A success resets the failure streak but does
-    /// not count toward `rise`. Returns true when this dial marked the broker down.
+    /// them a dial failure never marks one down, it only lengthens the failure streak (which
+    /// keeps rebalancing from sending clients to it). A success resets the failure streak but
+    /// does not count toward `rise`. Returns true when this dial marked the broker down.
     pub fn record_dial(&self, ok: bool, fall: Option<u32>) -> bool {
         if ok {
             // Read first: on the hot path the streak is 0 and the cache line stays shared.
@@ -219,7 +237,13 @@ impl BrokerState {
             }
             return false;
         }
-        fall.is_some_and(|fall| self.record_failure(fall))
+        match fall {
+            Some(fall) => self.record_failure(fall),
+            None => {
+                bump(&self.fails);
+                false
+            }
+        }
     }
 
     /// Consecutive failures since the last success (for logs).
@@ -320,6 +344,9 @@ mod tests {
             assert!(!b.record_dial(false, None));
         }
         assert!(b.is_healthy(), "without active checks nothing could bring it back");
+        assert_eq!(b.failure_streak(), 100, "but the streak is kept");
+        assert!(!b.record_dial(true, None));
+        assert_eq!(b.failure_streak(), 0);
         let b = BrokerState::default();
         assert!(!b.record_dial(false, Some(2)));
         assert!(!b.record_dial(true, Some(2)), "a dial success resets the streak");
@@ -350,6 +377,30 @@ mod tests {
         assert_eq!(b.admin_state().as_str(), "enabled");
         b.set_draining(true);
         assert!(!b.in_rotation(), "discovery's drain still counts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coming_back_into_use_is_timed() {
+        let b = BrokerState::default();
+        let joined = b.back_at();
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        assert!(b.record_failure(1));
+        assert_eq!(b.back_at(), joined, "going down is not coming back");
+        assert!(b.record_success(1));
+        let up = b.back_at();
+        assert!(up > joined, "marked up");
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        b.admin_drain();
+        assert_eq!(b.back_at(), up);
+        b.admin_enable();
+        let enabled = b.back_at();
+        assert!(enabled > up, "enabled");
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        b.set_draining(false);
+        assert_eq!(b.back_at(), enabled, "not draining before: nothing changed");
+        b.set_draining(true);
+        b.set_draining(false);
+        assert!(b.back_at() > enabled, "discovery's drain lifted");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
-use super::balance::{Backend, EmptyKey, HashKey, Hold, PlannedCloseWill, Pool, ProxyProtocol};
+use super::balance::{key_hash, Backend, EmptyKey, HashKey, Hold, PlannedCloseWill, Pool, ProxyProtocol};
 use super::boundary::{Boundary, Disconnect};
 use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
@@ -116,6 +116,8 @@ pub enum CloseReason {
     BrokerRemoved,
     /// Its broker was drained through the admin server: moved away like a removed broker's.
     BrokerDrained,
+    /// Moved back to its first choice, which is in rotation again (rebalancing).
+    Rebalanced,
     /// `limits.max_connections` reached: closed at accept.
     MaxConnections,
     /// The listener's `max_connections` reached: closed at accept.
@@ -152,6 +154,7 @@ impl CloseReason {
             CloseReason::Drained => "drained",
             CloseReason::BrokerRemoved => "broker_removed",
             CloseReason::BrokerDrained => "broker_drained",
+            CloseReason::Rebalanced => "rebalanced",
             CloseReason::MaxConnections => "max_connections",
             CloseReason::ListenerMaxConnections => "listener_max_connections",
             CloseReason::HandshakeQueueFull => "handshake_queue_full",
@@ -172,7 +175,11 @@ impl CloseReason {
     pub fn refused(self) -> bool {
         !matches!(
             self,
-            CloseReason::Relayed(_) | CloseReason::Drained | CloseReason::BrokerRemoved | CloseReason::BrokerDrained
+            CloseReason::Relayed(_)
+                | CloseReason::Drained
+                | CloseReason::BrokerRemoved
+                | CloseReason::BrokerDrained
+                | CloseReason::Rebalanced
         )
     }
 }
@@ -354,6 +361,7 @@ pub async fn handle<H: Send>(
         CloseCause::Drain => CloseReason::Drained,
         CloseCause::BrokerRemoved => CloseReason::BrokerRemoved,
         CloseCause::BrokerDrained => CloseReason::BrokerDrained,
+        CloseCause::Rebalance => CloseReason::Rebalanced,
     };
     // Setting up (PROXY header, TLS handshake, CONNECT, dialing) needs several times the state
     // relaying does; boxed, that state is freed before the connection idles instead of staying
@@ -366,8 +374,8 @@ pub async fn handle<H: Send>(
         cause = conn.closed() => Err(closed(cause)),
     };
     let reason = match setup {
-        Ok(mut est) => {
-            conn.set_backend(&est.backend().state);
+        Ok((mut est, key_hash)) => {
+            conn.set_backend(&est.backend().state, key_hash);
             // Relay until both sides are done, counting bytes as they flow so long-lived
             // connections move the counters.
             let up = m.relayed_bytes(&spec.name, Direction::ClientToBroker);
@@ -516,7 +524,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
     );
 }
 
-/// Sets up one accepted connection: an established connection, or why it ended.
+/// Sets up one accepted connection: an established connection and the hash of the routing key
+/// that chose its broker (if one did), or why it ended.
 async fn setup(
     shared: &Shared,
     snap: &Snapshot,
@@ -524,7 +533,7 @@ async fn setup(
     tcp: TcpStream,
     peer: SocketAddr,
     acct: &mut Accounting<'_>,
-) -> Result<Established, CloseReason> {
+) -> Result<(Established, Option<u64>), CloseReason> {
     let Some(pool) = snap.pool(&spec.pool) else {
         return Err(CloseReason::NoPool);
     };
@@ -546,6 +555,7 @@ async fn setup(
         src: peer,
         dst,
         tls: None,
+        key_hash: None,
         facts: &mut acct.facts,
         up_at: &mut acct.up_at,
     };
@@ -569,6 +579,8 @@ struct Setup<'a> {
     dst: SocketAddr,
     /// The client's TLS identity, from the handshake until the first bytes are assembled.
     tls: Option<TlsInfo>,
+    /// The hash of the routing key, once routed by one.
+    key_hash: Option<u64>,
     facts: &'a mut Facts,
     /// Where the client's stream stands in its MQTT packets after the bytes sent with the
     /// CONNECT, for the relay.
@@ -639,13 +651,14 @@ struct Route<'a> {
 
 impl<'a> Setup<'a> {
     /// The steps in order; a refusal, at whichever step, is carried out by [`Self::refuse`].
-    async fn run(mut self, tcp: TcpStream) -> Result<Established, CloseReason> {
+    /// Also returns the hash of the routing key, if one chose the broker.
+    async fn run(mut self, tcp: TcpStream) -> Result<(Established, Option<u64>), CloseReason> {
         let mut client = match self.open(tcp).await {
             Ok(client) => client,
             Err(refused) => return Err(self.refuse(None, refused).await),
         };
         match self.reach_broker(&mut client).await {
-            Ok((upstream, active)) => Ok(Established { client, upstream, _active: active }),
+            Ok((upstream, active)) => Ok((Established { client, upstream, _active: active }, self.key_hash)),
             Err(refused) => Err(self.refuse(Some(&mut client), refused).await),
         }
     }
@@ -842,8 +855,8 @@ impl<'a> Setup<'a> {
 
     /// The brokers to try, best first: the routing key's rendezvous order, or what
     /// `empty_client_id` says for a client without a key; and, in a pool that holds, the key's
-    /// first choice.
-    fn route(&self, connect: &Connect<'_>) -> Result<Route<'a>, Refused> {
+    /// first choice. Remembers the key's hash: rebalancing finds the connection's home by it.
+    fn route(&mut self, connect: &Connect<'_>) -> Result<Route<'a>, Refused> {
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -862,8 +875,9 @@ impl<'a> Setup<'a> {
             (key, _) => key,
         };
         let home = key.filter(|_| pool.hold.is_some()).and_then(|k| pool.preference(k, 1).first().copied());
-        let candidates = match key {
-            Some(k) => pool.candidates(k, pool.backend_attempts),
+        self.key_hash = key.map(key_hash);
+        let candidates = match self.key_hash {
+            Some(h) => pool.candidates_by_hash(h, pool.backend_attempts),
             None => match pool.empty_key {
                 EmptyKey::Reject => {
                     let refused =

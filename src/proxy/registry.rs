@@ -1,5 +1,6 @@
 //! The registry of live client connections. Each connection registers a small handle at
-//! accept (an id, a cancellation token, later the broker it was routed to), so the control
+//! accept (an id, a cancellation token, later the broker it was routed to and the hash of its
+//! routing key), so the control
 //! plane can close one connection at a time — the paced drain after SIGTERM, the clients of a
 //! broker that left its pool — without ever touching a socket: the connection's own task sees
 //! its token cancelled, ends its relay and logs the cause.
@@ -25,6 +26,8 @@ pub enum CloseCause {
     BrokerRemoved,
     /// Its broker was drained by an operator (`POST /backends/{pool}/{broker}/drain`).
     BrokerDrained,
+    /// Moved back to its first choice (`rebalance = "home"`, `POST /pools/{pool}/rebalance`).
+    Rebalance,
 }
 
 /// What a close on purpose means for the client: the process goes away, or the client is
@@ -42,7 +45,7 @@ impl CloseCause {
     pub fn leaving(self) -> Leaving {
         match self {
             CloseCause::Drain => Leaving::ShuttingDown,
-            CloseCause::BrokerRemoved | CloseCause::BrokerDrained => Leaving::Moved,
+            CloseCause::BrokerRemoved | CloseCause::BrokerDrained | CloseCause::Rebalance => Leaving::Moved,
         }
     }
 }
@@ -56,6 +59,10 @@ pub struct ConnHandle {
     cause: AtomicU8,
     /// The state of the broker (of its pool) the connection is relayed to, once it is.
     backend: OnceLock<Arc<BrokerState>>,
+    /// The hash of its routing key ([`crate::proxy::balance::key_hash`]), for a connection
+    /// routed by one: where it belongs is recomputed from it (rebalancing). Connections
+    /// routed by least-connections have none.
+    key_hash: OnceLock<u64>,
 }
 
 impl ConnHandle {
@@ -70,6 +77,7 @@ impl ConnHandle {
             CloseCause::Drain => 1,
             CloseCause::BrokerRemoved => 2,
             CloseCause::BrokerDrained => 3,
+            CloseCause::Rebalance => 4,
         };
         let _ = self.cause.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
         self.token.cancel();
@@ -82,13 +90,34 @@ impl ConnHandle {
         match self.cause.load(Ordering::Relaxed) {
             2 => CloseCause::BrokerRemoved,
             3 => CloseCause::BrokerDrained,
+            4 => CloseCause::Rebalance,
             _ => CloseCause::Drain,
         }
     }
 
-    /// Records the broker the connection was relayed to (once), by its state.
-    pub fn set_backend(&self, state: &Arc<BrokerState>) {
+    /// Whether the connection has been asked to end (by a cause, or by the hard stop).
+    pub fn is_closing(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Records the broker the connection was relayed to (once), by its state, and the hash of
+    /// the routing key that chose it, if one did.
+    pub fn set_backend(&self, state: &Arc<BrokerState>, key_hash: Option<u64>) {
         let _ = self.backend.set(state.clone());
+        if let Some(h) = key_hash {
+            let _ = self.key_hash.set(h);
+        }
+    }
+
+    /// The broker the connection is relayed to, once it is.
+    pub fn backend(&self) -> Option<&Arc<BrokerState>> {
+        self.backend.get()
+    }
+
+    /// The hash of the routing key that chose its broker; `None` before it was routed and for
+    /// a connection routed without a key.
+    pub fn key_hash(&self) -> Option<u64> {
+        self.key_hash.get().copied()
     }
 
     /// Whether the connection is relayed to the broker whose state is `state`.
@@ -136,6 +165,7 @@ impl Registry {
             token: self.root.child_token(),
             cause: AtomicU8::new(0),
             backend: OnceLock::new(),
+            key_hash: OnceLock::new(),
         });
         self.shard(id).insert(id, handle.clone());
         let len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
@@ -181,6 +211,12 @@ impl Registry {
     /// The live connections relayed to the broker whose state is `state`, oldest first.
     pub fn relayed_to(&self, state: &Arc<BrokerState>) -> Vec<Arc<ConnHandle>> {
         self.select(|h| h.is_relayed_to(state))
+    }
+
+    /// The live connections relayed by a routing key, oldest first: what rebalancing looks
+    /// at. Each shard is locked only while its handles are copied out.
+    pub fn routed_by_key(&self) -> Vec<Arc<ConnHandle>> {
+        self.select(|h| h.key_hash.get().is_some() && h.backend.get().is_some())
     }
 
     fn select(&self, keep: impl Fn(&ConnHandle) -> bool) -> Vec<Arc<ConnHandle>> {
@@ -231,9 +267,13 @@ mod tests {
         assert!(a.id() < b.id() && b.id() < c.id());
 
         let state = Arc::new(BrokerState::default());
-        b.set_backend(&state);
+        b.set_backend(&state, Some(7));
+        c.set_backend(&state, None);
         let to_b: Vec<u64> = r.relayed_to(&state).iter().map(|h| h.id()).collect();
-        assert_eq!(to_b, [b.id()]);
+        assert_eq!(to_b, [b.id(), c.id()]);
+        assert_eq!((b.key_hash(), c.key_hash(), a.key_hash()), (Some(7), None, None));
+        let keyed: Vec<u64> = r.routed_by_key().iter().map(|h| h.id()).collect();
+        assert_eq!(keyed, [b.id()], "routed by a key: only those have a home");
         assert!(r.relayed_to(&Arc::new(BrokerState::default())).is_empty(), "by identity of the state");
 
         b.close(CloseCause::BrokerRemoved);
@@ -241,6 +281,7 @@ mod tests {
         assert_eq!(b.closed().await, CloseCause::BrokerRemoved, "the first cause wins");
         assert_eq!(CloseCause::BrokerRemoved.leaving(), Leaving::Moved);
         assert_eq!(CloseCause::BrokerDrained.leaving(), Leaving::Moved);
+        assert_eq!(CloseCause::Rebalance.leaving(), Leaving::Moved);
         assert_eq!(CloseCause::Drain.leaving(), Leaving::ShuttingDown);
 
         let order: Vec<u64> = r.oldest_first().iter().map(|h| h.id()).collect();

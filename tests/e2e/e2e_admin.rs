@@ -253,13 +253,18 @@ bind = "127.0.0.1:0"
     // Starting: the admin server is up, the listeners are not bound yet.
     {
         use harbormaster::admin::{http, metrics::Metrics, ready::Readiness};
+        use harbormaster::control::rebalance::Rebalancer;
         let loaded = load();
+        let current = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(loaded.snapshot));
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let conns = std::sync::Arc::new(harbormaster::proxy::registry::Registry::new(Default::default()));
         let state = std::sync::Arc::new(http::AdminState {
-            current: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(loaded.snapshot)),
-            metrics: std::sync::Arc::new(Metrics::new()),
+            rebalancer: std::sync::Arc::new(Rebalancer::new(current.clone(), conns.clone(), metrics.clone())),
+            current,
+            metrics,
             readiness: std::sync::Arc::new(Readiness::new()),
             tokens: harbormaster::admin::auth::Tokens::new(None),
-            conns: std::sync::Arc::new(harbormaster::proxy::registry::Registry::new(Default::default())),
+            conns,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let (addr, task) = rt.block_on(http::start(&loaded.admin, state.clone(), stop.clone())).unwrap().unwrap();

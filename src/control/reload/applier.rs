@@ -679,7 +679,7 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         let (mut r, current, conns) = reloader(&text).await;
         let b2 = broker(&current.load(), "b2");
         let conn = conns.register();
-        conn.set_backend(&b2.state);
+        conn.set_backend(&b2.state, None);
         assert!(b2.record_failure(1));
         drop(b2);
         let without = text.replace(", { name = \"b2\", address = \"127.0.0.1:2\" }", "");
@@ -712,9 +712,9 @@ backends = ["127.0.0.1:1", { name = "b2", address = "127.0.0.1:2" }]
         assert_eq!(names, ["pod-0", "pod-1"]);
         let pod1 = broker(&snap, "pod-1");
         let on_pod1 = conns.register();
-        on_pod1.set_backend(&pod1.state);
+        on_pod1.set_backend(&pod1.state, None);
         let on_pod0 = conns.register();
-        on_pod0.set_backend(&broker(&snap, "pod-0").state);
+        on_pod0.set_backend(&broker(&snap, "pod-0").state, None);
 
         // Members for a pool that is not discovered are not applied.
         r.discovered("q", Arc::new(vec![]));
