@@ -18,3 +18,4 @@ pub mod snapshot;
 pub mod stream;
 pub mod tls_stream;
 pub mod turns;
+pub mod websocket;

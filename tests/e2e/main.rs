@@ -33,3 +33,4 @@ mod e2e_reload;
 mod e2e_revocation;
 mod e2e_tickets;
 mod e2e_tls_posture;
+mod e2e_websocket;
