@@ -839,6 +839,15 @@ mod tests {
         assert_eq!(rest, [0x88, 0x02, 0x0f, 0xa0]);
     }
 
+    /// What a WebSocket session holds beyond a raw one while idle: its boxed `WsStream`
+    /// (docs/architecture.md, *Memory of an idle connection*).
+    #[test]
+    fn an_idle_session_holds_only_the_frame_state() {
+        let size = std::mem::size_of::<WsStream<crate::proxy::stream::Client>>();
+        eprintln!("WsStream<Client>: {size} bytes");
+        assert!(size <= 256, "{size}");
+    }
+
     #[tokio::test]
     async fn a_protocol_error_is_answered_with_its_close_frame() {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);

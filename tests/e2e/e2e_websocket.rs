@@ -156,7 +156,7 @@ fn dial(port: u16) -> TcpStream {
 }
 
 /// Reads the HTTP response head (up to the blank line) byte by byte.
-fn read_head(s: &mut TcpStream) -> String {
+fn read_head(s: &mut impl Read) -> String {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -189,7 +189,7 @@ fn frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one server frame: (opcode, payload); None at EOF.
-fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+fn read_frame(s: &mut impl Read) -> Option<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).ok()?;
     assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
@@ -482,4 +482,62 @@ fn bad_websocket_input_is_answered_and_harms_no_live_session() {
     assert_eq!(read_frame(&mut live), Some((0x8, 1000u16.to_be_bytes().to_vec())));
     let line = s.hm.wait_connection_log("client_id", "live-ws").expect("log line");
     assert_eq!(line["close_reason"], "closed", "{line:?}");
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Idle memory per session: N idle raw MQTT sessions over TLS, then N idle WebSocket sessions
+/// over TLS on the same listener, each measured as the growth of harbormaster's VmRSS over
+/// its sessions. An idle WebSocket session holds no buffer, only its frame state: within
+/// 1.1 times a raw one.
+#[test]
+fn an_idle_websocket_session_costs_about_what_a_raw_one_does() {
+    const N: usize = 600;
+    let _heavy = heavy();
+    let s = Setup::start(1, "", "");
+    let port = s.hm.port("wss");
+    let pid = s.hm.pid();
+    let cfg = tls::client_config(&s.certs, false, tls::ClientTlsChoice::Default);
+    let raw_session = |cid: &str| {
+        let mut t = tls::connect_tls(port, "localhost", cfg.clone(), None).unwrap();
+        let ack = mqtt::connect_and_read_connack(&mut t, MqttVersion::V311, cid).unwrap();
+        assert!(mqtt::connack_accepted(&ack));
+        t
+    };
+    let ws_session = |cid: &str| {
+        let mut t = tls::connect_tls(port, "localhost", cfg.clone(), None).unwrap();
+        t.write_all(upgrade_request("/mqtt", "").as_bytes()).unwrap();
+        assert!(read_head(&mut t).starts_with("HTTP/1.1 101 "));
+        t.write_all(&frame(0x2, true, &mqtt::connect(MqttVersion::V311, cid))).unwrap();
+        let (op, ack) = read_frame(&mut t).expect("CONNACK");
+        assert!(op == 0x2 && mqtt::connack_accepted(&ack));
+        t
+    };
+    // Warm-up: the code and buffers of both kinds of session are in memory.
+    for i in 0..20 {
+        drop((raw_session(&format!("warm-raw-{i}")), ws_session(&format!("warm-ws-{i}"))));
+    }
+    let admin = s.hm.admin_addr();
+    let active = || metric_sum(&admin, "harbormaster_connections_active", &[]);
+    assert!(wait_until(WAIT, || active() == 0.0));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let before = vm_rss_kib(pid);
+    let raw: Vec<_> = (0..N).map(|i| raw_session(&format!("idle-raw-{i}"))).collect();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after_raw = vm_rss_kib(pid);
+    let ws: Vec<_> = (0..N).map(|i| ws_session(&format!("idle-ws-{i}"))).collect();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after_ws = vm_rss_kib(pid);
+    let per_raw = (after_raw - before) as f64 * 1024.0 / N as f64;
+    let per_ws = after_ws.saturating_sub(after_raw) as f64 * 1024.0 / N as f64;
+    eprintln!("idle memory per TLS session: raw MQTT {per_raw:.0} B, WebSocket {per_ws:.0} B");
+    assert!(per_ws <= per_raw * 1.1 + 256.0, "WebSocket {per_ws:.0} B vs raw {per_raw:.0} B per idle session");
+    drop((raw, ws));
 }
