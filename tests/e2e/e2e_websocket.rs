@@ -1,7 +1,8 @@
 //! MQTT over WebSocket on the same port as raw MQTT, against real mosquitto brokers: paho-mqtt
 //! (`transport="websockets"`, plain and TLS) and MQTT.js (`wss://`) publish and receive through
 //! harbormaster; a WebSocket client lands on the broker a raw MQTT client of the same client-id
-//! lands on; and a battery of bad input (upgrade requests and frames), each with its answer,
+//! lands on; headless Chromium runs MQTT.js's browser bundle over `wss://`; a battery of bad
+//! input (upgrade requests and frames), each with its answer,
 //! its metric and its log line, while a live WebSocket session carries on untouched.
 
 use std::io::{Read, Write};
@@ -108,7 +109,7 @@ connect_timeout = "3s"
 [admin]
 bind = "127.0.0.1:0"
 "#,
-            tls = certs.listener_tls_toml("optional"),
+            tls = certs.listener_tls_toml("none"),
             backends = named_backends(&named),
         );
         let hm = Harbormaster::start(&config);
@@ -540,4 +541,99 @@ fn an_idle_websocket_session_costs_about_what_a_raw_one_does() {
     eprintln!("idle memory per TLS session: raw MQTT {per_raw:.0} B, WebSocket {per_ws:.0} B");
     assert!(per_ws <= per_raw * 1.1 + 256.0, "WebSocket {per_ws:.0} B vs raw {per_raw:.0} B per idle session");
     drop((raw, ws));
+}
+
+/// A page that connects with MQTT.js's browser bundle over `wss://` to `port`, subscribes,
+/// publishes and writes what happened into `#status`.
+const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>harbormaster websocket</title></head>
+<body><div id="status">starting</div>
+<script src="/mqtt.min.js"></script>
+<script>
+const show = (s) => { document.getElementById("status").textContent = s; };
+const c = mqtt.connect("wss://localhost:PORT/mqtt", { clientId: "browser-1", protocolVersion: 4, reconnectPeriod: 0 });
+c.on("connect", () => {
+  show("connected");
+  c.subscribe("browser/t", { qos: 1 }, () => c.publish("browser/t", "hello from the browser", { qos: 1 }));
+});
+c.on("message", (t, m) => { show("received " + m.toString()); c.end(); });
+c.on("error", (e) => show("error " + e.message));
+</script></body></html>
+"#;
+
+/// Serves `/` (the page) and `/mqtt.min.js` over plain HTTP on loopback, one request per
+/// connection, until the test ends; returns its port.
+fn serve_page(page: String, bundle: Vec<u8>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let head = read_head(&mut c);
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (ctype, body): (&str, &[u8]) = match path.as_str() {
+                "/mqtt.min.js" => ("application/javascript", &bundle),
+                "/" => ("text/html; charset=utf-8", page.as_bytes()),
+                _ => ("text/plain", b"not found"),
+            };
+            let status = if ctype == "text/plain" { "404 Not Found" } else { "200 OK" };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(body);
+        }
+    });
+    port
+}
+
+/// A real browser (headless Chromium) loads a page served here that uses MQTT.js's browser
+/// bundle over `wss://` through harbormaster: it connects, publishes and receives its message,
+/// and the listener's `origins` lets the page's origin in.
+#[test]
+fn a_browser_publishes_and_receives_over_wss() {
+    let node = node_dir();
+    let chromium = require_program("chromium");
+    let bundle = std::fs::read(node.join("node_modules/mqtt/dist/mqtt.min.js")).unwrap();
+    let s = Setup::start(2, "", "");
+    let port = s.hm.port("wss");
+    let http = serve_page(PAGE.replace("PORT", &port.to_string()), bundle);
+    let profile = tempfile::tempdir().unwrap();
+    // The server key's SPKI hash, which the browser is told to accept: the test CA is not in
+    // its store. (The listener asks for no client certificate: headless Chromium abandons a
+    // handshake that asks for one, having no one to ask which to send.)
+    let spki = run_with_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+            s.certs.server_cert.display()
+        )),
+        CMD_TIMEOUT,
+    );
+    let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
+    let out = run_with_timeout(
+        Command::new(chromium).args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            &format!("--ignore-certificate-errors-spki-list={spki}"),
+            &format!("--user-data-dir={}", profile.path().display()),
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            &format!("http://127.0.0.1:{http}/"),
+        ]),
+        CMD_TIMEOUT,
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        dom.contains(r#"<div id="status">received hello from the browser</div>"#),
+        "the page's status: {dom}\n{}\nharbormaster:\n{}",
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.contains("dbus")).collect::<Vec<_>>().join("\n"),
+        s.hm.log()
+    );
+    let line = s.hm.wait_connection_log("client_id", "browser-1").expect("log line");
+    assert_eq!(line["transport"], "websocket", "{line:?}");
+    assert_eq!(line["close_reason"], "closed", "{line:?}");
+    s.landed("browser-1", 1);
 }
