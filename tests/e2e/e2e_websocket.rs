@@ -551,32 +551,64 @@ const PAGE: &str = r#"<!doctype html>
 <script src="/mqtt.min.js"></script>
 <script>
 const show = (s) => { document.getElementById("status").textContent = s; };
+const done = (s) => { show(s); fetch("/done"); };
 const c = mqtt.connect("wss://localhost:PORT/mqtt", { clientId: "browser-1", protocolVersion: 4, reconnectPeriod: 0 });
 c.on("connect", () => {
   show("connected");
   c.subscribe("browser/t", { qos: 1 }, () => c.publish("browser/t", "hello from the browser", { qos: 1 }));
 });
-c.on("message", (t, m) => { show("received " + m.toString()); c.end(); });
-c.on("error", (e) => show("error " + e.message));
-</script></body></html>
+c.on("message", (t, m) => { c.end(); done("received " + m.toString()); });
+c.on("error", (e) => done("error " + e.message));
+</script>
+<!-- Held by the test's server until the page is done: the page's load event, after which
+     the browser dumps the DOM, waits for it, however slow the machine. -->
+<img src="/hold" alt="">
+</body></html>
 "#;
 
-/// Serves `/` (the page) and `/mqtt.min.js` over plain HTTP on loopback, one request per
-/// connection, until the test ends; returns its port.
+/// Serves `/` (the page), `/mqtt.min.js`, and `/hold`, answered once `/done` was asked for
+/// (or after [`WAIT`]), over plain HTTP on loopback, one request per connection, until the
+/// test ends; returns its port.
 fn serve_page(page: String, bundle: Vec<u8>) -> u16 {
+    use std::sync::{Arc, Condvar, Mutex};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    let (page, bundle) = (Arc::new(page), Arc::new(bundle));
+    let finished = Arc::new((Mutex::new(false), Condvar::new()));
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let head = read_head(&mut c);
-            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let Ok(c) = conn else { continue };
+            let (page, bundle, finished) = (page.clone(), bundle.clone(), finished.clone());
+            std::thread::spawn(move || serve_one(c, &page, &bundle, &finished));
+        }
+    });
+    port
+}
+
+fn serve_one(mut c: TcpStream, page: &str, bundle: &[u8], finished: &(std::sync::Mutex<bool>, std::sync::Condvar)) {
+    let head = read_head(&mut c);
+    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (lock, cond) = finished;
+    match path.as_str() {
+        "/hold" => {
+            let done = lock.lock().unwrap();
+            let _ = cond.wait_timeout_while(done, WAIT, |done| !*done).unwrap();
+        }
+        "/done" => {
+            *lock.lock().unwrap() = true;
+            cond.notify_all();
+        }
+        _ => {}
+    }
+    {
+        {
             let (ctype, body): (&str, &[u8]) = match path.as_str() {
-                "/mqtt.min.js" => ("application/javascript", &bundle),
+                "/mqtt.min.js" => ("application/javascript", bundle),
                 "/" => ("text/html; charset=utf-8", page.as_bytes()),
+                "/hold" | "/done" => ("text/plain", b"ok"), // (not an image: the page shows none)
                 _ => ("text/plain", b"not found"),
             };
-            let status = if ctype == "text/plain" { "404 Not Found" } else { "200 OK" };
+            let status = if body == b"not found" { "404 Not Found" } else { "200 OK" };
             let _ = write!(
                 c,
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -584,8 +616,7 @@ fn serve_page(page: String, bundle: Vec<u8>) -> u16 {
             );
             let _ = c.write_all(body);
         }
-    });
-    port
+    }
 }
 
 /// A real browser (headless Chromium) loads a page served here that uses MQTT.js's browser
@@ -619,7 +650,6 @@ fn a_browser_publishes_and_receives_over_wss() {
             "--no-first-run",
             &format!("--ignore-certificate-errors-spki-list={spki}"),
             &format!("--user-data-dir={}", profile.path().display()),
-            "--virtual-time-budget=15000",
             "--dump-dom",
             &format!("http://127.0.0.1:{http}/"),
         ]),
