@@ -26,6 +26,7 @@ use crate::proxy::mqtt::{self, MqttVersion};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::Snapshot;
 use crate::proxy::stream::Direction;
+use crate::proxy::websocket::UpgradeRefusal;
 
 /// The version in `harbormaster_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -91,6 +92,13 @@ pub struct Metrics {
     /// DISCONNECTs written by planned closes (drain, broker removed), by listener, side they
     /// went to ("client", "broker") and reason code.
     pub planned_disconnects: IntCounterVec,
+    /// WebSocket upgrade requests, by listener and outcome ("ok": a WebSocket session, or the
+    /// refusal: "bad_request", "not_found", "forbidden_origin", "unsupported_version",
+    /// "too_large", "timeout").
+    pub websocket_upgrades: IntCounterVec,
+    /// WebSocket sessions ended by a client's frames breaking RFC 6455, by listener and the
+    /// close code sent.
+    pub websocket_protocol_errors: IntCounterVec,
     /// Connections relayed to each broker right now, by pool and broker; read from the
     /// snapshot at scrape time.
     pub broker_active: IntGaugeVec,
@@ -279,6 +287,18 @@ impl Metrics {
                 "planned_disconnects_total",
                 "DISCONNECT packets written by planned closes, to the client or to the broker on the client's behalf",
                 &["listener", "to", "reason_code"],
+            ),
+            websocket_upgrades: counter_vec(
+                &r,
+                "websocket_upgrades_total",
+                "WebSocket upgrade requests, by outcome: ok (a WebSocket session) or why it was refused",
+                &["listener", "outcome"],
+            ),
+            websocket_protocol_errors: counter_vec(
+                &r,
+                "websocket_protocol_errors_total",
+                "WebSocket sessions closed because the client's frames broke RFC 6455, by close code sent",
+                &["listener", "code"],
             ),
             cert_expiry: gauge_vec(
                 &r,
@@ -562,6 +582,17 @@ impl Metrics {
     /// A planned close wrote `d` (to the client, or to the broker on the client's behalf).
     pub fn planned_disconnect(&self, listener: &str, d: Disconnect) {
         self.planned_disconnects.with_label_values(&[listener, d.to().as_str(), d.as_str()]).inc();
+    }
+
+    /// A WebSocket upgrade request was accepted (`None`) or refused.
+    pub fn websocket_upgrade(&self, listener: &str, refusal: Option<UpgradeRefusal>) {
+        let outcome = refusal.map_or("ok", UpgradeRefusal::as_str);
+        self.websocket_upgrades.with_label_values(&[listener, outcome]).inc();
+    }
+
+    /// A WebSocket client's frames broke the protocol; `code` is the close code it was sent.
+    pub fn websocket_protocol_error(&self, listener: &str, code: u16) {
+        self.websocket_protocol_errors.with_label_values(&[listener, &code.to_string()]).inc();
     }
 
     /// A connection was routed to `broker` (its CONNECT answered), with the PROXY header

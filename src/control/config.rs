@@ -20,6 +20,7 @@ use crate::proxy::balance::{
 };
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
+use crate::proxy::websocket::WebSocketSpec;
 
 /// One thing wrong with a config, at a key path such as `pool.brokers.backends[2]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +90,23 @@ pub struct RawListener {
     /// How a refusal for want of a broker is told: `"connack"` (default) or `"close"`.
     #[serde(default)]
     pub refusal: RawRefusal,
+    /// MQTT over WebSocket on this listener too: `websocket = { path = "/mqtt", origins = [] }`.
+    pub websocket: Option<RawWebSocket>,
+}
+
+/// A listener's `websocket` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebSocket {
+    #[serde(default = "default_websocket_path")]
+    pub path: String,
+    /// `Origin` values accepted (scheme://host[:port]); empty: any.
+    #[serde(default)]
+    pub origins: Vec<String>,
+}
+
+fn default_websocket_path() -> String {
+    "/mqtt".to_string()
 }
 
 /// `refusal`: `"connack"` (default) or `"close"`.
@@ -294,6 +312,10 @@ pub struct RawPool {
     /// rebalance of a pool with `rebalance = "home"`).
     #[serde(default = "default_rebalance_rate")]
     pub rebalance_rate: u32,
+    /// What the brokers are spoken to in: `"mqtt"` (default; a WebSocket client's frames are
+    /// unwrapped, so brokers need only their TCP listener).
+    #[serde(default)]
+    pub backend_transport: RawBackendTransport,
 }
 
 /// `on_backend_restart`: `"failover"` (default) or `"hold"`.
@@ -324,6 +346,14 @@ pub enum RawRebalance {
 
 fn default_rebalance_rate() -> u32 {
     20
+}
+
+/// `backend_transport`: `"mqtt"` (default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawBackendTransport {
+    #[default]
+    Mqtt,
 }
 
 /// `planned_close_will`: `"keep"` (default) or `"suppress"`.
@@ -912,6 +942,20 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         if !l.accept_proxy && !l.trusted_proxies.is_empty() {
             c.add(format!("{at}.trusted_proxies"), "set but accept_proxy is false");
         }
+        let websocket = l.websocket.as_ref().map(|w| {
+            if !w.path.starts_with('/') || w.path.contains(['?', '#', ' ']) {
+                c.add(format!("{at}.websocket.path"), format!("{:?} is not an absolute path without a query", w.path));
+            }
+            for (j, o) in w.origins.iter().enumerate() {
+                if !o.contains("://") || o.ends_with('/') {
+                    c.add(
+                        format!("{at}.websocket.origins[{j}]"),
+                        format!("{o:?} is not an origin (scheme://host[:port], no path)"),
+                    );
+                }
+            }
+            WebSocketSpec { path: w.path.clone(), origins: w.origins.iter().map(|o| o.to_ascii_lowercase()).collect() }
+        });
         let mut cert_expiry = Vec::new();
         let tls = l.tls.as_ref().and_then(|t| match super::tls::server_config(t, &l.name, base) {
             Ok(built) => {
@@ -942,6 +986,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                     RawRefusal::Connack => RefusalStyle::Connack,
                     RawRefusal::Close => RefusalStyle::Close,
                 },
+                websocket,
             }));
         }
     }

@@ -41,6 +41,7 @@ use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
 use super::tls_stream::TlsServerStream;
 use super::turns::Turns;
+use super::websocket::{self, FrameError, UpgradeRefusal, WsStream};
 use crate::admin::metrics::Metrics;
 
 /// State shared by every connection of the process.
@@ -118,6 +119,10 @@ pub enum CloseReason {
     BrokerDrained,
     /// Moved back to its first choice, which is in rotation again (rebalancing).
     Rebalanced,
+    /// A WebSocket upgrade request refused with an HTTP status.
+    BadUpgrade,
+    /// A WebSocket client's frames broke RFC 6455 before the CONNECT was read.
+    WebSocketProtocol,
     /// `limits.max_connections` reached: closed at accept.
     MaxConnections,
     /// The listener's `max_connections` reached: closed at accept.
@@ -155,6 +160,8 @@ impl CloseReason {
             CloseReason::BrokerRemoved => "broker_removed",
             CloseReason::BrokerDrained => "broker_drained",
             CloseReason::Rebalanced => "rebalanced",
+            CloseReason::BadUpgrade => "bad_websocket_upgrade",
+            CloseReason::WebSocketProtocol => "websocket_protocol",
             CloseReason::MaxConnections => "max_connections",
             CloseReason::ListenerMaxConnections => "listener_max_connections",
             CloseReason::HandshakeQueueFull => "handshake_queue_full",
@@ -260,6 +267,8 @@ struct Facts {
     mqtt_version: Option<MqttVersion>,
     /// The CONNECT came from a broker's bridge (protocol level with the bridge bit).
     bridge: bool,
+    /// The client speaks MQTT over WebSocket.
+    websocket: bool,
     broker: Option<String>,
     up: u64,
     down: u64,
@@ -399,6 +408,9 @@ pub async fn handle<H: Send>(
             acct.facts.down = totals.down;
             // A planned close that found no packet boundary in time says so here too.
             if let Some(e) = err {
+                if let Some(f) = FrameError::of(&e) {
+                    m.websocket_protocol_error(&spec.name, f.code);
+                }
                 acct.facts.detail = Some(e.to_string());
             }
             match cause {
@@ -510,6 +522,7 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         client_id = facts.client_id.as_deref().unwrap_or(""),
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
         bridge = facts.bridge,
+        transport = if facts.websocket { "websocket" } else { "mqtt" },
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
@@ -603,6 +616,8 @@ enum Answer {
     /// The CONNACK for `refusal`, when the client's version is known and has one for it, then
     /// a polite close.
     Connack { version: Option<MqttVersion>, refusal: Refusal },
+    /// The HTTP response of a refused WebSocket upgrade, then a polite close.
+    Http(UpgradeRefusal),
 }
 
 impl Refused {
@@ -633,6 +648,13 @@ impl Refused {
     }
 }
 
+/// The first bytes of a raw MQTT client on a listener with `websocket`, read to tell it from
+/// an upgrade request, and their charge to the setup budget: the CONNECT buffer's start.
+struct FirstRead {
+    buf: Vec<u8>,
+    charge: SetupCharge,
+}
+
 /// What every broker tried is sent first, in one write: PROXY header, CONNECT and what the
 /// client pipelined behind it (while held, too). Charged to the setup budget while they are
 /// held.
@@ -653,11 +675,16 @@ impl<'a> Setup<'a> {
     /// The steps in order; a refusal, at whichever step, is carried out by [`Self::refuse`].
     /// Also returns the hash of the routing key, if one chose the broker.
     async fn run(mut self, tcp: TcpStream) -> Result<(Established, Option<u64>), CloseReason> {
-        let mut client = match self.open(tcp).await {
+        let client = match self.open(tcp).await {
             Ok(client) => client,
             Err(refused) => return Err(self.refuse(None, refused).await),
         };
-        match self.reach_broker(&mut client).await {
+        let (mut client, first) = self.upgrade(client).await;
+        let first = match first {
+            Ok(first) => first,
+            Err(refused) => return Err(self.refuse(Some(&mut client), refused).await),
+        };
+        match self.reach_broker(&mut client, first).await {
             Ok((upstream, active)) => Ok((Established { client, upstream, _active: active }, self.key_hash)),
             Err(refused) => Err(self.refuse(Some(&mut client), refused).await),
         }
@@ -672,8 +699,12 @@ impl<'a> Setup<'a> {
 
     /// A broker that answered the CONNECT: read CONNECT, admit its client-id, route, first
     /// bytes, dial.
-    async fn reach_broker(&mut self, client: &mut Client) -> Result<(TcpStream, ActiveGuard), Refused> {
-        let (buf, charge) = self.read_connect(client).await?;
+    async fn reach_broker(
+        &mut self,
+        client: &mut Client,
+        first: Option<FirstRead>,
+    ) -> Result<(TcpStream, ActiveGuard), Refused> {
+        let (buf, charge) = self.read_connect(client, first).await?;
         let Ok(Peek::Complete { connect, len }) = mqtt::peek_connect(&buf, self.snap.limits.max_connect_packet) else {
             return Err(Refused::close(CloseReason::Malformed)); // unreachable: read_connect returned a complete packet
         };
@@ -695,8 +726,17 @@ impl<'a> Setup<'a> {
     /// budget are gone before the (bounded) polite close.
     async fn refuse(&mut self, client: Option<&mut Client>, refused: Refused) -> CloseReason {
         self.facts.detail = refused.detail;
-        if let (Some(client), Answer::Connack { version, refusal }) = (client, refused.answer) {
-            self.facts.connack = answer(client, version, refusal).await;
+        match (client, refused.answer) {
+            (Some(client), Answer::Connack { version, refusal }) => {
+                self.facts.connack = answer(client, version, refusal).await;
+            }
+            (Some(client), Answer::Http(refusal)) => {
+                answer_http(client, refusal).await;
+            }
+            // A WebSocket client is owed a close frame whatever ended it (one already sent for
+            // a protocol error is not sent again).
+            (Some(client @ Client::Ws(_)), Answer::Close) => close_politely(client).await,
+            _ => {}
         }
         refused.reason
     }
@@ -800,19 +840,129 @@ impl<'a> Setup<'a> {
         Ok(Client::Tls(Box::new(tls)))
     }
 
+    /// MQTT over WebSocket (a listener with `websocket`): an HTTP upgrade request is told
+    /// apart from a CONNECT by ALPN when the client sent one the listener knows (`mqtt`,
+    /// `http/1.1`), otherwise by the first byte (an HTTP method's letter; a CONNECT's is 0x10). An
+    /// acceptable upgrade is answered (101) and the client's stream is then read through its
+    /// frames; a raw client's first bytes go on to `read_connect`, charged as they are. A
+    /// listener without `websocket` reads nothing here. The client comes back whatever
+    /// happens, for the refusal's answer.
+    async fn upgrade(&mut self, mut client: Client) -> (Client, Result<Option<FirstRead>, Refused>) {
+        let Some(ws) = &self.spec.websocket else {
+            return (client, Ok(None));
+        };
+        let alpn = self.tls.as_ref().and_then(|t| t.alpn.as_deref());
+        if alpn == Some(b"mqtt") {
+            return (client, Ok(None));
+        }
+        let (m, listener) = (&self.shared.metrics, &self.spec.name);
+        let limit = self.snap.limits.max_setup_bytes;
+        let mut charge = self.shared.setup_bytes.charge();
+        if !charge.grow_to(FIRST_READ, limit) {
+            let detail = self.over_budget("no room for the first bytes");
+            return (client, Err(Refused::close(CloseReason::SetupBytes).detail(detail)));
+        }
+        let mut buf = Vec::with_capacity(FIRST_READ);
+        let http = alpn == Some(b"http/1.1");
+        let accepted = loop {
+            // An HTTP method's first letter: never a CONNECT's first byte (0x10).
+            if http || buf.first().is_some_and(u8::is_ascii_uppercase) {
+                match websocket::parse_upgrade(&buf, ws) {
+                    Ok(Some(a)) => break a,
+                    Ok(None) => {}
+                    Err(e) => {
+                        m.websocket_upgrade(listener, Some(e.refusal));
+                        let refused = Refused {
+                            reason: CloseReason::BadUpgrade,
+                            detail: Some(e.detail),
+                            answer: Answer::Http(e.refusal),
+                        };
+                        return (client, Err(refused));
+                    }
+                }
+            } else if !buf.is_empty() {
+                // Raw MQTT: the bytes read are the CONNECT's first.
+                return (client, Ok(Some(FirstRead { buf, charge })));
+            }
+            if buf.len() == buf.capacity() {
+                let to = (buf.capacity() * 2).min(websocket::MAX_UPGRADE);
+                if !charge.grow_to(to, limit) {
+                    let detail = self.over_budget("no room for the upgrade request");
+                    return (client, Err(Refused::close(CloseReason::SetupBytes).detail(detail)));
+                }
+                buf.reserve_exact(to - buf.len());
+            }
+            match timeout_at(self.deadline, client.read_buf(&mut buf)).await {
+                Err(_) if buf.is_empty() => return (client, Err(Refused::close(CloseReason::Timeout))),
+                Err(_) => {
+                    m.websocket_upgrade(listener, Some(UpgradeRefusal::Timeout));
+                    let detail = "upgrade request not complete within connect_timeout";
+                    let refused = Refused {
+                        reason: CloseReason::Timeout,
+                        detail: Some(detail.into()),
+                        answer: Answer::Http(UpgradeRefusal::Timeout),
+                    };
+                    return (client, Err(refused));
+                }
+                Ok(Ok(0)) => {
+                    let detail = if buf.is_empty() {
+                        "closed before sending anything"
+                    } else {
+                        "closed during the upgrade request"
+                    };
+                    return (client, Err(Refused::close(CloseReason::ClientClosed).detail(detail)));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if OverBudget::is(&e) => {
+                    let detail = self.over_budget("no room for the TLS stream");
+                    return (client, Err(Refused::close(CloseReason::SetupBytes).detail(detail)));
+                }
+                Ok(Err(e)) => return (client, Err(Refused::close(CloseReason::ClientClosed).detail(e.to_string()))),
+            }
+        };
+        let sent = timeout_at(self.deadline, async {
+            client.write_all(&accepted.response).await?;
+            client.flush().await
+        })
+        .await;
+        match sent {
+            Err(_) => return (client, Err(Refused::close(CloseReason::Timeout))),
+            Ok(Err(e)) => return (client, Err(Refused::close(CloseReason::ClientClosed).detail(e.to_string()))),
+            Ok(Ok(())) => {}
+        }
+        m.websocket_upgrade(listener, None);
+        self.facts.websocket = true;
+        // The client's first frames, if they came with the request; the request itself is
+        // freed with its charge.
+        let pre = buf[accepted.head_len..].to_vec();
+        drop(buf);
+        drop(charge);
+        let max = self.snap.limits.max_connect_packet as u64;
+        (Client::Ws(Box::new(WsStream::new(client, pre, max))), Ok(None))
+    }
+
     /// Read until a whole CONNECT is buffered, with whatever was pipelined behind it. The
     /// buffer comes with its charge to the process's setup budget, held until the CONNECT has
     /// been written to a broker.
-    async fn read_connect(&mut self, client: &mut Client) -> Result<(Vec<u8>, SetupCharge), Refused> {
-        let mut charge = self.shared.setup_bytes.charge();
-        let read = timeout_at(self.deadline, read_until_connect(client, &self.snap.limits, &mut charge)).await;
+    async fn read_connect(
+        &mut self,
+        client: &mut Client,
+        first: Option<FirstRead>,
+    ) -> Result<(Vec<u8>, SetupCharge), Refused> {
+        let (buf, mut charge) = match first {
+            Some(FirstRead { buf, charge }) => (buf, charge),
+            None => (Vec::new(), self.shared.setup_bytes.charge()),
+        };
+        let read = timeout_at(self.deadline, read_until_connect(client, &self.snap.limits, &mut charge, buf)).await;
         match read {
             Err(_) => Err(Refused::close(CloseReason::Timeout)),
             Ok(Ok(buf)) => {
-                if let Client::Tls(tls) = client {
-                    tls.end_setup();
-                }
+                client.end_setup();
                 Ok((buf, charge))
+            }
+            Ok(Err(ReadFail::WebSocket(e))) => {
+                self.shared.metrics.websocket_protocol_error(&self.spec.name, e.code);
+                Err(Refused::close(CloseReason::WebSocketProtocol).detail(e.to_string()))
             }
             Ok(Err(ReadFail::Closed(detail))) => Err(Refused::close(CloseReason::ClientClosed).detail(detail)),
             Ok(Err(ReadFail::Budget(version))) => {
@@ -1143,6 +1293,8 @@ enum ReadFail {
     /// No room in `limits.max_setup_bytes` for the buffer to grow; the version if the bytes
     /// so far tell it.
     Budget(Option<MqttVersion>),
+    /// A WebSocket client's frames broke the protocol (its close frame is sent).
+    WebSocket(FrameError),
 }
 
 /// The CONNECT buffer's first size: a device's whole CONNECT fits.
@@ -1160,16 +1312,20 @@ fn next_capacity(buf: &[u8]) -> usize {
 }
 
 /// Read until a whole CONNECT is buffered. Returns the buffer (CONNECT + anything pipelined).
-/// The buffer is charged to `charge` before it is allocated or grown.
+/// The buffer is charged to `charge` before it is allocated or grown; `buf` holds the bytes
+/// already read (and charged) when the first bytes told raw MQTT from WebSocket.
 async fn read_until_connect<S: AsyncRead + Unpin>(
     stream: &mut S,
     limits: &super::snapshot::Limits,
     charge: &mut SetupCharge,
+    mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, ReadFail> {
-    if !charge.grow_to(FIRST_READ, limits.max_setup_bytes) {
-        return Err(ReadFail::Budget(None));
+    if buf.capacity() == 0 {
+        if !charge.grow_to(FIRST_READ, limits.max_setup_bytes) {
+            return Err(ReadFail::Budget(None));
+        }
+        buf = Vec::with_capacity(FIRST_READ);
     }
-    let mut buf = Vec::with_capacity(FIRST_READ);
     loop {
         match mqtt::peek_connect(&buf, limits.max_connect_packet) {
             Ok(Peek::Complete { .. }) => return Ok(buf),
@@ -1188,7 +1344,10 @@ async fn read_until_connect<S: AsyncRead + Unpin>(
             Ok(_) => {}
             // A TLS stream's buffer (an incomplete record) had no room to grow.
             Err(e) if OverBudget::is(&e) => return Err(ReadFail::Budget(mqtt::version(&buf))),
-            Err(e) => return Err(ReadFail::Closed(e.to_string())),
+            Err(e) => match FrameError::of(&e) {
+                Some(f) => return Err(ReadFail::WebSocket(f)),
+                None => return Err(ReadFail::Closed(e.to_string())),
+            },
         }
     }
 }
@@ -1228,10 +1387,24 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(packet) = packet {
         let _ = stream.write_all(packet).await;
     }
+    close_politely(stream).await;
+    // Both CONNACK layouts carry the return/reason code in their fourth byte.
+    packet.and_then(|p| p.get(3).copied())
+}
+
+/// Answer a refused WebSocket upgrade with its HTTP status, then close politely (as
+/// [`answer`] does).
+async fn answer_http<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: UpgradeRefusal) {
+    let _ = stream.write_all(refusal.response()).await;
+    close_politely(stream).await;
+}
+
+/// Flush, shut the write side down, then read what the client still sends until it closes,
+/// so the close is a FIN after our answer and not a reset that could destroy it; bounded in
+/// time and bytes.
+async fn close_politely<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     let _ = stream.flush().await;
     let _ = stream.shutdown().await;
-    // Read what the client still sends until it closes, so the close is a FIN after our
-    // CONNACK and not a reset that could destroy it; bounded in time and bytes.
     let mut sink = [0u8; 512];
     let mut left = 64 * 1024usize;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -1243,8 +1416,6 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         }
     })
     .await;
-    // Both CONNACK layouts carry the return/reason code in their fourth byte.
-    packet.and_then(|p| p.get(3).copied())
 }
 
 /// Failed dials marked a broker down (passive health checking); the checker's probes bring

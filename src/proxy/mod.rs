@@ -19,3 +19,4 @@ pub mod snapshot;
 pub mod stream;
 pub mod tls_stream;
 pub mod turns;
+pub mod websocket;

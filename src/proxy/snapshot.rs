@@ -45,6 +45,9 @@ pub struct ListenerSpec {
     pub max_connections: Option<usize>,
     /// How a refusal for want of a broker (none answered, or a flapping client-id) is told.
     pub refusal: RefusalStyle,
+    /// MQTT over WebSocket on this listener too (`websocket`), told apart from raw MQTT by
+    /// the first bytes.
+    pub websocket: Option<super::websocket::WebSocketSpec>,
 }
 
 /// How a client refused for want of a broker is told (`refusal`). Some client libraries take

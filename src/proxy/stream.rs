@@ -1,6 +1,6 @@
 //! The stream wrappers a connection's client side is made of: [`Prefixed`] (bytes read past an
 //! inbound PROXY header, handed on first), [`Client`] (plain or TLS, one type for the setup
-//! steps and the relay) and [`Counted`] (bytes counted as they are relayed, per
+//! steps and the relay; raw MQTT or WebSocket) and [`Counted`] (bytes counted as they are relayed, per
 //! [`Direction`]). Each passes [`WriteLast`] through, so the last bytes of a direction still
 //! leave with its FIN.
 
@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::relay::WriteLast;
 use super::tls_stream::TlsServerStream;
+use super::websocket::WsStream;
 
 /// A stream that first yields bytes already read (what followed an inbound PROXY header).
 pub struct Prefixed<S> {
@@ -65,10 +66,27 @@ impl<S: WriteLast + Unpin> WriteLast for Prefixed<S> {
 }
 
 /// The client side of a connection once set up: plain, or TLS (boxed: rustls' state is large,
-/// and plain connections should not carry room for it).
+/// and plain connections should not carry room for it), or either seen through WebSocket
+/// frames (boxed too: raw MQTT connections carry no room for the frame state).
 pub enum Client {
     Plain(Prefixed<TcpStream>),
     Tls(Box<TlsServerStream<Prefixed<TcpStream>>>),
+    Ws(Box<WsStream<Client>>),
+}
+
+impl Client {
+    /// The CONNECT is complete: setup buffers are no longer charged, frames no longer bounded
+    /// by the CONNECT's limit.
+    pub fn end_setup(&mut self) {
+        match self {
+            Client::Plain(_) => {}
+            Client::Tls(tls) => tls.end_setup(),
+            Client::Ws(ws) => {
+                ws.end_setup();
+                ws.inner_mut().end_setup();
+            }
+        }
+    }
 }
 
 impl AsyncRead for Client {
@@ -76,6 +94,7 @@ impl AsyncRead for Client {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Client::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -85,18 +104,21 @@ impl AsyncWrite for Client {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Client::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_flush(cx),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Client::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Client::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -106,6 +128,7 @@ impl WriteLast for Client {
         match self.get_mut() {
             Client::Plain(s) => Pin::new(s).poll_write_last(cx, buf),
             Client::Tls(s) => Pin::new(s.as_mut()).poll_write_last(cx, buf),
+            Client::Ws(s) => Pin::new(s.as_mut()).poll_write_last(cx, buf),
         }
     }
 }

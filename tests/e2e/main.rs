@@ -37,3 +37,4 @@ mod e2e_revocation;
 mod e2e_status_page;
 mod e2e_tickets;
 mod e2e_tls_posture;
+mod e2e_websocket;
