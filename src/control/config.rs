@@ -18,6 +18,7 @@ use crate::proxy::balance::{
     Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
 };
 use crate::proxy::proxy_header::Tlv;
+use crate::proxy::routing::{Conditions, RouteRule};
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
 /// One thing wrong with a config, at a key path such as `pool.brokers.backends[2]`.
@@ -88,6 +89,41 @@ pub struct RawListener {
     /// How a refusal for want of a broker is told: `"connack"` (default) or `"close"`.
     #[serde(default)]
     pub refusal: RawRefusal,
+    /// `[[listener.route]]`: ordered routing rules, first match wins, `pool` the default.
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+}
+
+/// One `[[listener.route]]`: `match = { ... }` and the pool it sends matching connections to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(rename = "match")]
+    pub when: RawMatch,
+    pub pool: String,
+}
+
+/// A rule's conditions, all of which must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub sni: Option<String>,
+    pub sni_suffix: Option<String>,
+    pub alpn: Option<String>,
+    pub cert_cn: Option<String>,
+    pub cert_issuer_cn: Option<String>,
+    pub username: Option<String>,
+    pub client_id_prefix: Option<String>,
+    /// A CIDR (or address) or a list of them.
+    pub source: Option<StringOrList>,
+}
+
+/// A key that takes one string or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `refusal`: `"connack"` (default) or `"close"`.
@@ -878,11 +914,13 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 None
             }
         });
+        let routes = check_routes(&mut c, &at, &l.route, &raw.pool, l.tls.as_ref());
         if let Some(bind) = bind {
             listeners.push(Arc::new(ListenerSpec {
                 name: l.name.clone(),
                 bind,
                 pool: l.pool.clone(),
+                routes,
                 accept_proxy: l.accept_proxy,
                 trusted_proxies: trusted,
                 tls,
@@ -969,6 +1007,90 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         on_removed,
         warnings: c.warnings,
     })
+}
+
+/// Compiles a listener's `[[listener.route]]` rules: pools that exist, conditions that parse
+/// (names lowercased, CIDRs parsed), and no rule after one that matches every connection.
+fn check_routes(
+    c: &mut Check,
+    at: &str,
+    raw: &[RawRoute],
+    pools: &BTreeMap<String, RawPool>,
+    tls: Option<&RawTls>,
+) -> Vec<RouteRule> {
+    let mut rules = Vec::with_capacity(raw.len());
+    let mut catch_all: Option<usize> = None;
+    for (j, r) in raw.iter().enumerate() {
+        let at = format!("{at}.route[{j}]");
+        if !pools.contains_key(&r.pool) {
+            c.add(format!("{at}.pool"), format!("no pool named {:?}", r.pool));
+        }
+        let m = &r.when;
+        let mut when = Conditions {
+            sni: m.sni.as_ref().map(|s| s.to_ascii_lowercase()),
+            sni_suffix: m.sni_suffix.as_ref().map(|s| s.to_ascii_lowercase()),
+            alpn: m.alpn.as_ref().map(|s| s.as_bytes().to_vec()),
+            cert_cn: m.cert_cn.clone(),
+            cert_issuer_cn: m.cert_issuer_cn.clone(),
+            username: m.username.as_ref().map(|s| s.as_bytes().to_vec()),
+            client_id_prefix: m.client_id_prefix.as_ref().map(|s| s.as_bytes().to_vec()),
+            source: Vec::new(),
+        };
+        for (key, value) in [
+            ("sni", &m.sni),
+            ("sni_suffix", &m.sni_suffix),
+            ("alpn", &m.alpn),
+            ("cert_cn", &m.cert_cn),
+            ("cert_issuer_cn", &m.cert_issuer_cn),
+            ("username", &m.username),
+        ] {
+            if value.as_deref() == Some("") {
+                c.add(format!("{at}.match.{key}"), "must not be empty");
+            } else if value.is_some() && tls.is_none() && key != "username" {
+                c.add(format!("{at}.match.{key}"), "can never match: the listener has no [listener.tls]");
+            }
+        }
+        if let (Some(alpn), Some(t)) = (&m.alpn, tls) {
+            if !alpn.is_empty() && !t.alpn.contains(alpn) {
+                c.add(
+                    format!("{at}.match.alpn"),
+                    format!("can never match: {alpn:?} is not among the listener's tls.alpn {:?}", t.alpn),
+                );
+            }
+        }
+        if when.sni_suffix.as_deref() == Some(".") {
+            c.add(format!("{at}.match.sni_suffix"), "must name a domain");
+        }
+        match &m.source {
+            None => {}
+            Some(StringOrList::One(s)) => match parse_net(s) {
+                Some(n) => when.source.push(n),
+                None => c.add(format!("{at}.match.source"), format!("{s:?} is not a CIDR or IP address")),
+            },
+            Some(StringOrList::Many(list)) => {
+                if list.is_empty() {
+                    c.add(format!("{at}.match.source"), "must name at least one CIDR");
+                }
+                for (k, s) in list.iter().enumerate() {
+                    match parse_net(s) {
+                        Some(n) => when.source.push(n),
+                        None => c.add(format!("{at}.match.source[{k}]"), format!("{s:?} is not a CIDR or IP address")),
+                    }
+                }
+            }
+        }
+        if let Some(first) = catch_all {
+            c.add(format!("{at}.match"), format!("can never match: route[{first}] before it matches every connection"));
+        } else if when.catch_all() {
+            catch_all = Some(j);
+        }
+        rules.push(RouteRule { pool: r.pool.clone(), when });
+    }
+    rules
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).ok()
 }
 
 /// Validates the admission limits of `[limits]`; burst sizes default to their rate.
@@ -1312,6 +1434,72 @@ connect_timeout = "0s"
         ] {
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
+    }
+
+    const ROUTED: &str = r#"
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:0"
+pool = "main"
+
+[[listener.route]]
+match = { username = "tenant-a", client_id_prefix = "a-" }
+pool = "a"
+
+[[listener.route]]
+match = { source = ["10.0.0.0/8", "192.0.2.7"] }
+pool = "b"
+
+[pool.main]
+backends = ["127.0.0.1:1"]
+[pool.a]
+backends = ["127.0.0.1:2"]
+[pool.b]
+backends = ["127.0.0.1:3"]
+"#;
+
+    #[test]
+    fn routing_rules_are_compiled_in_order() {
+        let s = load_str(ROUTED, Path::new(".")).unwrap().snapshot;
+        let routes = &s.listeners[0].routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].pool, "a");
+        assert_eq!(routes[0].when.username.as_deref(), Some(&b"tenant-a"[..]));
+        assert_eq!(routes[0].when.client_id_prefix.as_deref(), Some(&b"a-"[..]));
+        assert_eq!(routes[1].pool, "b");
+        let nets: Vec<String> = routes[1].when.source.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32"]);
+    }
+
+    #[test]
+    fn bad_routing_rules_are_reported_with_their_paths() {
+        let text = ROUTED.replace("pool = \"b\"", "pool = \"nope\"").replace("192.0.2.7", "192.0.2.300")
+            + r#"
+[[listener.route]]
+match = {}
+pool = "a"
+
+[[listener.route]]
+match = { username = "late" }
+pool = "a"
+
+[[listener.route]]
+match = { sni = "x.example.com", sni_suffix = "" }
+pool = "a"
+"#;
+        let got = problems(&text);
+        for want in [
+            "listener[0].route[1].pool: no pool named \"nope\"",
+            "listener[0].route[1].match.source[1]:",
+            "listener[0].route[3].match: can never match: route[2] before it matches every connection",
+            "listener[0].route[4].match.sni: can never match: the listener has no [listener.tls]",
+            "listener[0].route[4].match.sni_suffix: must not be empty",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        let unknown = ROUTED.replace("username = \"tenant-a\"", "user = \"tenant-a\"");
+        let got = problems(&unknown);
+        assert!(got.iter().any(|g| g.contains("listener") && g.contains("user")), "{got:#?}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, Strin
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Leaving, Registration, Registry};
 use super::relay::{self, Ended};
+use super::routing;
 use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
 use super::tls_stream::TlsServerStream;
@@ -239,6 +240,9 @@ struct Facts {
     mqtt_version: Option<MqttVersion>,
     /// The CONNECT came from a broker's bridge (protocol level with the bridge bit).
     bridge: bool,
+    /// The pool the connection was routed to, and by which rule (boxed: the facts live in
+    /// every connection's task).
+    routed: Option<Box<Routed>>,
     broker: Option<String>,
     up: u64,
     down: u64,
@@ -479,6 +483,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         client_id = facts.client_id.as_deref().unwrap_or(""),
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
         bridge = facts.bridge,
+        route = %RouteField(facts.routed.as_ref().and_then(|r| r.rule)),
+        pool = facts.routed.as_ref().map_or("", |r| r.pool.as_str()),
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
@@ -489,6 +495,26 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         detail = facts.detail.as_deref().unwrap_or(""),
         "connection closed"
     );
+}
+
+/// Where the route step sent a connection: the pool, and the index of the listener's rule that
+/// picked it (`None`: the listener's own `pool`).
+struct Routed {
+    rule: Option<u16>,
+    pool: String,
+}
+
+/// The log's `route`: `route[N]`, the rule of the listener that picked the pool, or empty when
+/// the listener's own `pool` took the connection. Written without allocating.
+struct RouteField(Option<u16>);
+
+impl std::fmt::Display for RouteField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(i) => write!(f, "route[{i}]"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sets up one accepted connection: an established connection, or why it ended.
@@ -806,9 +832,12 @@ impl<'a> Setup<'a> {
         Err(refused.detail(detail))
     }
 
-    /// The brokers to try, best first: the routing key's rendezvous order, or what
+    /// The brokers to try, best first: the pool of the first routing rule that matches (the
+    /// listener's own otherwise), then in it the routing key's rendezvous order, or what
     /// `empty_client_id` says for a client without a key.
-    fn route(&self, connect: &Connect<'_>) -> Result<Vec<&'a Arc<Backend>>, Refused> {
+    fn route(&mut self, connect: &Connect<'_>) -> Result<Vec<&'a Arc<Backend>>, Refused> {
+        let rule = if self.spec.routes.is_empty() { None } else { self.pick_pool(connect)? };
+        self.facts.routed = Some(Box::new(Routed { rule, pool: self.pool.name.clone() }));
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -833,6 +862,33 @@ impl<'a> Setup<'a> {
                 }
             },
         })
+    }
+
+    /// The listener's routing rules, evaluated once, now that every fact they read is known:
+    /// the first that matches names the pool. Returns the index of the rule that matched.
+    fn pick_pool(&mut self, connect: &Connect<'_>) -> Result<Option<u16>, Refused> {
+        let tls = self.tls.as_ref();
+        let cert = tls.and_then(|t| t.client_cert.as_ref());
+        let input = routing::RouteInput {
+            sni: tls.and_then(|t| t.sni.as_deref()),
+            alpn: tls.and_then(|t| t.alpn.as_deref()),
+            cert_cn: cert.and_then(|c| c.cn.as_deref()),
+            cert_issuer_cn: cert.and_then(|c| c.issuer_cn.as_deref()),
+            username: connect.username,
+            client_id: connect.client_id,
+            source: Some(self.src.ip()),
+        };
+        let spec: &'a ListenerSpec = self.spec;
+        let Some((i, rule)) = routing::first_match(&spec.routes, &input) else {
+            return Ok(None);
+        };
+        match self.snap.pool(&rule.pool) {
+            Some(pool) => {
+                self.pool = pool;
+                Ok(u16::try_from(i).ok())
+            }
+            None => Err(Refused::close(CloseReason::NoPool).detail(format!("route[{i}]: no pool {:?}", rule.pool))),
+        }
     }
 
     /// PROXY header, then the CONNECT and whatever was pipelined (`buf`): the same bytes for

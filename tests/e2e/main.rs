@@ -31,5 +31,6 @@ mod e2e_refusals;
 mod e2e_relay;
 mod e2e_reload;
 mod e2e_revocation;
+mod e2e_routing;
 mod e2e_tickets;
 mod e2e_tls_posture;
