@@ -18,6 +18,7 @@ use crate::proxy::balance::{
     Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
 };
 use crate::proxy::proxy_header::Tlv;
+use crate::proxy::rewrite::{Fact, Policy as ConnectPolicy, Template};
 use crate::proxy::routing::{Conditions, RouteRule};
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
@@ -116,6 +117,32 @@ pub struct RawMatch {
     pub client_id_prefix: Option<String>,
     /// A CIDR (or address) or a list of them.
     pub source: Option<StringOrList>,
+}
+
+/// `connect = { username = "keep" | "cert_cn" | TEMPLATE, password = "keep" | "drop",
+/// user_properties = [FACT, ...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnect {
+    #[serde(default = "default_keep")]
+    pub username: String,
+    #[serde(default)]
+    pub password: RawPassword,
+    #[serde(default)]
+    pub user_properties: Vec<String>,
+}
+
+fn default_keep() -> String {
+    "keep".into()
+}
+
+/// `connect.password`: `"keep"` (default) or `"drop"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPassword {
+    #[default]
+    Keep,
+    Drop,
 }
 
 /// A key that takes one string or a list of them.
@@ -297,6 +324,8 @@ pub struct RawPool {
     pub backend_connack_timeout: Duration,
     #[serde(default = "default_backend_attempts")]
     pub backend_attempts: usize,
+    /// The CONNECT rewrite for brokers that read no PROXY header.
+    pub connect: Option<RawConnect>,
     /// Active health checks; absent: none.
     pub health: Option<RawHealth>,
     /// What happens to the client connections of a broker that leaves the pool.
@@ -1009,6 +1038,38 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     })
 }
 
+/// Compiles a pool's `connect` policy: a username template whose placeholders are facts, and
+/// User Properties naming facts, each once.
+fn check_connect(c: &mut Check, at: &str, r: &RawConnect) -> ConnectPolicy {
+    let username = match r.username.as_str() {
+        "keep" => None,
+        t => match Template::parse(t) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                c.add(
+                    format!("{at}.username"),
+                    format!("{e} (\"keep\", \"cert_cn\" or a template like \"{{cert_cn}}@{{sni}}\")"),
+                );
+                None
+            }
+        },
+    };
+    let mut user_properties = Vec::new();
+    for (i, name) in r.user_properties.iter().enumerate() {
+        match Fact::parse(name) {
+            Some(f) if user_properties.contains(&f) => {
+                c.add(format!("{at}.user_properties[{i}]"), format!("{name:?} is listed twice"))
+            }
+            Some(f) => user_properties.push(f),
+            None => {
+                let names: Vec<&str> = Fact::ALL.iter().map(|f| f.as_str()).collect();
+                c.add(format!("{at}.user_properties[{i}]"), format!("{name:?} is not one of {}", names.join(", ")))
+            }
+        }
+    }
+    ConnectPolicy { username, drop_password: r.password == RawPassword::Drop, user_properties }
+}
+
 /// Compiles a listener's `[[listener.route]]` rules: pools that exist, conditions that parse
 /// (names lowercased, CIDRs parsed), and no rule after one that matches every connection.
 fn check_routes(
@@ -1194,12 +1255,14 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         }
     }
     let check = p.health.as_ref().and_then(|h| check_kind(h, &format!("{at}.health"), c));
+    let connect = p.connect.as_ref().map(|r| check_connect(c, &format!("{at}.connect"), r)).unwrap_or_default();
     if c.problems.len() > before {
         return None;
     }
     Some(Pool {
         name: name.to_string(),
         backends,
+        connect,
         hash_key: match p.hash_key {
             RawHashKey::ClientId => HashKey::ClientId,
             RawHashKey::Username => HashKey::Username,
@@ -1457,6 +1520,33 @@ backends = ["127.0.0.1:2"]
 [pool.b]
 backends = ["127.0.0.1:3"]
 "#;
+
+    #[test]
+    fn connect_policies_compile_or_say_why_not() {
+        let with =
+            |connect: &str| MINIMAL.replace("[pool.brokers]\n", &format!("[pool.brokers]\nconnect = {connect}\n"));
+        let s = load_str(
+            &with(r#"{ username = "{cert_cn}@{sni}", password = "drop", user_properties = ["sni", "cert_sha256"] }"#),
+            Path::new("."),
+        )
+        .unwrap()
+        .snapshot;
+        let c = &s.pools[0].connect;
+        assert_eq!(c.username.as_ref().unwrap().describe(), "{cert_cn}@{sni}");
+        assert!(c.drop_password);
+        assert_eq!(c.user_properties, [Fact::Sni, Fact::CertSha256]);
+        let s = load_str(MINIMAL, Path::new(".")).unwrap().snapshot;
+        assert_eq!(s.pools[0].connect, ConnectPolicy::default());
+        let got = problems(&with(r#"{ username = "{cn}", user_properties = ["sni", "sni", "secret"] }"#));
+        for want in [
+            "pool.brokers.connect.username: \"{cn}\": unknown placeholder {cn}",
+            "pool.brokers.connect.user_properties[1]: \"sni\" is listed twice",
+            "pool.brokers.connect.user_properties[2]: \"secret\" is not one of",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        assert!(!problems(&with(r#"{ password = "forget" }"#)).is_empty());
+    }
 
     #[test]
     fn routing_rules_are_compiled_in_order() {

@@ -35,6 +35,7 @@ use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, Strin
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Leaving, Registration, Registry};
 use super::relay::{self, Ended};
+use super::rewrite;
 use super::routing;
 use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
@@ -115,6 +116,9 @@ pub enum CloseReason {
     SetupBytes,
     /// The client-id reconnects too often: CONNACK "connection rate exceeded".
     Flapping,
+    /// The pool's `connect` policy cannot rewrite this CONNECT (no verified certificate for
+    /// `cert_cn`, a username MQTT cannot carry, a result over `max_connect_packet`).
+    ConnectRewrite,
     /// The connection's task ended without an outcome: it panicked (a bug). Counted and
     /// logged like every other end, and other connections are unaffected.
     Internal,
@@ -146,6 +150,7 @@ impl CloseReason {
             CloseReason::SourceRate => "per_source_rate",
             CloseReason::SetupBytes => "max_setup_bytes",
             CloseReason::Flapping => "flapping",
+            CloseReason::ConnectRewrite => "connect_rewrite_refused",
             CloseReason::Internal => "internal_error",
             CloseReason::Relayed(Ended::Clean) => "closed",
             CloseReason::Relayed(Ended::ClientError) => "client_error",
@@ -485,6 +490,7 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         bridge = facts.bridge,
         route = %RouteField(facts.routed.as_ref().and_then(|r| r.rule)),
         pool = facts.routed.as_ref().map_or("", |r| r.pool.as_str()),
+        connect_rewrite = facts.routed.as_ref().and_then(|r| r.rewrite.as_deref()).unwrap_or(""),
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
@@ -502,6 +508,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
 struct Routed {
     rule: Option<u16>,
     pool: String,
+    /// What the pool's `connect` policy changed in the CONNECT (never the password).
+    rewrite: Option<String>,
 }
 
 /// The log's `route`: `route[N]`, the rule of the listener that picked the pool, or empty when
@@ -663,7 +671,7 @@ impl<'a> Setup<'a> {
         // Bytes pipelined behind the CONNECT go to the broker with it, and may end inside a
         // packet: the relay's tracking of the client's packets starts after them.
         self.up_at.advance(&buf[len..]);
-        let first = self.first_bytes(&connect, &buf, charge);
+        let first = self.first_bytes(&connect, &buf, len, charge)?;
         drop(buf);
         self.dial(candidates, first, version).await
     }
@@ -837,7 +845,7 @@ impl<'a> Setup<'a> {
     /// `empty_client_id` says for a client without a key.
     fn route(&mut self, connect: &Connect<'_>) -> Result<Vec<&'a Arc<Backend>>, Refused> {
         let rule = if self.spec.routes.is_empty() { None } else { self.pick_pool(connect)? };
-        self.facts.routed = Some(Box::new(Routed { rule, pool: self.pool.name.clone() }));
+        self.facts.routed = Some(Box::new(Routed { rule, pool: self.pool.name.clone(), rewrite: None }));
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -891,9 +899,60 @@ impl<'a> Setup<'a> {
         }
     }
 
-    /// PROXY header, then the CONNECT and whatever was pipelined (`buf`): the same bytes for
-    /// every broker tried. They take the CONNECT buffer's place in the setup budget.
-    fn first_bytes(&mut self, connect: &Connect<'_>, buf: &[u8], mut charge: SetupCharge) -> FirstBytes {
+    /// The CONNECT (`packet`) as the pool's `connect` policy rewrites it, or `None` when the
+    /// policy changes nothing; a CONNECT it cannot rewrite is refused before any broker sees it.
+    fn rewrite_connect(&mut self, connect: &Connect<'_>, packet: &[u8]) -> Result<Option<Vec<u8>>, Refused> {
+        let policy = &self.pool.connect;
+        if policy.is_identity(connect.version) {
+            return Ok(None);
+        }
+        let tls = self.tls.as_ref();
+        let cert = tls.and_then(|t| t.client_cert.as_ref());
+        let facts = rewrite::Facts {
+            cert_cn: cert.and_then(|c| c.cn.as_deref()),
+            cert_issuer_cn: cert.and_then(|c| c.issuer_cn.as_deref()),
+            cert_sha256: cert.map(|c| &c.sha256),
+            sni: tls.and_then(|t| t.sni.as_deref()),
+            alpn: tls.and_then(|t| t.alpn.as_deref()),
+            tls_version: tls.map(|t| t.version),
+            client_address: self.src,
+            client_id: connect.client_id,
+            username: connect.username,
+        };
+        match rewrite::rewrite(packet, connect.version, policy, &facts, self.snap.limits.max_connect_packet) {
+            Ok(None) => Ok(None),
+            Ok(Some(r)) => {
+                if let Some(routed) = self.facts.routed.as_mut() {
+                    routed.rewrite = Some(r.summary);
+                }
+                Ok(Some(r.packet))
+            }
+            Err(e) => {
+                let (reason, refusal) = match e {
+                    rewrite::RewriteError::Missing(_) | rewrite::RewriteError::BadUsername(_) => {
+                        (CloseReason::ConnectRewrite, Refusal::BadCredentials)
+                    }
+                    rewrite::RewriteError::TooLarge { .. } => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge),
+                    rewrite::RewriteError::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed),
+                };
+                Err(Refused::connack(reason, Some(connect.version), refusal).detail(e.to_string()))
+            }
+        }
+    }
+
+    /// PROXY header, then the CONNECT (rewritten by the pool's `connect` policy) and whatever
+    /// was pipelined behind it (`buf[len..]`): the same bytes for every broker tried. They take
+    /// the CONNECT buffer's place in the setup budget.
+    fn first_bytes(
+        &mut self,
+        connect: &Connect<'_>,
+        buf: &[u8],
+        len: usize,
+        mut charge: SetupCharge,
+    ) -> Result<FirstBytes, Refused> {
+        let (packet, pipelined) = buf.split_at(len);
+        let rewritten = self.rewrite_connect(connect, packet)?;
+        let packet = rewritten.as_deref().unwrap_or(packet);
         let pool = self.pool;
         let mut first = match pool.proxy_protocol {
             ProxyProtocol::None => Vec::new(),
@@ -913,14 +972,15 @@ impl<'a> Setup<'a> {
                 enc.bytes
             }
         };
-        first.reserve_exact(buf.len());
-        first.extend_from_slice(buf);
+        first.reserve_exact(packet.len() + pipelined.len());
+        first.extend_from_slice(packet);
+        first.extend_from_slice(pipelined);
         self.facts.up = buf.len() as u64;
         // Already decided on: the copy is charged whatever the total.
         charge.set(first.capacity());
         // Nothing after this reads the identity.
         self.tls = None;
-        FirstBytes { bytes: first, _charge: charge }
+        Ok(FirstBytes { bytes: first, _charge: charge })
     }
 
     /// Dial the candidates in preference order until a broker answers the CONNECT; the

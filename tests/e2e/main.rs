@@ -11,6 +11,7 @@ mod e2e_admission;
 mod e2e_bad_input;
 mod e2e_certs;
 mod e2e_cli;
+mod e2e_connect_rewrite;
 mod e2e_demo;
 mod e2e_discovery;
 mod e2e_discovery_dns;
