@@ -18,7 +18,7 @@ use crate::proxy::balance::{
     Backend, CheckKind, EmptyKey, HashKey, HealthSpec, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
 };
 use crate::proxy::proxy_header::Tlv;
-use crate::proxy::rewrite::{Fact, Policy as ConnectPolicy, Template};
+use crate::proxy::rewrite::{Fact, Piece, Policy as ConnectPolicy, Template};
 use crate::proxy::routing::{Conditions, RouteRule};
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 
@@ -994,6 +994,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
     }
     let admin = check_admin(&mut c, &raw.admin, &listeners, base);
+    warn_identity_never_there(&mut c, &raw, &pools);
 
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
@@ -1036,6 +1037,39 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         on_removed,
         warnings: c.warnings,
     })
+}
+
+/// Warns about a listener whose connections reach a pool whose `connect.username` needs a client
+/// certificate the listener never asks for: every one of them would be refused.
+fn warn_identity_never_there(c: &mut Check, raw: &RawConfig, pools: &[Arc<Pool>]) {
+    for (i, l) in raw.listener.iter().enumerate() {
+        let asks = l.tls.as_ref().is_some_and(|t| t.client_auth != ClientAuth::None);
+        if asks {
+            continue;
+        }
+        let names = std::iter::once(&l.pool).chain(l.route.iter().map(|r| &r.pool));
+        let mut seen = HashSet::new();
+        for name in names.filter(|n| seen.insert(*n)) {
+            let Some(template) = pools.iter().find(|p| &p.name == name).and_then(|p| p.connect.username.as_ref())
+            else {
+                continue;
+            };
+            let cert = template.0.iter().find_map(|p| match p {
+                Piece::Fact(f @ (Fact::CertCn | Fact::CertIssuerCn | Fact::CertSha256)) => Some(*f),
+                _ => None,
+            });
+            if let Some(f) = cert {
+                c.warn(
+                    format!("listener[{i}]"),
+                    format!(
+                        "pool {name:?} makes the username from {{{}}}, but this listener asks for no client \
+                         certificate: every connection it sends there is refused (CONNACK \"bad user name or password\")",
+                        f.as_str()
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Compiles a pool's `connect` policy: a username template whose placeholders are facts, and
@@ -1546,6 +1580,15 @@ backends = ["127.0.0.1:3"]
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
         assert!(!problems(&with(r#"{ password = "forget" }"#)).is_empty());
+        let loaded = load_str(&with(r#"{ username = "cert_cn" }"#), Path::new(".")).unwrap();
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.to_string().starts_with("listener[0]: pool \"brokers\" makes the username from {cert_cn}")),
+            "{:?}",
+            loaded.warnings
+        );
     }
 
     #[test]
