@@ -10,6 +10,7 @@ use harbormaster::proxy::balance::{Backend, EmptyKey, HashKey, PlannedCloseWill,
 fn pool(n: usize) -> Pool {
     Pool {
         name: "bench".into(),
+        connect: Default::default(),
         backends: (0..n)
             .map(|i| {
                 let name = format!("hivemq-{i}.hivemq.mqtt.svc.cluster.local:1883");

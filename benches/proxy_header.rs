@@ -17,6 +17,7 @@ fn bench(c: &mut Criterion) {
         client_cert: Some(ClientCert {
             cn: Some("device-0123456789".into()),
             cn_refused: None,
+            issuer_cn: None,
             sha256: [0x5a; 32],
             sig_alg: Some("ecdsa-with-SHA256".into()),
             key_alg: Some("EC256".into()),

@@ -79,16 +79,47 @@ enum Command {
         #[arg(long, short, default_value = "config/harbormaster.toml")]
         config: PathBuf,
     },
-    /// Print the broker a client-id goes to, then the rest of its preference order.
+    /// Print the broker a client-id goes to, then the rest of its preference order. With
+    /// routing rules, the pool is the one the listener's rules pick for the facts given
+    /// (which rule matched is printed on stderr).
     Route {
         #[arg(long, short, default_value = "config/harbormaster.toml")]
         config: PathBuf,
         #[arg(long)]
         client_id: String,
-        /// The pool to look in; defaults to the only pool, or the first listener's pool.
+        /// The pool to look in, whatever the rules say; defaults to the pool the listener's
+        /// rules pick, or its `pool`.
         #[arg(long)]
         pool: Option<String>,
+        #[command(flatten)]
+        facts: RouteFacts,
     },
+}
+
+/// What a connection would offer a listener's routing rules.
+#[derive(clap::Args)]
+struct RouteFacts {
+    /// The listener the client connects to; defaults to the first.
+    #[arg(long)]
+    listener: Option<String>,
+    /// The server name the client sends (SNI).
+    #[arg(long)]
+    sni: Option<String>,
+    /// The ALPN protocol negotiated.
+    #[arg(long)]
+    alpn: Option<String>,
+    /// The client certificate's subject CN.
+    #[arg(long)]
+    cert_cn: Option<String>,
+    /// The client certificate's issuer CN.
+    #[arg(long)]
+    cert_issuer_cn: Option<String>,
+    /// The CONNECT's username.
+    #[arg(long)]
+    username: Option<String>,
+    /// The client's address.
+    #[arg(long)]
+    source: Option<std::net::IpAddr>,
 }
 
 /// Exit code for an invalid config (EX_USAGE), so orchestrators can tell it from a crash.
@@ -114,7 +145,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Route { config, client_id, pool } => {
+        Command::Route { config, client_id, pool, facts } => {
             let loaded = match config::load(&config) {
                 Ok(l) => l,
                 Err(problems) => {
@@ -123,13 +154,27 @@ fn main() -> ExitCode {
                 }
             };
             // The same lookup as the admin server's /route.
-            let found = match route::lookup(&loaded.snapshot, client_id.as_bytes(), pool.as_deref()) {
+            let query = route::Query {
+                listener: facts.listener,
+                pool,
+                sni: facts.sni,
+                alpn: facts.alpn,
+                cert_cn: facts.cert_cn,
+                cert_issuer_cn: facts.cert_issuer_cn,
+                username: facts.username,
+                source: facts.source,
+            };
+            let found = match route::lookup_query(&loaded.snapshot, client_id.as_bytes(), &query) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
+            // The rule on stderr: stdout stays the list of brokers, one a line.
+            if let Some(m) = &found.matched {
+                eprintln!("{m}: pool {:?}", found.pool.name);
+            }
             // Written without println! so that `| head -1` closing the pipe is not a panic.
             let mut out = std::io::stdout().lock();
             for b in found.preference {

@@ -75,7 +75,7 @@ const ENDPOINTS: [&str; 10] = [
     "/readyz",
     "/metrics",
     "/backends",
-    "/route?client_id=ID[&pool=NAME]",
+    "/route?client_id=ID[&pool=NAME|&listener=NAME&sni=..&alpn=..&cert_cn=..&cert_issuer_cn=..&username=..&source=IP]",
     "POST /backends/POOL/BROKER/drain",
     "POST /backends/POOL/BROKER/enable",
     "POST /pools/POOL/rebalance",
@@ -640,15 +640,35 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             &json!({ "error": "client_id is required: /route?client_id=ID[&pool=NAME]" }),
         );
     };
-    let pool = query_param(query, "pool").map(|p| String::from_utf8_lossy(&p).into_owned());
+    let text = |name: &str| query_param(query, name).map(|p| String::from_utf8_lossy(&p).into_owned());
+    let source = match text("source").map(|s| s.parse::<std::net::IpAddr>()) {
+        None => None,
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => {
+            return json_response(StatusCode::BAD_REQUEST, &json!({ "error": "source must be an IP address" }));
+        }
+    };
+    let q = route::Query {
+        listener: text("listener"),
+        pool: text("pool"),
+        sni: text("sni"),
+        alpn: text("alpn"),
+        cert_cn: text("cert_cn"),
+        cert_issuer_cn: text("cert_issuer_cn"),
+        username: text("username"),
+        source,
+    };
     let snap = state.current.load();
-    match route::lookup(&snap, &key, pool.as_deref()) {
+    match route::lookup_query(&snap, &key, &q) {
         Ok(r) => {
             let now = r.now();
             json_response(
                 StatusCode::OK,
                 &json!({
                     "client_id": String::from_utf8_lossy(&key),
+                    "listener": r.matched.as_ref().map(|m| m.listener.as_str()),
+                    "rule": r.matched.as_ref().and_then(|m| m.rule).map(|i| format!("route[{i}]")),
+                    "rule_match": r.matched.as_ref().filter(|m| m.rule.is_some()).map(|m| m.conditions.as_str()),
                     "pool": r.pool.name,
                     "hash_key": route::hash_key_name(r.pool.hash_key),
                     "broker": now.map(|b| b.name.as_str()),
@@ -660,7 +680,7 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         }
         Err(e) => {
             let status = match e {
-                RouteError::NoPool(_) | RouteError::NoDefaultPool => StatusCode::NOT_FOUND,
+                RouteError::NoPool(_) | RouteError::NoListener(_) | RouteError::NoDefaultPool => StatusCode::NOT_FOUND,
                 RouteError::EmptyKey { .. } => StatusCode::BAD_REQUEST,
                 RouteError::NoBrokers(_) => StatusCode::SERVICE_UNAVAILABLE,
             };

@@ -1,12 +1,52 @@
-//! Route lookup: which broker a routing key (a client-id, by default) goes to, and its whole
+//! Route lookup: which pool a connection's facts pick by a listener's routing rules, then
+//! which broker a routing key (a client-id, by default) goes to there, and its whole
 //! preference order. One implementation behind `harbormaster route` and the admin server's
-//! `/route`, built on the data plane's own [`Pool::ranking`] and [`Pool::candidates`].
+//! `/route`, built on the data plane's own [`routing::first_match`], [`Pool::ranking`] and
+//! [`Pool::candidates`].
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::proxy::balance::{Backend, EmptyKey, HashKey, Pool};
-use crate::proxy::snapshot::Snapshot;
+use crate::proxy::routing::{self, RouteInput};
+use crate::proxy::snapshot::{ListenerSpec, Snapshot};
+
+/// The facts a connection would offer the routing rules (`--sni`, `sni=`, ...), the listener
+/// it arrives on, or a pool named outright (which skips the rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// The listener whose rules apply; the first listener when not given.
+    pub listener: Option<String>,
+    /// Look in this pool, whatever the rules say.
+    pub pool: Option<String>,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    pub cert_cn: Option<String>,
+    pub cert_issuer_cn: Option<String>,
+    pub username: Option<String>,
+    pub source: Option<IpAddr>,
+}
+
+/// Which of a listener's rules picked the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    pub listener: String,
+    /// The rule's index in the listener's `route`; `None`: no rule matched, the listener's
+    /// own `pool`.
+    pub rule: Option<usize>,
+    /// The rule's conditions in config spelling.
+    pub conditions: String,
+}
+
+impl fmt::Display for Matched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rule {
+            Some(i) => write!(f, "listener {:?}: route[{i}] matched ({})", self.listener, self.conditions),
+            None => write!(f, "listener {:?}: no route matched, the listener's pool", self.listener),
+        }
+    }
+}
 
 /// The answer for one key in one pool.
 #[derive(Debug)]
@@ -18,6 +58,8 @@ pub struct Route<'a> {
     /// The brokers the data plane dials now, in order: the first `backend_attempts` healthy
     /// ones of `preference` (all of them when none is healthy).
     pub candidates: Vec<&'a Arc<Backend>>,
+    /// The rule that picked the pool, when the pool came from a listener's rules.
+    pub matched: Option<Matched>,
 }
 
 impl Route<'_> {
@@ -32,6 +74,8 @@ impl Route<'_> {
 pub enum RouteError {
     /// The named pool does not exist.
     NoPool(String),
+    /// The named listener does not exist.
+    NoListener(String),
     /// No pool was named and none is the obvious one.
     NoDefaultPool,
     /// Empty keys are not hashed; such clients follow the pool's `empty_client_id`.
@@ -45,6 +89,7 @@ impl fmt::Display for RouteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteError::NoPool(name) => write!(f, "no pool {name:?}"),
+            RouteError::NoListener(name) => write!(f, "no listener {name:?}"),
             RouteError::NoDefaultPool => write!(f, "no pool given and no default pool"),
             RouteError::EmptyKey { pool, policy } => write!(
                 f,
@@ -82,7 +127,39 @@ pub fn lookup<'a>(snap: &'a Snapshot, key: &[u8], pool: Option<&str>) -> Result<
     if preference.is_empty() {
         return Err(RouteError::NoBrokers(pool.name.clone()));
     }
-    Ok(Route { pool, preference, candidates: pool.candidates(key, pool.backend_attempts) })
+    Ok(Route { pool, preference, candidates: pool.candidates(key, pool.backend_attempts), matched: None })
+}
+
+/// Where a connection with client-id `key` and the facts of `q` goes: the pool `q` names, or
+/// else the pool the listener's rules pick (the first listener's, when `q` names none), then
+/// the broker in it. The rules are the data plane's, evaluated the same way.
+pub fn lookup_query<'a>(snap: &'a Snapshot, key: &[u8], q: &Query) -> Result<Route<'a>, RouteError> {
+    if q.pool.is_some() {
+        return lookup(snap, key, q.pool.as_deref());
+    }
+    let listener: &ListenerSpec = match &q.listener {
+        Some(name) => snap.listener(name).ok_or_else(|| RouteError::NoListener(name.clone()))?,
+        None if snap.listeners.first().is_none_or(|l| l.routes.is_empty()) => return lookup(snap, key, None),
+        None => &snap.listeners[0],
+    };
+    let input = RouteInput {
+        sni: q.sni.as_deref(),
+        alpn: q.alpn.as_deref().map(str::as_bytes),
+        cert_cn: q.cert_cn.as_deref(),
+        cert_issuer_cn: q.cert_issuer_cn.as_deref(),
+        username: q.username.as_deref().map(str::as_bytes),
+        client_id: key,
+        source: q.source,
+    };
+    let found = routing::first_match(&listener.routes, &input);
+    let pool = found.map_or(listener.pool.as_str(), |(_, r)| r.pool.as_str());
+    let mut route = lookup(snap, key, Some(pool))?;
+    route.matched = Some(Matched {
+        listener: listener.name.clone(),
+        rule: found.map(|(i, _)| i),
+        conditions: found.map(|(_, r)| r.when.describe()).unwrap_or_default(),
+    });
+    Ok(route)
 }
 
 /// The config spelling of a pool's `hash_key`.
@@ -154,6 +231,50 @@ backend_attempts = 1
         assert_eq!(r.preference[0].name, first.name, "preference ignores health");
         assert_eq!(r.now().unwrap().name, r.preference[1].name, "the data plane skips the down broker");
         assert_eq!(r.candidates.len(), 1);
+    }
+
+    #[test]
+    fn rules_pick_the_pool_and_say_which_matched() {
+        let text = r#"
+[[listener]]
+name = "one"
+bind = "127.0.0.1:0"
+pool = "second"
+
+[[listener.route]]
+match = { username = "alice", source = "10.0.0.0/8" }
+pool = "first"
+
+[[listener]]
+name = "two"
+bind = "127.0.0.1:0"
+pool = "first"
+
+[pool.first]
+backends = ["127.0.0.1:1"]
+
+[pool.second]
+backends = ["127.0.0.1:2"]
+"#;
+        let snap = load_str(text, Path::new(".")).unwrap().snapshot;
+        let alice =
+            Query { username: Some("alice".into()), source: Some("10.1.1.1".parse().unwrap()), ..Default::default() };
+        let r = lookup_query(&snap, b"d", &alice).unwrap();
+        assert_eq!(r.pool.name, "first");
+        let m = r.matched.unwrap();
+        assert_eq!((m.listener.as_str(), m.rule), ("one", Some(0)));
+        assert_eq!(m.to_string(), r#"listener "one": route[0] matched (username=alice,source=10.0.0.0/8)"#);
+        // Not every condition holds: the listener's own pool.
+        let r = lookup_query(&snap, b"d", &Query { username: Some("alice".into()), ..Default::default() }).unwrap();
+        assert_eq!((r.pool.name.as_str(), r.matched.unwrap().rule), ("second", None));
+        // Another listener, another default; a pool named outright skips the rules.
+        let two = Query { listener: Some("two".into()), ..alice.clone() };
+        assert_eq!(lookup_query(&snap, b"d", &two).unwrap().pool.name, "first");
+        let named = Query { pool: Some("second".into()), ..alice };
+        let r = lookup_query(&snap, b"d", &named).unwrap();
+        assert_eq!((r.pool.name.as_str(), r.matched), ("second", None));
+        let nope = Query { listener: Some("nope".into()), ..Default::default() };
+        assert_eq!(lookup_query(&snap, b"d", &nope).unwrap_err(), RouteError::NoListener("nope".into()));
     }
 
     #[test]

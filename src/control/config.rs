@@ -19,6 +19,8 @@ use crate::proxy::balance::{
     Rebalance,
 };
 use crate::proxy::proxy_header::Tlv;
+use crate::proxy::rewrite::{Fact, Piece, Policy as ConnectPolicy, Template};
+use crate::proxy::routing::{Conditions, RouteRule};
 use crate::proxy::snapshot::{Limits, ListenerSpec, RefusalStyle, Snapshot};
 use crate::proxy::websocket::WebSocketSpec;
 
@@ -92,6 +94,9 @@ pub struct RawListener {
     pub refusal: RawRefusal,
     /// MQTT over WebSocket on this listener too: `websocket = { path = "/mqtt", origins = [] }`.
     pub websocket: Option<RawWebSocket>,
+    /// `[[listener.route]]`: ordered routing rules, first match wins, `pool` the default.
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
 }
 
 /// A listener's `websocket` table.
@@ -107,6 +112,64 @@ pub struct RawWebSocket {
 
 fn default_websocket_path() -> String {
     "/mqtt".to_string()
+}
+
+/// One `[[listener.route]]`: `match = { ... }` and the pool it sends matching connections to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(rename = "match")]
+    pub when: RawMatch,
+    pub pool: String,
+}
+
+/// A rule's conditions, all of which must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub sni: Option<String>,
+    pub sni_suffix: Option<String>,
+    pub alpn: Option<String>,
+    pub cert_cn: Option<String>,
+    pub cert_issuer_cn: Option<String>,
+    pub username: Option<String>,
+    pub client_id_prefix: Option<String>,
+    /// A CIDR (or address) or a list of them.
+    pub source: Option<StringOrList>,
+}
+
+/// `connect = { username = "keep" | "cert_cn" | TEMPLATE, password = "keep" | "drop",
+/// user_properties = [FACT, ...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnect {
+    #[serde(default = "default_keep")]
+    pub username: String,
+    #[serde(default)]
+    pub password: RawPassword,
+    #[serde(default)]
+    pub user_properties: Vec<String>,
+}
+
+fn default_keep() -> String {
+    "keep".into()
+}
+
+/// `connect.password`: `"keep"` (default) or `"drop"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawPassword {
+    #[default]
+    Keep,
+    Drop,
+}
+
+/// A key that takes one string or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `refusal`: `"connack"` (default) or `"close"`.
@@ -280,6 +343,8 @@ pub struct RawPool {
     pub backend_connack_timeout: Duration,
     #[serde(default = "default_backend_attempts")]
     pub backend_attempts: usize,
+    /// The CONNECT rewrite for brokers that read no PROXY header.
+    pub connect: Option<RawConnect>,
     /// Active health checks; absent: none.
     pub health: Option<RawHealth>,
     /// What happens to the client connections of a broker that leaves the pool.
@@ -972,11 +1037,13 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
                 None
             }
         });
+        let routes = check_routes(&mut c, &at, &l.route, &raw.pool, l.tls.as_ref());
         if let Some(bind) = bind {
             listeners.push(Arc::new(ListenerSpec {
                 name: l.name.clone(),
                 bind,
                 pool: l.pool.clone(),
+                routes,
                 accept_proxy: l.accept_proxy,
                 trusted_proxies: trusted,
                 tls,
@@ -1025,6 +1092,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         c.add("log.level", format!("{:?} is not a valid log filter", raw.log.level));
     }
     let admin = check_admin(&mut c, &raw.admin, &listeners, base);
+    warn_identity_never_there(&mut c, &raw, &pools);
 
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
@@ -1067,6 +1135,155 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         on_removed,
         warnings: c.warnings,
     })
+}
+
+/// Warns about a listener whose connections reach a pool whose `connect.username` needs a client
+/// certificate the listener never asks for: every one of them would be refused.
+fn warn_identity_never_there(c: &mut Check, raw: &RawConfig, pools: &[Arc<Pool>]) {
+    for (i, l) in raw.listener.iter().enumerate() {
+        let asks = l.tls.as_ref().is_some_and(|t| t.client_auth != ClientAuth::None);
+        if asks {
+            continue;
+        }
+        let names = std::iter::once(&l.pool).chain(l.route.iter().map(|r| &r.pool));
+        let mut seen = HashSet::new();
+        for name in names.filter(|n| seen.insert(*n)) {
+            let Some(template) = pools.iter().find(|p| &p.name == name).and_then(|p| p.connect.username.as_ref())
+            else {
+                continue;
+            };
+            let cert = template.0.iter().find_map(|p| match p {
+                Piece::Fact(f @ (Fact::CertCn | Fact::CertIssuerCn | Fact::CertSha256)) => Some(*f),
+                _ => None,
+            });
+            if let Some(f) = cert {
+                c.warn(
+                    format!("listener[{i}]"),
+                    format!(
+                        "pool {name:?} makes the username from {{{}}}, but this listener asks for no client \
+                         certificate: every connection it sends there is refused (CONNACK \"bad user name or password\")",
+                        f.as_str()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Compiles a pool's `connect` policy: a username template whose placeholders are facts, and
+/// User Properties naming facts, each once.
+fn check_connect(c: &mut Check, at: &str, r: &RawConnect) -> ConnectPolicy {
+    let username = match r.username.as_str() {
+        "keep" => None,
+        t => match Template::parse(t) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                c.add(
+                    format!("{at}.username"),
+                    format!("{e} (\"keep\", \"cert_cn\" or a template like \"{{cert_cn}}@{{sni}}\")"),
+                );
+                None
+            }
+        },
+    };
+    let mut user_properties = Vec::new();
+    for (i, name) in r.user_properties.iter().enumerate() {
+        match Fact::parse(name) {
+            Some(f) if user_properties.contains(&f) => {
+                c.add(format!("{at}.user_properties[{i}]"), format!("{name:?} is listed twice"))
+            }
+            Some(f) => user_properties.push(f),
+            None => {
+                let names: Vec<&str> = Fact::ALL.iter().map(|f| f.as_str()).collect();
+                c.add(format!("{at}.user_properties[{i}]"), format!("{name:?} is not one of {}", names.join(", ")))
+            }
+        }
+    }
+    ConnectPolicy { username, drop_password: r.password == RawPassword::Drop, user_properties }
+}
+
+/// Compiles a listener's `[[listener.route]]` rules: pools that exist, conditions that parse
+/// (names lowercased, CIDRs parsed), and no rule after one that matches every connection.
+fn check_routes(
+    c: &mut Check,
+    at: &str,
+    raw: &[RawRoute],
+    pools: &BTreeMap<String, RawPool>,
+    tls: Option<&RawTls>,
+) -> Vec<RouteRule> {
+    let mut rules = Vec::with_capacity(raw.len());
+    let mut catch_all: Option<usize> = None;
+    for (j, r) in raw.iter().enumerate() {
+        let at = format!("{at}.route[{j}]");
+        if !pools.contains_key(&r.pool) {
+            c.add(format!("{at}.pool"), format!("no pool named {:?}", r.pool));
+        }
+        let m = &r.when;
+        let mut when = Conditions {
+            sni: m.sni.as_ref().map(|s| s.to_ascii_lowercase()),
+            sni_suffix: m.sni_suffix.as_ref().map(|s| s.to_ascii_lowercase()),
+            alpn: m.alpn.as_ref().map(|s| s.as_bytes().to_vec()),
+            cert_cn: m.cert_cn.clone(),
+            cert_issuer_cn: m.cert_issuer_cn.clone(),
+            username: m.username.as_ref().map(|s| s.as_bytes().to_vec()),
+            client_id_prefix: m.client_id_prefix.as_ref().map(|s| s.as_bytes().to_vec()),
+            source: Vec::new(),
+        };
+        for (key, value) in [
+            ("sni", &m.sni),
+            ("sni_suffix", &m.sni_suffix),
+            ("alpn", &m.alpn),
+            ("cert_cn", &m.cert_cn),
+            ("cert_issuer_cn", &m.cert_issuer_cn),
+            ("username", &m.username),
+        ] {
+            if value.as_deref() == Some("") {
+                c.add(format!("{at}.match.{key}"), "must not be empty");
+            } else if value.is_some() && tls.is_none() && key != "username" {
+                c.add(format!("{at}.match.{key}"), "can never match: the listener has no [listener.tls]");
+            }
+        }
+        if let (Some(alpn), Some(t)) = (&m.alpn, tls) {
+            if !alpn.is_empty() && !t.alpn.contains(alpn) {
+                c.add(
+                    format!("{at}.match.alpn"),
+                    format!("can never match: {alpn:?} is not among the listener's tls.alpn {:?}", t.alpn),
+                );
+            }
+        }
+        if when.sni_suffix.as_deref() == Some(".") {
+            c.add(format!("{at}.match.sni_suffix"), "must name a domain");
+        }
+        match &m.source {
+            None => {}
+            Some(StringOrList::One(s)) => match parse_net(s) {
+                Some(n) => when.source.push(n),
+                None => c.add(format!("{at}.match.source"), format!("{s:?} is not a CIDR or IP address")),
+            },
+            Some(StringOrList::Many(list)) => {
+                if list.is_empty() {
+                    c.add(format!("{at}.match.source"), "must name at least one CIDR");
+                }
+                for (k, s) in list.iter().enumerate() {
+                    match parse_net(s) {
+                        Some(n) => when.source.push(n),
+                        None => c.add(format!("{at}.match.source[{k}]"), format!("{s:?} is not a CIDR or IP address")),
+                    }
+                }
+            }
+        }
+        if let Some(first) = catch_all {
+            c.add(format!("{at}.match"), format!("can never match: route[{first}] before it matches every connection"));
+        } else if when.catch_all() {
+            catch_all = Some(j);
+        }
+        rules.push(RouteRule { pool: r.pool.clone(), when });
+    }
+    rules
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).ok()
 }
 
 /// Validates the admission limits of `[limits]`; burst sizes default to their rate.
@@ -1176,12 +1393,14 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         }
     }
     let check = p.health.as_ref().and_then(|h| check_kind(h, &format!("{at}.health"), c));
+    let connect = p.connect.as_ref().map(|r| check_connect(c, &format!("{at}.connect"), r)).unwrap_or_default();
     if c.problems.len() > before {
         return None;
     }
     Some(Pool {
         name: name.to_string(),
         backends,
+        connect,
         hash_key: match p.hash_key {
             RawHashKey::ClientId => HashKey::ClientId,
             RawHashKey::Username => HashKey::Username,
@@ -1457,6 +1676,108 @@ connect_timeout = "0s"
         ] {
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
+    }
+
+    const ROUTED: &str = r#"
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:0"
+pool = "main"
+
+[[listener.route]]
+match = { username = "tenant-a", client_id_prefix = "a-" }
+pool = "a"
+
+[[listener.route]]
+match = { source = ["10.0.0.0/8", "192.0.2.7"] }
+pool = "b"
+
+[pool.main]
+backends = ["127.0.0.1:1"]
+[pool.a]
+backends = ["127.0.0.1:2"]
+[pool.b]
+backends = ["127.0.0.1:3"]
+"#;
+
+    #[test]
+    fn connect_policies_compile_or_say_why_not() {
+        let with =
+            |connect: &str| MINIMAL.replace("[pool.brokers]\n", &format!("[pool.brokers]\nconnect = {connect}\n"));
+        let s = load_str(
+            &with(r#"{ username = "{cert_cn}@{sni}", password = "drop", user_properties = ["sni", "cert_sha256"] }"#),
+            Path::new("."),
+        )
+        .unwrap()
+        .snapshot;
+        let c = &s.pools[0].connect;
+        assert_eq!(c.username.as_ref().unwrap().describe(), "{cert_cn}@{sni}");
+        assert!(c.drop_password);
+        assert_eq!(c.user_properties, [Fact::Sni, Fact::CertSha256]);
+        let s = load_str(MINIMAL, Path::new(".")).unwrap().snapshot;
+        assert_eq!(s.pools[0].connect, ConnectPolicy::default());
+        let got = problems(&with(r#"{ username = "{cn}", user_properties = ["sni", "sni", "secret"] }"#));
+        for want in [
+            "pool.brokers.connect.username: \"{cn}\": unknown placeholder {cn}",
+            "pool.brokers.connect.user_properties[1]: \"sni\" is listed twice",
+            "pool.brokers.connect.user_properties[2]: \"secret\" is not one of",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        assert!(!problems(&with(r#"{ password = "forget" }"#)).is_empty());
+        let loaded = load_str(&with(r#"{ username = "cert_cn" }"#), Path::new(".")).unwrap();
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.to_string().starts_with("listener[0]: pool \"brokers\" makes the username from {cert_cn}")),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+
+    #[test]
+    fn routing_rules_are_compiled_in_order() {
+        let s = load_str(ROUTED, Path::new(".")).unwrap().snapshot;
+        let routes = &s.listeners[0].routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].pool, "a");
+        assert_eq!(routes[0].when.username.as_deref(), Some(&b"tenant-a"[..]));
+        assert_eq!(routes[0].when.client_id_prefix.as_deref(), Some(&b"a-"[..]));
+        assert_eq!(routes[1].pool, "b");
+        let nets: Vec<String> = routes[1].when.source.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32"]);
+    }
+
+    #[test]
+    fn bad_routing_rules_are_reported_with_their_paths() {
+        let text = ROUTED.replace("pool = \"b\"", "pool = \"nope\"").replace("192.0.2.7", "192.0.2.300")
+            + r#"
+[[listener.route]]
+match = {}
+pool = "a"
+
+[[listener.route]]
+match = { username = "late" }
+pool = "a"
+
+[[listener.route]]
+match = { sni = "x.example.com", sni_suffix = "" }
+pool = "a"
+"#;
+        let got = problems(&text);
+        for want in [
+            "listener[0].route[1].pool: no pool named \"nope\"",
+            "listener[0].route[1].match.source[1]:",
+            "listener[0].route[3].match: can never match: route[2] before it matches every connection",
+            "listener[0].route[4].match.sni: can never match: the listener has no [listener.tls]",
+            "listener[0].route[4].match.sni_suffix: must not be empty",
+        ] {
+            assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
+        }
+        let unknown = ROUTED.replace("username = \"tenant-a\"", "user = \"tenant-a\"");
+        let got = problems(&unknown);
+        assert!(got.iter().any(|g| g.contains("listener") && g.contains("user")), "{got:#?}");
     }
 
     #[test]

@@ -311,6 +311,7 @@ mod tests {
     ) -> Pool {
         Pool {
             name: name.into(),
+            connect: Default::default(),
             backends: brokers.iter().map(|(n, a)| Arc::new(Backend::new(n.clone(), *a))).collect(),
             hash_key: HashKey::ClientId,
             empty_key: EmptyKey::LeastConnections,

@@ -124,6 +124,9 @@ impl Deref for Backend {
 pub struct Pool {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
+    /// How the CONNECT is rewritten before it is sent to a broker (`connect`); the default
+    /// changes nothing.
+    pub connect: super::rewrite::Policy,
     pub hash_key: HashKey,
     pub empty_key: EmptyKey,
     pub proxy_protocol: ProxyProtocol,
@@ -260,6 +263,7 @@ mod tests {
     fn pool(names: &[&str]) -> Pool {
         Pool {
             name: "p".into(),
+            connect: Default::default(),
             backends: names
                 .iter()
                 .enumerate()

@@ -37,6 +37,8 @@ use super::mqtt::{self, Connect, ConnectError, MqttVersion, Peek, Refusal, Strin
 use super::proxy_header::{self, HeaderInput};
 use super::registry::{CloseCause, Leaving, Registration, Registry};
 use super::relay::{self, Ended};
+use super::rewrite;
+use super::routing;
 use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
 use super::tls_stream::TlsServerStream;
@@ -135,6 +137,9 @@ pub enum CloseReason {
     SetupBytes,
     /// The client-id reconnects too often: CONNACK "connection rate exceeded".
     Flapping,
+    /// The pool's `connect` policy cannot rewrite this CONNECT (no verified certificate for
+    /// `cert_cn`, a username MQTT cannot carry, a result over `max_connect_packet`).
+    ConnectRewrite,
     /// The connection's task ended without an outcome: it panicked (a bug). Counted and
     /// logged like every other end, and other connections are unaffected.
     Internal,
@@ -169,6 +174,7 @@ impl CloseReason {
             CloseReason::SourceRate => "per_source_rate",
             CloseReason::SetupBytes => "max_setup_bytes",
             CloseReason::Flapping => "flapping",
+            CloseReason::ConnectRewrite => "connect_rewrite_refused",
             CloseReason::Internal => "internal_error",
             CloseReason::Relayed(Ended::Clean) => "closed",
             CloseReason::Relayed(Ended::ClientError) => "client_error",
@@ -269,6 +275,9 @@ struct Facts {
     bridge: bool,
     /// The client speaks MQTT over WebSocket.
     websocket: bool,
+    /// The pool the connection was routed to, and by which rule (boxed: the facts live in
+    /// every connection's task).
+    routed: Option<Box<Routed>>,
     broker: Option<String>,
     up: u64,
     down: u64,
@@ -278,8 +287,6 @@ struct Facts {
     /// The DISCONNECTs a planned close wrote: to the client, to the broker.
     disconnect_sent: Option<Disconnect>,
     broker_disconnect_sent: Option<Disconnect>,
-    /// How long the connection was held for its restarting broker (ms) and how that ended.
-    held: Option<(u32, HoldOutcome)>,
 }
 
 /// A connection's place in `connections_active` and its end — the close counters and its one
@@ -523,6 +530,9 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
         bridge = facts.bridge,
         transport = if facts.websocket { "websocket" } else { "mqtt" },
+        route = %RouteField(facts.routed.as_ref().and_then(|r| r.rule)),
+        pool = facts.routed.as_ref().map_or("", |r| r.pool.as_str()),
+        connect_rewrite = facts.routed.as_ref().and_then(|r| r.rewrite.as_deref()).unwrap_or(""),
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
         bytes_out = facts.down,
@@ -530,11 +540,35 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         close_reason = reason.as_str(),
         disconnect_sent = facts.disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
         broker_disconnect_sent = facts.broker_disconnect_sent.map(Disconnect::as_str).unwrap_or(""),
-        held_ms = facts.held.map_or(0, |(ms, _)| ms),
-        hold_outcome = facts.held.map(|(_, o)| o.as_str()).unwrap_or(""),
+        held_ms = facts.routed.as_ref().and_then(|r| r.held).map_or(0, |(ms, _)| ms),
+        hold_outcome = facts.routed.as_ref().and_then(|r| r.held).map(|(_, o)| o.as_str()).unwrap_or(""),
         detail = facts.detail.as_deref().unwrap_or(""),
         "connection closed"
     );
+}
+
+/// Where the route step sent a connection: the pool, and the index of the listener's rule that
+/// picked it (`None`: the listener's own `pool`).
+struct Routed {
+    rule: Option<u16>,
+    pool: String,
+    /// What the pool's `connect` policy changed in the CONNECT (never the password).
+    rewrite: Option<String>,
+    /// How long the connection was held for its restarting broker (ms) and how that ended.
+    held: Option<(u32, HoldOutcome)>,
+}
+
+/// The log's `route`: `route[N]`, the rule of the listener that picked the pool, or empty when
+/// the listener's own `pool` took the connection. Written without allocating.
+struct RouteField(Option<u16>);
+
+impl std::fmt::Display for RouteField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(i) => write!(f, "route[{i}]"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sets up one accepted connection: an established connection and the hash of the routing key
@@ -715,7 +749,7 @@ impl<'a> Setup<'a> {
         // Bytes pipelined behind the CONNECT go to the broker with it, and may end inside a
         // packet: the relay's tracking of the client's packets starts after them.
         self.up_at.advance(&buf[len..]);
-        let first = self.first_bytes(&connect, &buf, charge);
+        let first = self.first_bytes(&connect, &buf, len, charge)?;
         drop(buf);
         self.dial(route, first, version, client).await
     }
@@ -1003,10 +1037,21 @@ impl<'a> Setup<'a> {
         Err(refused.detail(detail))
     }
 
-    /// The brokers to try, best first: the routing key's rendezvous order, or what
+    /// Notes how long the connection was held for its broker and how that ended (for its log
+    /// line). Kept with the routing facts, boxed: holding is rare, the facts live in every task.
+    fn note_held(&mut self, ms: u32, outcome: HoldOutcome) {
+        if let Some(routed) = self.facts.routed.as_mut() {
+            routed.held = Some((ms, outcome));
+        }
+    }
+
+    /// The brokers to try, best first: the pool of the first routing rule that matches (the
+    /// listener's own otherwise), then in it the routing key's rendezvous order, or what
     /// `empty_client_id` says for a client without a key; and, in a pool that holds, the key's
     /// first choice. Remembers the key's hash: rebalancing finds the connection's home by it.
     fn route(&mut self, connect: &Connect<'_>) -> Result<Route<'a>, Refused> {
+        let rule = if self.spec.routes.is_empty() { None } else { self.pick_pool(connect)? };
+        self.facts.routed = Some(Box::new(Routed { rule, pool: self.pool.name.clone(), rewrite: None, held: None }));
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -1041,9 +1086,87 @@ impl<'a> Setup<'a> {
         Ok(Route { candidates, home })
     }
 
-    /// PROXY header, then the CONNECT and whatever was pipelined (`buf`): the same bytes for
-    /// every broker tried. They take the CONNECT buffer's place in the setup budget.
-    fn first_bytes(&mut self, connect: &Connect<'_>, buf: &[u8], mut charge: SetupCharge) -> FirstBytes {
+    /// The listener's routing rules, evaluated once, now that every fact they read is known:
+    /// the first that matches names the pool. Returns the index of the rule that matched.
+    fn pick_pool(&mut self, connect: &Connect<'_>) -> Result<Option<u16>, Refused> {
+        let tls = self.tls.as_ref();
+        let cert = tls.and_then(|t| t.client_cert.as_ref());
+        let input = routing::RouteInput {
+            sni: tls.and_then(|t| t.sni.as_deref()),
+            alpn: tls.and_then(|t| t.alpn.as_deref()),
+            cert_cn: cert.and_then(|c| c.cn.as_deref()),
+            cert_issuer_cn: cert.and_then(|c| c.issuer_cn.as_deref()),
+            username: connect.username,
+            client_id: connect.client_id,
+            source: Some(self.src.ip()),
+        };
+        let spec: &'a ListenerSpec = self.spec;
+        let Some((i, rule)) = routing::first_match(&spec.routes, &input) else {
+            return Ok(None);
+        };
+        match self.snap.pool(&rule.pool) {
+            Some(pool) => {
+                self.pool = pool;
+                Ok(u16::try_from(i).ok())
+            }
+            None => Err(Refused::close(CloseReason::NoPool).detail(format!("route[{i}]: no pool {:?}", rule.pool))),
+        }
+    }
+
+    /// The CONNECT (`packet`) as the pool's `connect` policy rewrites it, or `None` when the
+    /// policy changes nothing; a CONNECT it cannot rewrite is refused before any broker sees it.
+    fn rewrite_connect(&mut self, connect: &Connect<'_>, packet: &[u8]) -> Result<Option<Vec<u8>>, Refused> {
+        let policy = &self.pool.connect;
+        if policy.is_identity(connect.version) {
+            return Ok(None);
+        }
+        let tls = self.tls.as_ref();
+        let cert = tls.and_then(|t| t.client_cert.as_ref());
+        let facts = rewrite::Facts {
+            cert_cn: cert.and_then(|c| c.cn.as_deref()),
+            cert_issuer_cn: cert.and_then(|c| c.issuer_cn.as_deref()),
+            cert_sha256: cert.map(|c| &c.sha256),
+            sni: tls.and_then(|t| t.sni.as_deref()),
+            alpn: tls.and_then(|t| t.alpn.as_deref()),
+            tls_version: tls.map(|t| t.version),
+            client_address: self.src,
+            client_id: connect.client_id,
+            username: connect.username,
+        };
+        match rewrite::rewrite(packet, connect.version, policy, &facts, self.snap.limits.max_connect_packet) {
+            Ok(None) => Ok(None),
+            Ok(Some(r)) => {
+                if let Some(routed) = self.facts.routed.as_mut() {
+                    routed.rewrite = Some(r.summary);
+                }
+                Ok(Some(r.packet))
+            }
+            Err(e) => {
+                let (reason, refusal) = match e {
+                    rewrite::RewriteError::Missing(_) | rewrite::RewriteError::BadUsername(_) => {
+                        (CloseReason::ConnectRewrite, Refusal::BadCredentials)
+                    }
+                    rewrite::RewriteError::TooLarge { .. } => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge),
+                    rewrite::RewriteError::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed),
+                };
+                Err(Refused::connack(reason, Some(connect.version), refusal).detail(e.to_string()))
+            }
+        }
+    }
+
+    /// PROXY header, then the CONNECT (rewritten by the pool's `connect` policy) and whatever
+    /// was pipelined behind it (`buf[len..]`): the same bytes for every broker tried. They take
+    /// the CONNECT buffer's place in the setup budget.
+    fn first_bytes(
+        &mut self,
+        connect: &Connect<'_>,
+        buf: &[u8],
+        len: usize,
+        mut charge: SetupCharge,
+    ) -> Result<FirstBytes, Refused> {
+        let (packet, pipelined) = buf.split_at(len);
+        let rewritten = self.rewrite_connect(connect, packet)?;
+        let packet = rewritten.as_deref().unwrap_or(packet);
         let pool = self.pool;
         let mut first = match pool.proxy_protocol {
             ProxyProtocol::None => Vec::new(),
@@ -1063,14 +1186,15 @@ impl<'a> Setup<'a> {
                 enc.bytes
             }
         };
-        first.reserve_exact(buf.len());
-        first.extend_from_slice(buf);
+        first.reserve_exact(packet.len() + pipelined.len());
+        first.extend_from_slice(packet);
+        first.extend_from_slice(pipelined);
         self.facts.up = buf.len() as u64;
         // Already decided on: the copy is charged whatever the total.
         charge.set(first.capacity());
         // Nothing after this reads the identity.
         self.tls = None;
-        FirstBytes { bytes: first, charge }
+        Ok(FirstBytes { bytes: first, charge })
     }
 
     /// Dial the candidates in preference order until a broker answers the CONNECT; the
@@ -1108,7 +1232,7 @@ impl<'a> Setup<'a> {
         if !errors.is_empty() {
             // Dials that failed while the connection was held for its broker are no failover
             // when that broker took it in the end.
-            if self.facts.held.is_some_and(|(_, o)| o == HoldOutcome::Home) {
+            if self.facts.routed.as_ref().and_then(|r| r.held).is_some_and(|(_, o)| o == HoldOutcome::Home) {
                 self.facts.detail = Some(format!("held for its broker: {}", errors.join("; ")));
             } else {
                 self.facts.detail = Some(format!("failed over: {}", errors.join("; ")));
@@ -1182,11 +1306,11 @@ impl<'a> Setup<'a> {
             return Ok(None);
         }
         let Some(place) = self.shared.holds.enter(m, &pool.name, hold.max) else {
-            self.facts.held = Some((0, HoldOutcome::OverCap));
+            self.note_held(0, HoldOutcome::OverCap);
             return Ok(None);
         };
         // Until the hold ends (a drain may drop this future while it waits): closed.
-        self.facts.held = Some((0, HoldOutcome::Closed));
+        self.note_held(0, HoldOutcome::Closed);
         let began = Instant::now();
         let mut scratch = [0u8; 256];
         // Bytes a client sends while held (it may pipeline behind its CONNECT) are read, up to a
@@ -1233,7 +1357,7 @@ impl<'a> Setup<'a> {
             Err(_) => HoldOutcome::Closed,
         };
         let held_ms = u32::try_from(began.elapsed().as_millis()).unwrap_or(u32::MAX);
-        self.facts.held = Some((held_ms, outcome));
+        self.note_held(held_ms, outcome);
         place.end(outcome);
         ended
     }

@@ -49,6 +49,8 @@ pub struct ClientCert {
     pub cn: Option<String>,
     /// The subject's CN when it is not passed on, and why.
     pub cn_refused: Option<RefusedCn>,
+    /// The issuer's common name, decoded like `cn`, for routing rules (`cert_issuer_cn`).
+    pub issuer_cn: Option<String>,
     /// SHA-256 of the DER certificate.
     pub sha256: [u8; 32],
     /// Signature algorithm in OpenSSL spelling, e.g. "ecdsa-with-SHA256", "sha256WithRSAEncryption".
@@ -169,7 +171,7 @@ impl ClientCert {
     /// Parse a DER end-entity certificate; never fails: unknown fields are left `None`.
     pub fn from_der(der: &[u8]) -> ClientCert {
         let sha256: [u8; 32] = Sha256::digest(der).into();
-        let mut out = ClientCert { cn: None, cn_refused: None, sha256, sig_alg: None, key_alg: None };
+        let mut out = ClientCert { cn: None, cn_refused: None, issuer_cn: None, sha256, sig_alg: None, key_alg: None };
         // Trailing bytes after the certificate are ignored: the fingerprint still covers them,
         // which is what a peer hashing the same bytes would get.
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
@@ -181,6 +183,9 @@ impl ClientCert {
                 Ok(cn) => out.cn = Some(cn),
                 Err(refused) => out.cn_refused = Some(refused),
             }
+        }
+        if let Some(attr) = cert.issuer().iter_common_name().next() {
+            out.issuer_cn = decode_cn(attr.attr_value().tag(), attr.attr_value().data).ok();
         }
         // The TBS copy of the algorithm, as HAProxy reads it (X509_get0_tbs_sigalg).
         out.sig_alg = sig_alg_name(&cert.tbs_certificate.signature.algorithm).map(str::to_owned);

@@ -15,6 +15,8 @@ pub mod mqtt;
 pub mod proxy_header;
 pub mod registry;
 pub mod relay;
+pub mod rewrite;
+pub mod routing;
 pub mod snapshot;
 pub mod stream;
 pub mod tls_stream;

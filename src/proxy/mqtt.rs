@@ -432,6 +432,8 @@ pub enum Refusal {
     RateExceeded,
     /// 5.0 only: reason 0x97 (quota exceeded).
     QuotaExceeded,
+    /// 3.x return code 4, 5.0 reason 0x86 (bad user name or password).
+    BadCredentials,
 }
 
 /// The CONNACK for `refusal` in the client's `version`, or `None` where that version has no
@@ -446,6 +448,7 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
         }
         (MqttVersion::V31 | MqttVersion::V311, Refusal::UnsupportedProtocol) => Some(&[0x20, 0x02, 0x00, 0x01]),
         (MqttVersion::V31 | MqttVersion::V311, Refusal::ClientIdRejected) => Some(&[0x20, 0x02, 0x00, 0x02]),
+        (MqttVersion::V31 | MqttVersion::V311, Refusal::BadCredentials) => Some(&[0x20, 0x02, 0x00, 0x04]),
         (
             MqttVersion::V31 | MqttVersion::V311,
             Refusal::Malformed | Refusal::PacketTooLarge | Refusal::QuotaExceeded,
@@ -457,6 +460,7 @@ pub fn connack(version: MqttVersion, refusal: Refusal) -> Option<&'static [u8]> 
         (MqttVersion::V5, Refusal::PacketTooLarge) => Some(&[0x20, 0x03, 0x00, 0x95, 0x00]),
         (MqttVersion::V5, Refusal::RateExceeded) => Some(&[0x20, 0x03, 0x00, 0x9F, 0x00]),
         (MqttVersion::V5, Refusal::QuotaExceeded) => Some(&[0x20, 0x03, 0x00, 0x97, 0x00]),
+        (MqttVersion::V5, Refusal::BadCredentials) => Some(&[0x20, 0x03, 0x00, 0x86, 0x00]),
     }
 }
 
@@ -475,6 +479,7 @@ pub fn connack_label(code: Option<u8>) -> &'static str {
         Some(0x81) => "0x81",
         Some(0x84) => "0x84",
         Some(0x85) => "0x85",
+        Some(0x86) => "0x86",
         Some(0x88) => "0x88",
         Some(0x95) => "0x95",
         Some(0x97) => "0x97",

@@ -433,6 +433,7 @@ mod tests {
             client_cert: Some(ClientCert {
                 cn: Some("device-42".into()),
                 cn_refused: None,
+                issuer_cn: None,
                 sha256: [0xAB; 32],
                 sig_alg: Some("ecdsa-with-SHA256".into()),
                 key_alg: Some("EC256".into()),

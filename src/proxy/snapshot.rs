@@ -35,7 +35,10 @@ impl Snapshot {
 pub struct ListenerSpec {
     pub name: String,
     pub bind: SocketAddr,
+    /// The default pool: where connections no rule of `routes` matches go.
     pub pool: String,
+    /// `[[listener.route]]`, in order: the first rule that matches picks the pool.
+    pub routes: Vec<super::routing::RouteRule>,
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<Arc<rustls::ServerConfig>>,

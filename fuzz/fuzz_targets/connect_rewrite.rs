@@ -1,0 +1,69 @@
+//! The CONNECT rewrite on every CONNECT the parser accepts: never panics; a rewrite is one
+//! whole CONNECT again, with the same version, client-id and keep-alive and the username the
+//! template makes; rewriting it again changes nothing (the harbormaster- User Properties are
+//! replaced, not added twice); only a CONNECT whose 5.0 properties are not well formed is
+//! refused.
+
+// The two pure modules, not the crate: the instrumented build takes seconds.
+#[allow(dead_code)]
+#[path = "../../src/proxy/mqtt.rs"]
+mod mqtt;
+#[allow(dead_code)]
+#[path = "../../src/proxy/rewrite.rs"]
+mod rewrite;
+
+use rewrite::{Fact, Facts, Policy, RewriteError, Template};
+
+fn main() {
+    let facts = Facts {
+        cert_cn: Some("device-0042"),
+        cert_issuer_cn: Some("Fleet CA"),
+        cert_sha256: Some(&[0x5a; 32]),
+        sni: Some("mqtt.example.com"),
+        alpn: Some(b"mqtt"),
+        tls_version: Some("TLSv1.3"),
+        client_address: "203.0.113.7:49228".parse().unwrap(),
+        client_id: b"",
+        username: None,
+    };
+    // Each policy with the username it makes (`None`: the client's own).
+    let policies: [(Policy, Option<&[u8]>); 3] = [
+        (
+            Policy {
+                username: Some(Template::parse("{cert_cn}@{sni}").unwrap()),
+                drop_password: true,
+                user_properties: vec![Fact::ClientAddress, Fact::CertSha256, Fact::Sni],
+            },
+            Some(b"device-0042@mqtt.example.com"),
+        ),
+        (
+            Policy { username: Some(Template::parse("cert_cn").unwrap()), drop_password: false, user_properties: vec![] },
+            Some(b"device-0042"),
+        ),
+        (Policy { username: None, drop_password: true, user_properties: vec![Fact::Alpn] }, None),
+    ];
+    afl::fuzz!(|data: &[u8]| {
+        let Ok(mqtt::Peek::Complete { len, connect }) = mqtt::peek_connect(data, 1 << 16) else {
+            return;
+        };
+        let packet = &data[..len];
+        let (policy, username) = &policies[usize::from(data.last().copied().unwrap_or(0)) % policies.len()];
+        let out = match rewrite::rewrite(packet, connect.version, policy, &facts, 1 << 20) {
+            Ok(Some(out)) => out.packet,
+            Ok(None) => return,
+            Err(RewriteError::Malformed(_)) => {
+                assert_eq!(connect.version, mqtt::MqttVersion::V5, "only 5.0 properties go unchecked by the parser");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let Ok(mqtt::Peek::Complete { len: new_len, connect: new }) = mqtt::peek_connect(&out, 1 << 20) else {
+            panic!("the rewrite is not a CONNECT");
+        };
+        assert_eq!(new_len, out.len());
+        assert_eq!((new.version, new.client_id, new.keep_alive), (connect.version, connect.client_id, connect.keep_alive));
+        assert_eq!(new.username, username.or(connect.username));
+        let again = rewrite::rewrite(&out, new.version, policy, &facts, 1 << 20).unwrap().unwrap();
+        assert_eq!(again.packet, out, "a second rewrite changes nothing");
+    });
+}
