@@ -497,6 +497,7 @@ pub enum RawEmpty {
     LeastConnections,
     SourceAddress,
     Reject,
+    Assign,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1370,6 +1371,12 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     if p.hold_max == 0 {
         c.add(format!("{at}.hold_max"), "must be at least 1");
     }
+    if matches!(p.empty_client_id, RawEmpty::Assign) && !matches!(p.hash_key, RawHashKey::ClientId) {
+        c.add(
+            format!("{at}.empty_client_id"),
+            "\"assign\" routes by the generated client-id: it needs hash_key = \"client_id\"",
+        );
+    }
     let mut seen = HashSet::new();
     for (i, t) in p.tlvs.iter().enumerate() {
         if !seen.insert(format!("{t:?}")) {
@@ -1410,6 +1417,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             RawEmpty::LeastConnections => EmptyKey::LeastConnections,
             RawEmpty::SourceAddress => EmptyKey::SourceAddress,
             RawEmpty::Reject => EmptyKey::Reject,
+            RawEmpty::Assign => EmptyKey::Assign,
         },
         proxy_protocol: match p.proxy_protocol {
             RawProxyProtocol::None => ProxyProtocol::None,
