@@ -2041,6 +2041,14 @@ pool = "a"
     }
 
     #[test]
+    fn empty_client_id_assign_needs_the_client_id_as_hash_key() {
+        let loaded = load_str(&format!("{MINIMAL}empty_client_id = \"assign\"\n"), Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().empty_key, EmptyKey::Assign);
+        let got = problems(&format!("{MINIMAL}empty_client_id = \"assign\"\nhash_key = \"username\"\n"));
+        assert!(got.len() == 1 && got[0].starts_with("pool.brokers.empty_client_id: \"assign\""), "{got:?}");
+    }
+
+    #[test]
     fn exactly_one_broker_source_per_pool() {
         let dns = "dns = { name = \"b.test\", port = 1883 }\n";
         let kube = "kubernetes = { namespace = \"mqtt\", service = \"hivemq\", port = \"mqtt\" }\n";

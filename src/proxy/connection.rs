@@ -1834,6 +1834,19 @@ mod tests {
     }
 
     #[test]
+    fn assigned_client_ids_have_the_documented_form() {
+        assert_eq!(encode_assigned(&[0; 16]), format!("hm-{}", "a".repeat(26)));
+        // 130 bits of characters for 128: the first carries 3.
+        assert_eq!(encode_assigned(&[0xff; 16]), format!("hm-h{}", "7".repeat(25)));
+        let (a, b) = (assigned_client_id(), assigned_client_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.len(), 29);
+            assert!(id[3..].bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)), "{id}");
+        }
+    }
+
+    #[test]
     fn dial_errors_map_to_outcomes() {
         let of = |kind: io::ErrorKind| DialOutcome::of(&io::Error::from(kind)).as_str();
         assert_eq!(of(io::ErrorKind::ConnectionRefused), "refused");
