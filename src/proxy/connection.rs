@@ -397,8 +397,6 @@ pub async fn handle<H: Send>(
             let up = m.relayed_bytes(&spec.name, Direction::ClientToBroker);
             let down = m.relayed_bytes(&spec.name, Direction::BrokerToClient);
             up.inc_by(acct.facts.up);
-            // A CONNACK written during setup (with an assigned client-id) counts as relayed.
-            down.inc_by(acct.facts.down);
             let relaying = Instant::now();
             let turns = &shared.turns;
             let mut client = Counted::new(&mut est.client, up);
@@ -786,7 +784,10 @@ impl<'a> Setup<'a> {
         .await;
         match written {
             Ok(Ok(())) => {
+                // Counted as relayed here rather than in the relaying task, which it would grow.
                 self.facts.down = out.len() as u64;
+                let m = &self.shared.metrics;
+                m.relayed_bytes(&self.spec.name, Direction::BrokerToClient).inc_by(self.facts.down);
                 Ok(())
             }
             Ok(Err(e)) => {
