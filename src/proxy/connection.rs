@@ -1250,7 +1250,7 @@ impl<'a> Setup<'a> {
                     dst: self.dst,
                     tls: self.tls.as_ref(),
                     unique_id: self.conn_id.as_bytes(),
-                    client_id: connect.client_id,
+                    client_id: self.assigned.as_deref().map_or(connect.client_id, str::as_bytes),
                 };
                 let enc = proxy_header::encode_v2(&input, &pool.tlvs, pool.max_header_bytes);
                 for t in &enc.dropped {
