@@ -2,7 +2,10 @@
 //! whole CONNECT again, with the same version, client-id and keep-alive and the username the
 //! template makes; rewriting it again changes nothing (the harbormaster- User Properties are
 //! replaced, not added twice); only a CONNECT whose 5.0 properties are not well formed is
-//! refused.
+//! refused. The client-id harbormaster assigns (`empty_client_id = "assign"`) set in the
+//! rewrite gives a CONNECT with that id and nothing else changed. And the same bytes read as a
+//! broker's first packet: adding the assigned id to a CONNACK never panics, and what it makes
+//! is one whole CONNACK that already names an id.
 
 // The two pure modules, not the crate: the instrumented build takes seconds.
 #[allow(dead_code)]
@@ -42,7 +45,13 @@ fn main() {
         ),
         (Policy { username: None, drop_password: true, user_properties: vec![Fact::Alpn] }, None),
     ];
+    const ID: &[u8] = b"hm-abcdefghijklmnopqrstuvwxyz";
     afl::fuzz!(|data: &[u8]| {
+        if let Ok(Some(out)) = rewrite::assign_in_connack(data, ID, 1 << 20) {
+            assert_eq!(mqtt::announced_len(&out), Some(out.len()), "one whole packet");
+            assert_eq!(out.first(), Some(&0x20));
+            assert_eq!(rewrite::assign_in_connack(&out, ID, 1 << 20), Ok(None), "the id is there");
+        }
         let Ok(mqtt::Peek::Complete { len, connect }) = mqtt::peek_connect(data, 1 << 16) else {
             return;
         };
@@ -65,5 +74,11 @@ fn main() {
         assert_eq!(new.username, username.or(connect.username));
         let again = rewrite::rewrite(&out, new.version, policy, &facts, 1 << 20).unwrap().unwrap();
         assert_eq!(again.packet, out, "a second rewrite changes nothing");
+        let assigned = rewrite::set_client_id(&out, new.version, ID, 1 << 20).unwrap();
+        let Ok(mqtt::Peek::Complete { len: a_len, connect: a }) = mqtt::peek_connect(&assigned, 1 << 20) else {
+            panic!("the CONNECT with the assigned id is not a CONNECT");
+        };
+        assert_eq!(a_len, assigned.len());
+        assert_eq!((a.version, a.client_id, a.username, a.keep_alive), (new.version, ID, new.username, new.keep_alive));
     });
 }

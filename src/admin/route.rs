@@ -177,6 +177,7 @@ pub fn empty_key_name(k: EmptyKey) -> &'static str {
         EmptyKey::LeastConnections => "least_connections",
         EmptyKey::SourceAddress => "source_address",
         EmptyKey::Reject => "reject",
+        EmptyKey::Assign => "assign",
     }
 }
 

@@ -497,6 +497,7 @@ pub enum RawEmpty {
     LeastConnections,
     SourceAddress,
     Reject,
+    Assign,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1370,6 +1371,12 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     if p.hold_max == 0 {
         c.add(format!("{at}.hold_max"), "must be at least 1");
     }
+    if matches!(p.empty_client_id, RawEmpty::Assign) && !matches!(p.hash_key, RawHashKey::ClientId) {
+        c.add(
+            format!("{at}.empty_client_id"),
+            "\"assign\" routes by the generated client-id: it needs hash_key = \"client_id\"",
+        );
+    }
     let mut seen = HashSet::new();
     for (i, t) in p.tlvs.iter().enumerate() {
         if !seen.insert(format!("{t:?}")) {
@@ -1410,6 +1417,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             RawEmpty::LeastConnections => EmptyKey::LeastConnections,
             RawEmpty::SourceAddress => EmptyKey::SourceAddress,
             RawEmpty::Reject => EmptyKey::Reject,
+            RawEmpty::Assign => EmptyKey::Assign,
         },
         proxy_protocol: match p.proxy_protocol {
             RawProxyProtocol::None => ProxyProtocol::None,
@@ -2030,6 +2038,14 @@ pool = "a"
     #[test]
     fn static_pools_have_no_discovery() {
         assert!(load_str(MINIMAL, Path::new(".")).unwrap().discovery.is_empty());
+    }
+
+    #[test]
+    fn empty_client_id_assign_needs_the_client_id_as_hash_key() {
+        let loaded = load_str(&format!("{MINIMAL}empty_client_id = \"assign\"\n"), Path::new(".")).unwrap();
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().empty_key, EmptyKey::Assign);
+        let got = problems(&format!("{MINIMAL}empty_client_id = \"assign\"\nhash_key = \"username\"\n"));
+        assert!(got.len() == 1 && got[0].starts_with("pool.brokers.empty_client_id: \"assign\""), "{got:?}");
     }
 
     #[test]

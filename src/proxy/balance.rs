@@ -35,6 +35,10 @@ pub enum EmptyKey {
     LeastConnections,
     SourceAddress,
     Reject,
+    /// MQTT 5: harbormaster generates the client-id, routes by it, sends it to the broker and
+    /// tells the client in the CONNACK (Assigned Client Identifier); a later resume with that
+    /// id lands on the same broker. Older versions cannot learn an id: least connections.
+    Assign,
 }
 
 /// Which PROXY header a pool's brokers expect.

@@ -412,7 +412,7 @@ pub async fn handle<H: Send>(
             let closing = std::pin::pin!(conn.closed());
             let (cause, (ended, totals, err), sent) = relay_until_closed(relay, closing, plans).await;
             acct.facts.up += totals.up;
-            acct.facts.down = totals.down;
+            acct.facts.down += totals.down;
             // A planned close that found no packet boundary in time says so here too.
             if let Some(e) = err {
                 if let Some(f) = FrameError::of(&e) {
@@ -603,6 +603,8 @@ async fn setup(
         dst,
         tls: None,
         key_hash: None,
+        assigned: None,
+        broker_answer: Vec::new(),
         facts: &mut acct.facts,
         up_at: &mut acct.up_at,
     };
@@ -628,6 +630,12 @@ struct Setup<'a> {
     tls: Option<TlsInfo>,
     /// The hash of the routing key, once routed by one.
     key_hash: Option<u64>,
+    /// The client-id harbormaster generated for an MQTT 5 client that sent none
+    /// (`empty_client_id = "assign"`).
+    assigned: Option<String>,
+    /// With an assigned client-id: the broker's first packet, read whole by the dial that
+    /// succeeded, for the CONNACK to carry the id.
+    broker_answer: Vec<u8>,
     facts: &'a mut Facts,
     /// Where the client's stream stands in its MQTT packets after the bytes sent with the
     /// CONNECT, for the relay.
@@ -751,7 +759,42 @@ impl<'a> Setup<'a> {
         self.up_at.advance(&buf[len..]);
         let first = self.first_bytes(&connect, &buf, len, charge)?;
         drop(buf);
-        self.dial(route, first, version, client).await
+        let dialled = self.dial(route, first, version, client).await?;
+        self.answer_assigned(client).await?;
+        Ok(dialled)
+    }
+
+    /// With an assigned client-id: the broker's first packet, read whole by the dial, goes to
+    /// the client now, a successful CONNACK with Assigned Client Identifier added. The relay
+    /// then starts on the broker's stream after it, at a packet boundary.
+    async fn answer_assigned(&mut self, client: &mut Client) -> Result<(), Refused> {
+        let Some(id) = self.assigned.as_deref() else {
+            return Ok(());
+        };
+        let answer = std::mem::take(&mut self.broker_answer);
+        let out = match rewrite::assign_in_connack(&answer, id.as_bytes(), MAX_BROKER_ANSWER + 64) {
+            Ok(Some(patched)) => patched,
+            Ok(None) => answer,
+            Err(e) => return Err(Refused::close(CloseReason::Relayed(Ended::BrokerError)).detail(e.to_string())),
+        };
+        let written = tokio::time::timeout_at(self.deadline.max(tokio::time::Instant::now() + ANSWER_WRITE), async {
+            client.write_all(&out).await?;
+            client.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                // Counted as relayed here rather than in the relaying task, which it would grow.
+                self.facts.down = out.len() as u64;
+                let m = &self.shared.metrics;
+                m.relayed_bytes(&self.spec.name, Direction::BrokerToClient).inc_by(self.facts.down);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                Err(Refused::close(CloseReason::Relayed(Ended::ClientError)).detail(format!("writing CONNACK: {e}")))
+            }
+            Err(_) => Err(Refused::close(CloseReason::Relayed(Ended::ClientError)).detail("writing CONNACK timed out")),
+        }
     }
 
     /// The one place a refusal is carried out: its detail goes to the log line, and the client
@@ -1067,6 +1110,13 @@ impl<'a> Setup<'a> {
                 source_key = canonical_ip(self.src.ip()).to_string();
                 Some(source_key.as_bytes())
             }
+            // Only MQTT 5 can tell the client its id; the assigned id is the routing key, so a
+            // resume with it finds the broker that holds the session.
+            (None, EmptyKey::Assign) if connect.version == MqttVersion::V5 && connect.client_id.is_empty() => {
+                let id = assigned_client_id();
+                self.facts.client_id = Some(id.clone());
+                Some(self.assigned.insert(id).as_bytes())
+            }
             (key, _) => key,
         };
         let home = key.filter(|_| pool.hold.is_some()).and_then(|k| pool.preference(k, 1).first().copied());
@@ -1079,8 +1129,11 @@ impl<'a> Setup<'a> {
                         Refused::connack(CloseReason::EmptyClientId, Some(connect.version), Refusal::ClientIdRejected);
                     return Err(refused.detail("no routing key and empty_client_id = reject"));
                 }
-                // `source_address` always has a key: the client's address, above.
-                EmptyKey::LeastConnections | EmptyKey::SourceAddress => pool.least_connections(pool.backend_attempts),
+                // `source_address` always has a key: the client's address, above; `assign`
+                // one for MQTT 5 clients.
+                EmptyKey::LeastConnections | EmptyKey::SourceAddress | EmptyKey::Assign => {
+                    pool.least_connections(pool.backend_attempts)
+                }
             },
         };
         Ok(Route { candidates, home })
@@ -1130,7 +1183,7 @@ impl<'a> Setup<'a> {
             alpn: tls.and_then(|t| t.alpn.as_deref()),
             tls_version: tls.map(|t| t.version),
             client_address: self.src,
-            client_id: connect.client_id,
+            client_id: self.assigned.as_deref().map_or(connect.client_id, str::as_bytes),
             username: connect.username,
         };
         match rewrite::rewrite(packet, connect.version, policy, &facts, self.snap.limits.max_connect_packet) {
@@ -1165,7 +1218,27 @@ impl<'a> Setup<'a> {
         mut charge: SetupCharge,
     ) -> Result<FirstBytes, Refused> {
         let (packet, pipelined) = buf.split_at(len);
-        let rewritten = self.rewrite_connect(connect, packet)?;
+        let mut rewritten = self.rewrite_connect(connect, packet)?;
+        if let Some(id) = &self.assigned {
+            let max = self.snap.limits.max_connect_packet;
+            match rewrite::set_client_id(rewritten.as_deref().unwrap_or(packet), connect.version, id.as_bytes(), max) {
+                Ok(p) => rewritten = Some(p),
+                Err(e) => {
+                    let (reason, refusal) = match e {
+                        rewrite::RewriteError::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed),
+                        _ => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge),
+                    };
+                    return Err(Refused::connack(reason, Some(connect.version), refusal).detail(e.to_string()));
+                }
+            }
+            if let Some(routed) = self.facts.routed.as_mut() {
+                let summary = routed.rewrite.get_or_insert_with(String::new);
+                if !summary.is_empty() {
+                    summary.push_str(", ");
+                }
+                summary.push_str("client_id assigned");
+            }
+        }
         let packet = rewritten.as_deref().unwrap_or(packet);
         let pool = self.pool;
         let mut first = match pool.proxy_protocol {
@@ -1177,7 +1250,7 @@ impl<'a> Setup<'a> {
                     dst: self.dst,
                     tls: self.tls.as_ref(),
                     unique_id: self.conn_id.as_bytes(),
-                    client_id: connect.client_id,
+                    client_id: self.assigned.as_deref().map_or(connect.client_id, str::as_bytes),
                 };
                 let enc = proxy_header::encode_v2(&input, &pool.tlvs, pool.max_header_bytes);
                 for t in &enc.dropped {
@@ -1250,10 +1323,12 @@ impl<'a> Setup<'a> {
 
     /// One dial of `b`, recorded (outcome metric, passive health, last error); a failure's
     /// text joins `errors`.
-    async fn try_dial(&self, b: &Backend, first: &[u8], errors: &mut Vec<String>) -> Option<TcpStream> {
+    async fn try_dial(&mut self, b: &Backend, first: &[u8], errors: &mut Vec<String>) -> Option<TcpStream> {
         let (m, pool) = (&self.shared.metrics, self.pool);
-        match attempt(m, pool, b, first).await {
-            Ok(s) => {
+        let whole = self.assigned.is_some();
+        match attempt(m, pool, b, first, whole).await {
+            Ok((s, answer)) => {
+                self.broker_answer = answer;
                 m.dial_attempt(&pool.name, &b.name, DialOutcome::Ok);
                 b.record_dial(true, pool.passive_fall());
                 Some(s)
@@ -1557,7 +1632,17 @@ fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
 /// Nothing has been sent to the client yet, so a broker that fails any step can be replaced
 /// by the next. The error is an outcome of `broker_connect_attempts_total` and a text for
 /// logs.
-async fn attempt(m: &Metrics, pool: &Pool, b: &Backend, first: &[u8]) -> Result<TcpStream, (DialOutcome, String)> {
+///
+/// With `whole` (an assigned client-id to add to the CONNACK) the broker's first packet is read
+/// whole instead, up to [`MAX_BROKER_ANSWER`] bytes and within the same time; one that is
+/// larger or cut short is a failed dial.
+async fn attempt(
+    m: &Metrics,
+    pool: &Pool,
+    b: &Backend,
+    first: &[u8],
+    whole: bool,
+) -> Result<(TcpStream, Vec<u8>), (DialOutcome, String)> {
     let dial = Instant::now();
     let (mut s, sent) = match tokio::time::timeout(pool.backend_connect_timeout, connect_sending(b.addr, first)).await {
         Ok(Ok(s)) => s,
@@ -1573,13 +1658,82 @@ async fn attempt(m: &Metrics, pool: &Pool, b: &Backend, first: &[u8]) -> Result<
     .await;
     match answered {
         Ok(Ok(0)) => Err((DialOutcome::Closed, "closed the connection before answering CONNECT".to_string())),
-        Ok(Ok(_)) => Ok(s),
+        Ok(Ok(_)) if whole => {
+            let read = tokio::time::timeout(pool.backend_connack_timeout, read_packet(&mut s)).await;
+            match read {
+                Ok(Ok(answer)) => Ok((s, answer)),
+                Ok(Err(e)) => Err((DialOutcome::of(&e), format!("reading the answer to CONNECT: {e}"))),
+                Err(_) => Err((
+                    DialOutcome::ConnackTimeout,
+                    format!("the answer to CONNECT not whole within {:?}", pool.backend_connack_timeout),
+                )),
+            }
+        }
+        Ok(Ok(_)) => Ok((s, Vec::new())),
         Ok(Err(e)) => Err(e),
         Err(_) => Err((
             DialOutcome::ConnackTimeout,
             format!("no answer to CONNECT within {:?}", pool.backend_connack_timeout),
         )),
     }
+}
+
+/// The largest first packet from a broker read whole (a CONNACK is a few dozen bytes; its
+/// Reason String and User Properties may add some).
+const MAX_BROKER_ANSWER: usize = 16 * 1024;
+
+/// How long the CONNACK with an assigned client-id may take to reach a client at least, when
+/// little of `connect_timeout` is left.
+const ANSWER_WRITE: Duration = Duration::from_secs(5);
+
+/// One whole MQTT packet from `s`, of at most [`MAX_BROKER_ANSWER`] bytes; nothing past it is
+/// read, so the relay starts at the broker's next packet.
+async fn read_packet(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(64);
+    // The fixed header: type byte and a remaining length of up to 4 bytes, read a byte at a
+    // time so that nothing beyond the packet is taken.
+    loop {
+        if let Some(total) = mqtt::announced_len(&buf) {
+            if total > MAX_BROKER_ANSWER {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a first packet of {total} bytes, over {MAX_BROKER_ANSWER}"),
+                ));
+            }
+            let start = buf.len();
+            buf.resize(total, 0);
+            s.read_exact(&mut buf[start..]).await?;
+            return Ok(buf);
+        }
+        if buf.len() >= 5 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not an MQTT fixed header"));
+        }
+        let mut byte = [0u8; 1];
+        s.read_exact(&mut byte).await?;
+        buf.push(byte[0]);
+    }
+}
+
+/// A client-id for an MQTT 5 client that sent none: `hm-` and 128 random bits in 26 base32
+/// characters (`[a-z2-7]`), 29 characters in all. Random rather than counted, so replicas
+/// need no coordination: two ids collide with probability 2^-64 only after ~2^64 of them.
+pub fn assigned_client_id() -> String {
+    let mut bits = [0u8; 16];
+    // The system's random source failing is not something to serve connections on.
+    #[allow(clippy::expect_used)]
+    aws_lc_rs::rand::fill(&mut bits).expect("the system random source");
+    encode_assigned(&bits)
+}
+
+fn encode_assigned(bits: &[u8; 16]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let n = u128::from_be_bytes(*bits);
+    let mut out = String::with_capacity(29);
+    out.push_str("hm-");
+    for i in (0..26).rev() {
+        out.push(ALPHABET[((n >> (i * 5)) & 31) as usize] as char);
+    }
+    out
 }
 
 /// TCP connect to `addr` (no Nagle) that sends what it can of `first` at once when the
@@ -1678,6 +1832,19 @@ mod tests {
         // Unoptimized builds (the test suite's) lay futures out larger: 1,008 B for 968 B.
         let limit = if cfg!(debug_assertions) { 1040 } else { 1000 };
         assert!(size <= limit, "{size} > {limit}");
+    }
+
+    #[test]
+    fn assigned_client_ids_have_the_documented_form() {
+        assert_eq!(encode_assigned(&[0; 16]), format!("hm-{}", "a".repeat(26)));
+        // 130 bits of characters for 128: the first carries 3.
+        assert_eq!(encode_assigned(&[0xff; 16]), format!("hm-h{}", "7".repeat(25)));
+        let (a, b) = (assigned_client_id(), assigned_client_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.len(), 29);
+            assert!(id[3..].bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)), "{id}");
+        }
     }
 
     #[test]

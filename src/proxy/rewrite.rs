@@ -4,6 +4,10 @@
 //! `harbormaster-…` carrying the connection's facts. A pure function over a complete CONNECT
 //! that [`super::mqtt::peek_connect`] accepted: the fields it changes are re-encoded (flags,
 //! property length, remaining length) and every other byte is copied as it came.
+//!
+//! Also the two halves of `empty_client_id = "assign"`, as pure functions of the same kind:
+//! [`set_client_id`] puts the id harbormaster generated into an MQTT 5 CONNECT, and
+//! [`assign_in_connack`] adds it to the broker's CONNACK as Assigned Client Identifier.
 
 // Runs on client bytes: every access checked, as in the CONNECT parser.
 #![deny(
@@ -517,6 +521,131 @@ pub fn rewrite(
         return Err(RewriteError::TooLarge { len: out.len(), max: max_len });
     }
     Ok(Some(Rewritten { packet: out, summary }))
+}
+
+/// The CONNECT `packet` (one complete CONNECT of `version`, perhaps already rewritten) with
+/// its client-id replaced by `id`; every other byte as it came, the remaining length
+/// re-encoded. At most `max_len` bytes.
+pub fn set_client_id(packet: &[u8], version: MqttVersion, id: &[u8], max_len: usize) -> Result<Vec<u8>, RewriteError> {
+    let l = layout(packet, version)?;
+    let mut body = Vec::with_capacity(packet.len().saturating_add(id.len()));
+    body.extend_from_slice(l.protocol);
+    body.push(l.flags);
+    body.extend_from_slice(l.keep_alive);
+    if let Some(props) = l.properties {
+        put_var_int(&mut body, props.len());
+        body.extend_from_slice(props);
+    }
+    if !put_prefixed(&mut body, id) {
+        return Err(RewriteError::TooLarge { len: id.len(), max: usize::from(u16::MAX) });
+    }
+    body.extend_from_slice(l.will);
+    if let Some(u) = l.username {
+        body.extend_from_slice(u);
+    }
+    if let Some(p) = l.password {
+        body.extend_from_slice(p);
+    }
+    if body.len() > MAX_REMAINING {
+        return Err(RewriteError::TooLarge { len: body.len(), max: MAX_REMAINING });
+    }
+    let mut out = Vec::with_capacity(body.len().saturating_add(5));
+    out.push(0x10);
+    put_var_int(&mut out, body.len());
+    out.extend_from_slice(&body);
+    if out.len() > max_len {
+        return Err(RewriteError::TooLarge { len: out.len(), max: max_len });
+    }
+    Ok(out)
+}
+
+/// MQTT 5.0 Assigned Client Identifier.
+pub const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
+
+/// Why a broker's first packet cannot carry an assigned client-id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnackError {
+    #[error("malformed CONNACK: {0}")]
+    Malformed(&'static str),
+    #[error("the CONNACK with the assigned client-id would be {len} bytes, over {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// The broker's first packet, `packet` (exactly one whole MQTT 5 packet), with Assigned
+/// Client Identifier `id` added when it is a successful CONNACK without one; `None` when it
+/// is to be passed on as it is (a refusal, an AUTH exchange, a CONNACK that already names an
+/// id). Flags, reason code and every property are copied as they came; the property length
+/// and remaining length are re-encoded. The result is at most `max_len` bytes (the client's
+/// Maximum Packet Size, when it gave one).
+pub fn assign_in_connack(packet: &[u8], id: &[u8], max_len: usize) -> Result<Option<Vec<u8>>, ConnackError> {
+    let bad = ConnackError::Malformed;
+    let mut r = Reader { bytes: packet, pos: 0 };
+    let kind = r.u8().map_err(|_| bad("empty"))?;
+    if kind != 0x20 {
+        return Ok(None);
+    }
+    let remaining = r.var_int().map_err(|_| bad("remaining length"))?;
+    if r.pos.checked_add(remaining) != Some(packet.len()) {
+        return Err(bad("remaining length is not the packet's"));
+    }
+    let ack_flags = r.u8().map_err(|_| bad("no acknowledge flags"))?;
+    let code = r.u8().map_err(|_| bad("no reason code"))?;
+    if code >= 0x80 {
+        return Ok(None);
+    }
+    // A success CONNACK of two bytes (no property length) is read as one without properties.
+    let props = if r.pos == packet.len() {
+        &[][..]
+    } else {
+        let n = r.var_int().map_err(|_| bad("property length"))?;
+        let props = r.take(n).map_err(|_| bad("properties run past the packet"))?;
+        if r.pos != packet.len() {
+            return Err(bad("bytes after the properties"));
+        }
+        props
+    };
+    let mut p = Reader { bytes: props, pos: 0 };
+    while p.pos < props.len() {
+        let id = p.var_int().map_err(|_| bad("property identifier"))?;
+        let field = match id {
+            // Byte: maximum QoS, retain / wildcard / subscription identifier / shared
+            // subscription available.
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => p.take(1).map(|_| ()),
+            // Two-byte integer: receive maximum, topic alias maximum, server keep alive.
+            0x21 | 0x22 | 0x13 => p.take(2).map(|_| ()),
+            // Four-byte integer: session expiry interval, maximum packet size.
+            0x11 | 0x27 => p.take(4).map(|_| ()),
+            // UTF-8 string / binary data: reason string, response information, server
+            // reference, authentication method and data.
+            0x1F | 0x1A | 0x1C | 0x15 | 0x16 => p.prefixed().map(|_| ()),
+            0x26 => p.prefixed().and_then(|_| p.prefixed()).map(|_| ()),
+            0x12 => return Ok(None),
+            _ => return Err(bad("a property a CONNACK cannot carry")),
+        };
+        field.map_err(|_| bad("a property runs past the properties"))?;
+    }
+    let mut new_props = Vec::with_capacity(props.len().saturating_add(id.len()).saturating_add(3));
+    new_props.extend_from_slice(props);
+    new_props.push(ASSIGNED_CLIENT_IDENTIFIER);
+    if !put_prefixed(&mut new_props, id) {
+        return Err(ConnackError::TooLarge { len: id.len(), max: usize::from(u16::MAX) });
+    }
+    let mut body = Vec::with_capacity(new_props.len().saturating_add(6));
+    body.push(ack_flags);
+    body.push(code);
+    put_var_int(&mut body, new_props.len());
+    body.extend_from_slice(&new_props);
+    if body.len() > MAX_REMAINING {
+        return Err(ConnackError::TooLarge { len: body.len(), max: MAX_REMAINING });
+    }
+    let mut out = Vec::with_capacity(body.len().saturating_add(5));
+    out.push(0x20);
+    put_var_int(&mut out, body.len());
+    out.extend_from_slice(&body);
+    if out.len() > max_len {
+        return Err(ConnackError::TooLarge { len: out.len(), max: max_len });
+    }
+    Ok(Some(out))
 }
 
 fn sep(s: &mut String) {

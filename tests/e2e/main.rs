@@ -8,6 +8,7 @@ mod support;
 mod e2e_admin;
 mod e2e_admin_drain;
 mod e2e_admission;
+mod e2e_assign;
 mod e2e_bad_input;
 mod e2e_certs;
 mod e2e_cli;

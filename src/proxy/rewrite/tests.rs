@@ -292,3 +292,168 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// empty_client_id = "assign": the client-id set in the CONNECT, the id added to the CONNACK
+// ---------------------------------------------------------------------------------------------
+
+const ID: &str = "hm-abcdefghijklmnopqrstuvwxyz";
+
+fn encode_connack(c: &mqtt_proto::v5::Connack) -> Vec<u8> {
+    mqtt_proto::v5::Packet::Connack(c.clone()).encode().unwrap().as_ref().to_vec()
+}
+
+fn decode_connack(bytes: &[u8]) -> mqtt_proto::v5::Connack {
+    match mqtt_proto::v5::Packet::decode(bytes).unwrap().unwrap() {
+        mqtt_proto::v5::Packet::Connack(c) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn mqttbytes_connack(bytes: &[u8]) -> mqttbytes::v5::ConnAck {
+    let mut b = bytes::BytesMut::from(bytes);
+    match mqttbytes::v5::read(&mut b, 1 << 20).unwrap() {
+        mqttbytes::v5::Packet::ConnAck(c) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_assigned_id_replaces_the_empty_client_id_and_composes_with_a_policy() {
+    let mut orig = mqtt_proto::v5::Connect::new(Arc::from(""), 30);
+    orig.clean_start = false;
+    orig.properties.session_expiry_interval = Some(300);
+    orig.username = Some(Arc::from("orig"));
+    let bytes = encode_v5(&orig);
+    let out = set_client_id(&bytes, MqttVersion::V5, ID.as_bytes(), 1 << 20).unwrap();
+    let mut expected = orig.clone();
+    expected.client_id = Arc::from(ID);
+    assert_eq!(out, encode_v5(&expected));
+    assert_eq!(mqttbytes_v5(&out).client_id, ID);
+    // After a policy's rewrite, as the first bytes step does: both changes hold.
+    let p = policy(Some("{cert_cn}"), false, &[Fact::ClientId]);
+    let mut f = facts(Some("device-7"));
+    f.client_id = ID.as_bytes();
+    let rewritten = run(&bytes, MqttVersion::V5, &p, &f).packet;
+    let both = decode_v5(&set_client_id(&rewritten, MqttVersion::V5, ID.as_bytes(), 1 << 20).unwrap());
+    assert_eq!(&*both.client_id, ID);
+    assert_eq!(both.username.as_deref(), Some("device-7"));
+    assert_eq!(&*both.properties.user_properties[0].value, ID);
+    // Over the limit: refused.
+    let too_large = set_client_id(&bytes, MqttVersion::V5, ID.as_bytes(), bytes.len() + 3).unwrap_err();
+    assert!(matches!(too_large, RewriteError::TooLarge { .. }), "{too_large:?}");
+}
+
+#[test]
+fn the_assigned_id_is_added_to_a_successful_connack_only() {
+    let ok = encode_connack(&mqtt_proto::v5::Connack::new(false, mqtt_proto::v5::ConnectReasonCode::Success));
+    let out = assign_in_connack(&ok, ID.as_bytes(), 1 << 20).unwrap().unwrap();
+    let mut expected = mqtt_proto::v5::Connack::new(false, mqtt_proto::v5::ConnectReasonCode::Success);
+    expected.properties.assigned_client_id = Some(Arc::from(ID));
+    assert_eq!(out, encode_connack(&expected));
+    assert_eq!(mqttbytes_connack(&out).properties.unwrap().assigned_client_identifier.as_deref(), Some(ID));
+    // A CONNACK of two bytes (no property length) gets one.
+    assert_eq!(assign_in_connack(&[0x20, 0x02, 0x00, 0x00], ID.as_bytes(), 1 << 20).unwrap().unwrap(), out);
+    // A refusal, a CONNACK that names an id already, an AUTH: passed on as they are.
+    let refused =
+        encode_connack(&mqtt_proto::v5::Connack::new(false, mqtt_proto::v5::ConnectReasonCode::NotAuthorized));
+    assert_eq!(assign_in_connack(&refused, ID.as_bytes(), 1 << 20), Ok(None));
+    let mut named = mqtt_proto::v5::Connack::new(false, mqtt_proto::v5::ConnectReasonCode::Success);
+    named.properties.assigned_client_id = Some(Arc::from("broker-made"));
+    assert_eq!(assign_in_connack(&encode_connack(&named), ID.as_bytes(), 1 << 20), Ok(None));
+    assert_eq!(assign_in_connack(&[0xf0, 0x02, 0x18, 0x00], ID.as_bytes(), 1 << 20), Ok(None));
+    // Malformed ones and one over the limit: errors.
+    for bad in
+        [&[0x20, 0x03, 0x00, 0x00][..], &[0x20, 0x03, 0x00, 0x00, 0x05], &[0x20, 0x04, 0x00, 0x00, 0x02, 0x99, 0x00]]
+    {
+        assert!(matches!(assign_in_connack(bad, ID.as_bytes(), 1 << 20), Err(ConnackError::Malformed(_))), "{bad:?}");
+    }
+    assert!(matches!(assign_in_connack(&ok, ID.as_bytes(), 10), Err(ConnackError::TooLarge { .. })));
+}
+
+proptest! {
+    /// Whatever a successful CONNACK carries, with the id added it decodes, in two independent
+    /// codecs, as the same CONNACK with Assigned Client Identifier set; every byte of the
+    /// broker's is kept in order.
+    #[test]
+    fn the_connack_with_the_assigned_id_is_the_same_connack_plus_the_id(
+        session_present in any::<bool>(),
+        expiry in prop::option::of(any::<u32>()),
+        receive_max in prop::option::of(1u16..),
+        max_packet in prop::option::of(1u32..),
+        topic_alias_max in prop::option::of(any::<u16>()),
+        reason in prop::option::of("[ -~]{0,40}"),
+        users in prop::collection::vec(("[a-z]{1,8}", "[ -~]{0,20}"), 0..4),
+        keep_alive in prop::option::of(any::<u16>()),
+        wildcards in prop::option::of(any::<bool>()),
+        padding in 0usize..200,
+    ) {
+        let mut c = mqtt_proto::v5::Connack::new(session_present, mqtt_proto::v5::ConnectReasonCode::Success);
+        c.properties.session_expiry_interval = expiry;
+        c.properties.receive_max = receive_max;
+        c.properties.max_packet_size = max_packet;
+        c.properties.topic_alias_max = topic_alias_max;
+        // A long reason string makes the remaining length take two bytes.
+        c.properties.reason_string = reason.map(|r| Arc::from(format!("{r}{}", "x".repeat(padding)).as_str()));
+        c.properties.user_properties = users
+            .iter()
+            .map(|(n, v)| mqtt_proto::v5::UserProperty { name: Arc::from(n.as_str()), value: Arc::from(v.as_str()) })
+            .collect();
+        c.properties.server_keep_alive = keep_alive;
+        c.properties.wildcard_subscription_available = wildcards;
+        let bytes = encode_connack(&c);
+        let out = assign_in_connack(&bytes, ID.as_bytes(), 1 << 20).unwrap().unwrap();
+        let mut expected = c.clone();
+        expected.properties.assigned_client_id = Some(Arc::from(ID));
+        prop_assert_eq!(decode_connack(&out), expected);
+        let mb = mqttbytes_connack(&out);
+        prop_assert_eq!(mb.session_present, session_present);
+        let props = mb.properties.unwrap();
+        prop_assert_eq!(props.assigned_client_identifier.as_deref(), Some(ID));
+        prop_assert_eq!(props.user_properties.len(), users.len());
+        // The broker's properties, in order, then the id.
+        let tail = [&[0x12, 0x00, ID.len() as u8][..], ID.as_bytes()].concat();
+        prop_assert!(out.ends_with(&tail));
+        let props_of = |p: &[u8]| {
+            let mut r = Reader { bytes: p, pos: 1 };
+            r.var_int().unwrap();
+            r.take(2).unwrap();
+            let n = r.var_int().unwrap();
+            r.take(n).unwrap().to_vec()
+        };
+        let (old, new) = (props_of(&bytes), props_of(&out));
+        prop_assert_eq!(&new[..old.len()], &old[..]);
+        // Adding the id again changes nothing.
+        prop_assert_eq!(assign_in_connack(&out, ID.as_bytes(), 1 << 20).unwrap(), None);
+    }
+
+    /// Whatever the CONNECT, setting the client-id gives mqtt-proto's encoding of the same
+    /// CONNECT with that id.
+    #[test]
+    fn the_connect_with_the_assigned_id_is_the_reference_encoding(
+        keep_alive in any::<u16>(),
+        expiry in prop::option::of(any::<u32>()),
+        will in prop::option::of(("[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..20))),
+        username in prop::option::of(text(12)),
+        password in prop::option::of(prop::collection::vec(any::<u8>(), 0..12)),
+        padding in 0usize..200,
+    ) {
+        let mut orig = mqtt_proto::v5::Connect::new(Arc::from(""), keep_alive);
+        orig.properties.session_expiry_interval = expiry;
+        orig.properties.auth_method = Some(Arc::from("x".repeat(padding).as_str()));
+        orig.last_will = will.map(|(t, m)| mqtt_proto::v5::LastWill {
+            qos: mqtt_proto::QoS::Level1,
+            retain: true,
+            topic_name: mqtt_proto::TopicName::try_from(t.as_str()).unwrap(),
+            payload: m.into(),
+            properties: Default::default(),
+        });
+        orig.username = username.as_deref().map(Arc::from);
+        orig.password = password.map(Into::into);
+        let out = set_client_id(&encode_v5(&orig), MqttVersion::V5, ID.as_bytes(), 1 << 20).unwrap();
+        let mut expected = orig.clone();
+        expected.client_id = Arc::from(ID);
+        prop_assert_eq!(&out, &encode_v5(&expected));
+        prop_assert_eq!(decode_v5(&out), expected);
+    }
+}
