@@ -840,6 +840,12 @@ impl<'a> Setup<'a> {
     /// budget are gone before the (bounded) polite close.
     async fn refuse(&mut self, client: Option<&mut Client>, refused: Refused) -> CloseReason {
         self.facts.detail = refused.detail;
+        // No broker took a client whose frames were to be relayed untouched: harbormaster
+        // answers it itself, in frames.
+        let mut client = client;
+        if let Some(Client::Ws(ws)) = client.as_deref_mut() {
+            ws.resume_frames();
+        }
         match (client, refused.answer) {
             (Some(client), Answer::Connack { version, refusal }) => {
                 self.facts.connack = answer(client, version, refusal).await;

@@ -631,6 +631,12 @@ impl<S> WsStream<S> {
         Some(raw)
     }
 
+    /// Back to frames after [`Self::take_raw`], for a refusal before any broker took the
+    /// client: its CONNACK and close frame must be framed.
+    pub fn resume_frames(&mut self) {
+        self.passthrough = false;
+    }
+
     fn keep_raw(&mut self, bytes: &[u8]) {
         let Some(rec) = self.raw.as_mut().filter(|r| !r.overflow) else {
             return;

@@ -853,6 +853,16 @@ setTimeout(() => { console.log("timeout"); process.exit(1); }, 20000);
     assert_eq!(line["close_reason"], "no_broker_available", "{line:?}");
     assert!(line["detail"].contains("404"), "{line:?}");
 
+    // The same refusal as a WebSocket client sees it: the CONNACK in a binary frame, then a
+    // close frame (nothing of a broker's reached it).
+    let mut s = dial(hm.port("lost"));
+    s.write_all(upgrade_request("/mqtt", "").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    s.write_all(&frame(0x2, true, &mqtt::connect(MqttVersion::V311, "lost-2"))).unwrap();
+    assert_eq!(read_frame(&mut s), Some((0x2, vec![0x20, 0x02, 0x00, 0x03])), "CONNACK server unavailable");
+    assert_eq!(read_frame(&mut s).map(|(op, _)| op), Some(0x8), "then a close frame");
+
     // /route names the pool's transport.
     let (status, body) = http_get(&hm.admin_addr(), "/route?client_id=x&pool=rabbit");
     assert_eq!(status, 200, "{body}");
