@@ -31,6 +31,7 @@ fn pool(n: usize) -> Pool {
         rebalance_rate: 20,
         health: None,
         hold: None,
+        backend_transport: Default::default(),
     }
 }
 

@@ -484,6 +484,7 @@ fn backends(state: &AdminState) -> Response<Full<Bytes>> {
                 "name": p.name,
                 "hash_key": route::hash_key_name(p.hash_key),
                 "empty_client_id": route::empty_key_name(p.empty_key),
+                "backend_transport": p.backend_transport.as_str(),
                 "backend_attempts": p.backend_attempts,
                 "brokers": brokers,
             })
@@ -671,6 +672,7 @@ fn route(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
                     "rule_match": r.matched.as_ref().filter(|m| m.rule.is_some()).map(|m| m.conditions.as_str()),
                     "pool": r.pool.name,
                     "hash_key": route::hash_key_name(r.pool.hash_key),
+                    "backend_transport": r.pool.backend_transport.as_str(),
                     "broker": now.map(|b| b.name.as_str()),
                     "address": now.map(|b| b.addr.to_string()),
                     "preference": r.preference.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
@@ -1038,6 +1040,7 @@ backends = ["127.0.0.1:4"]
             let want: Vec<&str> = pool.ranking(id.as_bytes()).iter().map(|b| b.name.as_str()).collect();
             assert_eq!(body["client_id"], id);
             assert_eq!(body["pool"], "brokers");
+            assert_eq!(body["backend_transport"], "mqtt");
             assert_eq!(body["preference"], json!(want));
             assert_eq!(body["broker"], want[0]);
             assert_eq!(body["candidates"], json!(want));

@@ -15,8 +15,8 @@ use serde::{Deserialize, Deserializer};
 use super::discovery::DiscoverySpec;
 use crate::proxy::admission::{AdmissionLimits, Flapping};
 use crate::proxy::balance::{
-    Backend, CheckKind, EmptyKey, HashKey, HealthSpec, Hold, HttpCheck, PlannedCloseWill, Pool, ProxyProtocol,
-    Rebalance,
+    Backend, BackendTransport, CheckKind, EmptyKey, HashKey, HealthSpec, Hold, HttpCheck, PlannedCloseWill, Pool,
+    ProxyProtocol, Rebalance,
 };
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::rewrite::{Fact, Piece, Policy as ConnectPolicy, Template};
@@ -378,9 +378,12 @@ pub struct RawPool {
     #[serde(default = "default_rebalance_rate")]
     pub rebalance_rate: u32,
     /// What the brokers are spoken to in: `"mqtt"` (default; a WebSocket client's frames are
-    /// unwrapped, so brokers need only their TCP listener).
+    /// unwrapped, so brokers need only their TCP listener) or `"websocket"` (a WebSocket to the
+    /// broker's WebSocket listener, the client's frames relayed untouched).
     #[serde(default)]
     pub backend_transport: RawBackendTransport,
+    /// With `backend_transport = "websocket"`: the path of the broker's WebSocket listener.
+    pub websocket_path: Option<String>,
 }
 
 /// `on_backend_restart`: `"failover"` (default) or `"hold"`.
@@ -413,13 +416,18 @@ fn default_rebalance_rate() -> u32 {
     20
 }
 
-/// `backend_transport`: `"mqtt"` (default).
+/// `backend_transport`: `"mqtt"` (default) or `"websocket"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawBackendTransport {
     #[default]
     Mqtt,
+    #[serde(rename = "websocket")]
+    WebSocket,
 }
+
+/// `websocket_path` when absent.
+const DEFAULT_BACKEND_WEBSOCKET_PATH: &str = "/mqtt";
 
 /// `planned_close_will`: `"keep"` (default) or `"suppress"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -1094,6 +1102,7 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
     }
     let admin = check_admin(&mut c, &raw.admin, &listeners, base);
     warn_identity_never_there(&mut c, &raw, &pools);
+    warn_websocket_pool_without_websocket(&mut c, &raw, &pools);
 
     if !c.problems.is_empty() {
         return Err(Problems(c.problems));
@@ -1136,6 +1145,29 @@ fn build(raw: RawConfig, base: &Path) -> Result<Loaded, Problems> {
         on_removed,
         warnings: c.warnings,
     })
+}
+
+/// Warns about a listener without `websocket` whose connections reach a pool with
+/// `backend_transport = "websocket"`: such a pool serves only WebSocket clients, so every raw
+/// MQTT client sent there is refused.
+fn warn_websocket_pool_without_websocket(c: &mut Check, raw: &RawConfig, pools: &[Arc<Pool>]) {
+    for (i, l) in raw.listener.iter().enumerate().filter(|(_, l)| l.websocket.is_none()) {
+        let names = std::iter::once(&l.pool).chain(l.route.iter().map(|r| &r.pool));
+        let mut seen = HashSet::new();
+        for name in names.filter(|n| seen.insert(*n)) {
+            let ws = pools.iter().any(|p| &p.name == name && p.backend_transport != BackendTransport::Mqtt);
+            if ws {
+                c.warn(
+                    format!("listener[{i}]"),
+                    format!(
+                        "pool {name:?} has backend_transport = \"websocket\" and serves only WebSocket clients, \
+                         but this listener has no websocket: every connection it sends there is refused \
+                         (CONNACK \"server unavailable\")"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Warns about a listener whose connections reach a pool whose `connect.username` needs a client
@@ -1401,6 +1433,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
     }
     let check = p.health.as_ref().and_then(|h| check_kind(h, &format!("{at}.health"), c));
     let connect = p.connect.as_ref().map(|r| check_connect(c, &format!("{at}.connect"), r)).unwrap_or_default();
+    let backend_transport = check_backend_transport(c, &at, p);
     if c.problems.len() > before {
         return None;
     }
@@ -1451,6 +1484,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             RawRebalance::Home => Rebalance::Home,
         },
         rebalance_rate: p.rebalance_rate,
+        backend_transport,
         planned_close_will: match p.planned_close_will {
             RawPlannedCloseWill::Keep => PlannedCloseWill::Keep,
             RawPlannedCloseWill::Suppress => PlannedCloseWill::Suppress,
@@ -1478,6 +1512,42 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         Ok(mut it) => it.next().ok_or_else(|| format!("{address:?} resolves to no address")),
         Err(e) => Err(format!("cannot resolve {address:?}: {e}")),
     }
+}
+
+/// `backend_transport` and `websocket_path`. Over untouched frames harbormaster cannot rewrite
+/// the CONNECT (`connect`, `empty_client_id = "assign"`) nor the CONNACK, and an MQTT probe
+/// would speak raw MQTT to a WebSocket listener.
+fn check_backend_transport(c: &mut Check, at: &str, p: &RawPool) -> BackendTransport {
+    if p.backend_transport == RawBackendTransport::Mqtt {
+        if p.websocket_path.is_some() {
+            c.add(format!("{at}.websocket_path"), "only with backend_transport = \"websocket\"");
+        }
+        return BackendTransport::Mqtt;
+    }
+    let path = p.websocket_path.clone().unwrap_or_else(|| DEFAULT_BACKEND_WEBSOCKET_PATH.to_string());
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ' || b >= 0x80) {
+        c.add(format!("{at}.websocket_path"), format!("{path:?} is not an absolute path (visible ASCII)"));
+    }
+    if p.connect.is_some() {
+        c.add(
+            format!("{at}.connect"),
+            "not with backend_transport = \"websocket\": the CONNECT travels in the client's frames untouched",
+        );
+    }
+    if matches!(p.empty_client_id, RawEmpty::Assign) {
+        c.add(
+            format!("{at}.empty_client_id"),
+            "\"assign\" not with backend_transport = \"websocket\": the CONNECT and the CONNACK travel in \
+             untouched frames",
+        );
+    }
+    if p.health.as_ref().is_some_and(|h| h.check == RawCheck::Mqtt) {
+        c.add(
+            format!("{at}.health.check"),
+            "\"mqtt\" speaks raw MQTT; with backend_transport = \"websocket\" use \"tcp\" or \"http\"",
+        );
+    }
+    BackendTransport::WebSocket { path }
 }
 
 /// The probe of a `health` table (`at` is its key path): the HTTP keys are checked here,
@@ -1623,6 +1693,40 @@ backends = ["127.0.0.1:1884", { name = "b2", address = "127.0.0.1:1885" }]
         assert!(p.iter().any(|p| p.contains("pool.brokers.hold_max")), "{p:?}");
         let p = problems(&format!("{MINIMAL}on_backend_restart = \"wait\"\n"));
         assert!(p.iter().any(|p| p.contains("on_backend_restart")), "{p:?}");
+    }
+
+    #[test]
+    fn backend_transport_is_mqtt_or_websocket_with_its_path() {
+        let p = load_str(MINIMAL, Path::new(".")).unwrap().snapshot.pool("brokers").unwrap().clone();
+        assert_eq!(p.backend_transport, BackendTransport::Mqtt);
+        let loaded = load_str(&format!("{MINIMAL}backend_transport = \"websocket\"\n"), Path::new(".")).unwrap();
+        let want = BackendTransport::WebSocket { path: "/mqtt".into() };
+        assert_eq!(loaded.snapshot.pool("brokers").unwrap().backend_transport, want);
+        // The listener has no `websocket`: every client it sends there would be refused.
+        assert!(
+            loaded.warnings.iter().any(|w| w.message.contains("serves only WebSocket clients")),
+            "{:?}",
+            loaded.warnings
+        );
+        let text = format!("{MINIMAL}backend_transport = \"websocket\"\nwebsocket_path = \"/ws\"\n");
+        let text = text.replace("pool = \"brokers\"\n", "pool = \"brokers\"\nwebsocket = {}\n");
+        let loaded = load_str(&text, Path::new(".")).unwrap();
+        assert_eq!(
+            loaded.snapshot.pool("brokers").unwrap().backend_transport,
+            BackendTransport::WebSocket { path: "/ws".into() }
+        );
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        for (extra, key) in [
+            ("websocket_path = \"/ws\"\n", "websocket_path"),
+            ("backend_transport = \"websocket\"\nwebsocket_path = \"ws\"\n", "websocket_path"),
+            ("backend_transport = \"websocket\"\nconnect = { username = \"{client_id}\" }\n", "connect"),
+            ("backend_transport = \"websocket\"\nhealth = { check = \"mqtt\" }\n", "health.check"),
+            ("backend_transport = \"websocket\"\nempty_client_id = \"assign\"\n", "empty_client_id"),
+            ("backend_transport = \"tcp\"\n", "backend_transport"),
+        ] {
+            let p = problems(&format!("{MINIMAL}{extra}"));
+            assert!(p.iter().any(|p| p.contains(key)), "{extra}: {p:?}");
+        }
     }
 
     #[test]

@@ -327,6 +327,7 @@ mod tests {
             rebalance_rate: 20,
             health,
             hold: None,
+            backend_transport: crate::proxy::balance::BackendTransport::Mqtt,
         }
     }
 

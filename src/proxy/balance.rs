@@ -155,6 +155,29 @@ pub struct Pool {
     pub rebalance: Rebalance,
     /// Connections per second moved back to their first choice (`rebalance_rate`).
     pub rebalance_rate: u32,
+    /// What the brokers are spoken to in (`backend_transport`).
+    pub backend_transport: BackendTransport,
+}
+
+/// `backend_transport`: raw MQTT to the broker's TCP listener (a WebSocket client's frames
+/// unwrapped), or a WebSocket of harbormaster's own to the broker's WebSocket listener over
+/// which a WebSocket client's frames are relayed untouched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BackendTransport {
+    #[default]
+    Mqtt,
+    /// The upgrade request's path (`websocket_path`).
+    WebSocket { path: String },
+}
+
+impl BackendTransport {
+    /// The log's `backend_transport` and `/route`'s.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackendTransport::Mqtt => "mqtt",
+            BackendTransport::WebSocket { .. } => "websocket",
+        }
+    }
 }
 
 /// `rebalance`: leave connections where they are until they reconnect (`"off"`), or move
@@ -287,6 +310,7 @@ mod tests {
             rebalance_rate: 20,
             health: None,
             hold: None,
+            backend_transport: BackendTransport::Mqtt,
         }
     }
 

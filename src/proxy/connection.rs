@@ -26,7 +26,9 @@ use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Admission};
-use super::balance::{key_hash, Backend, EmptyKey, HashKey, Hold, PlannedCloseWill, Pool, ProxyProtocol};
+use super::balance::{
+    key_hash, Backend, BackendTransport, EmptyKey, HashKey, Hold, PlannedCloseWill, Pool, ProxyProtocol,
+};
 use super::boundary::{Boundary, Disconnect};
 use super::broker::{self, Transition};
 use super::budget::{OverBudget, SetupBudget, SetupCharge};
@@ -43,7 +45,7 @@ use super::snapshot::{canonical_ip, ListenerSpec, RefusalStyle, Snapshot};
 use super::stream::{Client, Counted, Direction, Prefixed};
 use super::tls_stream::TlsServerStream;
 use super::turns::Turns;
-use super::websocket::{self, FrameError, UpgradeRefusal, WsStream};
+use super::websocket::{self, Accepted, FrameError, UpgradeRefusal, WsStream};
 use crate::admin::metrics::Metrics;
 
 /// State shared by every connection of the process.
@@ -499,6 +501,10 @@ fn planned_disconnects(
     facts: &Facts,
     suppress_will: bool,
 ) -> (Option<Disconnect>, Option<Disconnect>) {
+    // Untouched frames have no MQTT packet boundaries to follow: a plain close.
+    if facts.routed.as_ref().is_some_and(|r| r.backend_websocket) {
+        return (None, None);
+    }
     let to_client = match (facts.mqtt_version, leaving) {
         (Some(MqttVersion::V5), Leaving::ShuttingDown) => Some(Disconnect::ShuttingDown),
         (Some(MqttVersion::V5), Leaving::Moved) => Some(Disconnect::UseAnotherServer),
@@ -530,6 +536,11 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
         mqtt_version = facts.mqtt_version.map(MqttVersion::as_str).unwrap_or(""),
         bridge = facts.bridge,
         transport = if facts.websocket { "websocket" } else { "mqtt" },
+        backend_transport = match (&facts.broker, facts.routed.as_ref().is_some_and(|r| r.backend_websocket)) {
+            (None, _) => "",
+            (Some(_), false) => "mqtt",
+            (Some(_), true) => "websocket",
+        },
         route = %RouteField(facts.routed.as_ref().and_then(|r| r.rule)),
         pool = facts.routed.as_ref().map_or("", |r| r.pool.as_str()),
         connect_rewrite = facts.routed.as_ref().and_then(|r| r.rewrite.as_deref()).unwrap_or(""),
@@ -556,6 +567,9 @@ struct Routed {
     rewrite: Option<String>,
     /// How long the connection was held for its restarting broker (ms) and how that ended.
     held: Option<(u32, HoldOutcome)>,
+    /// The broker is spoken to over a WebSocket of its own, the client's frames relayed
+    /// untouched (`backend_transport = "websocket"`).
+    backend_websocket: bool,
 }
 
 /// The log's `route`: `route[N]`, the rule of the listener that picked the pool, or empty when
@@ -605,6 +619,7 @@ async fn setup(
         key_hash: None,
         assigned: None,
         broker_answer: Vec::new(),
+        ws_client: None,
         facts: &mut acct.facts,
         up_at: &mut acct.up_at,
     };
@@ -636,6 +651,9 @@ struct Setup<'a> {
     /// With an assigned client-id: the broker's first packet, read whole by the dial that
     /// succeeded, for the CONNACK to carry the id.
     broker_answer: Vec<u8>,
+    /// A WebSocket client's subprotocol and credentials (`Cookie`, `Authorization`), for a
+    /// pool that opens WebSockets to its brokers.
+    ws_client: Option<WsClient>,
     facts: &'a mut Facts,
     /// Where the client's stream stands in its MQTT packets after the bytes sent with the
     /// CONNECT, for the relay.
@@ -697,12 +715,37 @@ struct FirstRead {
     charge: SetupCharge,
 }
 
+/// A WebSocket client's upgrade facts a broker's WebSocket listener is told.
+struct WsClient {
+    subprotocol: Option<&'static str>,
+    credentials: Vec<u8>,
+}
+
 /// What every broker tried is sent first, in one write: PROXY header, CONNECT and what the
 /// client pipelined behind it (while held, too). Charged to the setup budget while they are
 /// held.
 struct FirstBytes {
     bytes: Vec<u8>,
+    /// With `backend_transport = "websocket"`: the upgrade to ask each broker for, and the
+    /// client's frames sent once it is granted (`bytes` is then the PROXY header alone).
+    ws: Option<WsFirst>,
     charge: SetupCharge,
+}
+
+/// The broker side of `backend_transport = "websocket"`.
+struct WsFirst {
+    path: String,
+    subprotocol: Option<&'static str>,
+    /// `X-Forwarded-For`, `Forwarded` and the client's credentials, as header lines.
+    fields: Vec<u8>,
+    /// The client's bytes as they came: its frames, masked.
+    frames: Vec<u8>,
+}
+
+impl FirstBytes {
+    fn held(&self) -> usize {
+        self.bytes.capacity() + self.ws.as_ref().map_or(0, |w| w.fields.capacity() + w.frames.capacity())
+    }
 }
 
 /// The brokers to try, best first, and the routing key's first choice whatever its state (for
@@ -754,10 +797,11 @@ impl<'a> Setup<'a> {
         self.admit_client_id(&connect)?;
         let route = self.route(&connect)?;
         let version = connect.version;
+        let frames = self.client_frames(client, version)?;
         // Bytes pipelined behind the CONNECT go to the broker with it, and may end inside a
         // packet: the relay's tracking of the client's packets starts after them.
         self.up_at.advance(&buf[len..]);
-        let first = self.first_bytes(&connect, &buf, len, charge)?;
+        let first = self.first_bytes(&connect, &buf, len, charge, frames)?;
         drop(buf);
         let dialled = self.dial(route, first, version, client).await?;
         self.answer_assigned(client).await?;
@@ -797,12 +841,54 @@ impl<'a> Setup<'a> {
         }
     }
 
+    /// With `backend_transport = "websocket"`, the client's frames as they came, relayed
+    /// untouched from now on; such a pool serves only WebSocket clients. A pool that unwraps
+    /// frames frees what was kept of them.
+    fn client_frames(&mut self, client: &mut Client, version: MqttVersion) -> Result<Option<Vec<u8>>, Refused> {
+        let pool = self.pool;
+        let ws = matches!(pool.backend_transport, BackendTransport::WebSocket { .. });
+        let unavailable = |detail: String| {
+            Refused::unavailable(CloseReason::NoBroker, self.spec.refusal, version, Refusal::ServerUnavailable)
+                .detail(detail)
+        };
+        match (client, ws) {
+            (Client::Ws(stream), false) => {
+                stream.stop_recording();
+                Ok(None)
+            }
+            (_, false) => Ok(None),
+            (Client::Ws(stream), true) => match stream.take_raw() {
+                Some(frames) => {
+                    if let Some(r) = self.facts.routed.as_mut() {
+                        r.backend_websocket = true;
+                    }
+                    Ok(Some(frames))
+                }
+                None => Err(unavailable(format!(
+                    "pool {:?} relays frames untouched, and this client's frames before the CONNECT were over {} bytes",
+                    pool.name,
+                    raw_cap(&self.snap.limits)
+                ))),
+            },
+            (_, true) => Err(unavailable(format!(
+                "pool {:?} has backend_transport = \"websocket\": it serves only MQTT over WebSocket clients",
+                pool.name
+            ))),
+        }
+    }
+
     /// The one place a refusal is carried out: its detail goes to the log line, and the client
     /// (once there is one to answer) is told what the refusal says, then closed. The step that
     /// refused has returned by then, so its CONNECT buffer and that buffer's charge to the setup
     /// budget are gone before the (bounded) polite close.
     async fn refuse(&mut self, client: Option<&mut Client>, refused: Refused) -> CloseReason {
         self.facts.detail = refused.detail;
+        // No broker took a client whose frames were to be relayed untouched: harbormaster
+        // answers it itself, in frames.
+        let mut client = client;
+        if let Some(Client::Ws(ws)) = client.as_deref_mut() {
+            ws.resume_frames();
+        }
         match (client, refused.answer) {
             (Some(client), Answer::Connack { version, refusal }) => {
                 self.facts.connack = answer(client, version, refusal).await;
@@ -1015,7 +1101,15 @@ impl<'a> Setup<'a> {
         drop(buf);
         drop(charge);
         let max = self.snap.limits.max_connect_packet as u64;
-        (Client::Ws(Box::new(WsStream::new(client, pre, max))), Ok(None))
+        let mut ws = Box::new(WsStream::new(client, pre, max));
+        // The pool is not known before the CONNECT: when one may relay frames untouched, the
+        // frames it is read from are kept as they come.
+        if self.snap.pools.iter().any(|p| p.backend_transport != BackendTransport::Mqtt) {
+            ws.record(raw_cap(&self.snap.limits));
+            let Accepted { subprotocol, credentials, .. } = accepted;
+            self.ws_client = Some(WsClient { subprotocol, credentials });
+        }
+        (Client::Ws(ws), Ok(None))
     }
 
     /// Read until a whole CONNECT is buffered, with whatever was pipelined behind it. The
@@ -1094,7 +1188,13 @@ impl<'a> Setup<'a> {
     /// first choice. Remembers the key's hash: rebalancing finds the connection's home by it.
     fn route(&mut self, connect: &Connect<'_>) -> Result<Route<'a>, Refused> {
         let rule = if self.spec.routes.is_empty() { None } else { self.pick_pool(connect)? };
-        self.facts.routed = Some(Box::new(Routed { rule, pool: self.pool.name.clone(), rewrite: None, held: None }));
+        self.facts.routed = Some(Box::new(Routed {
+            rule,
+            pool: self.pool.name.clone(),
+            rewrite: None,
+            held: None,
+            backend_websocket: false,
+        }));
         let pool = self.pool;
         let key: Option<&[u8]> = match pool.hash_key {
             HashKey::ClientId => Some(connect.client_id),
@@ -1215,7 +1315,8 @@ impl<'a> Setup<'a> {
         connect: &Connect<'_>,
         buf: &[u8],
         len: usize,
-        mut charge: SetupCharge,
+        charge: SetupCharge,
+        frames: Option<Vec<u8>>,
     ) -> Result<FirstBytes, Refused> {
         let (packet, pipelined) = buf.split_at(len);
         let mut rewritten = self.rewrite_connect(connect, packet)?;
@@ -1259,15 +1360,30 @@ impl<'a> Setup<'a> {
                 enc.bytes
             }
         };
-        first.reserve_exact(packet.len() + pipelined.len());
-        first.extend_from_slice(packet);
-        first.extend_from_slice(pipelined);
-        self.facts.up = buf.len() as u64;
+        let ws = match (frames, &pool.backend_transport) {
+            (Some(frames), BackendTransport::WebSocket { path }) => {
+                self.facts.up = frames.len() as u64;
+                let client = self.ws_client.take();
+                let mut fields = forwarding_fields(self.src, self.spec.tls.is_some());
+                if let Some(c) = &client {
+                    fields.extend_from_slice(&c.credentials);
+                }
+                Some(WsFirst { path: path.clone(), subprotocol: client.and_then(|c| c.subprotocol), fields, frames })
+            }
+            _ => {
+                first.reserve_exact(packet.len() + pipelined.len());
+                first.extend_from_slice(packet);
+                first.extend_from_slice(pipelined);
+                self.facts.up = buf.len() as u64;
+                None
+            }
+        };
+        let mut first = FirstBytes { bytes: first, ws, charge };
         // Already decided on: the copy is charged whatever the total.
-        charge.set(first.capacity());
+        first.charge.set(first.held());
         // Nothing after this reads the identity.
         self.tls = None;
-        Ok(FirstBytes { bytes: first, charge })
+        Ok(first)
     }
 
     /// Dial the candidates in preference order until a broker answers the CONNECT; the
@@ -1290,14 +1406,14 @@ impl<'a> Setup<'a> {
         }
         if broker.is_none() {
             for b in candidates {
-                if let Some(s) = self.try_dial(b, &first.bytes, &mut errors).await {
+                if let Some(s) = self.try_dial(b, &first, &mut errors).await {
                     broker = Some((b.clone(), s));
                     break;
                 }
             }
         }
         drop(first);
-        let Some((backend, upstream)) = broker else {
+        let Some((backend, (upstream, early))) = broker else {
             let refused =
                 Refused::unavailable(CloseReason::NoBroker, self.spec.refusal, version, Refusal::ServerUnavailable);
             return Err(refused.detail(errors.join("; ")));
@@ -1312,6 +1428,21 @@ impl<'a> Setup<'a> {
                 m.failed_over(&pool.name);
             }
         }
+        if self.assigned.is_some() {
+            // The broker's first packet, read whole: it reaches the client with the assigned
+            // client-id added (`answer_assigned`).
+            self.broker_answer = early;
+        } else if !early.is_empty() {
+            // The broker's first frames came with its 101: the client's, untouched.
+            let wrote = tokio::time::timeout(pool.backend_connack_timeout, async {
+                client.write_all(&early).await?;
+                client.flush().await
+            })
+            .await;
+            if !matches!(wrote, Ok(Ok(()))) {
+                return Err(Refused::close(CloseReason::ClientClosed).detail("the client left as its broker answered"));
+            }
+        }
         backend.active.fetch_add(1, Ordering::Relaxed);
         backend.total.fetch_add(1, Ordering::Relaxed);
         let active = ActiveGuard(backend);
@@ -1323,12 +1454,15 @@ impl<'a> Setup<'a> {
 
     /// One dial of `b`, recorded (outcome metric, passive health, last error); a failure's
     /// text joins `errors`.
-    async fn try_dial(&mut self, b: &Backend, first: &[u8], errors: &mut Vec<String>) -> Option<TcpStream> {
+    async fn try_dial(
+        &self,
+        b: &Backend,
+        first: &FirstBytes,
+        errors: &mut Vec<String>,
+    ) -> Option<(TcpStream, Vec<u8>)> {
         let (m, pool) = (&self.shared.metrics, self.pool);
-        let whole = self.assigned.is_some();
-        match attempt(m, pool, b, first, whole).await {
-            Ok((s, answer)) => {
-                self.broker_answer = answer;
+        match attempt(m, pool, b, first, self.assigned.is_some()).await {
+            Ok(s) => {
                 m.dial_attempt(&pool.name, &b.name, DialOutcome::Ok);
                 b.record_dial(true, pool.passive_fall());
                 Some(s)
@@ -1361,13 +1495,13 @@ impl<'a> Setup<'a> {
         first: &mut FirstBytes,
         client: &mut Client,
         errors: &mut Vec<String>,
-    ) -> Result<Option<(Arc<Backend>, TcpStream)>, Refused> {
+    ) -> Result<Option<(Arc<Backend>, (TcpStream, Vec<u8>))>, Refused> {
         let (m, pool) = (&self.shared.metrics, self.pool);
         let until = match home.away_since() {
             Some(since) => since + hold.timeout,
             None if home.usable() => {
                 candidates.retain(|c| !Arc::ptr_eq(c, home));
-                if let Some(s) = self.try_dial(home, &first.bytes, errors).await {
+                if let Some(s) = self.try_dial(home, first, errors).await {
                     return Ok(Some((home.clone(), s)));
                 }
                 // Probably restarting; if this dial marked it down, that is when it went.
@@ -1397,7 +1531,7 @@ impl<'a> Setup<'a> {
             tokio::pin!(back);
             back.as_mut().enable();
             if home.usable() && !dialled {
-                if let Some(s) = self.try_dial(home, &first.bytes, errors).await {
+                if let Some(s) = self.try_dial(home, first, errors).await {
                     break Ok(Some((home.clone(), s)));
                 }
                 dialled = true;
@@ -1419,9 +1553,14 @@ impl<'a> Setup<'a> {
                         let more = &scratch[..n];
                         self.up_at.advance(more);
                         self.facts.up += n as u64;
-                        first.bytes.extend_from_slice(more);
-                        first.charge.set(first.bytes.capacity());
-                        watching = first.bytes.len() < HOLD_READ_MAX;
+                        // Untouched frames follow the client's first ones.
+                        let to = match first.ws.as_mut() {
+                            Some(ws) => &mut ws.frames,
+                            None => &mut first.bytes,
+                        };
+                        to.extend_from_slice(more);
+                        watching = to.len() < HOLD_READ_MAX;
+                        first.charge.set(first.held());
                     }
                 },
             }
@@ -1629,22 +1768,37 @@ fn marked_down(m: &Metrics, pool: &Pool, b: &Backend, error: &str) {
 /// leaves the answer (CONNACK, or an AUTH exchange) to the relay, so the broker's bytes reach
 /// the client untouched; a close or reset before any byte is a failed dial like a refused
 /// connect (a broker that accepts and drops connections: overloaded, or not speaking MQTT).
+/// With `backend_transport = "websocket"` the upgrade request follows the PROXY header, and
+/// the broker's 101 is read and checked before the client's frames are sent (its other
+/// answers are failed dials); bytes that came with the 101 are returned, for the client.
 /// Nothing has been sent to the client yet, so a broker that fails any step can be replaced
 /// by the next. The error is an outcome of `broker_connect_attempts_total` and a text for
 /// logs.
 ///
 /// With `whole` (an assigned client-id to add to the CONNACK) the broker's first packet is read
-/// whole instead, up to [`MAX_BROKER_ANSWER`] bytes and within the same time; one that is
-/// larger or cut short is a failed dial.
+/// whole instead of peeked, up to [`MAX_BROKER_ANSWER`] bytes and within the same time, and
+/// returned; one that is larger or cut short is a failed dial.
 async fn attempt(
     m: &Metrics,
     pool: &Pool,
     b: &Backend,
-    first: &[u8],
+    first: &FirstBytes,
     whole: bool,
 ) -> Result<(TcpStream, Vec<u8>), (DialOutcome, String)> {
+    let key = first.ws.as_ref().map(|_| websocket::fresh_key());
+    let upgrade;
+    let head: &[u8] = match (&first.ws, &key) {
+        (Some(ws), Some(key)) => {
+            let mut h = first.bytes.clone();
+            let host = b.addr.to_string();
+            h.extend(websocket::broker_request(&ws.path, &host, key, ws.subprotocol, &ws.fields));
+            upgrade = h;
+            &upgrade
+        }
+        _ => &first.bytes,
+    };
     let dial = Instant::now();
-    let (mut s, sent) = match tokio::time::timeout(pool.backend_connect_timeout, connect_sending(b.addr, first)).await {
+    let (mut s, sent) = match tokio::time::timeout(pool.backend_connect_timeout, connect_sending(b.addr, head)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err((DialOutcome::of(&e), e.to_string())),
         Err(_) => return Err((DialOutcome::Timeout, "timed out".to_string())),
@@ -1652,12 +1806,24 @@ async fn attempt(
     let elapsed = dial.elapsed().as_secs_f64();
     m.broker_connected(&pool.name, &b.name, elapsed);
     let answered = tokio::time::timeout(pool.backend_connack_timeout, async {
-        s.write_all(&first[sent..]).await.map_err(|e| (DialOutcome::of(&e), format!("writing CONNECT: {e}")))?;
-        s.peek(&mut [0u8; 1]).await.map_err(|e| (DialOutcome::of(&e), format!("before answering CONNECT: {e}")))
+        s.write_all(&head[sent..]).await.map_err(|e| (DialOutcome::of(&e), format!("writing CONNECT: {e}")))?;
+        let mut early = Vec::new();
+        if let (Some(ws), Some(key)) = (&first.ws, &key) {
+            early = read_upgrade_answer(&mut s, key, ws.subprotocol).await?;
+            s.write_all(&ws.frames)
+                .await
+                .map_err(|e| (DialOutcome::of(&e), format!("writing the client's frames: {e}")))?;
+            if !early.is_empty() {
+                return Ok((1, early));
+            }
+        }
+        let n =
+            s.peek(&mut [0u8; 1]).await.map_err(|e| (DialOutcome::of(&e), format!("before answering CONNECT: {e}")))?;
+        Ok((n, early))
     })
     .await;
     match answered {
-        Ok(Ok(0)) => Err((DialOutcome::Closed, "closed the connection before answering CONNECT".to_string())),
+        Ok(Ok((0, _))) => Err((DialOutcome::Closed, "closed the connection before answering CONNECT".to_string())),
         Ok(Ok(_)) if whole => {
             let read = tokio::time::timeout(pool.backend_connack_timeout, read_packet(&mut s)).await;
             match read {
@@ -1669,7 +1835,7 @@ async fn attempt(
                 )),
             }
         }
-        Ok(Ok(_)) => Ok((s, Vec::new())),
+        Ok(Ok((_, early))) => Ok((s, early)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err((
             DialOutcome::ConnackTimeout,
@@ -1734,6 +1900,50 @@ fn encode_assigned(bits: &[u8; 16]) -> String {
         out.push(ALPHABET[((n >> (i * 5)) & 31) as usize] as char);
     }
     out
+}
+
+/// Read a broker's answer to the upgrade request (bounded by [`websocket::MAX_UPGRADE`]);
+/// returns the bytes that came after it. Anything but an acceptable 101 is a failed dial.
+async fn read_upgrade_answer(
+    s: &mut TcpStream,
+    key: &str,
+    subprotocol: Option<&str>,
+) -> Result<Vec<u8>, (DialOutcome, String)> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve_exact((buf.capacity() * 2).min(websocket::MAX_UPGRADE) - buf.len());
+        }
+        match s.read_buf(&mut buf).await {
+            Ok(0) => return Err((DialOutcome::Closed, "closed the connection before answering the upgrade".into())),
+            Ok(_) => {}
+            Err(e) => return Err((DialOutcome::of(&e), format!("before answering the upgrade: {e}"))),
+        }
+        match websocket::check_broker_response(&buf, key, subprotocol) {
+            Ok(None) => {}
+            Ok(Some(len)) => return Ok(buf.split_off(len)),
+            Err(e) => return Err((DialOutcome::Error, e)),
+        }
+    }
+}
+
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239) for a broker's WebSocket listener: the
+/// client's address (after an inbound PROXY header), and whether it came over TLS.
+fn forwarding_fields(client: SocketAddr, tls: bool) -> Vec<u8> {
+    let ip = canonical_ip(client.ip());
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => format!("{v4}:{}", client.port()),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{}", client.port()),
+    };
+    let proto = if tls { "https" } else { "http" };
+    format!("X-Forwarded-For: {ip}\r\nForwarded: for=\"{node}\";proto={proto}\r\n").into_bytes()
+}
+
+/// What a WebSocket client may send before its CONNECT is read, kept for a pool that relays
+/// frames untouched: the CONNECT's limit twice over (frames of any shape), plus room for
+/// control frames.
+fn raw_cap(limits: &super::snapshot::Limits) -> usize {
+    limits.max_connect_packet.saturating_mul(2).saturating_add(4096)
 }
 
 /// TCP connect to `addr` (no Nagle) that sends what it can of `first` at once when the

@@ -103,6 +103,10 @@ pub struct Accepted {
     pub response: Vec<u8>,
     /// The subprotocol chosen, if the client offered any.
     pub subprotocol: Option<&'static str>,
+    /// The request's `Cookie` and `Authorization` fields, as `Name: value\r\n` lines: what a
+    /// broker's WebSocket listener may authenticate by (`backend_transport = "websocket"`).
+    /// Bounded by [`MAX_UPGRADE`] with the request.
+    pub credentials: Vec<u8>,
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
@@ -144,8 +148,15 @@ pub fn parse_upgrade(buf: &[u8], spec: &WebSocketSpec) -> Result<Option<Accepted
     let (mut host, mut upgrade, mut connection, mut version, mut key, mut origin) =
         (false, false, false, None, None, None);
     let (mut mqtt, mut mqttv31, mut offered) = (false, false, false);
+    let mut credentials = Vec::new();
     for h in req.headers.iter() {
         let name = h.name;
+        if name.eq_ignore_ascii_case("cookie") || name.eq_ignore_ascii_case("authorization") {
+            credentials.extend_from_slice(name.as_bytes());
+            credentials.extend_from_slice(b": ");
+            credentials.extend_from_slice(h.value.trim_ascii());
+            credentials.extend_from_slice(b"\r\n");
+        }
         if name.eq_ignore_ascii_case("host") {
             host = true;
         } else if name.eq_ignore_ascii_case("upgrade") {
@@ -219,7 +230,77 @@ pub fn parse_upgrade(buf: &[u8], spec: &WebSocketSpec) -> Result<Option<Accepted
         response.extend_from_slice(p.as_bytes());
     }
     response.extend_from_slice(b"\r\n\r\n");
-    Ok(Some(Accepted { head_len, response, subprotocol }))
+    Ok(Some(Accepted { head_len, response, subprotocol, credentials }))
+}
+
+/// The upgrade request harbormaster sends a broker's WebSocket listener
+/// (`backend_transport = "websocket"`): `path`, `Host` the broker's address, a fresh `key`,
+/// the subprotocol the client chose, then `extra` (whole `Name: value\r\n` lines: the
+/// forwarding fields and the client's credentials).
+pub fn broker_request(path: &str, host: &str, key: &str, subprotocol: Option<&str>, extra: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(200 + extra.len());
+    for part in [
+        "GET ",
+        path,
+        " HTTP/1.1\r\nHost: ",
+        host,
+        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ",
+        key,
+        "\r\nSec-WebSocket-Version: 13\r\n",
+    ] {
+        r.extend_from_slice(part.as_bytes());
+    }
+    if let Some(p) = subprotocol {
+        r.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+        r.extend_from_slice(p.as_bytes());
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(extra);
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+/// Check a broker's answer to [`broker_request`]: `Ok(None)` while incomplete (the caller
+/// reads on, up to [`MAX_UPGRADE`] bytes), the answer's length once it is an acceptable 101
+/// (the right `Sec-WebSocket-Accept` for `key`, the subprotocol asked for), or why not.
+pub fn check_broker_response(buf: &[u8], key: &str, subprotocol: Option<&str>) -> Result<Option<usize>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_UPGRADE => {
+            return Err(format!("upgrade answer over {MAX_UPGRADE} bytes"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed upgrade answer: {e}")),
+    };
+    let code = resp.code.unwrap_or(0);
+    if code != 101 {
+        let reason = resp.reason.unwrap_or("").escape_debug().to_string();
+        return Err(format!("answered the WebSocket upgrade with {code} {reason}"));
+    }
+    let field =
+        |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.trim_ascii());
+    if !field("upgrade").is_some_and(|v| has_token(v, "websocket")) {
+        return Err("101 without Upgrade: websocket".into());
+    }
+    if field("sec-websocket-accept") != Some(accept_key(key.as_bytes()).as_bytes()) {
+        return Err("101 with a wrong Sec-WebSocket-Accept".into());
+    }
+    let chosen = field("sec-websocket-protocol");
+    if chosen != subprotocol.map(str::as_bytes) {
+        let chosen = chosen.map(|c| String::from_utf8_lossy(c).escape_debug().to_string());
+        return Err(format!("chose subprotocol {chosen:?}, the client's is {subprotocol:?}"));
+    }
+    Ok(Some(len))
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
+pub fn fresh_key() -> String {
+    let mut k = [0u8; 16];
+    // The key only has to differ per connection; a failed draw still gives a valid key.
+    let _ = aws_lc_rs::rand::fill(&mut k);
+    base64::engine::general_purpose::STANDARD.encode(k)
 }
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`: base64(SHA-1(key + the RFC's GUID)).
@@ -487,9 +568,24 @@ pub struct WsStream<S> {
     pre: Vec<u8>,
     /// Whole frames on their way to the client; allocated only while they are.
     out: Vec<u8>,
-    out_pos: usize,
+    /// Within `out`, which holds at most a frame of [`MAX_FRAME_OUT`] bytes and a pong.
+    out_pos: u32,
     close_sent: bool,
+    /// Bytes pass untouched both ways ([`Self::take_raw`]).
+    passthrough: bool,
     failed: Option<FrameError>,
+    /// The client's bytes as they come, from [`Self::record`] on (boxed: most sessions never
+    /// keep any).
+    raw: Option<Box<Recording>>,
+}
+
+/// The client's bytes as they came (frames, masked), kept during setup for a pool that relays
+/// them untouched (`backend_transport = "websocket"`); up to `cap` bytes.
+struct Recording {
+    bytes: Vec<u8>,
+    cap: usize,
+    /// Over `cap`: no longer kept, and none are handed back.
+    overflow: bool,
 }
 
 impl<S> WsStream<S> {
@@ -503,8 +599,54 @@ impl<S> WsStream<S> {
             out: Vec::new(),
             out_pos: 0,
             close_sent: false,
+            passthrough: false,
             failed: None,
+            raw: None,
         }
+    }
+
+    /// Keep the client's bytes as they come, up to `cap` bytes (past it they are no longer
+    /// kept, and [`Self::into_raw`] has none).
+    pub fn record(&mut self, cap: usize) {
+        self.raw = Some(Box::new(Recording { bytes: Vec::new(), cap, overflow: false }));
+    }
+
+    /// The bytes kept are not needed (the pool unwraps frames): freed.
+    pub fn stop_recording(&mut self) {
+        self.raw = None;
+    }
+
+    /// Every byte the client sent past the upgrade request as it came (kept ones, then those
+    /// read but not decoded yet), or `None` when they were not all kept; from then on the
+    /// stream passes bytes through both ways untouched (frames already begun towards the
+    /// client are finished first). A pong not yet begun is dropped: the client's pings are
+    /// among the bytes returned, for the broker to answer.
+    pub fn take_raw(&mut self) -> Option<Vec<u8>> {
+        let rec = self.raw.take().filter(|r| !r.overflow)?;
+        let mut raw = rec.bytes;
+        raw.extend_from_slice(&self.pre);
+        self.pre = Vec::new();
+        self.dec.pong = None;
+        self.passthrough = true;
+        Some(raw)
+    }
+
+    /// Back to frames after [`Self::take_raw`], for a refusal before any broker took the
+    /// client: its CONNACK and close frame must be framed.
+    pub fn resume_frames(&mut self) {
+        self.passthrough = false;
+    }
+
+    fn keep_raw(&mut self, bytes: &[u8]) {
+        let Some(rec) = self.raw.as_mut().filter(|r| !r.overflow) else {
+            return;
+        };
+        if rec.bytes.len() + bytes.len() > rec.cap {
+            rec.overflow = true;
+            rec.bytes = Vec::new();
+            return;
+        }
+        rec.bytes.extend_from_slice(bytes);
     }
 
     pub fn inner_mut(&mut self) -> &mut S {
@@ -518,7 +660,7 @@ impl<S> WsStream<S> {
 
     /// Whether the stream holds any buffer (for the idle-memory tests).
     pub fn holds_buffers(&self) -> bool {
-        self.out.capacity() > 0 || self.pre.capacity() > 0 || self.dec.holds_buffers()
+        self.out.capacity() > 0 || self.pre.capacity() > 0 || self.raw.is_some() || self.dec.holds_buffers()
     }
 
     fn push_close(&mut self, code: u16) {
@@ -531,14 +673,14 @@ impl<S> WsStream<S> {
 impl<S: AsyncWrite + WriteLast + Unpin> WsStream<S> {
     /// Write out the frames in `out`; `last` when the end of the stream follows at once.
     fn poll_drain(&mut self, cx: &mut Context<'_>, last: bool) -> Poll<io::Result<()>> {
-        while self.out_pos < self.out.len() {
-            let rest = &self.out[self.out_pos..];
+        while (self.out_pos as usize) < self.out.len() {
+            let rest = &self.out[self.out_pos as usize..];
             let inner = Pin::new(&mut self.inner);
             let n = ready!(if last { inner.poll_write_last(cx, rest) } else { inner.poll_write(cx, rest) })?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.out_pos += n;
+            self.out_pos += n as u32;
         }
         if self.out.capacity() > 0 {
             self.out = Vec::new();
@@ -579,13 +721,16 @@ impl<S: AsyncWrite + WriteLast + Unpin> WsStream<S> {
 impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> AsyncRead for WsStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.passthrough {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         loop {
             if let Some(e) = this.failed {
                 // The close frame goes first, bounded by the caller's deadline or linger.
                 ready!(this.poll_answer(cx))?;
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
-            if this.dec.pong.is_some() || this.out_pos < this.out.len() {
+            if this.dec.pong.is_some() || (this.out_pos as usize) < this.out.len() {
                 if let Poll::Ready(Err(e)) = this.poll_answer(cx) {
                     return Poll::Ready(Err(e));
                 }
@@ -614,6 +759,7 @@ impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> AsyncRead for WsStream<S> {
                 // The TCP (or TLS) stream ended without a close frame: the end all the same.
                 return Poll::Ready(Ok(()));
             }
+            this.keep_raw(&dst[..n]);
             match this.dec.decode(&mut dst[..n]) {
                 Ok(0) => {}
                 Ok(k) => {
@@ -642,6 +788,9 @@ impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         ready!(this.poll_drain(cx, false))?;
+        if this.passthrough {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -661,7 +810,7 @@ impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> AsyncWrite for WsStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        if !this.close_sent && !this.passthrough {
             this.push_close(this.dec.closed.unwrap_or(CLOSE_NORMAL));
         }
         ready!(this.poll_drain(cx, true))?;
@@ -678,6 +827,9 @@ impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> WriteLast for WsStream<S> {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         ready!(this.poll_drain(cx, false))?;
+        if this.passthrough {
+            return Pin::new(&mut this.inner).poll_write_last(cx, buf);
+        }
         Poll::Ready(Ok(this.frame(buf)))
     }
 }
@@ -837,6 +989,76 @@ mod tests {
         let mut rest = Vec::new();
         theirs.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, [0x88, 0x02, 0x0f, 0xa0]);
+    }
+
+    /// Kept bytes come back as they were sent (masked, with the ping), then the stream passes
+    /// bytes through untouched both ways.
+    #[tokio::test]
+    async fn a_recorded_stream_hands_its_bytes_back_then_passes_through() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let first = masked(OP_BINARY, true, b"\x10\x00", [3; 4]);
+        let ping = masked(OP_PING, true, b"p", [4; 4]);
+        let mut ws = WsStream::new(ours, [first.clone(), ping.clone()].concat(), 1024);
+        ws.record(4096);
+        let mut got = [0u8; 2];
+        ws.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x10\x00");
+        assert_eq!(ws.take_raw().unwrap(), [first, ping].concat(), "kept and not yet decoded, as sent");
+        theirs.write_all(b"\x82\x02ab").await.unwrap();
+        let mut got = [0u8; 4];
+        ws.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x82\x02ab", "read untouched");
+        ws.write_all(b"\x82\x02cd").await.unwrap();
+        ws.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"\x82\x02cd", "written untouched, and no close frame of ours");
+    }
+
+    #[tokio::test]
+    async fn bytes_over_the_recording_cap_are_not_handed_back() {
+        let (ours, _theirs) = tokio::io::duplex(1 << 16);
+        let mut ws = WsStream::new(ours, masked(OP_BINARY, true, &[0x10; 40], [3; 4]), 1024);
+        ws.record(16);
+        ws.read_exact(&mut [0u8; 40]).await.unwrap();
+        assert_eq!(ws.take_raw(), None);
+        assert!(!ws.holds_buffers(), "nothing kept once over the cap");
+    }
+
+    #[test]
+    fn a_broker_upgrade_is_asked_for_and_its_answer_checked() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let req = broker_request("/ws", "127.0.0.1:15675", key, Some("mqtt"), b"X-Forwarded-For: 192.0.2.1\r\n");
+        let req = String::from_utf8(req).unwrap();
+        assert!(req.starts_with("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:15675\r\n"), "{req}");
+        for line in [
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol: mqtt",
+            "X-Forwarded-For: 192.0.2.1",
+        ] {
+            assert!(req.contains(&format!("{line}\r\n")), "{line}: {req}");
+        }
+        assert!(req.ends_with("\r\n\r\n"));
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nsec-websocket-protocol: mqtt\r\n\r\n";
+        assert_eq!(check_broker_response(ok.as_bytes(), key, Some("mqtt")), Ok(Some(ok.len())));
+        assert_eq!(check_broker_response(&ok.as_bytes()[..40], key, Some("mqtt")), Ok(None));
+        let e = check_broker_response(ok.as_bytes(), key, None).unwrap_err();
+        assert!(e.contains("subprotocol"), "{e}");
+        let e = check_broker_response(ok.replace("s3pP", "x3pP").as_bytes(), key, Some("mqtt")).unwrap_err();
+        assert!(e.contains("Sec-WebSocket-Accept"), "{e}");
+        let e = check_broker_response(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", key, None).unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        assert_ne!(fresh_key(), fresh_key());
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(fresh_key()).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn the_clients_credentials_are_kept_for_the_broker() {
+        let req =
+            GOOD.replacen("Host: h\r\n", "Host: h\r\nCookie: a=1\r\nAuthorization: Bearer t\r\nCookie: b=2\r\n", 1);
+        let a = parse_upgrade(req.as_bytes(), &spec()).unwrap().unwrap();
+        assert_eq!(a.credentials, b"Cookie: a=1\r\nAuthorization: Bearer t\r\nCookie: b=2\r\n");
+        assert!(parse_upgrade(GOOD.as_bytes(), &spec()).unwrap().unwrap().credentials.is_empty());
     }
 
     /// What a WebSocket session holds beyond a raw one while idle: its boxed `WsStream`

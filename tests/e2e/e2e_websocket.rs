@@ -22,7 +22,8 @@ import paho.mqtt.client as mqtt
 
 port, cid, topic, ca = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, transport="websockets", protocol=mqtt.MQTTv311)
-c.ws_set_options(path="/mqtt")
+# Credentials a broker's own WebSocket listener may read: passed on by harbormaster.
+c.ws_set_options(path="/mqtt", headers={"Cookie": "session=abc", "Authorization": "Bearer t0ken"})
 if ca != "-":
     c.tls_set(ca_certs=ca)
 
@@ -666,4 +667,205 @@ fn a_browser_publishes_and_receives_over_wss() {
     assert_eq!(line["transport"], "websocket", "{line:?}");
     assert_eq!(line["close_reason"], "closed", "{line:?}");
     s.landed("browser-1", 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backend_transport = "websocket": RabbitMQ's web MQTT listener
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP listener that keeps each request it gets (everything up to the blank line) and answers
+/// 404: a broker whose WebSocket path is elsewhere, and a witness of the upgrade request
+/// harbormaster sends.
+fn recorder() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            c.set_read_timeout(Some(WAIT)).unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            kept.lock().unwrap().push(String::from_utf8_lossy(&req).into_owned());
+            let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (addr, seen)
+}
+
+/// `backend_transport = "websocket"` against RabbitMQ's web MQTT plugin (path `/ws`, PROXY
+/// header required): paho-mqtt over `ws://` and MQTT.js over `wss://` publish and receive
+/// through harbormaster, which routes them by the client-id read from their frames and relays
+/// the frames untouched; a raw MQTT client is refused (such a pool serves only WebSocket
+/// clients); a broker answering the upgrade with 404 is a failed dial (the next broker takes
+/// the client, or the client is refused when there is none); the upgrade request carries the
+/// forwarding fields and the client's credentials; log lines and `/route` name the transport.
+#[test]
+fn websocket_to_rabbitmq_relays_frames_untouched() {
+    let node = node_dir();
+    let rabbit = Rabbit::start_with_web_mqtt();
+    let web = addr(rabbit.web_port.expect("web MQTT port"));
+    let (recorder_addr, recorded) = recorder();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[[listener]]
+name = "ws"
+bind = "127.0.0.1:0"
+pool = "rabbit"
+websocket = {{ path = "/mqtt" }}
+
+[[listener]]
+name = "wss"
+bind = "127.0.0.1:0"
+pool = "rabbit"
+websocket = {{ path = "/mqtt" }}
+{tls}
+[[listener]]
+name = "failover"
+bind = "127.0.0.1:0"
+pool = "failover"
+websocket = {{ path = "/mqtt" }}
+
+[[listener]]
+name = "lost"
+bind = "127.0.0.1:0"
+pool = "lost"
+websocket = {{ path = "/mqtt" }}
+
+[pool.rabbit]
+backends = ["{web}"]
+backend_transport = "websocket"
+websocket_path = "/ws"
+proxy_protocol = "v1"
+
+[pool.failover]
+backends = [{{ name = "recorder", address = "{recorder_addr}" }}, {{ name = "rabbit", address = "{web}" }}]
+backend_transport = "websocket"
+websocket_path = "/ws"
+proxy_protocol = "v1"
+backend_attempts = 2
+
+[pool.lost]
+backends = ["{web}"]
+backend_transport = "websocket"
+websocket_path = "/nope"
+proxy_protocol = "v1"
+
+[limits]
+connect_timeout = "5s"
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        tls = certs.listener_tls_toml("none"),
+    );
+    let hm = Harbormaster::start(&config);
+
+    // paho-mqtt over ws://: publishes and receives through RabbitMQ's WebSocket listener.
+    let out = paho_ws(dir.path(), hm.port("ws"), "paho-rabbit", None);
+    assert!(out.contains("received hello from paho-rabbit"), "{out}\n{}", hm.log());
+    let line = hm.wait_connection_log("client_id", "paho-rabbit").expect("log line");
+    assert_eq!(
+        (line["transport"].as_str(), line["backend_transport"].as_str(), line["pool"].as_str()),
+        ("websocket", "websocket", "rabbit"),
+        "{line:?}"
+    );
+    assert_eq!(line["broker"], web, "{line:?}");
+
+    // MQTT.js over wss://.
+    let script = r#"
+const mqtt = require("mqtt");
+const fs = require("fs");
+const [url, cid, ca] = process.argv.slice(2);
+const c = mqtt.connect(url, { clientId: cid, ca: fs.readFileSync(ca), protocolVersion: 4, reconnectPeriod: 0 });
+c.on("connect", () => c.subscribe("js/" + cid, { qos: 1 }, () => c.publish("js/" + cid, "hello from " + cid, { qos: 1 })));
+c.on("message", (t, m) => { console.log("received " + m.toString()); c.end(() => process.exit(0)); });
+c.on("error", (e) => { console.log("error " + e.message); process.exit(1); });
+setTimeout(() => { console.log("timeout"); process.exit(1); }, 20000);
+"#;
+    let path = dir.path().join("client.js");
+    std::fs::write(&path, script).unwrap();
+    let out = run_with_timeout(
+        Command::new("node")
+            .arg(&path)
+            .args([&format!("wss://localhost:{}/mqtt", hm.port("wss")), "js-rabbit", certs.ca.to_str().unwrap()])
+            .env("NODE_PATH", node.join("node_modules")),
+        CMD_TIMEOUT,
+    );
+    let text = output_text(&out);
+    assert!(out.status.success() && text.contains("received hello from js-rabbit"), "{text}");
+    let line = hm.wait_connection_log("client_id", "js-rabbit").expect("log line");
+    assert_eq!(line["backend_transport"], "websocket", "{line:?}");
+
+    // A raw MQTT client on the same port: "server unavailable", with the reason in the log.
+    let (_raw, ack) = mqtt_connect(hm.port("ws"), MqttVersion::V311, "raw-to-rabbit");
+    assert_eq!(ack, vec![0x20, 0x02, 0x00, 0x03], "CONNACK server unavailable");
+    let line = hm.wait_connection_log("client_id", "raw-to-rabbit").expect("log line");
+    assert_eq!(line["close_reason"], "no_broker_available", "{line:?}");
+    assert!(line["detail"].contains("serves only MQTT over WebSocket clients"), "{line:?}");
+
+    // A first choice that answers the upgrade with 404: the next broker takes the client.
+    let cid = (0..200)
+        .map(|i| format!("failover-{i}"))
+        .find(|c| hm.route_in(c, "failover").first().map(String::as_str) == Some("recorder"))
+        .expect("a client-id whose first choice is the recorder");
+    let out = paho_ws(dir.path(), hm.port("failover"), &cid, None);
+    assert!(out.contains(&format!("received hello from {cid}")), "{out}");
+    let line = hm.wait_connection_log("client_id", &cid).expect("log line");
+    assert_eq!(line["broker"], "rabbit", "{line:?}");
+    // (The log's detail names the failover unless the relay's end replaced it.)
+    let admin = hm.admin_addr();
+    let failed = [("pool", "failover"), ("broker", "recorder"), ("outcome", "error")];
+    assert!(metric_sum(&admin, "harbormaster_broker_connect_attempts_total", &failed) >= 1.0);
+    assert!(metric_sum(&admin, "harbormaster_failovers_total", &[("pool", "failover")]) >= 1.0);
+    // What the broker was asked: after the PROXY header, the upgrade with the client's address
+    // and credentials, and the subprotocol the client chose.
+    let req = recorded.lock().unwrap().first().cloned().expect("the recorder saw a request");
+    let want = [
+        "PROXY TCP4 127.0.0.1 127.0.0.1 ".to_string(),
+        "\r\nGET /ws HTTP/1.1\r\n".to_string(),
+        format!("\r\nHost: {recorder_addr}\r\n"),
+        "\r\nSec-WebSocket-Version: 13\r\n".into(),
+        "\r\nSec-WebSocket-Protocol: mqtt\r\n".into(),
+        "\r\nX-Forwarded-For: 127.0.0.1\r\n".into(),
+        "\r\nForwarded: for=\"127.0.0.1:".into(),
+        ";proto=http\r\n".into(),
+        "\r\nCookie: session=abc\r\n".into(),
+        "\r\nAuthorization: Bearer t0ken\r\n".into(),
+    ];
+    for w in want {
+        assert!(req.contains(&w), "{w:?} not in {req:?}");
+    }
+
+    // The broker's WebSocket listener is elsewhere (404) and there is no other: refused.
+    let out = paho_ws(dir.path(), hm.port("lost"), "lost-1", None);
+    assert!(!out.contains("received"), "{out}");
+    let line = hm.wait_connection_log("client_id", "lost-1").expect("log line");
+    assert_eq!(line["close_reason"], "no_broker_available", "{line:?}");
+    assert!(line["detail"].contains("404"), "{line:?}");
+
+    // The same refusal as a WebSocket client sees it: the CONNACK in a binary frame, then a
+    // close frame (nothing of a broker's reached it).
+    let mut s = dial(hm.port("lost"));
+    s.write_all(upgrade_request("/mqtt", "").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    s.write_all(&frame(0x2, true, &mqtt::connect(MqttVersion::V311, "lost-2"))).unwrap();
+    assert_eq!(read_frame(&mut s), Some((0x2, vec![0x20, 0x02, 0x00, 0x03])), "CONNACK server unavailable");
+    assert_eq!(read_frame(&mut s).map(|(op, _)| op), Some(0x8), "then a close frame");
+
+    // /route names the pool's transport.
+    let (status, body) = http_get(&hm.admin_addr(), "/route?client_id=x&pool=rabbit");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["backend_transport"], "websocket", "{body}");
 }

@@ -936,6 +936,9 @@ pub struct Rabbit {
     pub port: u16,
     /// The management plugin's HTTP port ([`Rabbit::start_with_management`]).
     pub management_port: Option<u16>,
+    /// The web MQTT plugin's WebSocket port, path `/ws`, PROXY header required
+    /// ([`Rabbit::start_with_web_mqtt`]).
+    pub web_port: Option<u16>,
     pub node: String,
     dir: TempDir,
     env: Vec<(String, String)>,
@@ -948,16 +951,22 @@ const RABBIT_SBIN: &str = "/usr/lib/rabbitmq/bin";
 
 impl Rabbit {
     pub fn start() -> Rabbit {
-        Rabbit::start_with(false)
+        Rabbit::start_with(false, false)
+    }
+
+    /// With the web MQTT plugin too: MQTT over WebSocket on `web_port`, path `/ws`, behind a
+    /// PROXY header (`web_mqtt.proxy_protocol = true`); and the management plugin.
+    pub fn start_with_web_mqtt() -> Rabbit {
+        Rabbit::start_with(true, true)
     }
 
     /// With the management plugin on `management_port` too (its HTTP API: `/api/health/...`,
     /// user `guest`/`guest` from loopback).
     pub fn start_with_management() -> Rabbit {
-        Rabbit::start_with(true)
+        Rabbit::start_with(true, false)
     }
 
-    fn start_with(management: bool) -> Rabbit {
+    fn start_with(management: bool, web_mqtt: bool) -> Rabbit {
         // The /usr/sbin wrappers `su` to the rabbitmq user and drop the environment; the real
         // scripts are in /usr/lib/rabbitmq/bin and run fine as root.
         let server = require_program(&format!("{RABBIT_SBIN}/rabbitmq-server"));
@@ -972,6 +981,13 @@ impl Rabbit {
         let port = free_port();
         let dist_port = free_port();
         let management_port = management.then(free_port);
+        let web_port = web_mqtt.then(free_port);
+        let web_conf = match web_port {
+            Some(p) => {
+                format!("web_mqtt.tcp.port = {p}\nweb_mqtt.tcp.ip = 127.0.0.1\nweb_mqtt.proxy_protocol = true\n")
+            }
+            None => String::new(),
+        };
         let node = format!("hm{}x{}@localhost", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let management_conf = match management_port {
             Some(p) => format!("management.tcp.port = {p}\nmanagement.tcp.ip = 127.0.0.1\n"),
@@ -986,11 +1002,15 @@ impl Rabbit {
                  mqtt.allow_anonymous = true\n\
                  log.console = true\n\
                  log.console.level = info\n\
-                 {management_conf}"
+                 {management_conf}{web_conf}"
             ),
         )
         .unwrap();
-        let plugins = if management { "[rabbitmq_mqtt,rabbitmq_management].\n" } else { "[rabbitmq_mqtt].\n" };
+        let plugins = match (management, web_mqtt) {
+            (_, true) => "[rabbitmq_mqtt,rabbitmq_management,rabbitmq_web_mqtt].\n",
+            (true, false) => "[rabbitmq_mqtt,rabbitmq_management].\n",
+            (false, false) => "[rabbitmq_mqtt].\n",
+        };
         fs::write(d.join("enabled_plugins"), plugins).unwrap();
         fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
         let p = |sub: &str| d.join(sub).to_str().unwrap().to_string();
@@ -1008,7 +1028,7 @@ impl Rabbit {
         let mut cmd = Command::new(server);
         cmd.current_dir(d).envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("rabbitmq-server", cmd, &d.join("server.out"));
-        let rabbit = Rabbit { port, management_port, node, dir, env, proc: Some(proc), _heavy: heavy };
+        let rabbit = Rabbit { port, management_port, web_port, node, dir, env, proc: Some(proc), _heavy: heavy };
         // `rabbitmqctl wait PIDFILE` waits for the pid file, the node and its applications
         // (`await_startup` fails at once while the node is not up yet).
         let pid_file = rabbit.dir.path().join("rabbit.pid");
@@ -1024,6 +1044,8 @@ impl Rabbit {
             Some("MQTT listener")
         } else if !management_port.is_none_or(|p| wait_until(RABBIT_BOOT, || port_accepts(p))) {
             Some("management listener")
+        } else if !web_port.is_none_or(|p| wait_until(RABBIT_BOOT, || port_accepts(p))) {
+            Some("web MQTT listener")
         } else if !rabbit.ctl(&["await_startup", "--timeout", "60"], Duration::from_secs(90)).status.success() {
             Some("rabbitmqctl await_startup")
         } else {
