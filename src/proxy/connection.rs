@@ -1217,6 +1217,12 @@ impl<'a> Setup<'a> {
                 self.facts.client_id = Some(id.clone());
                 Some(self.assigned.insert(id).as_bytes())
             }
+            // A 3.1/3.1.1 client cannot learn an assigned id (no CONNACK properties): routed by
+            // its address instead, the same broker from every replica.
+            (None, EmptyKey::Assign) => {
+                source_key = canonical_ip(self.src.ip()).to_string();
+                Some(source_key.as_bytes())
+            }
             (key, _) => key,
         };
         let home = key.filter(|_| pool.hold.is_some()).and_then(|k| pool.preference(k, 1).first().copied());
@@ -1229,8 +1235,8 @@ impl<'a> Setup<'a> {
                         Refused::connack(CloseReason::EmptyClientId, Some(connect.version), Refusal::ClientIdRejected);
                     return Err(refused.detail("no routing key and empty_client_id = reject"));
                 }
-                // `source_address` always has a key: the client's address, above; `assign`
-                // one for MQTT 5 clients.
+                // `source_address` and `assign` always have a key: the client's address, or
+                // the assigned id, above.
                 EmptyKey::LeastConnections | EmptyKey::SourceAddress | EmptyKey::Assign => {
                     pool.least_connections(pool.backend_attempts)
                 }

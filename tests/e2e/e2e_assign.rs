@@ -217,10 +217,21 @@ setTimeout(() => { console.log("timeout"); process.exit(1); }, 120000);
 }
 
 /// An MQTT 3.1.1 client without a client-id cannot learn one (its CONNACK has no properties):
-/// it is relayed as before, its CONNACK untouched, and the broker assigns its own id.
+/// its CONNACK is untouched, the broker assigns its own id, and it is routed by its address:
+/// every such connection from one address reaches the same broker.
 #[test]
-fn mqtt_3_1_1_clients_without_a_client_id_are_relayed_as_before() {
+fn mqtt_3_1_1_clients_without_a_client_id_keep_their_connack_and_are_routed_by_address() {
     let (_brokers, hm) = start("");
-    let (_s, ack) = mqtt_connect(hm.port("mqtt"), MqttVersion::V311, "");
-    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (s, ack) = mqtt_connect(hm.port("mqtt"), MqttVersion::V311, "");
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+        held.push(s);
+    }
+    let (status, body) = http_get(&hm.admin_addr(), "/backends");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let active: Vec<u64> =
+        v["pools"][0]["brokers"].as_array().unwrap().iter().map(|b| b["active"].as_u64().unwrap()).collect();
+    assert_eq!(active.iter().filter(|&&n| n > 0).collect::<Vec<_>>(), vec![&6], "{body}");
 }
