@@ -456,30 +456,30 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
 }
 
-fn backends(state: &AdminState) -> Response<Full<Bytes>> {
+/// One broker as `/backends` and `/status.json` show it: identity, address, health, drain and
+/// admin state, connection counts and last error.
+pub(super) fn broker_json(b: &crate::proxy::balance::Backend) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
+    json!({
+        "identity": b.name,
+        "address": b.addr.to_string(),
+        "healthy": b.healthy.load(Relaxed),
+        "draining": b.is_draining(),
+        "admin_state": b.admin_state().as_str(),
+        "admin_state_since": b.admin_state().since.map(rfc3339),
+        "active": b.active.load(Relaxed),
+        "total": b.total.load(Relaxed),
+        "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
+    })
+}
+
+fn backends(state: &AdminState) -> Response<Full<Bytes>> {
     let snap = state.current.load();
     let pools: Vec<Value> = snap
         .pools
         .iter()
         .map(|p| {
-            let brokers: Vec<Value> = p
-                .backends
-                .iter()
-                .map(|b| {
-                    json!({
-                        "identity": b.name,
-                        "address": b.addr.to_string(),
-                        "healthy": b.healthy.load(Relaxed),
-                        "draining": b.is_draining(),
-                        "admin_state": b.admin_state().as_str(),
-                        "admin_state_since": b.admin_state().since.map(rfc3339),
-                        "active": b.active.load(Relaxed),
-                        "total": b.total.load(Relaxed),
-                        "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
-                    })
-                })
-                .collect();
+            let brokers: Vec<Value> = p.backends.iter().map(|b| broker_json(b)).collect();
             json!({
                 "name": p.name,
                 "hash_key": route::hash_key_name(p.hash_key),

@@ -12,7 +12,6 @@
 //! costs the same with a million connections as with one, and stays small with 100 brokers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -108,23 +107,7 @@ pub fn json(state: &AdminState) -> Value {
         .pools
         .iter()
         .map(|p| {
-            let brokers: Vec<Value> = p
-                .backends
-                .iter()
-                .map(|b| {
-                    json!({
-                        "identity": b.name,
-                        "address": b.addr.to_string(),
-                        "healthy": b.healthy.load(Relaxed),
-                        "draining": b.is_draining(),
-                        "admin_state": b.admin_state().as_str(),
-                        "admin_state_since": b.admin_state().since.map(rfc3339),
-                        "active": b.active.load(Relaxed),
-                        "total": b.total.load(Relaxed),
-                        "last_error": b.last_error().map(|(at, e)| json!({ "at": rfc3339(at), "error": e })),
-                    })
-                })
-                .collect();
+            let brokers: Vec<Value> = p.backends.iter().map(|b| super::http::broker_json(b)).collect();
             json!({
                 "name": p.name,
                 "hash_key": route::hash_key_name(p.hash_key),
