@@ -510,17 +510,23 @@ pub fn rewrite(
         body.extend_from_slice(p);
     }
 
+    Ok(Some(Rewritten { packet: connect_packet(&body, max_len)?, summary }))
+}
+
+/// A CONNECT's fixed header put before `body` (everything after the remaining length): at
+/// most `max_len` bytes in all, and a body MQTT's remaining length can express.
+fn connect_packet(body: &[u8], max_len: usize) -> Result<Vec<u8>, RewriteError> {
     if body.len() > MAX_REMAINING {
         return Err(RewriteError::TooLarge { len: body.len(), max: MAX_REMAINING });
     }
     let mut out = Vec::with_capacity(body.len().saturating_add(5));
     out.push(0x10);
     put_var_int(&mut out, body.len());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     if out.len() > max_len {
         return Err(RewriteError::TooLarge { len: out.len(), max: max_len });
     }
-    Ok(Some(Rewritten { packet: out, summary }))
+    Ok(out)
 }
 
 /// The CONNECT `packet` (one complete CONNECT of `version`, perhaps already rewritten) with
@@ -546,17 +552,7 @@ pub fn set_client_id(packet: &[u8], version: MqttVersion, id: &[u8], max_len: us
     if let Some(p) = l.password {
         body.extend_from_slice(p);
     }
-    if body.len() > MAX_REMAINING {
-        return Err(RewriteError::TooLarge { len: body.len(), max: MAX_REMAINING });
-    }
-    let mut out = Vec::with_capacity(body.len().saturating_add(5));
-    out.push(0x10);
-    put_var_int(&mut out, body.len());
-    out.extend_from_slice(&body);
-    if out.len() > max_len {
-        return Err(RewriteError::TooLarge { len: out.len(), max: max_len });
-    }
-    Ok(out)
+    connect_packet(&body, max_len)
 }
 
 /// MQTT 5.0 Assigned Client Identifier.
