@@ -232,6 +232,8 @@ fn demo_config(args: &Args, certs: &DemoCerts, brokers: &[DemoBroker]) -> String
          name = \"mqtts\"\n\
          bind = \"127.0.0.1:{port}\"\n\
          pool = \"{POOL}\"\n\
+         # MQTT over WebSocket on the same port, told apart from raw MQTT by its first bytes.\n\
+         websocket = {{ path = \"/mqtt\" }}\n\
          [listener.tls]\n\
          certs = [{{ cert = {cert}, key = {key} }}]\n\
          client_ca = {ca}\n\
@@ -503,8 +505,9 @@ impl Intro<'_> {
             out.push_str(&format!("  {:<9} rumqttd on {}, reached through {}\n", b.name, b.mqtt, b.door));
         }
         out.push_str(&format!("  MQTT over TLS   {mqtts}   (client certificate: {})\n", self.args.client_auth));
+        out.push_str(&format!("  and WebSocket   wss://localhost:{}/mqtt   (the same port)\n", mqtts.port()));
         if let Some(admin) = h.admin {
-            out.push_str(&format!("  admin server    http://{admin}/   (healthz readyz metrics backends route)\n"));
+            out.push_str(&format!("  status page     http://{admin}/   (and healthz readyz metrics backends route)\n"));
         }
         out.push_str(&format!(
             "  certificates    {}   (ca.pem; client.pem + client.key, CN {CLIENT_CN})\n",
@@ -514,7 +517,12 @@ impl Intro<'_> {
         out.push_str("Subscribe, in a second terminal:\n");
         out.push_str(&format!("  mosquitto_sub {} -t 'demo/#' -v\n", client(SUB_ID)));
         out.push_str("Publish, in a third:\n");
-        out.push_str(&format!("  mosquitto_pub {} -t demo/hello -m 'hello through harbormaster'\n\n", client(pub_id)));
+        out.push_str(&format!("  mosquitto_pub {} -t demo/hello -m 'hello through harbormaster'\n", client(pub_id)));
+        out.push_str("or over WebSocket, on the same port (paho-mqtt 2: pip install paho-mqtt):\n");
+        out.push_str(&format!(
+            "  python3 -c {}\n\n",
+            shell_word(&websocket_publish(mqtts.port(), c, &self.args.client_auth, pub_id))
+        ));
         out.push_str(&format!(
             "{SUB_ID} and {pub_id} both hash to {sub_broker}. The demo brokers are not a cluster: a \
              subscriber sees only\nwhat is published through its own broker. Any client-id always lands \
@@ -542,6 +550,24 @@ impl Intro<'_> {
         ));
         print!("{out}");
     }
+}
+
+/// A one-line Python program that publishes to the demo over WebSocket with paho-mqtt 2, as
+/// `client_id`, with the demo's CA (and client certificate when the listener asks for one).
+/// A `Client` rather than `publish.single`, which prints a spurious "not connected" line as
+/// its WebSocket closes.
+fn websocket_publish(port: u16, c: &DemoCerts, client_auth: &str, client_id: &str) -> String {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut tls = format!("ca_certs={}", q(&c.ca));
+    if client_auth != "none" {
+        tls.push_str(&format!(", certfile={}, keyfile={}", q(&c.client_cert), q(&c.client_key)));
+    }
+    format!(
+        "import paho.mqtt.client as m; c = m.Client(m.CallbackAPIVersion.VERSION2, client_id=\"{client_id}\", \
+         transport=\"websockets\"); c.tls_set({tls}); c.connect(\"localhost\", {port}); c.loop_start(); \
+         c.publish(\"demo/hello\", \"hello over WebSocket\", qos=1).wait_for_publish(); c.disconnect(); \
+         c.loop_stop()"
+    )
 }
 
 fn in_path(program: &str) -> bool {
