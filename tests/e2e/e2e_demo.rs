@@ -146,7 +146,7 @@ fn demo_runs_printed_commands_shows_the_table_and_stops_on_sigint() {
     let demo = Demo::start(&["--port", "0", "--admin-port", "0", "--interval", "300ms"]);
     let sub_line = demo.wait_line("mosquitto_sub ");
     let pub_line = demo.wait_line("mosquitto_pub ");
-    let admin = field(&demo.wait_line("admin server"), "admin server");
+    let admin = field(&demo.wait_line("status page"), "status page");
     let admin = admin.trim_start_matches("http://").trim_end_matches('/').to_string();
     let certs = PathBuf::from(field(&demo.wait_line("certificates"), "certificates"));
     for f in ["ca.pem", "client.pem", "client.key"] {
@@ -203,6 +203,32 @@ fn demo_runs_printed_commands_shows_the_table_and_stops_on_sigint() {
     sub.0.stdout.take().unwrap().read_to_string(&mut received).unwrap();
     assert!(status.success(), "mosquitto_sub: {status:?} {received}");
     assert_eq!(received.trim(), "demo/hello hello through harbormaster");
+
+    // The printed WebSocket publisher (paho-mqtt over wss:// on the same port), exactly as
+    // printed, to a subscriber as before.
+    let ws_line = demo.wait_line("python3 -c ");
+    assert!(ws_line.contains("transport=\"websockets\""), "{ws_line}");
+    let mut sub = Killed(
+        shell(&format!("exec {sub_line} -C 1 -W 60"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mosquitto_sub"),
+    );
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let out = run_with_timeout(&mut shell(&ws_line), CMD_TIMEOUT);
+        assert!(out.status.success(), "{ws_line}: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{ws_line}: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some(status) = wait_child(&mut sub.0, Duration::from_millis(500)) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_sub got no message over WebSocket");
+    };
+    let mut received = String::new();
+    sub.0.stdout.take().unwrap().read_to_string(&mut received).unwrap();
+    assert!(status.success(), "mosquitto_sub: {status:?} {received}");
+    assert_eq!(received.trim(), "demo/hello hello over WebSocket");
 
     // Both clients have come and gone through the same broker's door.
     let row = demo.wait_row("both clients left", |r| r.3.contains("left:") && r.3.contains(&pub_id) && r.2 >= 2);
