@@ -542,7 +542,7 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
             (Some(_), true) => "websocket",
         },
         route = %RouteField(facts.routed.as_ref().and_then(|r| r.rule)),
-        pool = facts.routed.as_ref().map_or("", |r| r.pool.as_str()),
+        pool = facts.routed.as_ref().map_or("", |r| r.pool.name.as_str()),
         connect_rewrite = facts.routed.as_ref().and_then(|r| r.rewrite.as_deref()).unwrap_or(""),
         broker = facts.broker.as_deref().unwrap_or(""),
         bytes_in = facts.up,
@@ -562,7 +562,8 @@ fn log_end(listener: &str, conn_id: &str, facts: &Facts, reason: CloseReason, du
 /// picked it (`None`: the listener's own `pool`).
 struct Routed {
     rule: Option<u16>,
-    pool: String,
+    /// The snapshot's pool itself (a reference count, not a copy of its name).
+    pool: Arc<Pool>,
     /// What the pool's `connect` policy changed in the CONNECT (never the password).
     rewrite: Option<String>,
     /// How long the connection was held for its restarting broker (ms) and how that ended.
@@ -632,7 +633,7 @@ struct Setup<'a> {
     shared: &'a Shared,
     snap: &'a Snapshot,
     spec: &'a ListenerSpec,
-    pool: &'a Pool,
+    pool: &'a Arc<Pool>,
     conn_id: &'a str,
     started: Instant,
     /// `connect_timeout` after accept: the TLS handshake and the CONNECT share it.
@@ -1190,7 +1191,7 @@ impl<'a> Setup<'a> {
         let rule = if self.spec.routes.is_empty() { None } else { self.pick_pool(connect)? };
         self.facts.routed = Some(Box::new(Routed {
             rule,
-            pool: self.pool.name.clone(),
+            pool: Arc::clone(self.pool),
             rewrite: None,
             held: None,
             backend_websocket: false,
@@ -1340,9 +1341,7 @@ impl<'a> Setup<'a> {
             }
             if let Some(routed) = self.facts.routed.as_mut() {
                 let summary = routed.rewrite.get_or_insert_with(String::new);
-                if !summary.is_empty() {
-                    summary.push_str(", ");
-                }
+                rewrite::sep(summary);
                 summary.push_str("client_id assigned");
             }
         }

@@ -644,7 +644,8 @@ pub fn assign_in_connack(packet: &[u8], id: &[u8], max_len: usize) -> Result<Opt
     Ok(Some(out))
 }
 
-fn sep(s: &mut String) {
+/// Separates a rewrite summary's next item from those before it.
+pub fn sep(s: &mut String) {
     if !s.is_empty() {
         s.push_str(", ");
     }
