@@ -967,6 +967,18 @@ impl Rabbit {
     }
 
     fn start_with(management: bool, web_mqtt: bool) -> Rabbit {
+        // Its ports come from `free_port`: something else may bind one before RabbitMQ does.
+        // A boot that fails on a taken port is tried again, with new ports.
+        for _ in 0..2 {
+            if let Some(rabbit) = Rabbit::boot(management, web_mqtt, true) {
+                return rabbit;
+            }
+        }
+        Rabbit::boot(management, web_mqtt, false).expect("a boot that may not retry panics instead")
+    }
+
+    /// One boot; `None` when it failed on a taken port and `retry` allows another.
+    fn boot(management: bool, web_mqtt: bool, retry: bool) -> Option<Rabbit> {
         // The /usr/sbin wrappers `su` to the rabbitmq user and drop the environment; the real
         // scripts are in /usr/lib/rabbitmq/bin and run fine as root.
         let server = require_program(&format!("{RABBIT_SBIN}/rabbitmq-server"));
@@ -1052,6 +1064,10 @@ impl Rabbit {
             None
         };
         if let Some(step) = step {
+            if retry && rabbit.server_output().contains("eaddrinuse") {
+                eprintln!("RabbitMQ did not start ({step}): a port was taken; again with new ports");
+                return None;
+            }
             panic!(
                 "RabbitMQ did not start ({step}):\nrabbitmqctl wait: {}\n{}\nserver output:\n{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -1059,7 +1075,7 @@ impl Rabbit {
                 tail(&rabbit.server_output(), 80)
             );
         }
-        rabbit
+        Some(rabbit)
     }
 
     pub fn addr(&self) -> String {
