@@ -24,6 +24,7 @@ fn pool(n: usize) -> Pool {
         max_header_bytes: 500,
         backend_connect_timeout: Duration::from_secs(2),
         backend_connack_timeout: Duration::from_secs(10),
+        backend_max_packet_size: None,
         backend_attempts: 3,
         planned_close_will: PlannedCloseWill::Keep,
         close_rate: 100,

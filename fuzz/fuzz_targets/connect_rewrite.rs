@@ -6,6 +6,11 @@
 //! rewrite gives a CONNECT with that id and nothing else changed. And the same bytes read as a
 //! broker's first packet: adding the assigned id to a CONNACK never panics, and what it makes
 //! is one whole CONNACK that already names an id.
+//!
+//! The limit (the brokers' Maximum Packet Size or max_connect_packet) is an input too: one,
+//! zero or one byte fewer than the rewrite's size, as the data's second-to-last byte (for
+//! the assigned client-id: its length) picks.
+//! At or above the size the rewrite is the same; below it, refused with both sizes named.
 
 // The two pure modules, not the crate: the instrumented build takes seconds.
 #[allow(dead_code)]
@@ -72,6 +77,14 @@ fn main() {
         assert_eq!(new_len, out.len());
         assert_eq!((new.version, new.client_id, new.keep_alive), (connect.version, connect.client_id, connect.keep_alive));
         assert_eq!(new.username, username.or(connect.username));
+        // out.len() - 1, out.len() or out.len() + 1.
+        let limit = out.len() + usize::from(data.iter().rev().nth(1).copied().unwrap_or(0) % 3) - 1;
+        let limited = rewrite::rewrite(packet, connect.version, policy, &facts, limit);
+        if limit >= out.len() {
+            assert_eq!(limited.unwrap().unwrap().packet, out, "a limit the rewrite fits changes nothing");
+        } else {
+            assert_eq!(limited, Err(RewriteError::TooLarge { len: out.len(), max: limit }));
+        }
         let again = rewrite::rewrite(&out, new.version, policy, &facts, 1 << 20).unwrap().unwrap();
         assert_eq!(again.packet, out, "a second rewrite changes nothing");
         let assigned = rewrite::set_client_id(&out, new.version, ID, 1 << 20).unwrap();
@@ -79,6 +92,14 @@ fn main() {
             panic!("the CONNECT with the assigned id is not a CONNECT");
         };
         assert_eq!(a_len, assigned.len());
+        let limit = assigned.len() + data.len() % 3 - 1;
+        match rewrite::set_client_id(&out, new.version, ID, limit) {
+            Ok(p) => assert!(limit >= assigned.len() && p == assigned, "{limit}"),
+            Err(e) => assert!(
+                limit < assigned.len() && e == RewriteError::TooLarge { len: assigned.len(), max: limit },
+                "{limit}: {e}"
+            ),
+        }
         assert_eq!((a.version, a.client_id, a.username, a.keep_alive), (new.version, ID, new.username, new.keep_alive));
     });
 }

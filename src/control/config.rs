@@ -18,6 +18,7 @@ use crate::proxy::balance::{
     Backend, BackendTransport, CheckKind, EmptyKey, HashKey, HealthSpec, Hold, HttpCheck, PlannedCloseWill, Pool,
     ProxyProtocol, Rebalance,
 };
+use crate::proxy::mqtt::{MAX_PACKET_LEN, MIN_CONNECT_LEN};
 use crate::proxy::proxy_header::Tlv;
 use crate::proxy::rewrite::{Fact, Piece, Policy as ConnectPolicy, Template};
 use crate::proxy::routing::{Conditions, RouteRule};
@@ -345,6 +346,8 @@ pub struct RawPool {
     pub backend_attempts: usize,
     /// The CONNECT rewrite for brokers that read no PROXY header.
     pub connect: Option<RawConnect>,
+    /// The brokers' Maximum Packet Size: no larger CONNECT is sent to them.
+    pub backend_max_packet_size: Option<usize>,
     /// Active health checks; absent: none.
     pub health: Option<RawHealth>,
     /// What happens to the client connections of a broker that leaves the pool.
@@ -1431,6 +1434,17 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
             c.add(format!("{at}.health.fall"), "must be at least 1");
         }
     }
+    if let Some(n) = p.backend_max_packet_size {
+        if !(MIN_CONNECT_LEN..=MAX_PACKET_LEN).contains(&n) {
+            c.add(
+                format!("{at}.backend_max_packet_size"),
+                format!(
+                    "{n} is not a Maximum Packet Size: it must be between {MIN_CONNECT_LEN} (the smallest CONNECT) \
+                     and {MAX_PACKET_LEN} (the largest packet MQTT can express) bytes"
+                ),
+            );
+        }
+    }
     let check = p.health.as_ref().and_then(|h| check_kind(h, &format!("{at}.health"), c));
     let connect = p.connect.as_ref().map(|r| check_connect(c, &format!("{at}.connect"), r)).unwrap_or_default();
     let backend_transport = check_backend_transport(c, &at, p);
@@ -1474,6 +1488,7 @@ fn build_pool(c: &mut Check, name: &str, p: &RawPool) -> Option<Pool> {
         backend_connect_timeout: p.backend_connect_timeout,
         backend_connack_timeout: p.backend_connack_timeout,
         backend_attempts: p.backend_attempts,
+        backend_max_packet_size: p.backend_max_packet_size,
         close_rate: p.close_rate,
         hold: match p.on_backend_restart {
             RawOnRestart::Failover => None,
@@ -1846,6 +1861,29 @@ backends = ["127.0.0.1:3"]
             "{:?}",
             loaded.warnings
         );
+    }
+
+    #[test]
+    fn backend_max_packet_size_is_a_packet_size_mqtt_can_have() {
+        let with = |n: &str| format!("{MINIMAL}backend_max_packet_size = {n}\n");
+        let s = load_str(&with("1024"), Path::new(".")).unwrap().snapshot;
+        assert_eq!(s.pools[0].backend_max_packet_size, Some(1024));
+        assert_eq!(load_str(MINIMAL, Path::new(".")).unwrap().snapshot.pools[0].backend_max_packet_size, None);
+        for ok in ["14", "268435460"] {
+            assert_eq!(problems(&with(ok)), Vec::<String>::new(), "{ok}");
+        }
+        for bad in ["0", "13", "268435461"] {
+            let got = problems(&with(bad));
+            assert!(
+                got.len() == 1
+                    && got[0].starts_with(&format!(
+                        "pool.brokers.backend_max_packet_size: {bad} is not a Maximum Packet Size: it must be between 14"
+                    )),
+                "{bad}: {got:?}"
+            );
+        }
+        let got = problems(&with("-1"));
+        assert!(got.len() == 1 && got[0].starts_with("pool.brokers.backend_max_packet_size"), "{got:?}");
     }
 
     #[test]

@@ -320,6 +320,7 @@ mod tests {
             max_header_bytes: 500,
             backend_connect_timeout: Duration::from_secs(1),
             backend_connack_timeout: Duration::from_secs(1),
+            backend_max_packet_size: None,
             backend_attempts: 3,
             planned_close_will: crate::proxy::balance::PlannedCloseWill::Keep,
             close_rate: 100,

@@ -157,6 +157,9 @@ pub struct Pool {
     pub rebalance_rate: u32,
     /// What the brokers are spoken to in (`backend_transport`).
     pub backend_transport: BackendTransport,
+    /// The brokers' Maximum Packet Size (`backend_max_packet_size`): no CONNECT larger than
+    /// this is sent to them. `None`: only `limits.max_connect_packet` bounds it.
+    pub backend_max_packet_size: Option<usize>,
 }
 
 /// `backend_transport`: raw MQTT to the broker's TCP listener (a WebSocket client's frames
@@ -303,6 +306,7 @@ mod tests {
             max_header_bytes: 500,
             backend_connect_timeout: Duration::from_secs(1),
             backend_connack_timeout: Duration::from_secs(1),
+            backend_max_packet_size: None,
             backend_attempts: 3,
             planned_close_will: PlannedCloseWill::Keep,
             close_rate: 100,

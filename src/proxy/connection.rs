@@ -112,6 +112,8 @@ pub enum CloseReason {
     ClientClosed,
     NotConnect,
     Malformed,
+    /// The client's CONNECT is over `max_connect_packet`, or over its pool's
+    /// `backend_max_packet_size`.
     TooLarge,
     UnsupportedProtocol,
     EmptyClientId,
@@ -140,7 +142,8 @@ pub enum CloseReason {
     /// The client-id reconnects too often: CONNACK "connection rate exceeded".
     Flapping,
     /// The pool's `connect` policy cannot rewrite this CONNECT (no verified certificate for
-    /// `cert_cn`, a username MQTT cannot carry, a result over `max_connect_packet`).
+    /// `cert_cn`, a username MQTT cannot carry, a result over `max_connect_packet` or the
+    /// pool's `backend_max_packet_size`).
     ConnectRewrite,
     /// The connection's task ended without an outcome: it panicked (a bug). Counted and
     /// logged like every other end, and other connections are unaffected.
@@ -706,6 +709,24 @@ impl Refused {
 
     fn detail(self, detail: impl Into<String>) -> Refused {
         Refused { detail: Some(detail.into()), ..self }
+    }
+}
+
+/// The largest CONNECT a pool's brokers are sent, and whether it is theirs
+/// (`backend_max_packet_size`) or the process's (`limits.max_connect_packet`).
+struct ConnectLimit {
+    bytes: usize,
+    brokers: bool,
+}
+
+impl ConnectLimit {
+    /// The limit, for a refusal's detail.
+    fn describe(&self, pool: &str) -> String {
+        if self.brokers {
+            format!("the brokers' Maximum Packet Size of {} bytes (pool {pool:?} backend_max_packet_size)", self.bytes)
+        } else {
+            format!("limits.max_connect_packet ({} bytes)", self.bytes)
+        }
     }
 }
 
@@ -1293,7 +1314,8 @@ impl<'a> Setup<'a> {
             client_id: self.assigned.as_deref().map_or(connect.client_id, str::as_bytes),
             username: connect.username,
         };
-        match rewrite::rewrite(packet, connect.version, policy, &facts, self.snap.limits.max_connect_packet) {
+        let limit = self.connect_limit();
+        match rewrite::rewrite(packet, connect.version, policy, &facts, limit.bytes) {
             Ok(None) => Ok(None),
             Ok(Some(r)) => {
                 if let Some(routed) = self.facts.routed.as_mut() {
@@ -1301,17 +1323,51 @@ impl<'a> Setup<'a> {
                 }
                 Ok(Some(r.packet))
             }
-            Err(e) => {
-                let (reason, refusal) = match e {
-                    rewrite::RewriteError::Missing(_) | rewrite::RewriteError::BadUsername(_) => {
-                        (CloseReason::ConnectRewrite, Refusal::BadCredentials)
-                    }
-                    rewrite::RewriteError::TooLarge { .. } => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge),
-                    rewrite::RewriteError::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed),
-                };
-                Err(Refused::connack(reason, Some(connect.version), refusal).detail(e.to_string()))
-            }
+            Err(e) => Err(self.rewrite_refused(e, connect.version, packet.len(), &limit)),
         }
+    }
+
+    /// The largest CONNECT the pool's brokers are sent: `limits.max_connect_packet`, or the
+    /// pool's `backend_max_packet_size` when that is not larger. A broker declares its Maximum
+    /// Packet Size only in its CONNACK, after the CONNECT: too late to go by.
+    fn connect_limit(&self) -> ConnectLimit {
+        let max_connect_packet = self.snap.limits.max_connect_packet;
+        match self.pool.backend_max_packet_size {
+            Some(brokers) if brokers <= max_connect_packet => ConnectLimit { bytes: brokers, brokers: true },
+            _ => ConnectLimit { bytes: max_connect_packet, brokers: false },
+        }
+    }
+
+    /// The refusal of a CONNECT that the pool's changes (its `connect` policy, an assigned
+    /// client-id) cannot be made to, before any broker sees it: a fact the username needs and
+    /// the connection lacks, or a username MQTT cannot carry, is "bad user name or password";
+    /// a result over the limit is "packet too large" (3.x has no such CONNACK: a close). The
+    /// client's own CONNECT (`sent` bytes) already over the limit is `connect_too_large`, not
+    /// the rewrite's doing.
+    fn rewrite_refused(
+        &self,
+        e: rewrite::RewriteError,
+        version: MqttVersion,
+        sent: usize,
+        limit: &ConnectLimit,
+    ) -> Refused {
+        use rewrite::RewriteError as E;
+        let (reason, refusal, detail) = match e {
+            E::Missing(_) | E::BadUsername(_) => (CloseReason::ConnectRewrite, Refusal::BadCredentials, e.to_string()),
+            E::TooLarge { len, max } if max == limit.bytes => {
+                let limit = limit.describe(&self.pool.name);
+                if sent > max {
+                    let detail = format!("the CONNECT of {sent} bytes (rewritten: {len}) exceeds {limit}");
+                    (CloseReason::TooLarge, Refusal::PacketTooLarge, detail)
+                } else {
+                    let detail = format!("the rewritten CONNECT of {len} bytes exceeds {limit}");
+                    (CloseReason::ConnectRewrite, Refusal::PacketTooLarge, detail)
+                }
+            }
+            E::TooLarge { .. } => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge, e.to_string()),
+            E::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed, e.to_string()),
+        };
+        Refused::connack(reason, Some(version), refusal).detail(detail)
     }
 
     /// PROXY header, then the CONNECT (rewritten by the pool's `connect` policy) and whatever
@@ -1327,23 +1383,29 @@ impl<'a> Setup<'a> {
     ) -> Result<FirstBytes, Refused> {
         let (packet, pipelined) = buf.split_at(len);
         let mut rewritten = self.rewrite_connect(connect, packet)?;
+        let limit = self.connect_limit();
         if let Some(id) = &self.assigned {
-            let max = self.snap.limits.max_connect_packet;
+            let max = limit.bytes;
             match rewrite::set_client_id(rewritten.as_deref().unwrap_or(packet), connect.version, id.as_bytes(), max) {
                 Ok(p) => rewritten = Some(p),
-                Err(e) => {
-                    let (reason, refusal) = match e {
-                        rewrite::RewriteError::Malformed(_) => (CloseReason::Malformed, Refusal::Malformed),
-                        _ => (CloseReason::ConnectRewrite, Refusal::PacketTooLarge),
-                    };
-                    return Err(Refused::connack(reason, Some(connect.version), refusal).detail(e.to_string()));
-                }
+                Err(e) => return Err(self.rewrite_refused(e, connect.version, packet.len(), &limit)),
             }
             if let Some(routed) = self.facts.routed.as_mut() {
                 let summary = routed.rewrite.get_or_insert_with(String::new);
                 rewrite::sep(summary);
                 summary.push_str("client_id assigned");
             }
+        }
+        if rewritten.is_none() && packet.len() > limit.bytes {
+            // The client's own CONNECT, over the brokers' limit (it is within
+            // max_connect_packet, or it would not have been read): refused here, since a
+            // broker closes on it without a CONNACK, which would be a failed dial of every
+            // candidate (and count against them in passive health) and end as "server
+            // unavailable".
+            let detail = format!("the CONNECT of {} bytes exceeds {}", packet.len(), limit.describe(&self.pool.name));
+            return Err(
+                Refused::connack(CloseReason::TooLarge, Some(connect.version), Refusal::PacketTooLarge).detail(detail)
+            );
         }
         let packet = rewritten.as_deref().unwrap_or(packet);
         let pool = self.pool;

@@ -113,6 +113,12 @@ const FLAG_WILL_RETAIN: u8 = 0x20;
 const FLAG_PASSWORD: u8 = 0x40;
 const FLAG_USERNAME: u8 = 0x80;
 
+/// The smallest CONNECT: 3.1.1 with an empty client-id and no optional field (fixed header 2,
+/// protocol name 6, level 1, flags 1, keep-alive 2, client-id length 2).
+pub const MIN_CONNECT_LEN: usize = 14;
+/// The largest packet MQTT can express: a remaining length of 268,435,455 and its fixed header.
+pub const MAX_PACKET_LEN: usize = 268_435_460;
+
 /// Look at `buf` (the bytes received so far). `max_len` bounds the whole packet.
 pub fn peek_connect(buf: &[u8], max_len: usize) -> Result<Peek<'_>, ConnectError> {
     let Some((&first, rest)) = buf.split_first() else {
@@ -1344,6 +1350,14 @@ mod tests {
         assert_eq!(peek_connect(&[], MAX), Ok(Peek::Incomplete));
         assert_eq!(peek_connect(&[0x10], MAX), Ok(Peek::Incomplete));
         assert_eq!(peek_connect(&[0x10, 0x80, 0x80, 0x80], MAX), Ok(Peek::Incomplete));
+    }
+
+    #[test]
+    fn the_smallest_connect_is_min_connect_len_bytes() {
+        let smallest = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 0];
+        assert_eq!(smallest.len(), MIN_CONNECT_LEN);
+        let Ok(Peek::Complete { len, connect }) = peek_connect(&smallest, MIN_CONNECT_LEN) else { panic!() };
+        assert_eq!((len, connect.version, connect.client_id), (MIN_CONNECT_LEN, MqttVersion::V311, &b""[..]));
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! by username with an ACL file: the client certificate's CN arrives as the username, the
 //! password is dropped, a client without a certificate is refused with CONNACK "bad user name
 //! or password" before any broker sees it, and the log line says what was rewritten (never
-//! the password).
+//! the password). With `backend_max_packet_size`, against a mosquitto with that
+//! `max_packet_size`: a CONNECT the rewrite makes too large is refused before the broker sees it.
 
 use std::fs;
+use std::io::Write;
 use std::process::Command;
 
 use crate::support::*;
@@ -98,4 +100,176 @@ bind = "127.0.0.1:0"
         )
     };
     assert_eq!((refused("0x04"), refused("0x86")), (1.0, 1.0));
+}
+
+/// An MQTT 5 client (paho-mqtt) through harbormaster: connects as `argv[2]`, prints the
+/// CONNACK's reason code as `rc=N`; when accepted, subscribes to a topic of its own, publishes
+/// to it and prints `got=PAYLOAD` when the message comes back.
+const PAHO_CONNECT_PY: &str = r#"
+import sys, threading
+import paho.mqtt.client as mqtt
+
+port, cid = int(sys.argv[1]), sys.argv[2]
+done, got = threading.Event(), {}
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+def on_connect(client, userdata, flags, rc, props):
+    got["rc"] = rc.value
+    if rc.value == 0:
+        client.subscribe("cap/" + cid, qos=1)
+    else:
+        done.set()
+def on_subscribe(client, userdata, mid, rcs, props):
+    client.publish("cap/" + cid, "hello " + cid, qos=1)
+def on_message(client, userdata, msg):
+    got["msg"] = msg.payload.decode()
+    done.set()
+def on_disconnect(client, userdata, flags, rc, props):
+    done.set()
+c.on_connect, c.on_subscribe, c.on_message, c.on_disconnect = on_connect, on_subscribe, on_message, on_disconnect
+c.connect("127.0.0.1", port, keepalive=30)
+c.loop_start()
+done.wait(20)
+c.loop_stop()
+print("rc=%s" % got.get("rc"), flush=True)
+if "msg" in got:
+    print("got=%s" % got["msg"], flush=True)
+"#;
+
+fn paho_connect(port: u16, client_id: &str) -> String {
+    let ok = Command::new("python3").args(["-c", "import paho.mqtt.client"]).status().map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "python3 with paho-mqtt 2.x is needed (scripts/test installs it)");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PAHO_CONNECT_PY, &port.to_string(), client_id]);
+    output_text(&run_with_timeout(&mut cmd, CMD_TIMEOUT))
+}
+
+/// A client-id of `len` characters starting with `tag`.
+fn id_of(tag: &str, len: usize) -> String {
+    format!("{tag}{}", "x".repeat(len - tag.len()))
+}
+
+/// `backend_max_packet_size` against a real mosquitto configured with the same
+/// `max_packet_size`: a CONNECT the pool's rewrite (username template, User Properties) makes
+/// larger is refused by harbormaster (5.0: CONNACK 0x95 "packet too large", seen by paho-mqtt;
+/// 3.1.1: a close without CONNACK), counted and logged with the limit named, and the broker
+/// never sees it; one that stays under connects and works. A client's own CONNECT over the
+/// limit (no rewrite) is refused the same way as `connect_too_large`, without a dial. Without
+/// the key the broker closes on the oversized CONNECT without a CONNACK: a failed dial, and
+/// the client is told "server unavailable".
+#[test]
+fn a_connect_the_rewrite_makes_larger_than_the_brokers_maximum_packet_size_is_refused() {
+    const LIMIT: usize = 100;
+    let broker = Mosquitto::start_with(&format!("persistence false\nmax_packet_size {LIMIT}\n"));
+    let policy = r#"connect = { username = "tenant-a/{client_id}", user_properties = ["client_id"] }"#;
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "capped"
+bind = "127.0.0.1:0"
+pool = "capped"
+
+[[listener]]
+name = "uncapped"
+bind = "127.0.0.1:0"
+pool = "uncapped"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:0"
+pool = "plain"
+
+[pool.capped]
+backends = [{{ name = "m0", address = "{addr}" }}]
+proxy_protocol = "none"
+{policy}
+backend_max_packet_size = {LIMIT}
+
+[pool.uncapped]
+backends = [{{ name = "m0", address = "{addr}" }}]
+proxy_protocol = "none"
+{policy}
+
+[pool.plain]
+backends = [{{ name = "m0", address = "{addr}" }}]
+proxy_protocol = "none"
+backend_max_packet_size = {LIMIT}
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        addr = broker.addr(),
+    ));
+    let (capped, uncapped, plain) = (hm.port("capped"), hm.port("uncapped"), hm.port("plain"));
+    let admin = hm.admin_addr();
+
+    // Sizes: a 5.0 CONNECT with a client-id of L bytes and no other field is 15 + L bytes; the
+    // username "tenant-a/<id>" adds 11 + L, the User Property harbormaster-client_id 27 + L:
+    // 53 + 3L. A 3.1.1 one is 14 + L, rewritten 25 + 2L.
+    let ok5 = id_of("p5-ok-", 10); // 83 bytes rewritten
+    let big5 = id_of("p5-big-", 20); // 35 bytes sent, 113 rewritten
+    let ok311 = id_of("r311-ok-", 20); // 65 rewritten
+    let big311 = id_of("r311-big-", 40); // 54 sent, 105 rewritten
+
+    // Under the limit: connected, and the broker sees the rewritten CONNECT.
+    let out = paho_connect(capped, &ok5);
+    assert!(out.contains("rc=0") && out.contains(&format!("got=hello {ok5}")), "{out}");
+    let (mut s, ack) = mqtt_connect(capped, MqttVersion::V311, &ok311);
+    assert_eq!(ack, MqttVersion::V311.connack(0, 0));
+    s.write_all(&mqtt::pingreq()).unwrap();
+    assert_eq!(mqtt::read_until_kind(&mut s, 13).unwrap().kind(), 13, "PINGRESP through the broker");
+    drop(s);
+    let log = broker.log();
+    assert!(log.contains(&format!("u'tenant-a/{ok5}'")) && log.contains(&format!("u'tenant-a/{ok311}'")), "{log}");
+
+    // Over it: 5.0 gets CONNACK 0x95 (149, "Packet too large") from harbormaster...
+    let out = paho_connect(capped, &big5);
+    assert!(out.contains("rc=149"), "{out}");
+    // ... and 3.1.1, which has no such CONNACK, a close without one.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", capped)).unwrap();
+    s.write_all(&mqtt::connect(MqttVersion::V311, &big311)).unwrap();
+    let (answer, closed) = mqtt::read_until_close(&mut s, WAIT);
+    assert!(closed && answer.is_empty(), "{answer:?} closed={closed}");
+    for (id, len) in [(&big5, 53 + 3 * 20), (&big311, 25 + 2 * 40)] {
+        let line = hm.wait_connection_log("client_id", id).unwrap();
+        assert_eq!(line["close_reason"], "connect_rewrite_refused", "{line:?}");
+        let want = format!(
+            "the rewritten CONNECT of {len} bytes exceeds the brokers' Maximum Packet Size of {LIMIT} bytes \
+             (pool \"capped\" backend_max_packet_size)"
+        );
+        assert_eq!(line["detail"], want, "{line:?}");
+        assert!(!broker.has_client(id), "{id} reached the broker");
+    }
+    let text = metrics_text(&admin);
+    let refused = |reason: &str, connack: &str| {
+        metric_sum_in(&text, "harbormaster_connections_refused_total", &[("reason", reason), ("connack", connack)])
+    };
+    assert_eq!((refused("connect_rewrite_refused", "0x95"), refused("connect_rewrite_refused", "none")), (1.0, 1.0));
+    let attempts = |pool: &str| metric_sum_in(&text, "harbormaster_broker_connect_attempts_total", &[("pool", pool)]);
+    let ok_attempts =
+        metric_sum_in(&text, "harbormaster_broker_connect_attempts_total", &[("pool", "capped"), ("outcome", "ok")]);
+    assert_eq!((attempts("capped"), ok_attempts), (2.0, 2.0), "only the clients under the limit were dialled");
+
+    // The client's own CONNECT over the limit, nothing rewritten: refused the same way, as
+    // connect_too_large; one at the limit is the broker's.
+    let at = id_of("plain-at-", LIMIT - 15);
+    let over = id_of("plain-over-", LIMIT - 15 + 1);
+    assert_eq!(mqtt::connect(MqttVersion::V5, &at).len(), LIMIT);
+    let (_s, ack) = mqtt_connect(plain, MqttVersion::V5, &at);
+    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+    let (_s, ack) = mqtt_connect(plain, MqttVersion::V5, &over);
+    assert_eq!(ack, MqttVersion::V5.connack(0, 0x95));
+    let line = hm.wait_connection_log("client_id", &over).unwrap();
+    assert_eq!(line["close_reason"], "connect_too_large", "{line:?}");
+    assert!(line["detail"].contains(&format!("CONNECT of {} bytes exceeds the brokers'", LIMIT + 1)), "{line:?}");
+    assert!(broker.wait_for_client(&at, 1) && !broker.has_client(&over), "{}", broker.log());
+    assert_eq!(metric_sum(&admin, "harbormaster_broker_connect_attempts_total", &[("pool", "plain")]), 1.0);
+
+    // Without the key the broker itself closes on the CONNECT, without a CONNACK: harbormaster
+    // can only count a failed dial and answer "server unavailable".
+    let (_s, ack) = mqtt_connect(uncapped, MqttVersion::V5, &big5);
+    assert_eq!(ack, MqttVersion::V5.connack_server_unavailable());
+    let failed = metric_sum(&admin, "harbormaster_broker_connect_attempts_total", &[("pool", "uncapped")])
+        - metric_sum(&admin, "harbormaster_broker_connect_attempts_total", &[("pool", "uncapped"), ("outcome", "ok")]);
+    assert_eq!(failed, 1.0);
+    assert!(broker.log().contains("disconnected due to oversize packet"), "{}", broker.log());
 }

@@ -201,6 +201,63 @@ fn refusals_missing_cn_bad_username_too_large() {
     );
 }
 
+/// The limit (the brokers' Maximum Packet Size, or max_connect_packet) bounds the whole
+/// rewritten packet, fixed header included: a result of exactly the limit passes, one byte
+/// more is refused with both sizes named; the client's CONNECT itself may be at the limit.
+#[test]
+fn the_limit_is_the_whole_rewritten_packet_exactly_at_it_passes_one_over_is_refused() {
+    let user = |n: &str, v: &str| mqtt_proto::v5::UserProperty { name: Arc::from(n), value: Arc::from(v) };
+    let mut v5 = mqtt_proto::v5::Connect::new(Arc::from("truck-42"), 30);
+    v5.properties.user_properties = vec![user("k", "v")];
+    let cases = [
+        (encode_v3(&v3(mqtt_proto::Protocol::V311, None, None, false)), MqttVersion::V311),
+        (encode_v3(&v3(mqtt_proto::Protocol::V310, Some("u"), Some(b"p"), true)), MqttVersion::V31),
+        (encode_v5(&v5), MqttVersion::V5),
+    ];
+    let p = policy(Some("{cert_cn}@{sni}"), false, &[Fact::ClientAddress, Fact::Sni]);
+    let f = facts(Some("device-7"));
+    for (orig, version) in cases {
+        let exact = run(&orig, version, &p, &f).packet;
+        assert!(exact.len() > orig.len(), "{version:?}: the rewrite grows the CONNECT");
+        assert_eq!(rewrite(&orig, version, &p, &f, exact.len()).unwrap().unwrap().packet, exact, "{version:?}");
+        assert_eq!(
+            rewrite(&orig, version, &p, &f, exact.len() - 1),
+            Err(RewriteError::TooLarge { len: exact.len(), max: exact.len() - 1 }),
+            "{version:?}"
+        );
+        // The assigned client-id, on the rewritten CONNECT: the same boundary.
+        let assigned = set_client_id(&exact, version, ID.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(set_client_id(&exact, version, ID.as_bytes(), assigned.len()).unwrap(), assigned);
+        assert_eq!(
+            set_client_id(&exact, version, ID.as_bytes(), assigned.len() - 1),
+            Err(RewriteError::TooLarge { len: assigned.len(), max: assigned.len() - 1 })
+        );
+    }
+    // Across the remaining length's first extra byte (127 -> 128): the fixed header grows by
+    // one, and the limit counts it.
+    let mut grown = None;
+    for pad in 0..200 {
+        let id = format!("truck-{}", "x".repeat(pad));
+        let c = mqtt_proto::v3::Connect {
+            client_id: Arc::from(id.as_str()),
+            ..v3(mqtt_proto::Protocol::V311, None, None, false)
+        };
+        let orig = encode_v3(&c);
+        let out = run(&orig, MqttVersion::V311, &p, &f).packet;
+        if orig[1] < 0x80 && out[1] & 0x80 != 0 {
+            grown = Some((orig, out));
+            break;
+        }
+    }
+    let (orig, out) = grown.expect("a CONNECT whose rewrite needs a two-byte remaining length");
+    assert_eq!(out.len(), 3 + usize::from(out[1] & 0x7f) + 128 * usize::from(out[2]), "a 3-byte fixed header");
+    assert!(rewrite(&orig, MqttVersion::V311, &p, &f, out.len()).is_ok());
+    assert_eq!(
+        rewrite(&orig, MqttVersion::V311, &p, &f, out.len() - 1),
+        Err(RewriteError::TooLarge { len: out.len(), max: out.len() - 1 })
+    );
+}
+
 #[test]
 fn templates_parse_or_say_why_not() {
     assert_eq!(Template::parse("cert_cn").unwrap().describe(), "{cert_cn}");
