@@ -1852,6 +1852,15 @@ backends = ["127.0.0.1:3"]
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
         assert!(!problems(&with(r#"{ password = "forget" }"#)).is_empty());
+        // Text a broker refuses in a username (Mosquitto closes on a control character).
+        let got = problems(&with(r#"{ username = "dev\u0001{cert_cn}" }"#));
+        assert!(
+            got.len() == 1
+                && got[0].starts_with(
+                    "pool.brokers.connect.username: \"dev\\u{1}{cert_cn}\": the text holds a control character"
+                ),
+            "{got:?}"
+        );
         let loaded = load_str(&with(r#"{ username = "cert_cn" }"#), Path::new(".")).unwrap();
         assert!(
             loaded

@@ -1340,7 +1340,8 @@ impl<'a> Setup<'a> {
 
     /// The refusal of a CONNECT that the pool's changes (its `connect` policy, an assigned
     /// client-id) cannot be made to, before any broker sees it: a fact the username needs and
-    /// the connection lacks, or a username MQTT cannot carry, is "bad user name or password";
+    /// the connection lacks, or a username or User Property value MQTT cannot carry or brokers
+    /// refuse, is "bad user name or password";
     /// a result over the limit is "packet too large" (3.x has no such CONNACK: a close). The
     /// client's own CONNECT (`sent` bytes) already over the limit is `connect_too_large`, not
     /// the rewrite's doing.
@@ -1353,7 +1354,18 @@ impl<'a> Setup<'a> {
     ) -> Refused {
         use rewrite::RewriteError as E;
         let (reason, refusal, detail) = match e {
-            E::Missing(_) | E::BadUsername(_) => (CloseReason::ConnectRewrite, Refusal::BadCredentials, e.to_string()),
+            E::Missing(rewrite::Fact::CertCn) => {
+                // A certificate whose CN was not passed on (identity.rs) is not "no CN": say so.
+                let why = self.tls.as_ref().and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cn_refused.as_ref());
+                let detail = match why {
+                    Some(r) => format!("{e}: the client certificate's CN is not passed on ({})", r.reason.as_str()),
+                    None => e.to_string(),
+                };
+                (CloseReason::ConnectRewrite, Refusal::BadCredentials, detail)
+            }
+            E::Missing(_) | E::BadUsername(_) | E::BadProperty(..) => {
+                (CloseReason::ConnectRewrite, Refusal::BadCredentials, e.to_string())
+            }
             E::TooLarge { len, max } if max == limit.bytes => {
                 let limit = limit.describe(&self.pool.name);
                 if sent > max {

@@ -158,8 +158,12 @@ impl Template {
                 }
             }
         }
-        if pieces.iter().any(|p| matches!(p, Piece::Text(t) if t.contains('\0'))) {
-            return Err(format!("{s:?}: a username cannot hold U+0000"));
+        for p in &pieces {
+            if let Piece::Text(t) = p {
+                if let Some(problem) = string_problem(t) {
+                    return Err(format!("{s:?}: the text {problem}, which brokers refuse in a username"));
+                }
+            }
         }
         Ok(Template(pieces))
     }
@@ -246,9 +250,12 @@ pub enum RewriteError {
     /// The username needs a fact the connection lacks (no verified certificate for `cert_cn`).
     #[error("the username needs {{{}}}, which this connection does not have", .0.as_str())]
     Missing(Fact),
-    /// The new username is not a string MQTT can carry.
+    /// The new username is not a string MQTT can carry, or brokers take.
     #[error("the new username {0}")]
     BadUsername(&'static str),
+    /// A fact's value is not a string a User Property can carry, or brokers take.
+    #[error("the User Property {PROPERTY_PREFIX}{fact} {problem}", fact = .0.as_str(), problem = .1)]
+    BadProperty(Fact, &'static str),
     /// The rewritten CONNECT is larger than allowed.
     #[error("the rewritten CONNECT of {len} bytes exceeds the limit of {max}")]
     TooLarge { len: usize, max: usize },
@@ -442,8 +449,10 @@ pub fn rewrite(
         }
         match std::str::from_utf8(&value) {
             Err(_) => return Err(RewriteError::BadUsername("is not UTF-8")),
-            Ok(s) if s.contains('\0') => return Err(RewriteError::BadUsername("contains U+0000")),
             Ok(s) => {
+                if let Some(problem) = string_problem(s) {
+                    return Err(RewriteError::BadUsername(problem));
+                }
                 let _ = write!(summary, "username={s:?} ({})", t.describe());
             }
         }
@@ -486,6 +495,14 @@ pub fn rewrite(
                 let mut value = Vec::new();
                 if !facts.put(*f, &mut value) {
                     continue;
+                }
+                match std::str::from_utf8(&value) {
+                    Err(_) => return Err(RewriteError::BadProperty(*f, "is not UTF-8")),
+                    Ok(s) => {
+                        if let Some(problem) = string_problem(s) {
+                            return Err(RewriteError::BadProperty(*f, problem));
+                        }
+                    }
                 }
                 new.push(USER_PROPERTY);
                 let name = format!("{PROPERTY_PREFIX}{}", f.as_str());
@@ -642,6 +659,27 @@ pub fn assign_in_connack(packet: &[u8], id: &[u8], max_len: usize) -> Result<Opt
         return Err(ConnackError::TooLarge { len: out.len(), max: max_len });
     }
     Ok(Some(out))
+}
+
+/// Why `s` is not a string harbormaster may put into a CONNECT, or `None`: U+0000 is
+/// forbidden (MQTT 3.1.1 §1.5.3, 5.0 §1.5.4), and control characters (U+0001–U+001F,
+/// U+007F–U+009F) and Unicode non-characters are ones a receiver may treat as a malformed
+/// packet. Mosquitto 2.0 does, in a username and in a User Property alike: it closes the
+/// connection without a CONNACK, which would be a failed dial of every broker tried.
+pub fn string_problem(s: &str) -> Option<&'static str> {
+    for c in s.chars() {
+        if c == '\0' {
+            return Some("contains U+0000");
+        }
+        if c.is_control() {
+            return Some("holds a control character");
+        }
+        let n = u32::from(c);
+        if (0xFDD0..=0xFDEF).contains(&n) || n & 0xFFFE == 0xFFFE {
+            return Some("holds a Unicode non-character");
+        }
+    }
+    None
 }
 
 /// Separates a rewrite summary's next item from those before it.

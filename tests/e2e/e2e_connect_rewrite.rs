@@ -273,3 +273,76 @@ bind = "127.0.0.1:0"
     assert_eq!(failed, 1.0);
     assert!(broker.log().contains("disconnected due to oversize packet"), "{}", broker.log());
 }
+
+/// A certificate CN that a username cannot carry, with `username = "cert_cn"` in front of a
+/// real mosquitto (which closes without a CONNACK on a username holding a control character
+/// or a Unicode non-character): a CN with a control character is not passed on at all, one
+/// with a non-character is not put in a username; either way the client is refused with "bad
+/// user name or password" (3.1.1: 4, 5.0: 0x86), the log line's detail says why, and the broker
+/// never sees the client.
+#[test]
+fn a_cn_a_username_cannot_carry_is_refused_with_the_reason() {
+    let broker = Mosquitto::start();
+    let control = Certs::with_client_cn("device\r\nforged");
+    let nonchar = Certs::with_client_cn("device-\u{fffe}");
+    let hm = Harbormaster::start(&format!(
+        r#"
+[[listener]]
+name = "control"
+bind = "127.0.0.1:0"
+pool = "by-cn"
+{control_tls}
+[[listener]]
+name = "nonchar"
+bind = "127.0.0.1:0"
+pool = "by-cn"
+{nonchar_tls}
+[pool.by-cn]
+backends = [{{ name = "m0", address = "{addr}" }}]
+proxy_protocol = "none"
+connect = {{ username = "cert_cn" }}
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+        control_tls = control.listener_tls_toml("required"),
+        nonchar_tls = nonchar.listener_tls_toml("required"),
+        addr = broker.addr(),
+    ));
+    let cases = [
+        (
+            &control,
+            hm.port("control"),
+            "ctl",
+            "the username needs {cert_cn}, which this connection does not have: the client certificate's CN is \
+             not passed on (control_character)",
+        ),
+        (&nonchar, hm.port("nonchar"), "nonchar", "the new username holds a Unicode non-character"),
+    ];
+    for (certs, port, tag, detail) in cases {
+        for version in ["mqttv311", "mqttv5"] {
+            let id = format!("{tag}-{version}");
+            let out = mosquitto_pub(certs, port, version, &["-i", &id, "-t", "cn/t", "-m", "x"], true);
+            assert!(!out.status.success(), "{id} was let through: {}", output_text(&out));
+            let text = output_text(&out).to_lowercase();
+            assert!(
+                text.contains("bad user name or password") || text.contains("bad username or password"),
+                "{id}: {text}"
+            );
+            let line = hm.wait_connection_log("client_id", &id).unwrap();
+            assert_eq!(line["close_reason"], "connect_rewrite_refused", "{line:?}");
+            assert_eq!(line["detail"], detail, "{line:?}");
+            assert!(!broker.has_client(&id), "{id} reached the broker:\n{}", broker.log());
+        }
+    }
+    let admin = hm.admin_addr();
+    let refused = |code| {
+        metric_sum(
+            &admin,
+            "harbormaster_connections_refused_total",
+            &[("reason", "connect_rewrite_refused"), ("connack", code)],
+        )
+    };
+    assert_eq!((refused("0x04"), refused("0x86")), (2.0, 2.0));
+    assert_eq!(metric_sum(&admin, "harbormaster_broker_connect_attempts_total", &[]), 0.0, "no broker was dialled");
+}

@@ -258,6 +258,53 @@ fn the_limit_is_the_whole_rewritten_packet_exactly_at_it_passes_one_over_is_refu
     );
 }
 
+/// What Mosquitto 2.0 closes the connection on without a CONNACK (a username or a User
+/// Property holding U+0000, a C0 or C1 control, DEL or a non-character) is never sent: the
+/// CONNECT is refused here, before any broker is dialled. U+2028, which it takes, passes.
+#[test]
+fn strings_brokers_refuse_are_refused_before_any_broker_sees_them() {
+    for (text, want) in [
+        ("device-7", None),
+        ("Gerät \u{2028} ✓", None),
+        ("a\0b", Some("contains U+0000")),
+        ("a\u{1}b", Some("holds a control character")),
+        ("a\u{1f}b", Some("holds a control character")),
+        ("a\u{7f}b", Some("holds a control character")),
+        ("a\u{85}b", Some("holds a control character")),
+        ("a\u{fffe}b", Some("holds a Unicode non-character")),
+        ("a\u{fdd0}b", Some("holds a Unicode non-character")),
+        ("a\u{10ffff}b", Some("holds a Unicode non-character")),
+    ] {
+        assert_eq!(string_problem(text), want, "{text:?}");
+    }
+    let orig5 = encode_v5(&mqtt_proto::v5::Connect::new(Arc::from("truck-42"), 30));
+    // The username made of a fact that holds one.
+    let mut f = facts(Some("dev\u{fffe}"));
+    assert_eq!(
+        rewrite(&orig5, MqttVersion::V5, &policy(Some("cert_cn"), false, &[]), &f, 1 << 20),
+        Err(RewriteError::BadUsername("holds a Unicode non-character"))
+    );
+    f.client_id = b"truck\x01";
+    assert_eq!(
+        rewrite(&orig5, MqttVersion::V5, &policy(Some("id:{client_id}"), false, &[]), &f, 1 << 20),
+        Err(RewriteError::BadUsername("holds a control character"))
+    );
+    // A User Property's value: the same, and not UTF-8 at all (an ALPN is any bytes).
+    let err = rewrite(&orig5, MqttVersion::V5, &policy(None, false, &[Fact::Sni, Fact::ClientId]), &f, 1 << 20);
+    assert_eq!(err, Err(RewriteError::BadProperty(Fact::ClientId, "holds a control character")));
+    assert_eq!(err.unwrap_err().to_string(), "the User Property harbormaster-client_id holds a control character");
+    f.alpn = Some(b"\xff\xfe");
+    assert_eq!(
+        rewrite(&orig5, MqttVersion::V5, &policy(None, false, &[Fact::Alpn]), &f, 1 << 20),
+        Err(RewriteError::BadProperty(Fact::Alpn, "is not UTF-8"))
+    );
+    // A template's own text: refused when it is parsed (check).
+    for bad in ["dev\u{1}{cert_cn}", "{cert_cn}\u{fffe}", "a\0b"] {
+        let e = Template::parse(bad).unwrap_err();
+        assert!(e.contains("which brokers refuse in a username"), "{bad:?}: {e}");
+    }
+}
+
 #[test]
 fn templates_parse_or_say_why_not() {
     assert_eq!(Template::parse("cert_cn").unwrap().describe(), "{cert_cn}");
