@@ -1173,10 +1173,12 @@ fn warn_websocket_pool_without_websocket(c: &mut Check, raw: &RawConfig, pools: 
     }
 }
 
-/// Warns about a listener whose connections reach a pool whose `connect.username` needs a client
-/// certificate the listener never asks for: every one of them would be refused.
+/// Warns about a listener whose connections reach a pool whose `connect.username` needs a fact
+/// the listener never has — a client certificate it never asks for, or TLS facts (`{sni}`,
+/// `{alpn}`, `{tls_version}`) without `[listener.tls]`: every one of them would be refused.
 fn warn_identity_never_there(c: &mut Check, raw: &RawConfig, pools: &[Arc<Pool>]) {
     for (i, l) in raw.listener.iter().enumerate() {
+        let tls = l.tls.is_some();
         let asks = l.tls.as_ref().is_some_and(|t| t.client_auth != ClientAuth::None);
         if asks {
             continue;
@@ -1188,16 +1190,21 @@ fn warn_identity_never_there(c: &mut Check, raw: &RawConfig, pools: &[Arc<Pool>]
             else {
                 continue;
             };
-            let cert = template.0.iter().find_map(|p| match p {
-                Piece::Fact(f @ (Fact::CertCn | Fact::CertIssuerCn | Fact::CertSha256)) => Some(*f),
+            let never = template.0.iter().find_map(|p| match p {
+                Piece::Fact(f @ (Fact::CertCn | Fact::CertIssuerCn | Fact::CertSha256)) => {
+                    Some((*f, "asks for no client certificate"))
+                }
+                Piece::Fact(f @ (Fact::Sni | Fact::Alpn | Fact::TlsVersion)) if !tls => {
+                    Some((*f, "has no [listener.tls]"))
+                }
                 _ => None,
             });
-            if let Some(f) = cert {
+            if let Some((f, why)) = never {
                 c.warn(
                     format!("listener[{i}]"),
                     format!(
-                        "pool {name:?} makes the username from {{{}}}, but this listener asks for no client \
-                         certificate: every connection it sends there is refused (CONNACK \"bad user name or password\")",
+                        "pool {name:?} makes the username from {{{}}}, but this listener {why}: every \
+                         connection it sends there is refused (CONNACK \"bad user name or password\")",
                         f.as_str()
                     ),
                 );
@@ -1277,6 +1284,16 @@ fn check_routes(
                 c.add(format!("{at}.match.{key}"), "must not be empty");
             } else if value.is_some() && tls.is_none() && key != "username" {
                 c.add(format!("{at}.match.{key}"), "can never match: the listener has no [listener.tls]");
+            }
+        }
+        if tls.is_some_and(|t| t.client_auth == ClientAuth::None) {
+            for (key, value) in [("cert_cn", &m.cert_cn), ("cert_issuer_cn", &m.cert_issuer_cn)] {
+                if value.as_deref().is_some_and(|v| !v.is_empty()) {
+                    c.add(
+                        format!("{at}.match.{key}"),
+                        "can never match: the listener asks for no client certificate (tls.client_auth = \"none\")",
+                    );
+                }
             }
         }
         if let (Some(alpn), Some(t)) = (&m.alpn, tls) {
@@ -1870,6 +1887,13 @@ backends = ["127.0.0.1:3"]
             "{:?}",
             loaded.warnings
         );
+        // TLS facts on a listener without TLS: the same.
+        let loaded = load_str(&with(r#"{ username = "{username}@{sni}" }"#), Path::new(".")).unwrap();
+        let want = "listener[0]: pool \"brokers\" makes the username from {sni}, but this listener has no \
+                    [listener.tls]: every connection it sends there is refused";
+        assert!(loaded.warnings.iter().any(|w| w.to_string().starts_with(want)), "{:?}", loaded.warnings);
+        let loaded = load_str(&with(r#"{ username = "{username}@{client_address}" }"#), Path::new(".")).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     }
 
     #[test]
@@ -1934,6 +1958,23 @@ pool = "a"
         ] {
             assert!(got.iter().any(|g| g.starts_with(want)), "missing {want} in {got:#?}");
         }
+        // Certificate conditions on a TLS listener that asks for no client certificate.
+        let tls =
+            "[listener.tls]\ncerts = [{ cert = \"config/certs/server.pem\", key = \"config/certs/server.key\" }]\n";
+        let no_certs = ROUTED.replacen("pool = \"main\"\n", &format!("pool = \"main\"\n{tls}"), 1)
+            + "[[listener.route]]\nmatch = { cert_issuer_cn = \"Fleet CA\" }\npool = \"a\"\n";
+        let got = match load_str(&no_certs, Path::new(env!("CARGO_MANIFEST_DIR"))) {
+            Ok(_) => vec![],
+            Err(p) => p.0.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        };
+        assert!(
+            got.len() == 1
+                && got[0].starts_with(
+                    "listener[0].route[2].match.cert_issuer_cn: can never match: the listener asks for no client \
+                     certificate"
+                ),
+            "{got:#?}"
+        );
         let unknown = ROUTED.replace("username = \"tenant-a\"", "user = \"tenant-a\"");
         let got = problems(&unknown);
         assert!(got.iter().any(|g| g.contains("listener") && g.contains("user")), "{got:#?}");
