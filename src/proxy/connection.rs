@@ -1341,10 +1341,9 @@ impl<'a> Setup<'a> {
     /// The refusal of a CONNECT that the pool's changes (its `connect` policy, an assigned
     /// client-id) cannot be made to, before any broker sees it: a fact the username needs and
     /// the connection lacks, or a username or User Property value MQTT cannot carry or brokers
-    /// refuse, is "bad user name or password";
-    /// a result over the limit is "packet too large" (3.x has no such CONNACK: a close). The
-    /// client's own CONNECT (`sent` bytes) already over the limit is `connect_too_large`, not
-    /// the rewrite's doing.
+    /// refuse, is "bad user name or password"; a result over the limit is "packet too large"
+    /// (3.x has no such CONNACK: a close). The client's own CONNECT (`sent` bytes) already
+    /// over the limit is `connect_too_large`, not the rewrite's doing.
     fn rewrite_refused(
         &self,
         e: rewrite::RewriteError,
