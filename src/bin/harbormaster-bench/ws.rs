@@ -4,8 +4,8 @@
 //! frames and whose reads yield the payloads of the server's frames.
 //!
 //! Cheap on purpose, since the generator shares a core with the sink: frames from the server
-//! are decoded in place in the caller's buffer, masking is a word-wise XOR while the payload is
-//! copied into the one frame buffer (which is freed once written, as a held session needs
+//! are decoded in place in the caller's buffer, masking is harbormaster's word-wise XOR over
+//! the payload once it is copied into the one frame buffer (which is freed once written, as a held session needs
 //! none), and the mask keys come from a per-connection xorshift generator seeded from the
 //! system's random source.
 
@@ -64,20 +64,6 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, path: &str, ho
     }
 }
 
-/// XOR `data` with the 4-byte `key`, starting at key byte 0.
-fn mask(data: &mut [u8], key: [u8; 4]) {
-    let k = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
-    let mut words = data.chunks_exact_mut(8);
-    for w in &mut words {
-        let v = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) ^ k;
-        w.copy_from_slice(&v.to_ne_bytes());
-    }
-    // The tail starts at a multiple of 8, so at key byte 0.
-    for (i, b) in words.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i & 3];
-    }
-}
-
 /// Appends a masked frame (FIN set) carrying `payload`.
 fn masked_frame(op: u8, payload: &[u8], key: [u8; 4], out: &mut Vec<u8>) {
     out.reserve(payload.len() + 14);
@@ -87,7 +73,7 @@ fn masked_frame(op: u8, payload: &[u8], key: [u8; 4], out: &mut Vec<u8>) {
     out.extend_from_slice(&key);
     let at = out.len();
     out.extend_from_slice(payload);
-    mask(&mut out[at..], key);
+    hmws::apply_mask(&mut out[at..], key, 0);
 }
 
 /// The server's frames, read: a header in at most 10 bytes, then its payload.
