@@ -1,5 +1,6 @@
 //! The client side of a session: TCP (optionally from one of several local source addresses),
 //! TLS with rustls (CA, client certificate, SNI, cipher choice, no resumption unless asked),
+//! the WebSocket upgrade when asked (`--websocket`, then MQTT in frames: ws.rs),
 //! CONNECT → CONNACK, and the small reads and writes of a held session. Every step runs under
 //! the session's deadline and a failure is reported by kind.
 
@@ -23,6 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 
 use crate::mqtt::{self, Version};
+use crate::ws::{self, WsClient};
 
 /// The options every client mode shares.
 #[derive(clap::Args, Debug, Clone)]
@@ -77,7 +79,12 @@ pub struct ClientOpts {
     /// past one address's ephemeral ports.
     #[arg(long, value_delimiter = ',')]
     pub source: Vec<IpAddr>,
-    /// Deadline for TCP connect + TLS + CONNECT → CONNACK.
+    /// MQTT over WebSocket: after TCP (+ TLS) an HTTP/1.1 upgrade to PATH (default /mqtt,
+    /// subprotocol `mqtt`, `Host` the --sni name), the 101 and its Sec-WebSocket-Accept
+    /// checked, then MQTT in masked binary frames.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/mqtt")]
+    pub websocket: Option<String>,
+    /// Deadline for TCP connect + TLS (+ WebSocket upgrade) + CONNECT → CONNACK.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
@@ -90,6 +97,9 @@ pub enum Fail {
     Connect,
     TlsTimeout,
     Tls,
+    UpgradeTimeout,
+    Upgrade,
+    UpgradeRefused,
     ConnackTimeout,
     Closed,
     Refused,
@@ -104,6 +114,9 @@ impl Fail {
             Fail::Connect => "tcp_error",
             Fail::TlsTimeout => "tls_timeout",
             Fail::Tls => "tls_error",
+            Fail::UpgradeTimeout => "ws_upgrade_timeout",
+            Fail::Upgrade => "ws_upgrade_error",
+            Fail::UpgradeRefused => "ws_upgrade_refused",
             Fail::ConnackTimeout => "connack_timeout",
             Fail::Closed => "closed_before_connack",
             Fail::Refused => "connack_refused",
@@ -112,10 +125,11 @@ impl Fail {
     }
 }
 
-/// A connection to the target, plain or TLS.
+/// A connection to the target, plain or TLS, and either carrying WebSocket frames.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Ws(Box<WsClient<Stream>>),
 }
 
 impl Stream {
@@ -124,6 +138,7 @@ impl Stream {
         match self {
             Stream::Plain(_) => false,
             Stream::Tls(s) => s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            Stream::Ws(s) => s.get_ref().resumed(),
         }
     }
 }
@@ -133,6 +148,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -142,18 +158,21 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -283,8 +302,20 @@ impl Client {
         sock.connect(self.o.target).await
     }
 
-    /// TCP, then TLS if configured, before `deadline`.
+    /// TCP, then TLS if configured, then the WebSocket upgrade if configured, before
+    /// `deadline`.
     pub async fn connect(&self, deadline: Instant) -> Result<Stream, Fail> {
+        let s = self.connect_tls(deadline).await?;
+        let Some(path) = &self.o.websocket else { return Ok(s) };
+        match timeout_at(deadline, ws::upgrade(s, path, &self.o.sni)).await {
+            Err(_) => Err(Fail::UpgradeTimeout),
+            Ok(Err(e)) if e.get_ref().is_some_and(|i| i.is::<ws::UpgradeRefused>()) => Err(Fail::UpgradeRefused),
+            Ok(Err(_)) => Err(Fail::Upgrade),
+            Ok(Ok(w)) => Ok(Stream::Ws(Box::new(w))),
+        }
+    }
+
+    async fn connect_tls(&self, deadline: Instant) -> Result<Stream, Fail> {
         let tcp = match timeout_at(deadline, self.tcp()).await {
             Err(_) => return Err(Fail::ConnectTimeout),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(Fail::ConnectRefused),

@@ -4,10 +4,12 @@
 //! Modes: `idle N` (hold N sessions; SIGUSR1 makes each carry a burst), `storm` (full
 //! sessions, closed loop `--concurrency` or open loop `--rate`), `ping` (PINGREQ → PINGRESP
 //! latency), `bulk` (PUBLISH throughput) and `sink` (the backend: PROXY v1/v2 or none,
-//! CONNACK, PINGRESP, PUBLISH discarded). Reports go to stdout, readable or `--json`; events
-//! ("ready", "burst-done") and progress lines go to stderr; `--plot FILE.png` also draws the
-//! report's latencies as a picture. One current-thread runtime by default, so the generator's
-//! CPU can be pinned to one core with taskset.
+//! CONNACK, PINGRESP, PUBLISH discarded). The client modes speak MQTT over WebSocket with
+//! `--websocket [PATH]`, and the sink takes it too on its `--ws-listen` addresses. Reports go
+//! to stdout, readable or `--json`; events ("ready", "burst-done") and progress lines go to
+//! stderr; `--plot FILE.png` also draws the report's latencies as a picture. One
+//! current-thread runtime by default, so the generator's CPU can be pinned to one core with
+//! taskset.
 
 mod client;
 mod modes;
@@ -15,6 +17,7 @@ mod mqtt;
 mod plot;
 mod sink;
 mod stats;
+mod ws;
 
 use std::process::ExitCode;
 
@@ -22,7 +25,11 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(name = "harbormaster-bench", version, about = "MQTT-over-TLS load generator and backend sink")]
+#[command(
+    name = "harbormaster-bench",
+    version,
+    about = "MQTT-over-TLS (and over WebSocket) load generator and backend sink"
+)]
 struct Cli {
     /// Print the report as one JSON object.
     #[arg(long, global = true)]
@@ -50,7 +57,8 @@ enum Mode {
     Ping(modes::PingOpts),
     /// PUBLISH a stream of payloads one way for --duration: MB/s.
     Bulk(modes::BulkOpts),
-    /// A backend: PROXY v1/v2 or none, CONNACK, PINGRESP, PUBLISH discarded (RETAIN: echoed).
+    /// A backend: PROXY v1/v2 or none, CONNACK, PINGRESP, PUBLISH discarded (RETAIN: echoed);
+    /// on --ws-listen addresses the same after a WebSocket upgrade, in frames.
     Sink(sink::SinkOpts),
 }
 
