@@ -9,7 +9,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin::http::{self as admin_http, AdminState};
 use crate::admin::metrics::Metrics;
@@ -61,8 +60,9 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::new());
     let hard_stop = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let shared = Arc::new(Shared::new(metrics.clone(), hard_stop.clone()));
+    // Every connection's task, on whichever runtime it runs.
+    let tracker = shared.tracker.clone();
     let limit = Arc::new(Semaphore::new(loaded.process.max_connections));
     let applied = reload::Applied::of(&loaded);
     let initial_process = loaded.process;

@@ -217,27 +217,45 @@ fn main() -> ExitCode {
             for ignored in &filter.ignored {
                 tracing::warn!("{ignored}");
             }
-            // HARBORMASTER_WORKER_THREADS: runtime worker threads (default: one per core); the
-            // benchmarks pin the proxy to one core with one worker.
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.on_thread_park(|| harbormaster::control::memory::worker_parked(give_back_memory));
-            match std::env::var("HARBORMASTER_WORKER_THREADS").map(|v| v.parse::<usize>()) {
-                Ok(Ok(n)) if n > 0 => {
-                    builder.worker_threads(n);
-                }
+            // HARBORMASTER_WORKER_THREADS: worker threads of each runtime (default: one per
+            // core); the benchmarks pin the proxy to one core with one worker each.
+            let workers = match std::env::var("HARBORMASTER_WORKER_THREADS").map(|v| v.parse::<usize>()) {
+                Ok(Ok(n)) if n > 0 => Some(n),
                 Ok(_) => {
                     eprintln!("HARBORMASTER_WORKER_THREADS must be a positive integer");
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
-                Err(_) => {}
+                Err(_) => None,
+            };
+            // Two runtimes (harbormaster::proxy::runtimes): connections are accepted and set
+            // up on "hm-setup" threads at the lowest scheduling priority, and relayed, once
+            // settled, on the runtime the rest of the process runs on.
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.on_thread_park(|| harbormaster::control::memory::worker_parked(give_back_memory));
+            let mut setup_builder = tokio::runtime::Builder::new_multi_thread();
+            setup_builder
+                .thread_name("hm-setup")
+                .on_thread_start(|| {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    if let Err(e) = harbormaster::proxy::runtimes::lower_priority() {
+                        WARNED.call_once(|| {
+                            tracing::warn!(error = %e, "cannot lower the setup threads' priority; established connections are not served ahead of setups")
+                        });
+                    }
+                })
+                .on_thread_park(|| harbormaster::control::memory::worker_parked(give_back_memory));
+            if let Some(n) = workers {
+                builder.worker_threads(n);
+                setup_builder.worker_threads(n);
             }
-            let runtime = match builder.enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
+            let (runtime, setup_runtime) = match (builder.enable_all().build(), setup_builder.enable_all().build()) {
+                (Ok(r), Ok(s)) => (r, s),
+                (Err(e), _) | (_, Err(e)) => {
                     eprintln!("cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
+            harbormaster::proxy::runtimes::set_setup_runtime(setup_runtime.handle().clone());
             tracing::info!(
                 config = %config.display(),
                 version = metrics::VERSION,
@@ -246,7 +264,10 @@ fn main() -> ExitCode {
                 log_filter_from = filter.source,
                 "starting"
             );
-            match runtime.block_on(harbormaster::app::run(loaded, harbormaster::app::shutdown_signal(), |_| {})) {
+            let ran = runtime.block_on(harbormaster::app::run(loaded, harbormaster::app::shutdown_signal(), |_| {}));
+            // Every connection has ended (the drain waited for them): nothing left to run there.
+            setup_runtime.shutdown_background();
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "fatal");

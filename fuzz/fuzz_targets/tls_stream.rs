@@ -23,9 +23,6 @@ mod relay;
 #[allow(dead_code)]
 #[path = "../../src/proxy/tls_stream.rs"]
 mod tls_stream;
-#[allow(dead_code)]
-#[path = "../../src/proxy/turns.rs"]
-mod turns;
 
 use std::io;
 use std::pin::Pin;
@@ -143,7 +140,7 @@ fn raw(setup: &Setup, input: &[u8], chunk: usize) {
     setup.rt.block_on(async {
         let io = Client { input, chunk };
         // With input this short (no Finished can be forged) a handshake never completes.
-        if let Ok(s) = TlsServerStream::accept(setup.server.clone(), io, None, None).await {
+        if let Ok(s) = TlsServerStream::accept(setup.server.clone(), io, None).await {
             assert!(s.common().protocol_version().is_some());
             serve(s).await;
         }
@@ -156,7 +153,7 @@ fn after_handshake(setup: &Setup, input: &[u8], chunk: usize) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = tokio_rustls::TlsConnector::from(setup.client.clone());
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) = tokio::join!(TlsServerStream::accept(setup.server.clone(), a, None, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(setup.server.clone(), a, None), connector.connect(name, b));
         let (s, mut c) = (s.expect("handshake"), c.expect("client handshake"));
         assert_eq!(s.server_name(), Some("localhost"));
         let io = c.get_mut().0;

@@ -80,7 +80,9 @@ fn storm_passed(conns: (usize, usize), setup: (usize, usize)) -> bool {
 /// and starts a reclaim round; while a round has workers that have not taken part, wakes
 /// them with empty tasks.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    // This runtime's workers and the setup runtime's, which take part in every round too.
+    let runtimes: Vec<_> = std::iter::once(tokio::runtime::Handle::current()).chain(shared.setup.clone()).collect();
+    let workers = runtimes.iter().map(|rt| rt.metrics().num_workers()).sum::<usize>();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Rounds still to run after a storm: connections still closing when the first one ran,
@@ -108,8 +110,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             tracing::debug!(done, workers, "memory: waking workers for the reclaim round");
             // Idle workers park until there is work; a task for each, stolen from this
             // worker's queue, gets them to park again and take part.
-            for _ in 0..workers * 2 {
-                tokio::spawn(tokio::task::yield_now());
+            for rt in &runtimes {
+                for _ in 0..rt.metrics().num_workers() * 2 {
+                    rt.spawn(tokio::task::yield_now());
+                }
             }
         }
     }

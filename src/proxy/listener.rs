@@ -242,15 +242,31 @@ impl ListenerSet {
         let addr = l.local_addr().unwrap_or(spec.bind);
         tracing::info!(listener = %spec.name, addr = %addr, tls = spec.tls.is_some(), pool = %spec.pool, "listening");
         let stop = self.stop.child_token();
-        let task = tokio::spawn(serve(
-            l,
-            spec.name.clone(),
-            self.current.clone(),
-            self.shared.clone(),
-            self.limit.clone(),
-            self.tracker.clone(),
-            stop.clone(),
-        ));
+        let serving = {
+            let (name, current, shared) = (spec.name.clone(), self.current.clone(), self.shared.clone());
+            let (limit, tracker, stop) = (self.limit.clone(), self.tracker.clone(), stop.clone());
+            move |l| serve(l, name, current, shared, limit, tracker, stop)
+        };
+        // On the setup runtime when there is one: the socket moves to its I/O driver, so
+        // accepting and every connection's setup run there.
+        let task = match self.shared.setup.clone() {
+            Some(rt) => match l.into_std() {
+                Ok(std) => {
+                    let name = spec.name.clone();
+                    rt.spawn(async move {
+                        match TcpListener::from_std(std) {
+                            Ok(l) => serving(l).await,
+                            Err(e) => tracing::error!(listener = %name, error = %e, "cannot accept on the setup runtime"),
+                        }
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(listener = %spec.name, error = %e, "cannot move the listening socket to the setup runtime");
+                    return;
+                }
+            },
+            None => tokio::spawn(serving(l)),
+        };
         self.running.push(Running { name: spec.name.clone(), bind: spec.bind, addr, stop, task });
     }
 

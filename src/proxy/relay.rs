@@ -262,22 +262,20 @@ pub struct Totals {
 
 /// Relay until both directions have ended or one fails. Once one direction has ended, the
 /// other must move a byte at least every `linger`, or the relay ends with
-/// [`Ended::HalfCloseTimeout`]. `moved` is called after each wake-up that moved bytes.
+/// [`Ended::HalfCloseTimeout`].
 /// Resolves to how it ended and the bytes moved; on error, bytes already accepted on the
 /// healthy side have been written. `up_at` is where the client's stream stands in its packets
 /// (after the CONNECT and what was pipelined behind it, sent before relaying); the broker's
 /// starts with a packet.
-pub fn relay<'a, C, B, F>(
+pub fn relay<'a, C, B>(
     client: &'a mut C,
     broker: &'a mut B,
     up_at: Boundary,
     linger: Duration,
-    moved: F,
-) -> Relay<'a, C, B, F>
+) -> Relay<'a, C, B>
 where
     C: AsyncRead + WriteLast + Unpin + ?Sized,
     B: AsyncRead + WriteLast + Unpin + ?Sized,
-    F: FnMut() + Unpin,
 {
     Relay {
         client,
@@ -287,14 +285,42 @@ where
         linger_ms: u32::try_from(linger.as_millis()).unwrap_or(u32::MAX),
         linger_timer: None,
         seen: 0,
-        moved,
     }
+}
+
+/// Where a relay stopped between packets of neither stream's making: the two streams'
+/// positions in their MQTT packets, all a relay that goes on elsewhere needs
+/// ([`Relay::park`], [`resume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parked {
+    up_at: Boundary,
+    down_at: Boundary,
+}
+
+impl Parked {
+    /// Where a relay starts: the client's stream at `up_at` (after the CONNECT and what was
+    /// pipelined behind it), the broker's at a packet's start.
+    pub fn start(up_at: Boundary) -> Parked {
+        Parked { up_at, down_at: Boundary::START }
+    }
+}
+
+/// A relay that goes on from where [`Relay::park`] left one, over the same streams (moved to
+/// another runtime meanwhile). Its totals count from zero.
+pub fn resume<'a, C, B>(client: &'a mut C, broker: &'a mut B, parked: Parked, linger: Duration) -> Relay<'a, C, B>
+where
+    C: AsyncRead + WriteLast + Unpin + ?Sized,
+    B: AsyncRead + WriteLast + Unpin + ?Sized,
+{
+    let mut r = relay(client, broker, parked.up_at, linger);
+    r.down.at = parked.down_at;
+    r
 }
 
 /// The future of [`relay`]. Written out rather than an `async fn`: it is part of every idle
 /// connection's task, and a generator would keep its arguments and the references its
 /// closure captures besides these fields.
-pub struct Relay<'a, C: ?Sized, B: ?Sized, F> {
+pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     client: &'a mut C,
     broker: &'a mut B,
     up: Half,
@@ -307,14 +333,12 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized, F> {
     /// Bytes moved (both ways together: the counts only grow, so the sum changes whenever
     /// one does) when the linger timer was last set.
     seen: u64,
-    moved: F,
 }
 
-impl<C, B, F> Relay<'_, C, B, F>
+impl<C, B> Relay<'_, C, B>
 where
     C: AsyncRead + WriteLast + Unpin + ?Sized,
     B: AsyncRead + WriteLast + Unpin + ?Sized,
-    F: FnMut() + Unpin,
 {
     /// Closes on purpose: `to_client` and `to_broker` are the DISCONNECTs each side is to get.
     /// A direction with one reads on to the end of the packet under way (never past it), writes
@@ -342,6 +366,16 @@ where
         true
     }
 
+    /// Stops here if nothing is under way: no bytes read and not yet written, neither
+    /// direction ended nor closing, no timer. Then the streams can be moved (their own state,
+    /// a TLS record half received for one, moves with them) and the relay [`resume`]d
+    /// elsewhere. `None` when something is under way: poll on and ask again later.
+    pub fn park(&self) -> Option<Parked> {
+        let idle = |h: &Half| h.buf.is_none() && !h.read_done && !h.done && h.read_err.is_none() && h.stop.is_none();
+        (idle(&self.up) && idle(&self.down) && self.linger_timer.is_none())
+            .then_some(Parked { up_at: self.up.at, down_at: self.down.at })
+    }
+
     /// The DISCONNECTs a planned close wrote: to the client, to the broker.
     pub fn sent(&self) -> (Option<Disconnect>, Option<Disconnect>) {
         let sent = |h: &Half| h.stop.filter(|_| h.done);
@@ -358,7 +392,6 @@ where
     }
 
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (Ended, io::Error)>> {
-        let before = self.up.bytes + self.down.bytes;
         // Both directions are polled on every wake-up so one blocked direction never stalls
         // the other; an error is attributed to the side whose operation failed. Broker to
         // client first: the relay starts with the broker's CONNACK waiting, and a TLS client
@@ -376,9 +409,6 @@ where
                 Fail::Read(e) => (Ended::ClientError, e),
                 Fail::Write(e) => (Ended::BrokerError, e),
             }));
-        }
-        if self.up.bytes + self.down.bytes != before {
-            (self.moved)();
         }
         if u.is_ready() && d.is_ready() {
             return Poll::Ready(Ok(()));
@@ -409,11 +439,10 @@ where
     }
 }
 
-impl<C, B, F> Future for Relay<'_, C, B, F>
+impl<C, B> Future for Relay<'_, C, B>
 where
     C: AsyncRead + WriteLast + Unpin + ?Sized,
     B: AsyncRead + WriteLast + Unpin + ?Sized,
-    F: FnMut() + Unpin,
 {
     type Output = (Ended, Totals, Option<io::Error>);
 
@@ -501,7 +530,7 @@ mod tests {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (_broker, mut broker_end) = tokio::io::duplex(1024);
         let task =
-            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await });
+            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
         // The broker never answers nor closes: with time paused, the runtime jumps to the
@@ -517,7 +546,7 @@ mod tests {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
         let task =
-            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await });
+            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
 
         let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();
@@ -568,7 +597,7 @@ mod tests {
         client.write_all(&[0xE0, 0x00]).await.unwrap();
         client.shutdown().await.unwrap();
         broker.shutdown().await.unwrap();
-        let (ended, totals, err) = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await;
+        let (ended, totals, err) = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await;
         assert_eq!((ended, totals.up, err.is_none()), (Ended::Clean, 2, true));
         assert_eq!(broker_end.log, [Op::Last(2), Op::Shutdown]);
         let mut got = Vec::new();
@@ -583,7 +612,7 @@ mod tests {
         let (mut broker, broker_end) = tokio::io::duplex(1024);
         let mut broker_end = Recorder::new(broker_end);
         let task = tokio::spawn(async move {
-            let r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {}).await;
+            let r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await;
             (r, broker_end.log)
         });
         client.write_all(b"ping").await.unwrap();
@@ -613,7 +642,7 @@ mod tests {
         let (mut broker, mut broker_end) = tokio::io::duplex(1 << 16);
         let p = publish(1000);
         broker.write_all(&p[..400]).await.unwrap();
-        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER);
         // Relay the first 400 bytes, then close on purpose.
         let mut got = vec![0u8; 400];
         std::future::poll_fn(|cx| {
@@ -654,7 +683,7 @@ mod tests {
         let (mut client, mut client_end) = tokio::io::duplex(1 << 16);
         let (mut broker, mut broker_end) = tokio::io::duplex(1 << 16);
         broker.write_all(&publish(1000)[..10]).await.unwrap();
-        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        let mut relay = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER);
         std::future::poll_fn(|cx| {
             assert!(Pin::new(&mut relay).poll(cx).is_pending());
             Poll::Ready(())
@@ -676,11 +705,11 @@ mod tests {
     async fn no_planned_close_without_a_disconnect_to_write_or_a_stream_to_follow() {
         let (_client, mut client_end) = tokio::io::duplex(64);
         let (_broker, mut broker_end) = tokio::io::duplex(64);
-        let mut r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER, || {});
+        let mut r = relay(&mut client_end, &mut broker_end, Boundary::START, LINGER);
         assert!(!r.plan(None, None, LINGER));
         let mut lost = Boundary::START;
         lost.advance(&[0x00]);
-        let mut r = relay(&mut client_end, &mut broker_end, lost, LINGER, || {});
+        let mut r = relay(&mut client_end, &mut broker_end, lost, LINGER);
         assert!(!r.plan(None, Some(Disconnect::Normal), LINGER), "the client's stream is not followed");
     }
 
@@ -719,7 +748,7 @@ mod tests {
     async fn bytes_before_a_read_error_are_written_first() {
         let mut client = FailsAfter(Some(b"last words"));
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let (ended, totals, err) = relay(&mut client, &mut broker_end, Boundary::START, LINGER, || {}).await;
+        let (ended, totals, err) = relay(&mut client, &mut broker_end, Boundary::START, LINGER).await;
         assert_eq!(ended, Ended::ClientError);
         assert_eq!(err.unwrap().kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(totals.up, 10);

@@ -27,6 +27,10 @@ impl<S> Prefixed<S> {
     pub fn new(pre: Vec<u8>, inner: S) -> Self {
         Prefixed { pre, pos: 0, inner }
     }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -87,6 +91,28 @@ impl Client {
             }
         }
     }
+
+    /// Moves the socket under every layer to the current runtime ([`rehome`]).
+    pub fn rehome(&mut self) -> io::Result<()> {
+        match self {
+            Client::Plain(s) => rehome(s.get_mut()),
+            Client::Tls(s) => rehome(s.get_mut().get_mut()),
+            Client::Ws(s) => s.inner_mut().rehome(),
+        }
+    }
+}
+
+/// Registers `s`'s socket with the current runtime's I/O driver in place of the one it was
+/// registered with, so that its readiness wakes tasks there without a trip through the other
+/// runtime's thread. The socket itself stays as it is: a second descriptor for it is
+/// registered here, then the first is deregistered from the old driver and closed. Call
+/// within the runtime that polls `s` from now on, between reads and writes (no wake-up is
+/// lost: registering reports the socket's readiness as it stands).
+pub fn rehome(s: &mut TcpStream) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let fd = s.as_fd().try_clone_to_owned()?;
+    *s = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    Ok(())
 }
 
 impl AsyncRead for Client {

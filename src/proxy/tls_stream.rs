@@ -9,10 +9,6 @@
 //! TCP EOF without one is `UnexpectedEof`, shutdown sends close_notify and then a FIN, and a
 //! failed handshake sends its alert before the error is returned.
 //!
-//! Handshake steps that sign, agree on a key or verify take turns ([`super::turns`]) while
-//! established connections have traffic, so that traffic is not queued behind a storm of
-//! handshakes.
-//!
 //! Until the connection's setup ends (its CONNECT is complete), the receive buffer's growth is
 //! charged to the process's setup budget ([`super::budget`]) before it is allocated: clients
 //! sending all but the last byte of large handshake records cannot hold memory beyond
@@ -37,7 +33,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::budget::{OverBudget, SetupCharge};
 use super::relay::WriteLast;
-use super::turns::Turns;
 
 /// One socket read at most: a full TLS record with its header and tag, rounded up.
 const READ_SIZE: usize = 18 * 1024;
@@ -45,10 +40,6 @@ const READ_SIZE: usize = 18 * 1024;
 const WRITE_CHUNK: usize = 4 * 16 * 1024;
 /// Encrypted bytes waiting for the socket beyond which `poll_write` waits.
 const TX_HIGH: usize = 64 * 1024;
-/// TLS 1.3 handshake input after the first flight above which a step takes a turn: a client's
-/// Finished (with a compatibility ChangeCipherSpec, ~60 bytes) is well under it, a certificate
-/// well over.
-const HEAVY_INPUT: usize = 256;
 /// Received bytes buffered while a handshake message is incomplete, at most (rustls allows
 /// handshake messages up to 64 KiB).
 const RX_MAX: usize = 80 * 1024;
@@ -109,14 +100,11 @@ fn release(v: &mut Vec<u8>) {
 }
 
 impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
-    /// Runs the server handshake over `io`. With `turns`, each expensive step (the
-    /// ClientHello costs a signature and a key exchange) first takes a turn ([`Turns::take`]).
-    /// With `setup` (a charge and its limit), the receive buffer is charged until
+    /// Runs the server handshake over `io`. With `setup` (a charge and its limit), the receive buffer is charged until
     /// [`Self::end_setup`].
     pub async fn accept(
         config: Arc<ServerConfig>,
         io: IO,
-        turns: Option<&Turns>,
         setup: Option<(SetupCharge, usize)>,
     ) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
@@ -135,26 +123,11 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
             sni: None,
             setup,
         };
-        let mut first = true;
         loop {
-            // The steps that sign, agree on a key or verify: the ClientHello's, TLS 1.2's
-            // ClientKeyExchange, and a later TLS 1.3 one only when it carries more than a
-            // Finished (a client certificate to verify). A bare TLS 1.3 Finished is cheap and
-            // not worth a turn's poll for I/O.
-            let tls12 = s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
-            let heavy = !s.rx.is_empty() && (first || tls12 || s.rx.len() > HEAVY_INPUT);
-            let turn = match turns {
-                Some(t) if heavy => t.take().await,
-                _ => None,
-            };
             HELLO_NAME.with(|n| n.borrow_mut().take());
             let processed = s.process(None);
             if let Some(name) = HELLO_NAME.with(|n| n.borrow_mut().take()) {
                 s.sni = name;
-            }
-            drop(turn);
-            if s.tx_pending() {
-                first = false; // the server's first flight is out
             }
             if let Err(e) = processed {
                 // Last gasp: the alert that describes the failure.
@@ -226,6 +199,11 @@ impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     /// The underlying stream.
     pub fn get_ref(&self) -> &IO {
         &self.io
+    }
+
+    /// The underlying stream, to move its socket to another runtime between reads.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
     }
 
     fn tx_pending(&self) -> bool {
@@ -646,7 +624,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(if small { 64 } else { 1 << 16 });
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None), connector.connect(name, b));
         (s.unwrap(), c.unwrap())
     }
 
@@ -686,7 +664,7 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let a = crate::proxy::relay::recording::Recorder::new(a);
-        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(server_cfg, a, None), connector.connect(name, b));
         let (mut s, mut c) = (s.unwrap(), c.unwrap());
         s.flush().await.unwrap(); // the session ticket
         s.io.log.clear();
@@ -701,44 +679,6 @@ mod tests {
         c.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"bye");
         assert!(s.tx.capacity() == 0);
-    }
-
-    /// Many handshakes at once through one turn: each completes and then carries data both
-    /// ways, in a runtime with one worker and with several, and every turn is given back.
-    #[test]
-    fn handshakes_taking_turns_all_complete() {
-        for workers in [1, 2] {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
-            rt.block_on(async {
-                let (server_cfg, client_cfg) = configs();
-                let turns = Arc::new(Turns::new(1));
-                turns.protect_now();
-                let mut tasks = Vec::new();
-                for _ in 0..32 {
-                    let (server_cfg, client_cfg, turns) = (server_cfg.clone(), client_cfg.clone(), turns.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let (a, b) = tokio::io::duplex(1 << 16);
-                        let connector = tokio_rustls::TlsConnector::from(client_cfg);
-                        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                        let (s, c) = tokio::join!(
-                            TlsServerStream::accept(server_cfg, a, Some(&turns), None),
-                            connector.connect(name, b)
-                        );
-                        let (mut s, mut c) = (s.unwrap(), c.unwrap());
-                        c.write_all(b"ping").await.unwrap();
-                        let mut buf = [0u8; 4];
-                        s.read_exact(&mut buf).await.unwrap();
-                        s.write_all(b"pong").await.unwrap();
-                        c.read_exact(&mut buf).await.unwrap();
-                        assert_eq!(&buf, b"pong");
-                    }));
-                }
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                assert_eq!(turns.available(), 1);
-            });
-        }
     }
 
     #[tokio::test]
@@ -772,7 +712,7 @@ mod tests {
             // A TLS 1.2 client waits for the server's Finished, which leaves on the first write
             // or flush.
             let server = async {
-                let mut s = TlsServerStream::accept(server_cfg, a, None, None).await?;
+                let mut s = TlsServerStream::accept(server_cfg, a, None).await?;
                 s.flush().await?;
                 io::Result::Ok(s)
             };
@@ -800,7 +740,7 @@ mod tests {
             let _ = b.read_to_end(&mut got).await;
             got
         });
-        let e = match TlsServerStream::accept(server_cfg, a, None, None).await {
+        let e = match TlsServerStream::accept(server_cfg, a, None).await {
             Ok(_) => panic!("handshake accepted"),
             Err(e) => e,
         };
@@ -857,13 +797,13 @@ mod tests {
         first.write_all(&record[..record.len() - 1]).await.unwrap();
         let cfg = server_cfg.clone();
         let setup = Some((budget.charge(), max));
-        let held_open = tokio::spawn(async move { TlsServerStream::accept(cfg, a, None, setup).await.map(|_| ()) });
+        let held_open = tokio::spawn(async move { TlsServerStream::accept(cfg, a, setup).await.map(|_| ()) });
         assert!(held(&budget).await >= record.len() - 1);
 
         let (a, mut second) = tokio::io::duplex(1 << 16);
         second.write_all(&record[..record.len() - 1]).await.unwrap();
         let before = budget.used();
-        let e = TlsServerStream::accept(server_cfg.clone(), a, None, Some((budget.charge(), max))).await.err();
+        let e = TlsServerStream::accept(server_cfg.clone(), a, Some((budget.charge(), max))).await.err();
         assert!(e.as_ref().is_some_and(OverBudget::is), "{e:?}");
         assert_eq!(budget.used(), before, "a refused charge takes nothing");
 
@@ -876,7 +816,7 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (s, c) = tokio::join!(
-            TlsServerStream::accept(server_cfg, a, None, Some((budget.charge(), max))),
+            TlsServerStream::accept(server_cfg, a, Some((budget.charge(), max))),
             connector.connect(name, b)
         );
         let (mut s, _c) = (s.unwrap(), c.unwrap());
@@ -907,7 +847,7 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (s, c) =
-            tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None, None), connector.connect(name, b));
+            tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None), connector.connect(name, b));
         assert!(s.is_err());
         let e = c.expect_err("client handshake fails");
         assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
@@ -918,7 +858,7 @@ mod tests {
         let (server_cfg, _) = configs();
         let (a, mut b) = tokio::io::duplex(4096);
         b.write_all(b"not a TLS client hello at all....").await.unwrap();
-        let r = TlsServerStream::accept(server_cfg, a, None, None).await;
+        let r = TlsServerStream::accept(server_cfg, a, None).await;
         assert!(r.is_err());
     }
 }
