@@ -47,6 +47,8 @@ pub struct Metrics {
     pub accepted: IntCounterVec,
     /// Connections open right now, by listener.
     pub active: IntGaugeVec,
+    /// Connections moved from the setup runtime to the relay runtime, by listener.
+    pub settled: IntCounterVec,
     /// Every connection end, refused or relayed, by listener and close reason.
     pub closed: IntCounterVec,
     /// Connections refused before relaying, by listener, reason and the CONNACK code sent
@@ -194,6 +196,12 @@ impl Metrics {
         let m = Metrics {
             accepted: counter_vec(&r, "connections_accepted_total", "TCP connections accepted", &["listener"]),
             active: gauge_vec(&r, "connections_active", "Client connections open now", &["listener"]),
+            settled: counter_vec(
+                &r,
+                "connections_settled_total",
+                "Connections that relayed long enough to move to the relay runtime's threads",
+                &["listener"],
+            ),
             closed: counter_vec(
                 &r,
                 "connections_closed_total",

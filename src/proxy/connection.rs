@@ -459,6 +459,7 @@ pub async fn handle<H: Send + 'static>(
                 Err(parked) => {
                     // Settled: on to the relay runtime, where the rest of its life runs
                     // ahead of every setup (the `runtimes` module says why).
+                    shared.metrics.settled.with_label_values(&[spec.name.as_str()]).inc();
                     let carried = acct.carry(parked);
                     let Some(rt) = shared.relay.clone() else { return };
                     let tracker = shared.tracker.clone();

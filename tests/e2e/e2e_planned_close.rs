@@ -90,7 +90,7 @@ impl Paho {
     }
 
     /// The first line (from now on) that `pred` accepts, waiting at most [`WAIT`].
-    fn wait_line(&mut self, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
+    pub(crate) fn wait_line(&mut self, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());

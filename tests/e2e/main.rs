@@ -32,6 +32,7 @@ mod e2e_planned_close;
 mod e2e_prometheus;
 mod e2e_rabbitmq;
 mod e2e_rebalance;
+mod e2e_settle;
 mod e2e_refusals;
 mod e2e_relay;
 mod e2e_reload;
