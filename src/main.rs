@@ -227,16 +227,31 @@ fn main() -> ExitCode {
                 }
                 Err(_) => None,
             };
+            // HARBORMASTER_SETUP_PRIORITY: "idle" (default) or "normal", the setup threads'
+            // scheduling (docs/operations.md, sizing for a reconnect storm).
+            let lower = match std::env::var("HARBORMASTER_SETUP_PRIORITY").as_deref() {
+                Err(_) | Ok("idle") => true,
+                Ok("normal") => false,
+                Ok(other) => {
+                    eprintln!("HARBORMASTER_SETUP_PRIORITY must be \"idle\" or \"normal\", not {other:?}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            };
             // Two runtimes (harbormaster::proxy::runtimes): connections are accepted and set
             // up on "hm-setup" threads at the lowest scheduling priority, and relayed, once
             // settled, on the runtime the rest of the process runs on.
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.on_thread_park(|| harbormaster::control::memory::worker_parked(give_back_memory));
+            builder
+                .thread_name("hm-relay")
+                .on_thread_park(|| harbormaster::control::memory::worker_parked(give_back_memory));
             let mut setup_builder = tokio::runtime::Builder::new_multi_thread();
             setup_builder
                 .thread_name("hm-setup")
-                .on_thread_start(|| {
+                .on_thread_start(move || {
                     static WARNED: std::sync::Once = std::sync::Once::new();
+                    if !lower {
+                        return;
+                    }
                     if let Err(e) = harbormaster::proxy::runtimes::lower_priority() {
                         WARNED.call_once(|| {
                             tracing::warn!(error = %e, "cannot lower the setup threads' priority; established connections are not served ahead of setups")

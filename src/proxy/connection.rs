@@ -498,6 +498,8 @@ async fn settled<H: Send>(
             CloseReason::Internal
         }
     };
+    // The broker's count goes down before the log line says the connection ended.
+    drop(est);
     acct.reason = Some(reason);
     drop(conn);
     drop(held);
@@ -529,7 +531,8 @@ async fn relay_phase(
     // What a close on purpose sends, decided now (4 bytes) rather than keeping what it
     // is decided from in the task.
     let suppress = snapshot.pool(&spec.pool).is_some_and(|p| p.planned_close_will == PlannedCloseWill::Suppress);
-    let plans = [Leaving::ShuttingDown, Leaving::Moved].map(|leaving| planned_disconnects(leaving, &acct.facts, suppress));
+    let plans =
+        [Leaving::ShuttingDown, Leaving::Moved].map(|leaving| planned_disconnects(leaving, &acct.facts, suppress));
     let closing = std::pin::pin!(conn.closed());
     // Boxed: a connection that does not settle (on the relay runtime) carries 8 bytes for it.
     let settle = settle.map(|d| Box::pin(tokio::time::sleep(d)));

@@ -256,7 +256,9 @@ impl ListenerSet {
                     rt.spawn(async move {
                         match TcpListener::from_std(std) {
                             Ok(l) => serving(l).await,
-                            Err(e) => tracing::error!(listener = %name, error = %e, "cannot accept on the setup runtime"),
+                            Err(e) => {
+                                tracing::error!(listener = %name, error = %e, "cannot accept on the setup runtime")
+                            }
                         }
                     })
                 }

@@ -267,12 +267,7 @@ pub struct Totals {
 /// healthy side have been written. `up_at` is where the client's stream stands in its packets
 /// (after the CONNECT and what was pipelined behind it, sent before relaying); the broker's
 /// starts with a packet.
-pub fn relay<'a, C, B>(
-    client: &'a mut C,
-    broker: &'a mut B,
-    up_at: Boundary,
-    linger: Duration,
-) -> Relay<'a, C, B>
+pub fn relay<'a, C, B>(client: &'a mut C, broker: &'a mut B, up_at: Boundary, linger: Duration) -> Relay<'a, C, B>
 where
     C: AsyncRead + WriteLast + Unpin + ?Sized,
     B: AsyncRead + WriteLast + Unpin + ?Sized,
@@ -529,8 +524,7 @@ mod tests {
     async fn a_half_closed_relay_ends_when_the_other_side_stays_silent() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (_broker, mut broker_end) = tokio::io::duplex(1024);
-        let task =
-            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
         // The broker never answers nor closes: with time paused, the runtime jumps to the
@@ -545,8 +539,7 @@ mod tests {
     async fn relays_both_ways_and_forwards_half_close() {
         let (mut client, mut client_end) = tokio::io::duplex(1024);
         let (mut broker, mut broker_end) = tokio::io::duplex(1024);
-        let task =
-            tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
+        let task = tokio::spawn(async move { relay(&mut client_end, &mut broker_end, Boundary::START, LINGER).await });
 
         let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 253) as u8).collect();

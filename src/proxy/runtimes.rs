@@ -64,7 +64,9 @@ mod tests {
             super::lower_priority().unwrap();
             assert_eq!(
                 thread_priority::unix::thread_schedule_policy().unwrap(),
-                thread_priority::unix::ThreadSchedulePolicy::Normal(thread_priority::unix::NormalThreadSchedulePolicy::Idle)
+                thread_priority::unix::ThreadSchedulePolicy::Normal(
+                    thread_priority::unix::NormalThreadSchedulePolicy::Idle
+                )
             );
         })
         .join()

@@ -102,11 +102,7 @@ fn release(v: &mut Vec<u8>) {
 impl<IO: AsyncRead + WriteLast + Unpin> TlsServerStream<IO> {
     /// Runs the server handshake over `io`. With `setup` (a charge and its limit), the receive buffer is charged until
     /// [`Self::end_setup`].
-    pub async fn accept(
-        config: Arc<ServerConfig>,
-        io: IO,
-        setup: Option<(SetupCharge, usize)>,
-    ) -> io::Result<Self> {
+    pub async fn accept(config: Arc<ServerConfig>, io: IO, setup: Option<(SetupCharge, usize)>) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
         let mut s = TlsServerStream {
             io,
@@ -846,8 +842,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let (s, c) =
-            tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None), connector.connect(name, b));
+        let (s, c) = tokio::join!(TlsServerStream::accept(Arc::new(server_cfg), a, None), connector.connect(name, b));
         assert!(s.is_err());
         let e = c.expect_err("client handshake fails");
         assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");

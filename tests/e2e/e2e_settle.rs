@@ -58,3 +58,43 @@ fn a_settled_connection_keeps_its_place_in_the_packets_and_closes_cleanly() {
     assert_eq!(line["disconnect_sent"], "0x8B", "{line:?}");
     assert!(hm.wait_exit(CMD_TIMEOUT).expect("exit after the drain").success(), "{}", hm.log());
 }
+
+/// Each thread of process `pid` whose name starts with `prefix`: its scheduling policy
+/// (/proc/PID/task/TID/stat field 41: 0 normal, 5 `SCHED_IDLE`).
+fn policies(pid: u32, prefix: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The fields after the command name's closing parenthesis start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        out.push(after.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    out
+}
+
+#[test]
+fn by_default_setup_threads_run_at_idle_priority_and_relay_threads_at_normal() {
+    let m = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("harbormaster.toml");
+    std::fs::write(&config, one_pool_config(0, 0, &[("b1", &m)], "")).unwrap();
+    let env = [("HARBORMASTER_SETUP_PRIORITY", "idle"), ("HARBORMASTER_WORKER_THREADS", "2")];
+    let hm = Harbormaster::start_with_env(dir, config, &env);
+    let (setup, relay) = (policies(hm.pid(), "hm-setup"), policies(hm.pid(), "hm-relay"));
+    assert_eq!(setup, [5, 5], "setup threads: {setup:?}");
+    assert_eq!(relay, [0, 0], "relay threads: {relay:?}");
+    // And connections are served that way too, moved once settled.
+    let (mut c, ack) = mqtt_connect(hm.port("mqtt"), MqttVersion::V311, "settle-idle");
+    assert!(mqtt::connack_accepted(&ack));
+    let admin = hm.admin_addr();
+    assert!(wait_until(WAIT, || settled(&admin) >= 1.0), "{}", hm.log());
+    c.write_all(&[0xC0, 0]).unwrap(); // PINGREQ
+    let mut pingresp = [0u8; 2];
+    use std::io::Read;
+    c.read_exact(&mut pingresp).unwrap();
+    assert_eq!(pingresp, [0xD0, 0]);
+}

@@ -1246,6 +1246,10 @@ impl Harbormaster {
             .env_remove("RUST_LOG")
             .env_remove("HARBORMASTER_LOG")
             .env("NO_COLOR", "1")
+            // The setup threads at normal priority: on this machine every test's processes
+            // share one scheduling group, where setup threads at `SCHED_IDLE` would wait for
+            // any busy peer (a RabbitMQ booting). e2e_settle runs the default and checks it.
+            .env("HARBORMASTER_SETUP_PRIORITY", "normal")
             .envs(env.iter().copied())
             .current_dir(dir.path());
         // HM_TEST_LOG=debug (or a tracing filter) raises harbormaster's log level in tests.
