@@ -6,11 +6,14 @@
 //! The first input byte chooses: bit 0 — the upgrade parser or the decoder; bits 1–4 — the
 //! size of each read the decoder is given (1 up to 16 bytes; 0: all at once).
 
-// The module and the two it uses, not the crate: it needs only tokio, httparse, base64 and
+// The module and the three it uses, not the crate: it needs only tokio, httparse, base64 and
 // aws-lc-rs, which keeps the instrumented build small.
 #[allow(dead_code)]
 #[path = "../../src/proxy/boundary.rs"]
 mod boundary;
+#[allow(dead_code)]
+#[path = "../../src/proxy/prefixed.rs"]
+mod prefixed;
 #[allow(dead_code)]
 #[path = "../../src/proxy/relay.rs"]
 mod relay;

@@ -360,7 +360,7 @@ impl Metrics {
             cn_refused: counter_vec(
                 &r,
                 "tls_client_cn_refused_total",
-                "Client certificate CNs not passed on to brokers: a control character, or not decodable",
+                "Client certificate CNs not passed on to brokers: a control character, a Unicode non-character, or not decodable",
                 &["listener", "reason"],
             ),
             handshake_queue: register(

@@ -22,6 +22,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
+use super::rewrite::{char_problem, CharProblem};
+
 /// What the TLS layer learned about a client.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsInfo {
@@ -64,6 +66,9 @@ pub struct ClientCert {
 pub enum CnRefusal {
     /// It holds a control character (C0, DEL, C1) or a line/paragraph separator.
     ControlCharacter,
+    /// It holds a Unicode non-character (U+FDD0–U+FDEF, U+xFFFE, U+xFFFF), which brokers
+    /// refuse in the strings they read as they do control characters.
+    NonCharacter,
     /// Its bytes are not a valid string of its ASN.1 type, or the type is not one a CN can
     /// have.
     Undecodable,
@@ -74,6 +79,7 @@ impl CnRefusal {
     pub fn as_str(self) -> &'static str {
         match self {
             CnRefusal::ControlCharacter => "control_character",
+            CnRefusal::NonCharacter => "noncharacter",
             CnRefusal::Undecodable => "undecodable",
         }
     }
@@ -83,7 +89,8 @@ impl CnRefusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedCn {
     pub reason: CnRefusal,
-    /// The decoded text with every control character escaped (`admin\0.attacker`), or for
+    /// The decoded text with every control character and non-character escaped
+    /// (`admin\0.attacker`, `dev-\u{fdd0}`), or for
     /// an undecodable CN its ASN.1 tag and bytes in hex; at most [`SHOWN_CN_MAX`] characters.
     pub shown: String,
 }
@@ -228,16 +235,24 @@ pub fn decode_cn(tag: Tag, data: &[u8]) -> Result<String, RefusedCn> {
         }
         _ => return Err(undecodable()),
     };
-    if text.chars().any(unsafe_in_cn) {
+    if let Some(reason) = text.chars().find_map(cn_problem) {
+        // `escape_debug` escapes non-characters too (`\u{fdd0}`): not printable.
         let shown: String = text.chars().flat_map(char::escape_debug).take(SHOWN_CN_MAX).collect();
-        return Err(RefusedCn { reason: CnRefusal::ControlCharacter, shown });
+        return Err(RefusedCn { reason, shown });
     }
     Ok(text)
 }
 
-/// Characters that end or break a string, a line or a log record in what reads the CN.
-fn unsafe_in_cn(c: char) -> bool {
-    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+/// Why `c` keeps a CN from brokers: a character they refuse in any string harbormaster passes
+/// on ([`char_problem`], the CONNECT rewrite's rule), or a line/paragraph separator, which
+/// breaks a line or a log record in what reads the CN.
+fn cn_problem(c: char) -> Option<CnRefusal> {
+    match char_problem(c) {
+        Some(CharProblem::NonCharacter) => Some(CnRefusal::NonCharacter),
+        Some(CharProblem::Nul | CharProblem::Control) => Some(CnRefusal::ControlCharacter),
+        None if c == '\u{2028}' || c == '\u{2029}' => Some(CnRefusal::ControlCharacter),
+        None => None,
+    }
 }
 
 fn shown_bytes(tag: Tag, data: &[u8]) -> String {
@@ -666,6 +681,44 @@ pub(crate) mod tests {
         let refused = decode_cn(Tag::TeletexString, b"a\x9bb").unwrap_err();
         assert_eq!(refused.reason, CnRefusal::ControlCharacter);
         assert_eq!(decode_cn(Tag::Utf8String, b"admin\0.attacker").unwrap_err().shown, "admin\\0.attacker");
+    }
+
+    /// Unicode non-characters (U+FDD0–U+FDEF and the last two code points of every plane) are
+    /// refused as brokers refuse them in a CONNECT; their neighbours pass.
+    #[test]
+    fn cn_with_a_noncharacter_is_refused_in_every_unicode_string_type() {
+        let utf16 = |s: &str| s.encode_utf16().flat_map(u16::to_be_bytes).collect::<Vec<u8>>();
+        let utf32 = |s: &str| s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect::<Vec<u8>>();
+        let cases = [
+            ("a\u{fdd0}", Some(CnRefusal::NonCharacter)),
+            ("a\u{fdef}", Some(CnRefusal::NonCharacter)),
+            ("a\u{fffe}", Some(CnRefusal::NonCharacter)),
+            ("a\u{ffff}", Some(CnRefusal::NonCharacter)),
+            ("a\u{1fffe}", Some(CnRefusal::NonCharacter)),
+            ("a\u{10ffff}", Some(CnRefusal::NonCharacter)),
+            ("a\u{7}", Some(CnRefusal::ControlCharacter)),
+            ("a\u{fdcf}", None),
+            ("a\u{fdf0}", None),
+            ("a\u{fffd}", None),
+            ("a\u{1fffd}", None),
+            ("device-42", None),
+        ];
+        for (text, want) in cases {
+            for (tag, bytes) in [
+                (Tag::Utf8String, text.as_bytes().to_vec()),
+                (Tag::BmpString, utf16(text)),
+                (Tag::UniversalString, utf32(text)),
+            ] {
+                let got = decode_cn(tag, &bytes);
+                assert_eq!(got.as_ref().err().map(|r| r.reason), want, "{tag} {text:?}");
+                if let Ok(cn) = got {
+                    assert_eq!(cn, text);
+                }
+            }
+        }
+        let refused = decode_cn(Tag::Utf8String, "dev-\u{fdd0}".as_bytes()).unwrap_err();
+        assert_eq!(refused.shown, "dev-\\u{fdd0}", "escaped for the log line");
+        assert_eq!(CnRefusal::NonCharacter.as_str(), "noncharacter");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod inbound;
 pub mod listener;
 pub mod mqtt;
+pub mod prefixed;
 pub mod proxy_header;
 pub mod registry;
 pub mod relay;

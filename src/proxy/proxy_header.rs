@@ -587,6 +587,39 @@ mod tests {
         assert_eq!((client, verify), (PP2_CLIENT_SSL, VERIFY_NO_CLIENT_CERT));
     }
 
+    /// A CN as the certificate decodes it (identity.rs) goes into the CN sub-TLV only when brokers
+    /// accept its characters; otherwise the rest of the SSL TLV still goes, without a name.
+    #[test]
+    fn a_cn_brokers_refuse_leaves_only_the_cn_out() {
+        use crate::proxy::identity::{decode_cn, CnRefusal};
+        use x509_parser::asn1_rs::Tag;
+        let cases: [(&str, Option<CnRefusal>); 6] = [
+            ("device-42", None),
+            ("dev-\u{fdcf}-\u{fdf0}-\u{fffd}", None),
+            ("dev-\u{fdd0}", Some(CnRefusal::NonCharacter)),
+            ("dev-\u{fffe}", Some(CnRefusal::NonCharacter)),
+            ("dev-\u{10ffff}", Some(CnRefusal::NonCharacter)),
+            ("dev-\u{1b}[0m", Some(CnRefusal::ControlCharacter)),
+        ];
+        for (text, refused) in cases {
+            let decoded = decode_cn(Tag::Utf8String, text.as_bytes());
+            assert_eq!(decoded.as_ref().err().map(|r| r.reason), refused, "{text:?}");
+            let mut tls = tls_with_cert();
+            let cert = tls.client_cert.as_mut().unwrap();
+            (cert.cn, cert.cn_refused) = (decoded.as_ref().ok().cloned(), decoded.err());
+            let enc = encode_v2(&input(Some(&tls)), &ALL, 500);
+            let (client, verify, subs) = parse_ssl(&find(&tlvs_of(&enc.bytes), PP2_TYPE_SSL).unwrap());
+            assert_eq!(
+                (client, verify),
+                (PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS, VERIFY_OK),
+                "{text:?}"
+            );
+            let want = refused.is_none().then(|| text.as_bytes().to_vec());
+            assert_eq!(find(&subs, PP2_SUBTYPE_SSL_CN), want, "{text:?}");
+            assert!(enc.dropped.is_empty(), "left out, not dropped for room: {:?}", enc.dropped);
+        }
+    }
+
     #[test]
     fn plain_listener_omits_tls_tlvs() {
         let enc = encode_v2(&input(None), &ALL, 500);

@@ -661,25 +661,49 @@ pub fn assign_in_connack(packet: &[u8], id: &[u8], max_len: usize) -> Result<Opt
     Ok(Some(out))
 }
 
-/// Why `s` is not a string harbormaster may put into a CONNECT, or `None`: U+0000 is
-/// forbidden (MQTT 3.1.1 §1.5.3, 5.0 §1.5.4), and control characters (U+0001–U+001F,
-/// U+007F–U+009F) and Unicode non-characters are ones a receiver may treat as a malformed
-/// packet. Mosquitto 2.0 does, in a username and in a User Property alike: it closes the
-/// connection without a CONNACK, which would be a failed dial of every broker tried.
-pub fn string_problem(s: &str) -> Option<&'static str> {
-    for c in s.chars() {
-        if c == '\0' {
-            return Some("contains U+0000");
-        }
-        if c.is_control() {
-            return Some("holds a control character");
-        }
-        let n = u32::from(c);
-        if (0xFDD0..=0xFDEF).contains(&n) || n & 0xFFFE == 0xFFFE {
-            return Some("holds a Unicode non-character");
+/// A character brokers refuse in the strings harbormaster passes on (see [`char_problem`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CharProblem {
+    Nul,
+    /// U+0001–U+001F, U+007F–U+009F.
+    Control,
+    /// U+FDD0–U+FDEF, and the last two code points of every plane (U+xFFFE, U+xFFFF).
+    NonCharacter,
+}
+
+impl CharProblem {
+    pub fn describe(self) -> &'static str {
+        match self {
+            CharProblem::Nul => "contains U+0000",
+            CharProblem::Control => "holds a control character",
+            CharProblem::NonCharacter => "holds a Unicode non-character",
         }
     }
-    None
+}
+
+/// Whether brokers refuse `c` in a string harbormaster passes on: U+0000 is forbidden (MQTT
+/// 3.1.1 §1.5.3, 5.0 §1.5.4), and control characters and Unicode non-characters are ones a
+/// receiver may treat as a malformed packet. Mosquitto 2.0 does, in a username and in a User
+/// Property alike: it closes the connection without a CONNACK, which would be a failed dial of
+/// every broker tried. The certificate CN of the PROXY v2 SSL TLV is held to the same
+/// characters (identity.rs).
+pub fn char_problem(c: char) -> Option<CharProblem> {
+    let n = u32::from(c);
+    if c == '\0' {
+        Some(CharProblem::Nul)
+    } else if c.is_control() {
+        Some(CharProblem::Control)
+    } else if (0xFDD0..=0xFDEF).contains(&n) || n & 0xFFFE == 0xFFFE {
+        Some(CharProblem::NonCharacter)
+    } else {
+        None
+    }
+}
+
+/// Why `s` is not a string harbormaster may put into a CONNECT (its first character brokers
+/// refuse, [`char_problem`]), or `None`.
+pub fn string_problem(s: &str) -> Option<&'static str> {
+    s.chars().find_map(char_problem).map(CharProblem::describe)
 }
 
 /// Separates a rewrite summary's next item from those before it.

@@ -1,8 +1,8 @@
-//! The stream wrappers a connection's client side is made of: [`Prefixed`] (bytes read past an
-//! inbound PROXY header, handed on first), [`Client`] (plain or TLS, one type for the setup
-//! steps and the relay; raw MQTT or WebSocket) and [`Counted`] (bytes counted as they are relayed, per
-//! [`Direction`]). Each passes [`WriteLast`] through, so the last bytes of a direction still
-//! leave with its FIN.
+//! The stream wrappers a connection's client side is made of: [`Client`] (plain or TLS, one
+//! type for the setup steps and the relay; raw MQTT or WebSocket) and [`Counted`] (bytes
+//! counted as they are relayed, per [`Direction`]), over a [`Prefixed`] socket (bytes read past
+//! an inbound PROXY header, handed on first). Each passes [`WriteLast`] through, so the last
+//! bytes of a direction still leave with its FIN.
 
 use std::io;
 use std::pin::Pin;
@@ -12,62 +12,10 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::prefixed::Prefixed;
 use super::relay::WriteLast;
 use super::tls_stream::TlsServerStream;
 use super::websocket::WsStream;
-
-/// A stream that first yields bytes already read (what followed an inbound PROXY header).
-pub struct Prefixed<S> {
-    pre: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(pre: Vec<u8>, inner: S) -> Self {
-        Prefixed { pre, pos: 0, inner }
-    }
-
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.pos < self.pre.len() {
-            let n = buf.remaining().min(self.pre.len() - self.pos);
-            let start = self.pos;
-            buf.put_slice(&self.pre[start..start + n]);
-            self.pos += n;
-            if self.pos == self.pre.len() {
-                // Free it: an idle connection should hold nothing it no longer needs.
-                self.pre = Vec::new();
-                self.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: WriteLast + Unpin> WriteLast for Prefixed<S> {
-    fn poll_write_last(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_last(cx, buf)
-    }
-}
 
 /// The client side of a connection once set up: plain, or TLS (boxed: rustls' state is large,
 /// and plain connections should not carry room for it), or either seen through WebSocket
@@ -251,17 +199,5 @@ mod tests {
         let mut rest = Vec::new();
         counted.read_to_end(&mut rest).await.unwrap();
         assert_eq!(counter.get(), 9);
-    }
-
-    #[tokio::test]
-    async fn prefixed_yields_its_bytes_first_then_frees_them() {
-        let (a, mut b) = tokio::io::duplex(64);
-        let mut s = Prefixed::new(b"pre".to_vec(), a);
-        b.write_all(b"rest").await.unwrap();
-        drop(b);
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"prerest");
-        assert_eq!(s.pre.capacity(), 0);
     }
 }

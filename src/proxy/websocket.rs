@@ -17,6 +17,7 @@ use std::task::{ready, Context, Poll};
 use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::prefixed::Prefixed;
 use super::relay::WriteLast;
 
 /// The largest upgrade request read; beyond it the answer is 431.
@@ -580,10 +581,9 @@ pub fn frame_header(op: u8, len: usize, out: &mut Vec<u8>) {
 /// here, between whole frames. A protocol error is answered with its close frame, then read
 /// as an error ([`FrameError::of`]).
 pub struct WsStream<S> {
-    inner: S,
+    /// With the bytes read past the upgrade request: the first frames, decoded first.
+    inner: Prefixed<S>,
     dec: Decoder,
-    /// Bytes read past the upgrade request: the first frames, decoded first.
-    pre: Vec<u8>,
     /// Whole frames on their way to the client; allocated only while they are.
     out: Vec<u8>,
     /// Within `out`, which holds at most a frame of [`MAX_FRAME_OUT`] bytes and a pong.
@@ -611,9 +611,8 @@ impl<S> WsStream<S> {
     /// accepted until [`Self::end_setup`].
     pub fn new(inner: S, pre: Vec<u8>, max_payload: u64) -> WsStream<S> {
         WsStream {
-            inner,
+            inner: Prefixed::new(pre, inner),
             dec: Decoder::new(max_payload),
-            pre,
             out: Vec::new(),
             out_pos: 0,
             close_sent: false,
@@ -642,8 +641,7 @@ impl<S> WsStream<S> {
     pub fn take_raw(&mut self) -> Option<Vec<u8>> {
         let rec = self.raw.take().filter(|r| !r.overflow)?;
         let mut raw = rec.bytes;
-        raw.extend_from_slice(&self.pre);
-        self.pre = Vec::new();
+        raw.append(&mut self.inner.take_unread());
         self.dec.pong = None;
         self.passthrough = true;
         Some(raw)
@@ -668,7 +666,7 @@ impl<S> WsStream<S> {
     }
 
     pub fn inner_mut(&mut self) -> &mut S {
-        &mut self.inner
+        self.inner.get_mut()
     }
 
     /// The CONNECT is read: data frames of any size from now on.
@@ -678,7 +676,7 @@ impl<S> WsStream<S> {
 
     /// Whether the stream holds any buffer (for the idle-memory tests).
     pub fn holds_buffers(&self) -> bool {
-        self.out.capacity() > 0 || self.pre.capacity() > 0 || self.raw.is_some() || self.dec.holds_buffers()
+        self.out.capacity() > 0 || self.inner.has_unread() || self.raw.is_some() || self.dec.holds_buffers()
     }
 
     fn push_close(&mut self, code: u16) {
@@ -760,19 +758,9 @@ impl<S: AsyncRead + AsyncWrite + WriteLast + Unpin> AsyncRead for WsStream<S> {
             if dst.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            let n = if this.pre.is_empty() {
-                let mut rb = ReadBuf::new(dst);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-                rb.filled().len()
-            } else {
-                let n = dst.len().min(this.pre.len());
-                dst[..n].copy_from_slice(&this.pre[..n]);
-                this.pre.drain(..n);
-                if this.pre.is_empty() {
-                    this.pre = Vec::new();
-                }
-                n
-            };
+            let mut rb = ReadBuf::new(dst);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
             if n == 0 {
                 // The TCP (or TLS) stream ended without a close frame: the end all the same.
                 return Poll::Ready(Ok(()));

@@ -318,10 +318,7 @@ bind = "127.0.0.1:0"
     assert_eq!(Scrape::of(&admin).sum("harbormaster_ready", &[]), 1.0);
 
     // A live client keeps the drain going while we look.
-    let mut live = TcpStream::connect(("127.0.0.1", port("lb"))).unwrap();
-    live.set_read_timeout(Some(WAIT)).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut live, MqttVersion::V311, "drain-holder").unwrap();
-    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+    let live = mqtt_session(port("lb"), MqttVersion::V311, "drain-holder");
 
     tx_stop.send(()).unwrap();
     let (_, body) = wait_ready_status(&admin, 503);
@@ -348,8 +345,7 @@ fn sigterm_turns_readyz_503_while_draining() {
     let admin = addr(admin_port);
     wait_ready_status(&admin, 200);
 
-    let (live, ack) = mqtt_connect(port, MqttVersion::V5, "sigterm-holder");
-    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+    let live = mqtt_session(port, MqttVersion::V5, "sigterm-holder");
 
     hm.sigterm();
     let (_, body) = wait_ready_status(&admin, 503);
@@ -753,8 +749,7 @@ bind = "127.0.0.1:0"
     wait_ready_status(&admin, 200);
 
     let password = "s3cr3t-pa55w0rd";
-    let mut s = TcpStream::connect(("127.0.0.1", plain)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut s = tcp_client(plain);
     let opts = ConnectOptions {
         username: Some("fleet-user".into()),
         password: Some(password.as_bytes().to_vec()),
@@ -762,9 +757,8 @@ bind = "127.0.0.1:0"
         clean: true,
         level_override: None,
     };
-    s.write_all(&mqtt::connect_with(MqttVersion::V311, "json-log-1", &opts)).unwrap();
-    let ack = mqtt::read_packet(&mut s).unwrap().expect("CONNACK");
-    assert!(mqtt::connack_accepted(&ack.bytes()));
+    let ack = mqtt::send_and_read_connack(&mut s, &mqtt::connect_with(MqttVersion::V311, "json-log-1", &opts)).unwrap();
+    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
     s.write_all(&mqtt::disconnect()).unwrap();
     mqtt::read_until_close(&mut s, WAIT);
     drop(s);
@@ -957,10 +951,7 @@ fn a_stderr_nobody_reads_never_stops_the_data_plane() {
     let admin = addr(admin_port);
     wait_ready_status(&admin, 200);
 
-    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let ack = mqtt::connect_and_read_connack(&mut held, MqttVersion::V311, "held-through-the-flood").unwrap();
-    assert!(mqtt::connack_accepted(&ack), "{ack:?}");
+    let mut held = mqtt_session(port, MqttVersion::V311, "held-through-the-flood");
 
     let closed = refused_flood(port);
     assert_eq!(closed, FLOOD, "harbormaster stopped closing refused connections: the flood stalled");

@@ -81,9 +81,7 @@ fn node_dir() -> PathBuf {
 }
 
 fn start(extra: &str) -> (Vec<Mosquitto>, Harbormaster) {
-    let brokers: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
-    let named: Vec<(String, &Mosquitto)> = brokers.iter().enumerate().map(|(i, b)| (format!("m{i}"), b)).collect();
-    let named: Vec<(&str, &Mosquitto)> = named.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+    let brokers = Mosquitto::start_n(3);
     let hm = Harbormaster::start(&format!(
         r#"
 [[listener]]
@@ -100,7 +98,7 @@ empty_client_id = "assign"
 [admin]
 bind = "127.0.0.1:0"
 "#,
-        backends = named_backends(&named),
+        backends = numbered_backends("m", &brokers),
     ));
     (brokers, hm)
 }

@@ -276,10 +276,10 @@ bind = "127.0.0.1:0"
 
 /// A certificate CN that a username cannot carry, with `username = "cert_cn"` in front of a
 /// real mosquitto (which closes without a CONNACK on a username holding a control character
-/// or a Unicode non-character): a CN with a control character is not passed on at all, one
-/// with a non-character is not put in a username; either way the client is refused with "bad
-/// user name or password" (3.1.1: 4, 5.0: 0x86), the log line's detail says why, and the broker
-/// never sees the client.
+/// or a Unicode non-character): a CN with either is not passed on at all (identity.rs holds it
+/// to the characters a rewritten username may hold); the client is refused with "bad user name
+/// or password" (3.1.1: 4, 5.0: 0x86), the log line's detail says why, and the broker never sees
+/// the client.
 #[test]
 fn a_cn_a_username_cannot_carry_is_refused_with_the_reason() {
     let broker = Mosquitto::start();
@@ -317,7 +317,13 @@ bind = "127.0.0.1:0"
             "the username needs {cert_cn}, which this connection does not have: the client certificate's CN is \
              not passed on (control_character)",
         ),
-        (&nonchar, hm.port("nonchar"), "nonchar", "the new username holds a Unicode non-character"),
+        (
+            &nonchar,
+            hm.port("nonchar"),
+            "nonchar",
+            "the username needs {cert_cn}, which this connection does not have: the client certificate's CN is \
+             not passed on (noncharacter)",
+        ),
     ];
     for (certs, port, tag, detail) in cases {
         for version in ["mqttv311", "mqttv5"] {

@@ -2,7 +2,8 @@
 //! marked down by the active check (mqtt or tcp) after `fall` failed probes, its clients go to
 //! their own second choice (per `harbormaster route`) without a failed dial, and come back once
 //! it is started again on the same port and `rise` probes passed. Failed dials count toward
-//! `fall` only in pools with active checks. The mqtt probe's PROXY v1/v2 header is accepted by
+//! `fall` only in pools with active checks (brokers `b0`, `b1`… are support's [`Mosquitto`], which
+//! starts again on its port after a stop, its log spanning every run). The mqtt probe's PROXY v1/v2 header is accepted by
 //! HAProxy (`accept-proxy`) and RabbitMQ (which rejects the LOCAL command).
 
 use std::collections::BTreeMap;
@@ -13,130 +14,15 @@ use std::process::{Child, Command, Stdio};
 use crate::support::*;
 use tempfile::TempDir;
 
-/// A mosquitto 2.0 broker that can be stopped and started again on the same port (the
-/// harness's `Mosquitto` picks a new port on every start). Its log spans every run.
-struct Broker {
-    name: String,
-    port: u16,
-    dir: TempDir,
-    runs: usize,
-    child: Option<Child>,
+/// Stops `b` (SIGKILL) and waits until its port refuses connections.
+fn stop(b: &mut Mosquitto) {
+    b.stop();
+    assert!(wait_until(WAIT, || !port_accepts(b.port)), "mosquitto :{} still accepts after stop", b.port);
 }
 
-impl Broker {
-    fn start(name: &str) -> Broker {
-        let dir = tempfile::Builder::new().prefix("hm-health-mosq-").tempdir().unwrap();
-        let mut b = Broker { name: name.to_string(), port: free_port(), dir, runs: 0, child: None };
-        b.run();
-        b
-    }
-
-    fn addr(&self) -> String {
-        addr(self.port)
-    }
-
-    /// Starts mosquitto on `self.port`; retried while the port is still taken.
-    fn run(&mut self) {
-        assert!(self.child.is_none(), "{} is running", self.name);
-        let bin = require_program("mosquitto");
-        let mut last = String::new();
-        for _ in 0..5 {
-            self.runs += 1;
-            let log = self.dir.path().join(format!("mosquitto-{}.log", self.runs));
-            let conf = self.dir.path().join(format!("mosquitto-{}.conf", self.runs));
-            // `user root`: as root, mosquitto would otherwise switch to the user `mosquitto`,
-            // which cannot write into our tempdir.
-            fs::write(
-                &conf,
-                format!(
-                    "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     log_dest file {}\nlog_type all\nconnection_messages true\nlog_timestamp true\n",
-                    self.port,
-                    log.display()
-                ),
-            )
-            .unwrap();
-            let out = fs::File::create(self.dir.path().join(format!("stdout-{}.log", self.runs))).unwrap();
-            let mut child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .current_dir(self.dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out.try_clone().unwrap()))
-                .stderr(Stdio::from(out))
-                .process_group(0)
-                .spawn()
-                .expect("spawn mosquitto");
-            let up = wait_until(WAIT, || {
-                child.try_wait().unwrap().is_none()
-                    && fs::read_to_string(&log).unwrap_or_default().contains("running")
-                    && port_accepts(self.port)
-            });
-            if up {
-                self.child = Some(child);
-                return;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last = fs::read_to_string(&log).unwrap_or_default();
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
-        panic!("mosquitto {} did not start on port {}:\n{last}", self.name, self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            send_signal(-(c.id() as i64), "KILL");
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        assert!(wait_until(WAIT, || !port_accepts(self.port)), "{} still accepts after stop", self.name);
-    }
-
-    fn log(&self) -> String {
-        (1..=self.runs)
-            .map(|r| fs::read_to_string(self.dir.path().join(format!("mosquitto-{r}.log"))).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn connection_count(&self, client_id: &str) -> usize {
-        parse_mosquitto_connections(&self.log()).iter().filter(|c| c.client_id == client_id).count()
-    }
-
-    /// Connections of harbormaster's mqtt probes.
-    fn probe_count(&self) -> usize {
-        parse_mosquitto_connections(&self.log()).iter().filter(|c| c.client_id.starts_with("hm-health-")).count()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "----- mosquitto {} :{} log, last lines -----\n{}\n-----",
-                self.name,
-                self.port,
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            );
-        }
-        if let Some(mut c) = self.child.take() {
-            send_signal(-(c.id() as i64), "KILL");
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `{ name = "b0", address = "127.0.0.1:P" }, ...`
-fn backends(brokers: &[Broker]) -> String {
-    brokers
-        .iter()
-        .map(|b| format!("{{ name = {}, address = {} }}", toml_str(&b.name), toml_str(b.addr())))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Connections of harbormaster's mqtt probes.
+fn probe_count(b: &Mosquitto) -> usize {
+    b.connections().iter().filter(|c| c.client_id.starts_with("hm-health-")).count()
 }
 
 /// The health transition log lines (`broker health changed`), as key=value maps.
@@ -206,7 +92,7 @@ fn get<'a>(line: &'a BTreeMap<String, String>, key: &str) -> &'a str {
 /// marked down by the check → its clients on their second choice without a failed dial; b0
 /// started again on the same port → marked up → its clients back on b0.
 fn stop_and_start_a_broker(check: &str) {
-    let mut brokers: Vec<Broker> = (0..3).map(|i| Broker::start(&format!("b{i}"))).collect();
+    let mut brokers = Mosquitto::start_n(3);
     let config = format!(
         r#"
 [[listener]]
@@ -224,7 +110,7 @@ health = {{ check = "{check}", interval = "200ms", timeout = "200ms", rise = 2, 
 [limits]
 drain_timeout = "1s"
 "#,
-        backends = backends(&brokers)
+        backends = numbered_backends("b", &brokers)
     );
     let hm = Harbormaster::start(&config);
     let port = hm.port("mqtt");
@@ -237,11 +123,11 @@ drain_timeout = "1s"
         assert_eq!(brokers[0].connection_count(id), 1);
     }
     if check == "mqtt" {
-        assert!(wait_until(WAIT, || brokers.iter().all(|b| b.probe_count() >= 2)), "mqtt probes reach every broker");
+        assert!(wait_until(WAIT, || brokers.iter().all(|b| probe_count(b) >= 2)), "mqtt probes reach every broker");
     }
 
     // b0 stops: after `fall` failed probes it is marked down, by the check.
-    brokers[0].stop();
+    stop(&mut brokers[0]);
     let down = wait_transition(&hm, "brokers", "b0", "down", 1);
     let reason = get(&down, "reason");
     assert!(reason.contains(&format!("{check} check")), "marked down by the {check} check: {down:?}");
@@ -253,13 +139,13 @@ drain_timeout = "1s"
         assert_eq!(get(&line, "broker"), order[1], "{id} goes to its second choice {order:?}: {line:?}");
         assert!(!get(&line, "detail").contains("failed over"), "b0 was skipped, not dialled: {line:?}");
         assert_eq!(get(&line, "close_reason"), "closed", "{line:?}");
-        let second = brokers.iter().find(|b| b.name == order[1]).unwrap();
+        let second = &brokers[order[1]["b".len()..].parse::<usize>().unwrap()];
         assert_eq!(second.connection_count(id), 1, "{id} on {}", order[1]);
     }
-    assert_eq!(brokers[0].runs, 1);
+    assert!(!brokers[0].is_running(), "b0 stayed stopped");
 
     // b0 starts again on the same port: after `rise` passed probes it is up, its clients back.
-    brokers[0].run();
+    brokers[0].restart();
     let up = wait_transition(&hm, "brokers", "b0", "up", 1);
     assert!(get(&up, "reason").starts_with(&format!("2 {check} checks passed")), "{up:?}");
     for (id, _) in &clients {
@@ -289,7 +175,7 @@ fn tcp_check_moves_a_stopped_brokers_clients_to_their_second_choice_and_back() {
 /// failed dials mark it down in "checked" after `fall` of them, and never in "plain".
 #[test]
 fn failed_dials_mark_a_broker_down_only_in_a_pool_with_active_checks() {
-    let mut brokers: Vec<Broker> = (0..3).map(|i| Broker::start(&format!("b{i}"))).collect();
+    let mut brokers = Mosquitto::start_n(3);
     let config = format!(
         r#"
 [[listener]]
@@ -312,7 +198,7 @@ backends = [{backends}]
 [limits]
 drain_timeout = "1s"
 "#,
-        backends = backends(&brokers)
+        backends = numbered_backends("b", &brokers)
     );
     let hm = Harbormaster::start(&config);
     let (checked_port, plain_port) = (hm.port("checked"), hm.port("plain"));
@@ -320,7 +206,7 @@ drain_timeout = "1s"
     for (id, order) in &clients {
         assert_eq!(&hm.route_in(id, "plain"), order, "same brokers, same order");
     }
-    brokers[0].stop();
+    stop(&mut brokers[0]);
 
     // "plain": every client of b0 fails over by dialling b0 first; b0 is never marked down.
     for (id, order) in &clients {
@@ -348,7 +234,7 @@ drain_timeout = "1s"
 /// stopped, HAProxy still accepts TCP, so only the mqtt check sees the broker is gone.
 #[test]
 fn mqtt_check_speaks_proxy_v1_and_v2_to_haproxy_and_sees_through_it() {
-    let mut behind = Broker::start("behind");
+    let mut behind = Mosquitto::start();
     let (h1, h2) = (Haproxy::start(behind.port), Haproxy::start(behind.port));
     let pool = |name: &str, version: &str, haproxy: &Haproxy| {
         format!(
@@ -369,16 +255,16 @@ fn mqtt_check_speaks_proxy_v1_and_v2_to_haproxy_and_sees_through_it() {
         let got = h.wait_for_line(|l| l.rcvd_proxy == "1" && l.src == "127.0.0.1");
         assert!(got.is_some(), "HAProxy :{} accepted no PROXY header:\n{}", h.port, h.log());
     }
-    assert!(wait_until(WAIT, || behind.probe_count() >= 6), "probes reached mosquitto through HAProxy");
+    assert!(wait_until(WAIT, || probe_count(&behind) >= 6), "probes reached mosquitto through HAProxy");
     assert!(transitions(&hm).is_empty(), "every probe passed: {:#?}", transitions(&hm));
 
     // mosquitto gone, HAProxy still there: the mqtt check marks the broker down in both pools.
-    behind.stop();
+    stop(&mut behind);
     for pool in ["v1", "v2"] {
         let down = wait_transition(&hm, pool, "haproxy", "down", 1);
         assert!(get(&down, "reason").contains("mqtt check"), "{down:?}");
     }
-    behind.run();
+    behind.restart();
     for pool in ["v1", "v2"] {
         wait_transition(&hm, pool, "haproxy", "up", 1);
     }
@@ -471,7 +357,7 @@ impl Drop for HttpServer {
 /// 200.
 #[test]
 fn http_check_follows_a_readiness_endpoint_down_and_up() {
-    let broker = Broker::start("m");
+    let mut broker = Mosquitto::start();
     let http = HttpServer::start();
     http.set_ready(true);
     let hm = Harbormaster::start(&format!(
@@ -489,7 +375,7 @@ health = {{ check = "http", port = {port}, path = "/ready", interval = "300ms", 
 [admin]
 bind = "127.0.0.1:0"
 "#,
-        backends = backends(std::slice::from_ref(&broker)),
+        backends = named_backends(&[("m", &broker)]),
         port = http.port
     ));
     let (port, admin) = (hm.port("mqtt"), hm.admin_addr());
@@ -501,7 +387,7 @@ bind = "127.0.0.1:0"
     http.set_ready(false);
     let down = wait_transition(&hm, "p", "m", "down", 1);
     assert!(get(&down, "reason").contains("http check: HTTP status 404 from /ready, expected 200"), "{down:?}");
-    assert!(broker.child.is_some(), "the broker itself kept running");
+    assert!(broker.is_running(), "the broker itself kept running");
     assert!(wait_until(WAIT, || healthy() == 0.0), "{}", metrics_text(&admin));
 
     http.set_ready(true);

@@ -1,7 +1,7 @@
 //! The client identity that reaches the broker, judged by real peers: client certificates made
-//! by `openssl` with every ASN.1 string type a CN can have (and CNs holding NUL or CR/LF), and
-//! one made with a 1,000-character CN, go through harbormaster to HAProxy 2.6 (`accept-proxy`,
-//! a strict PROXY v2 validator) in front of mosquitto. HAProxy shows the AUTHORITY and
+//! by `openssl` with every ASN.1 string type a CN can have (and CNs holding NUL, CR/LF or a
+//! Unicode non-character), and one made with a 1,000-character CN, go through harbormaster to
+//! HAProxy 2.6 (`accept-proxy`, a strict PROXY v2 validator) in front of mosquitto. HAProxy shows the AUTHORITY and
 //! UNIQUE_ID TLVs it parsed; tshark, capturing on loopback, decodes the SSL sub-TLVs (the CN)
 //! and the others that neither HAProxy 2.6 nor RabbitMQ 3.10 shows.
 
@@ -286,11 +286,13 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
     }
     assert_eq!(metric_sum(&addr(admin), "harbormaster_tls_client_cn_refused_total", &[]), 0.0);
 
-    // NUL in a UTF8String, CR LF in a BMPString: the connection goes on, without the CN.
-    let evil: [(CnSpec, &str); 2] = [
+    // NUL in a UTF8String, CR LF in a BMPString, the non-character U+FDD0 in a BMPString (from
+    // U+FD23, patched): the connection goes on, without the CN.
+    let evil: [(CnSpec, &str, &str); 3] = [
         (
             CnSpec { name: "nul", subj: "admin#.attacker", mask: "utf8only", patch: Some((None, &[(b'#', 0)])) },
             "admin\\0.attacker",
+            "control_character",
         ),
         (
             CnSpec {
@@ -300,9 +302,15 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
                 patch: Some((None, &[(b'#', b'\r'), (b'%', b'\n')])),
             },
             "user\\rro\\nt-x",
+            "control_character",
+        ),
+        (
+            CnSpec { name: "nonchar", subj: "dev-\u{fd23}", mask: "MASK:0x800", patch: Some((None, &[(0x23, 0xd0)])) },
+            "dev-\\u{fdd0}",
+            "noncharacter",
         ),
     ];
-    for (spec, shown) in &evil {
+    for (spec, shown, reason) in &evil {
         let (cert, key) = openssl_client(d, spec);
         let id = format!("cn-{}", spec.name);
         let log = publish_through(&hm, &m, port, &certs, &cert, &key, &id);
@@ -310,7 +318,7 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
         let header = wire
             .wait_for_unique_id(conn_id)
             .unwrap_or_else(|| panic!("{id}: no header with unique id {conn_id}: {:?}", wire.headers()));
-        assert_eq!(header.get(0x22), None, "{id}: a CN with a control character was sent: {header:?}");
+        assert_eq!(header.get(0x22), None, "{id}: a CN brokers refuse was sent: {header:?}");
         // The rest of the SSL TLV still says a verified certificate was presented.
         let ssl = header.get(0x20).expect("SSL TLV");
         assert_eq!((ssl[0], &ssl[1..5]), (0x07, &[0u8, 0, 0, 0][..]), "{header:?}");
@@ -322,13 +330,12 @@ fn cn_of_every_string_type_reaches_the_broker_as_utf8_and_control_characters_nev
             .map(parse_kv_line)
             .find(|l| l.get("conn_id") == Some(conn_id) && l.contains_key("cn"))
             .unwrap_or_else(|| panic!("no warning for {conn_id}:\n{}", hm.log()));
-        assert_eq!(warning.get("reason").map(String::as_str), Some("control_character"), "{warning:?}");
+        assert_eq!(warning.get("reason").map(String::as_str), Some(*reason), "{warning:?}");
         assert_eq!(warning.get("cn").map(String::as_str), Some(*shown), "{warning:?}");
     }
     assert!(!hm.log().contains('\0'), "a NUL reached harbormaster's log");
-    let refused =
-        metric_sum(&addr(admin), "harbormaster_tls_client_cn_refused_total", &[("reason", "control_character")]);
-    assert_eq!(refused, 2.0);
+    let refused = |reason| metric_sum(&addr(admin), "harbormaster_tls_client_cn_refused_total", &[("reason", reason)]);
+    assert_eq!((refused("control_character"), refused("noncharacter")), (2.0, 1.0));
 }
 
 /// A 1,000-character CN cannot fit a 500-byte header; it alone is left out: HAProxy still

@@ -4,8 +4,6 @@
 //! mosquitto bridge (`try_private`) connecting through harbormaster as a bridge.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::TcpStream;
 
 use crate::support::mqtt::{self, MqttVersion};
 use crate::support::tls::{self, ClientTlsChoice};
@@ -24,7 +22,7 @@ struct Setup {
 
 impl Setup {
     fn start(n_brokers: usize, extra_backends: &[String]) -> Setup {
-        let brokers: Vec<Mosquitto> = (0..n_brokers).map(|_| Mosquitto::start()).collect();
+        let brokers = Mosquitto::start_n(n_brokers);
         let certs = Certs::new();
         let mut backends: Vec<String> = brokers.iter().map(|b| toml_str(b.addr())).collect();
         backends.extend(extra_backends.iter().map(toml_str));
@@ -260,11 +258,9 @@ fn pipelined_connect_and_publish_in_one_write_are_delivered() {
     let mut bytes = mqtt::connect(MqttVersion::V311, "pipe-plain");
     bytes.extend(mqtt::publish_qos0(MqttVersion::V311, "pipe/plain", b"pipelined-plain"));
     bytes.extend(mqtt::pingreq());
-    let mut c = TcpStream::connect(("127.0.0.1", s.plain_port)).unwrap();
-    c.set_read_timeout(Some(WAIT)).unwrap();
-    c.write_all(&bytes).unwrap();
-    let connack = mqtt::read_packet(&mut c).unwrap().expect("CONNACK");
-    assert_eq!(connack.bytes(), vec![0x20, 0x02, 0x00, 0x00]);
+    let mut c = tcp_client(s.plain_port);
+    let connack = mqtt::send_and_read_connack(&mut c, &bytes).unwrap();
+    assert_eq!(connack, vec![0x20, 0x02, 0x00, 0x00]);
     let pingresp = mqtt::read_packet(&mut c).unwrap().expect("PINGRESP");
     assert_eq!(pingresp.bytes(), vec![0xD0, 0x00]);
 
@@ -273,11 +269,8 @@ fn pipelined_connect_and_publish_in_one_write_are_delivered() {
     let mut t = tls::connect_tls(s.required_port, "localhost", cfg, None).unwrap();
     let mut bytes = mqtt::connect(MqttVersion::V5, "pipe-tls");
     bytes.extend(mqtt::publish_qos0(MqttVersion::V5, "pipe/tls", b"pipelined-tls"));
-    t.write_all(&bytes).unwrap();
-    t.flush().unwrap();
-    let connack = mqtt::read_packet(&mut t).unwrap().expect("CONNACK");
-    assert_eq!(connack.first, 0x20);
-    assert!(mqtt::connack_accepted(&connack.bytes()), "{connack:?}");
+    let connack = mqtt::send_and_read_connack(&mut t, &bytes).unwrap();
+    assert!(mqtt::connack_accepted(&connack), "{connack:?}");
 
     let (status, msgs) = watcher.finish();
     assert!(status.is_some_and(|st| st.success()), "{status:?} {msgs:?}");

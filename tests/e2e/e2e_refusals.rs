@@ -42,9 +42,7 @@ max_connect_packet = 1024
 
 impl Setup {
     fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s
+        tcp_client(self.port)
     }
 
     /// Sends `bytes` and returns what harbormaster wrote back before closing.
@@ -236,7 +234,7 @@ backend_attempts = 3
         (MqttVersion::V5, vec![0x20, 0x03, 0x00, 0x88, 0x00]),
         (MqttVersion::V31, vec![0x20, 0x02, 0x00, 0x03]),
     ] {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut c = tcp_client(port);
         c.write_all(&mqtt::connect(v, &format!("nobody-home-{v:?}"))).unwrap();
         let (got, closed) = mqtt::read_until_close(&mut c, WAIT);
         assert_eq!(got, want, "{v:?}: got {}", hex(&got));

@@ -80,10 +80,8 @@ struct Setup {
 
 impl Setup {
     fn start(n: usize, listener_extra: &str, pool_extra: &str) -> Setup {
-        let brokers: Vec<Mosquitto> = (0..n).map(|_| Mosquitto::start()).collect();
+        let brokers = Mosquitto::start_n(n);
         let certs = Certs::new();
-        let named: Vec<(String, &Mosquitto)> = brokers.iter().enumerate().map(|(i, b)| (format!("m{i}"), b)).collect();
-        let named: Vec<(&str, &Mosquitto)> = named.iter().map(|(n, b)| (n.as_str(), *b)).collect();
         let config = format!(
             r#"
 [[listener]]
@@ -111,7 +109,7 @@ connect_timeout = "3s"
 bind = "127.0.0.1:0"
 "#,
             tls = certs.listener_tls_toml("none"),
-            backends = named_backends(&named),
+            backends = numbered_backends("m", &brokers),
         );
         let hm = Harbormaster::start(&config);
         Setup { brokers, certs, hm }

@@ -13,6 +13,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use harbormaster::proxy::prefixed::Prefixed;
 use harbormaster::proxy::websocket as hmws;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -176,10 +177,9 @@ impl Reader {
 
 /// A stream carried in WebSocket frames, from the client's side.
 pub struct WsClient<S> {
-    inner: S,
+    /// With the bytes read past the 101, decoded first.
+    inner: Prefixed<S>,
     rd: Reader,
-    /// Bytes read past the 101, decoded first.
-    pre: Vec<u8>,
     /// Frames on their way out; allocated only while they are.
     out: Vec<u8>,
     out_pos: usize,
@@ -193,9 +193,8 @@ impl<S> WsClient<S> {
         // A failed draw leaves a fixed seed: the keys still vary from frame to frame.
         let _ = aws_lc_rs::rand::fill(&mut seed);
         WsClient {
-            inner,
+            inner: Prefixed::new(pre, inner),
             rd: Reader::default(),
-            pre,
             out: Vec::new(),
             out_pos: 0,
             close_sent: false,
@@ -204,7 +203,7 @@ impl<S> WsClient<S> {
     }
 
     pub fn get_ref(&self) -> &S {
-        &self.inner
+        self.inner.get_ref()
     }
 
     fn key(&mut self) -> [u8; 4] {
@@ -268,19 +267,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsClient<S> {
             if dst.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            let n = if this.pre.is_empty() {
-                let mut rb = ReadBuf::new(dst);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-                rb.filled().len()
-            } else {
-                let n = dst.len().min(this.pre.len());
-                dst[..n].copy_from_slice(&this.pre[..n]);
-                this.pre.drain(..n);
-                if this.pre.is_empty() {
-                    this.pre = Vec::new();
-                }
-                n
-            };
+            let mut rb = ReadBuf::new(dst);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
             if n == 0 {
                 return Poll::Ready(Ok(()));
             }

@@ -122,14 +122,27 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (r.status, r.body)
 }
 
-/// A raw MQTT client: a TCP connection to 127.0.0.1:`port` (reads bounded by [`WAIT`]) that
-/// sent a CONNECT for `client_id`, and the CONNACK it got back.
-pub fn mqtt_connect(port: u16, version: MqttVersion, client_id: &str) -> (TcpStream, Vec<u8>) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect :{port}: {e}"));
+/// A TCP connection to 127.0.0.1:`port`, its reads bounded by [`WAIT`]: a raw client's.
+pub fn tcp_client(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect :{port}: {e}"));
     s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// A raw MQTT client: a [`tcp_client`] that sent a CONNECT for `client_id`, and the CONNACK
+/// it got back.
+pub fn mqtt_connect(port: u16, version: MqttVersion, client_id: &str) -> (TcpStream, Vec<u8>) {
+    let mut s = tcp_client(port);
     let ack = mqtt::connect_and_read_connack(&mut s, version, client_id)
         .unwrap_or_else(|e| panic!("{client_id}: CONNECT to :{port}: {e}"));
     (s, ack)
+}
+
+/// A session through 127.0.0.1:`port`: [`mqtt_connect`], its CONNACK required to accept it.
+pub fn mqtt_session(port: u16, version: MqttVersion, client_id: &str) -> TcpStream {
+    let (s, ack) = mqtt_connect(port, version, client_id);
+    assert!(mqtt::connack_accepted(&ack), "{client_id}: CONNACK {ack:?} from :{port}");
+    s
 }
 
 /// The one slot of the heavy work: a RabbitMQ node (Erlang takes a core to boot) or a test
@@ -446,6 +459,13 @@ pub fn named_backends<B: BrokerAddr>(brokers: &[(&str, B)]) -> String {
         .join(", ")
 }
 
+/// A pool's `backends` named `{prefix}0`, `{prefix}1`… in the order of `brokers`.
+pub fn numbered_backends(prefix: &str, brokers: &[Mosquitto]) -> String {
+    let names: Vec<String> = (0..brokers.len()).map(|i| format!("{prefix}{i}")).collect();
+    let named: Vec<(&str, &Mosquitto)> = names.iter().map(String::as_str).zip(brokers).collect();
+    named_backends(&named)
+}
+
 /// One plain listener "mqtt" on `port` for one pool "brokers" of the named `brokers` (plus
 /// the `pool_extra` keys), and the admin server on `admin`.
 pub fn one_pool_config<B: BrokerAddr>(port: u16, admin: u16, brokers: &[(&str, B)], pool_extra: &str) -> String {
@@ -611,6 +631,11 @@ pub struct Mosquitto {
 impl Mosquitto {
     pub fn start() -> Mosquitto {
         Mosquitto::start_with("persistence false\n")
+    }
+
+    /// `n` brokers, each on a port of its own.
+    pub fn start_n(n: usize) -> Vec<Mosquitto> {
+        (0..n).map(|_| Mosquitto::start()).collect()
     }
 
     /// Sessions and queued QoS 1/2 messages survive a [`Mosquitto::restart`]: saved to disk

@@ -311,7 +311,13 @@ pub fn connect_and_read_connack<S: Read + Write>(
     version: MqttVersion,
     client_id: &str,
 ) -> io::Result<Vec<u8>> {
-    s.write_all(&connect(version, client_id))?;
+    send_and_read_connack(s, &connect(version, client_id))
+}
+
+/// Writes `bytes` (a CONNECT, and whatever is pipelined behind it) in one write, then reads
+/// the first packet back, the CONNACK; returns its bytes.
+pub fn send_and_read_connack<S: Read + Write>(s: &mut S, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    s.write_all(bytes)?;
     s.flush()?;
     match read_packet(s)? {
         Some(p) => Ok(p.bytes()),
