@@ -503,6 +503,11 @@ impl Metrics {
         self.active.with_label_values(&[listener]).inc();
     }
 
+    /// A connection of `listener` moved from the setup runtime to the relay runtime.
+    pub fn connection_settled(&self, listener: &str) {
+        self.settled.with_label_values(&[listener]).inc();
+    }
+
     /// A connection that [opened](Self::connection_opened) ended, for `reason`; `connack` is
     /// the code of the CONNACK a refusal sent.
     pub fn connection_closed(&self, listener: &str, reason: CloseReason, connack: Option<u8>) {

@@ -452,15 +452,14 @@ pub async fn handle<H: Send + 'static>(
     let reason = match setup {
         Ok((mut est, key_hash)) => {
             conn.set_backend(&est.backend().state, key_hash);
-            shared.metrics.relayed_bytes(&spec.name, Direction::ClientToBroker).inc_by(acct.facts.up);
-            let from = relay::Parked::start(acct.up_at);
+            let (from, sent_before) = (relay::Parked::start(acct.up_at), acct.facts.up);
             let settle = shared.relay.is_some().then_some(runtimes::SETTLE);
-            match relay_phase(&shared, &snapshot, &spec, &mut est, &mut acct, &conn, from, settle).await {
+            match relay_phase(&shared, &snapshot, &spec, &mut est, &mut acct, &conn, from, sent_before, settle).await {
                 Ok(reason) => reason,
                 Err(parked) => {
                     // Settled: on to the relay runtime, where the rest of its life runs
                     // ahead of every setup (the `runtimes` module says why).
-                    shared.metrics.settled.with_label_values(&[spec.name.as_str()]).inc();
+                    shared.metrics.connection_settled(&spec.name);
                     let carried = acct.carry(parked);
                     let Some(rt) = shared.relay.clone() else { return };
                     let tracker = shared.tracker.clone();
@@ -491,7 +490,7 @@ async fn settled<H: Send>(
     let parked = carried.parked;
     let mut acct = Accounting::resume(&shared, &spec.name, *carried);
     let reason = match est.rehome() {
-        Ok(()) => relay_phase(&shared, &snapshot, &spec, &mut est, &mut acct, &conn, parked, None)
+        Ok(()) => relay_phase(&shared, &snapshot, &spec, &mut est, &mut acct, &conn, parked, 0, None)
             .await
             .unwrap_or(CloseReason::Internal),
         Err(e) => {
@@ -509,7 +508,8 @@ async fn settled<H: Send>(
 
 /// Relays `est` from `from` until it ends or is closed on purpose, and says why it ended.
 /// With `settle`, once it has relayed that long with nothing under way it stops instead:
-/// `Err` with where it stopped, its bytes so far added to `acct`.
+/// `Err` with where it stopped, its bytes so far added to `acct`. `sent_before`: bytes
+/// written to the broker before relaying (the CONNECT and what came with it), not yet counted.
 #[allow(clippy::too_many_arguments)]
 async fn relay_phase(
     shared: &Shared,
@@ -519,12 +519,14 @@ async fn relay_phase(
     acct: &mut Accounting<'_>,
     conn: &Registration,
     from: relay::Parked,
+    sent_before: u64,
     settle: Option<Duration>,
 ) -> Result<CloseReason, relay::Parked> {
     let m = &shared.metrics;
     // Counting bytes as they flow so long-lived connections move the counters.
     let up = m.relayed_bytes(&spec.name, Direction::ClientToBroker);
     let down = m.relayed_bytes(&spec.name, Direction::BrokerToClient);
+    up.inc_by(sent_before);
     let mut client = Counted::new(&mut est.client, up);
     let mut upstream = Counted::new(&mut est.upstream, down);
     let linger = snapshot.limits.half_close_timeout;
